@@ -1,0 +1,123 @@
+"""The ``geoseg`` command: a thin layer over the library (heavy imports happen per command)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from geoseg._version import __version__
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("geoseg").setLevel(level)
+
+
+class _Group(click.Group):
+    """Turns geoseg errors into one clear line and exit status 1 (traceback with -v)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            from geoseg.errors import GeosegError
+
+            if not isinstance(exc, GeosegError) or ctx.obj and ctx.obj.get("verbose", 0) > 0:
+                raise
+            click.echo(f"geoseg: error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="geoseg")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug); show tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bar.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Segment large rasters with PyTorch/ONNX models on Dask, without seams."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(verbose=verbose, quiet=quiet)
+    _setup_logging(verbose, quiet)
+
+
+def _parse_bands(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(int(b) for b in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give 1-based band numbers separated by commas, e.g. 3,2,1") from None
+
+
+@main.command()
+@click.argument("src")
+@click.option("--model", "-m", required=True, help="TorchScript .pt or ONNX .onnx file.")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--tile", type=click.IntRange(min=8), default=None, help="Model input size in pixels [card, else 512].")
+@click.option("--halo", type=click.IntRange(min=0), default=None, help="Context pixels at each tile edge [card, else 32].")
+@click.option("--blend", type=click.Choice(["crop", "cosine"]), default="crop", show_default=True, help="Stitching: centre crop, or normalised cosine blend.")
+@click.option("--chunk", type=click.IntRange(min=1), default=None, help="Pixels per Dask task side, rounded to whole tiles [2048].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per forward pass [1 on CPU, 8 on CUDA].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CUDA missing is an error).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast precision.")
+@click.option("--scheduler", default="local", show_default=True, help="local, threads, synchronous or tcp://HOST:PORT.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes for the local cluster [1 on CPU; one per GPU].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Model threads per worker [cores / workers].")
+@click.option("--aoi", type=click.Path(dir_okay=False), default=None, help="Vector file (any CRS): segment only inside its polygons.")
+@click.option("--bands", default=None, help="1-based bands in model order, e.g. 3,2,1 [all, file order].")
+@click.option("--probabilities", is_flag=True, help="Also write probabilities.tif (one band per class).")
+@click.option("--probabilities-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an error).")
+@click.pass_context
+def predict(ctx: click.Context, src: str, model: str, out_dir: str, tile, halo, blend, chunk, batch_size, device, precision, scheduler, workers, threads, aoi, bands, probabilities, probabilities_dtype, overwrite) -> None:
+    """Segment the raster SRC with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif."""
+    from geoseg.engine import predict as run_predict
+    from geoseg.engine import scheduler as use_scheduler
+    from geoseg.engine import write
+    from geoseg.engine.write import check_output_dir
+
+    check_output_dir(out_dir, overwrite)  # fail before starting a cluster
+    quiet = ctx.obj["quiet"]
+    progress = sys.stderr.isatty() and not quiet
+    with use_scheduler(scheduler, workers=workers, device=device) as sched:
+        result = run_predict(
+            src,
+            model,
+            bands=_parse_bands(bands),
+            aoi=aoi,
+            tile=tile,
+            halo=halo,
+            chunk=chunk,
+            blend=blend,
+            batch_size=batch_size,
+            device="cuda" if sched.gpus and device == "auto" else device,
+            precision=precision,
+            num_threads=threads or sched.num_threads,
+            probabilities=probabilities,
+            resources=sched.resources,
+        )
+        report = write(
+            result,
+            out_dir,
+            overwrite=overwrite,
+            probabilities_dtype=probabilities_dtype,
+            progress=progress,
+            extra={"scheduler": {"kind": sched.kind, "address": sched.address, "workers": sched.workers, "gpus": list(sched.gpus)}},
+        )
+    if not quiet:
+        t = report["timings"]
+        px = report["output_grid"]["width"] * report["output_grid"]["height"]
+        click.echo(
+            f"wrote {out_dir}/mask.tif ({report['output_grid']['width']}x{report['output_grid']['height']}, "
+            f"{px / max(t['total_s'], 1e-9) / 1e6:.2f} MP/s, {report['tiles']['total']} tiles, "
+            f"{report['tiles']['skipped_empty']} skipped as empty) in {t['total_s']:.1f} s"
+        )
+        for w in report["warnings"]:
+            click.echo(f"warning: {w}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,283 @@
+"""Build the lazy segmentation of a raster: a Dask graph of read -> predict -> (blend) tasks.
+
+:func:`predict` returns an xarray object backed by that graph; nothing heavy runs until
+it is computed or written (:func:`geoseg.engine.write.write`). Task keys are
+deterministic (hashes of the source, plan, model and options), so the same job always
+builds the same graph.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from geoseg.errors import InputError
+from geoseg.grid import TilePlan
+from geoseg.io.aoi import AOI, read_aoi
+from geoseg.io.raster import RasterSource, open_source
+from geoseg.models.spec import ModelCard, ModelSpec, Runtime, resolve_model
+
+__all__ = ["predict", "Job", "job_of"]
+
+DEFAULT_TILE = 512
+DEFAULT_HALO = 32
+DEFAULT_CHUNK = 2048
+
+
+@dataclass
+class Job:
+    """Everything about one lazy prediction that the writer and run.json need."""
+
+    source: RasterSource
+    spec: ModelSpec
+    card: ModelCard
+    runtime: Runtime
+    plan: TilePlan
+    blend: str
+    aoi: AOI | None
+    info: Any
+    stats: list = field(default_factory=list)  # one Delayed per chunk, row-major
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        """Every parameter of the job, JSON-ready."""
+        return {
+            "tile": self.plan.tile,
+            "halo": self.plan.halo,
+            "chunk": self.plan.chunk_px,
+            "blend": self.blend,
+            "size_multiple": self.plan.size_multiple,
+            "fixed_size": self.plan.fixed_size,
+            "bands": list(self.source.bands),
+            "aoi": self.aoi.path if self.aoi else None,
+            "device": self.runtime.device,
+            "precision": self.runtime.precision,
+            "batch_size": self.runtime.batch_size,
+            "num_threads": self.runtime.num_threads,
+        }
+
+
+# Jobs of recent predictions, by the Dask name of their mask (a DataArray cannot carry a
+# live object through xarray operations, so the writer looks its job up here).
+_KEEP: OrderedDict[str, Job] = OrderedDict()
+_KEEP_MAX = 32
+
+
+def job_of(obj: Any) -> Job | None:
+    """The :class:`Job` behind a DataArray/Dataset returned by :func:`predict`, if any."""
+    data = obj["mask"].data if hasattr(obj, "data_vars") else getattr(obj, "data", None)
+    name = getattr(data, "name", None)
+    return _KEEP.get(name) if name else None
+
+
+def _probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int):
+    import dask
+
+    from geoseg.models.runtime import probe
+
+    return dask.delayed(probe, pure=True)(spec, runtime, bands, size).compute()
+
+
+def predict(
+    source: str | os.PathLike | RasterSource,
+    model: Any,
+    *,
+    bands: list[int] | tuple[int, ...] | None = None,
+    aoi: str | os.PathLike | None = None,
+    tile: int | None = None,
+    halo: int | None = None,
+    chunk: int | None = None,
+    blend: str = "crop",
+    batch_size: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    num_threads: int | None = None,
+    probabilities: bool = False,
+    card: ModelCard | None = None,
+    resources: dict[str, float] | None = None,
+):
+    """Segment a raster lazily with a model, tile by tile, without seams.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or RasterSource
+        Any raster GDAL opens (GeoTIFF, COG, VRT, JP2, ``/vsi...``).
+    model : str, os.PathLike, ModelSpec or torch.nn.Module
+        TorchScript ``.pt``, ONNX ``.onnx`` or an in-memory module. It receives float32 raw
+        band values ``(N, bands, H, W)`` and returns class logits ``(N, classes, H, W)``.
+    bands : sequence of int, optional
+        1-based bands, in the order the model takes them (default: all, file order).
+    aoi : path, optional
+        Vector file in any CRS: only the raster window covering it is segmented, and
+        pixels outside its polygons are nodata.
+    tile, halo : int, optional
+        Model input size and context per edge in pixels (default: card, else 512 and 32).
+    chunk : int, optional
+        Pixels per Dask task side, rounded to whole tile cores (default 2048).
+    blend : {"crop", "cosine"}
+        ``crop`` keeps each tile's centre (exactly whole-image inference when the model's
+        receptive field fits in the halo); ``cosine`` averages overlapping predictions with
+        weights normalised to sum to one.
+    batch_size : int, optional
+        Tiles per forward pass (default 1 on CPU, 8 on CUDA).
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. CUDA where there is none is an error.
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast precision on torch models.
+    num_threads : int, optional
+        Intra-op threads per worker process.
+    probabilities : bool
+        Also return per-class probabilities; the result is then a Dataset.
+    card : ModelCard, optional
+        Classes, colours and defaults for the model.
+    resources : dict, optional
+        Dask resource annotation for predict tasks (e.g. ``{"GPU": 1}``).
+
+    Returns
+    -------
+    xarray.DataArray or xarray.Dataset
+        ``mask`` (uint8 class ids, 255 = nodata) on the input grid (or the AOI's window of
+        it), lazy, with CRS and transform set through rioxarray; with
+        ``probabilities=True`` a Dataset that also holds ``probabilities`` (float32,
+        ``(class, y, x)``, NaN where nodata).
+
+    Examples
+    --------
+    >>> mask = geoseg.predict("scene.tif", model="unet.pt", aoi="aoi.gpkg")  # doctest: +SKIP
+    >>> geoseg.write(mask, "out/")  # doctest: +SKIP
+    """
+    import dask
+    import dask.array as da
+
+    t0 = time.perf_counter()
+    if blend not in ("crop", "cosine"):
+        raise InputError(f"blend must be 'crop' or 'cosine', got {blend!r}")
+    src = source if isinstance(source, RasterSource) else open_source(source, bands)
+    spec = resolve_model(model, card)
+    if batch_size is None:
+        batch_size = 8 if device.startswith("cuda") else 1
+    runtime = Runtime(device=device, precision=precision, batch_size=batch_size, num_threads=num_threads)
+
+    mult = spec.card.size_multiple
+    probe_size = max(mult, -(-64 // mult) * mult)
+    tp = time.perf_counter()
+    info = _probe(spec, runtime, src.count, probe_size if tile is None else tile)
+    probe_s = time.perf_counter() - tp
+    card_ = spec.card.with_classes(info.n_outputs)
+    n_classes = len(card_.classes)
+    tile = tile or spec.card.tile or info.fixed_size or DEFAULT_TILE
+    if info.fixed_size and tile != info.fixed_size:
+        raise InputError(f"{spec.path}: the model takes fixed {info.fixed_size}x{info.fixed_size} inputs; use --tile {info.fixed_size}")
+    halo = spec.card.halo if halo is None and spec.card.halo is not None else (DEFAULT_HALO if halo is None else halo)
+    if tile <= 2 * halo:
+        raise InputError(f"tile ({tile} px) must be larger than twice the halo ({halo} px); raise --tile or lower --halo")
+
+    aoi_ = read_aoi(aoi, src.geobox) if aoi is not None else None
+    region = aoi_.window if aoi_ else src.geobox.window
+    plan = TilePlan(
+        src.geobox.height,
+        src.geobox.width,
+        region,
+        tile=tile,
+        halo=halo,
+        chunk=chunk or DEFAULT_CHUNK,
+        size_multiple=mult,
+        fixed_size=info.fixed_size is not None,
+    )
+    out_box = src.geobox.crop(region)
+
+    from geoseg.engine import tasks
+
+    token = dask.base.tokenize(src, spec, runtime, plan, blend, aoi_, probabilities, n_classes)
+    d_spec = dask.delayed(spec, name=f"geoseg-model-{spec.sha256[:16]}")
+    ny, nx = plan.shape
+    read = {}
+    pred = {}
+    for i, j in plan.iter_chunks():
+        read[i, j] = dask.delayed(tasks.read_chunk, pure=True, name=f"geoseg-read-{token}-{i}-{j}")(src, plan, i, j, aoi_)
+    with dask.annotate(resources=resources) if resources else _null():
+        for i, j in plan.iter_chunks():
+            pred[i, j] = dask.delayed(tasks.predict_chunk, pure=True, name=f"geoseg-predict-{token}-{i}-{j}")(
+                read[i, j], d_spec, runtime, plan, i, j, blend, n_classes, probabilities
+            )
+    if blend == "cosine":
+        final = {}
+        for i, j in plan.iter_chunks():
+            cw = plan.chunk_window(i, j)
+            strips = [
+                dask.delayed(tasks.strip, pure=True, name=f"geoseg-strip-{token}-{a}-{b}-to-{i}-{j}")(pred[a, b], cw)
+                for a, b in plan.neighbours(i, j)
+                if (a, b) != (i, j)
+            ]
+            final[i, j] = dask.delayed(tasks.blend_chunk, pure=True, name=f"geoseg-blend-{token}-{i}-{j}")(
+                pred[i, j], strips, plan, i, j, probabilities
+            )
+    else:
+        final = pred
+
+    row_chunks, col_chunks = plan.chunks
+    mask_blocks = [
+        [da.from_delayed(final[i, j]["mask"], shape=(row_chunks[i], col_chunks[j]), dtype=np.uint8) for j in range(nx)]
+        for i in range(ny)
+    ]
+    mask = da.block(mask_blocks)
+    job = Job(src, spec, card_, runtime, plan, blend, aoi_, info)
+    job.stats = [final[i, j]["stats"] for i, j in plan.iter_chunks()]
+    job.timings["probe_s"] = probe_s
+    job.timings["graph_s"] = time.perf_counter() - t0
+
+    mask_da = _to_xarray(mask, out_box, ("y", "x"), name="mask")
+    mask_da.attrs.update(
+        {
+            "model": spec.id,
+            "classes": ", ".join(f"{c.id}={c.name}" for c in card_.classes),
+            "nodata_value": tasks.NODATA,
+            "source": src.path,
+        }
+    )
+    mask_da = mask_da.rio.write_nodata(tasks.NODATA)
+    _KEEP[mask.name] = job
+    while len(_KEEP) > _KEEP_MAX:
+        _KEEP.popitem(last=False)
+    if not probabilities:
+        return mask_da
+
+    import xarray as xr
+
+    prob_blocks = [
+        [
+            da.from_delayed(final[i, j]["probs"], shape=(n_classes, row_chunks[i], col_chunks[j]), dtype=np.float32)
+            for j in range(nx)
+        ]
+        for i in range(ny)
+    ]
+    probs = da.block([prob_blocks])
+    probs_da = _to_xarray(probs, out_box, ("class", "y", "x"), name="probabilities")
+    probs_da = probs_da.assign_coords({"class": [c.name for c in card_.classes]}).rio.write_nodata(np.nan)
+    return xr.Dataset({"mask": mask_da, "probabilities": probs_da})
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _to_xarray(arr, geobox, dims, name):
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    import xarray as xr
+
+    t = geobox.transform
+    xs = t.c + t.a * (np.arange(geobox.width) + 0.5)
+    ys = t.f + t.e * (np.arange(geobox.height) + 0.5)
+    out = xr.DataArray(arr, dims=dims, coords={"y": ys, "x": xs}, name=name)
+    if geobox.crs:
+        out = out.rio.write_crs(geobox.crs)
+    return out.rio.write_transform(t)

@@ -1,0 +1,174 @@
+"""The functions Dask runs: read a chunk, segment its tiles, blend across chunk seams.
+
+Each takes small, picklable descriptions (a :class:`~geoseg.io.RasterSource`, a
+:class:`~geoseg.grid.TilePlan`, a :class:`~geoseg.models.ModelSpec`) and chunk indices; it
+opens files and loads models itself, on the worker that runs it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from geoseg.grid import TilePlan, Window, blend_window_1d
+from geoseg.io.aoi import AOI
+from geoseg.io.raster import RasterSource, read_window
+from geoseg.models.spec import ModelSpec, Runtime
+
+__all__ = ["NODATA", "read_chunk", "predict_chunk", "blend_chunk"]
+
+#: Mask value for pixels that are nodata in the input or outside the AOI.
+NODATA = 255
+
+
+def read_chunk(source: RasterSource, plan: TilePlan, i: int, j: int, aoi: AOI | None) -> dict[str, Any]:
+    """Read everything chunk ``(i, j)``'s tiles see, and which of its pixels are valid.
+
+    Returns
+    -------
+    dict
+        ``data`` (bands, h, w) raw values over the chunk's input window; ``window``;
+        ``valid`` bool over the chunk window (input valid and inside the AOI);
+        ``read_s``.
+    """
+    win = plan.input_window(i, j)
+    data, valid_in, seconds = read_window(source, win)
+    cw = plan.chunk_window(i, j)
+    valid = valid_in[cw.slices(win)].copy()
+    if aoi is not None:
+        valid &= aoi.mask(source.geobox, cw)
+    return {"data": data, "window": win, "valid": valid, "read_s": seconds}
+
+
+def _batches(plan: TilePlan, i: int, j: int, valid: np.ndarray, batch_size: int):
+    """Tiles of a chunk with any valid core pixel, grouped by input shape, in batches."""
+    cw = plan.chunk_window(i, j)
+    groups: dict[tuple[int, int], list] = defaultdict(list)
+    skipped = 0
+    tiles = plan.tiles(i, j)
+    for t in tiles:
+        if valid[t.core.slices(cw)].any():
+            groups[t.input.shape].append(t)
+        else:
+            skipped += 1
+    batches = []
+    for group in groups.values():
+        for k in range(0, len(group), batch_size):
+            batches.append(group[k : k + batch_size])
+    return batches, len(tiles), skipped
+
+
+def _stack(data: np.ndarray, origin: Window, tiles: list) -> np.ndarray:
+    return np.stack([data[(slice(None), *t.input.slices(origin))] for t in tiles]).astype(np.float32, copy=False)
+
+
+def predict_chunk(
+    chunk: dict[str, Any],
+    spec: ModelSpec,
+    runtime: Runtime,
+    plan: TilePlan,
+    i: int,
+    j: int,
+    blend: str,
+    n_classes: int,
+    probabilities: bool,
+) -> dict[str, Any]:
+    """Segment the tiles of chunk ``(i, j)``.
+
+    With ``blend="crop"`` each tile's core is written straight into the chunk: the result
+    is final. With ``blend="cosine"`` each tile's probabilities are weighted and summed
+    into an accumulator over the chunk grown by the halo; :func:`blend_chunk` adds the
+    neighbours' overlaps and normalises.
+    """
+    from geoseg.models.runtime import get_predictor
+
+    t0 = time.perf_counter()
+    predictor = get_predictor(spec, runtime)
+    data, origin, valid = chunk["data"], chunk["window"], chunk["valid"]
+    cw = plan.chunk_window(i, j)
+    batches, n_tiles, skipped = _batches(plan, i, j, valid, runtime.batch_size)
+    stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"]}
+    predict_s = 0.0
+
+    if blend == "crop":
+        mask = np.full(cw.shape, NODATA, dtype=np.uint8)
+        probs = np.full((n_classes, *cw.shape), np.nan, dtype=np.float32) if probabilities else None
+        want = "probs" if probabilities else "classes"
+        for batch in batches:
+            x = _stack(data, origin, batch)
+            tp = time.perf_counter()
+            y = predictor(x, want=want)
+            predict_s += time.perf_counter() - tp
+            for t, out in zip(batch, y):
+                rs, cs = t.core.slices(t.input)
+                dst = t.core.slices(cw)
+                if probabilities:
+                    probs[(slice(None), *dst)] = out[:, rs, cs]
+                else:
+                    mask[dst] = out[rs, cs]
+        if probabilities:
+            mask = np.where(valid, np.nan_to_num(probs, nan=-1.0).argmax(0), NODATA).astype(np.uint8)
+            probs[:, ~valid] = np.nan
+        else:
+            mask[~valid] = NODATA
+        stats.update(predict_s=predict_s, blend_s=0.0, total_s=time.perf_counter() - t0)
+        return {"mask": mask, "probs": probs, "stats": stats}
+
+    acc_win = plan.accumulator_window(i, j)
+    acc = np.zeros((n_classes, *acc_win.shape), dtype=np.float32)
+    wsum = np.zeros(acc_win.shape, dtype=np.float32)
+    blend_s = 0.0
+    for batch in batches:
+        x = _stack(data, origin, batch)
+        tp = time.perf_counter()
+        y = predictor(x, want="probs")
+        predict_s += time.perf_counter() - tp
+        tb = time.perf_counter()
+        for t, out in zip(batch, y):
+            part = t.input.intersection(acc_win)
+            w = np.outer(blend_window_1d(t.input.height, plan.halo), blend_window_1d(t.input.width, plan.halo))
+            src = part.slices(t.input)
+            dst = part.slices(acc_win)
+            acc[(slice(None), *dst)] += out[(slice(None), *src)] * w[src]
+            wsum[dst] += w[src]
+        blend_s += time.perf_counter() - tb
+    stats.update(predict_s=predict_s, blend_s=blend_s, total_s=time.perf_counter() - t0)
+    return {"acc": acc, "wsum": wsum, "window": acc_win, "valid": valid, "stats": stats}
+
+
+def blend_chunk(own: dict[str, Any], neighbours: list[dict[str, Any]], plan: TilePlan, i: int, j: int, probabilities: bool) -> dict[str, Any]:
+    """Finish chunk ``(i, j)`` under cosine blending: sum every accumulator that overlaps it
+    (its own and its neighbours'), divide by the summed weights, take the argmax."""
+    t0 = time.perf_counter()
+    cw = plan.chunk_window(i, j)
+    n_classes = own["acc"].shape[0]
+    acc = np.zeros((n_classes, *cw.shape), dtype=np.float32)
+    wsum = np.zeros(cw.shape, dtype=np.float32)
+    for part in [own, *neighbours]:
+        inter = part["window"].intersection(cw)
+        if inter.empty:
+            continue
+        src = inter.slices(part["window"])
+        dst = inter.slices(cw)
+        acc[(slice(None), *dst)] += part["acc"][(slice(None), *src)]
+        wsum[dst] += part["wsum"][src]
+    valid = own["valid"] & (wsum > 0)
+    probs = acc / np.where(wsum > 0, wsum, 1.0)
+    mask = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
+    stats = dict(own["stats"])
+    stats["blend_s"] += time.perf_counter() - t0
+    if probabilities:
+        probs[:, ~valid] = np.nan
+        return {"mask": mask, "probs": probs, "stats": stats}
+    return {"mask": mask, "probs": None, "stats": stats}
+
+
+def strip(result: dict[str, Any], target: Window) -> dict[str, Any]:
+    """The part of a blend accumulator that falls on another chunk (runs where the data is,
+    so only halo strips cross between workers)."""
+    inter = result["window"].intersection(target)
+    src = inter.slices(result["window"])
+    return {"acc": result["acc"][(slice(None), *src)].copy(), "wsum": result["wsum"][src].copy(), "window": inter}

@@ -1,0 +1,329 @@
+"""Write a lazy prediction: per-chunk parts in parallel, then COGs and run.json, atomically.
+
+Workers write their own chunks to a staging folder inside the output folder; the client
+then streams the parts into COGs (GDAL reads them block by block) and moves the finished
+files into place. Nothing in the output folder is ever half-written: a failed run leaves
+at most the hidden staging folder, which the next run replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from geoseg.engine.graph import job_of
+from geoseg.engine.tasks import NODATA
+from geoseg.errors import InputError, OutputError, OutputExistsError
+from geoseg.grid import GeoBox, Window
+from geoseg.io.cog import Part, assemble_cog, atomic_path, fsync_replace, write_part
+
+__all__ = ["write", "check_output_dir"]
+
+MASK_NAME = "mask.tif"
+PROB_NAME = "probabilities.tif"
+RUN_NAME = "run.json"
+
+
+def check_output_dir(out_dir: str, overwrite: bool, names: tuple[str, ...] = (MASK_NAME, PROB_NAME, RUN_NAME)) -> None:
+    """Fail before any work when outputs exist (without ``overwrite``) or the folder is unusable."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"{out_dir}: exists and is not a folder; give --out a folder path")
+    existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{out_dir}: {', '.join(existing)} already exist; pass --overwrite to replace them or choose another --out")
+    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.access(parent, os.W_OK):
+        raise OutputError(f"{out_dir}: not writable; choose a folder you can write to")
+
+
+def _geobox_of(da) -> GeoBox:
+    crs = da.rio.crs
+    return GeoBox(int(da.sizes["x"]), int(da.sizes["y"]), da.rio.transform(), crs.to_string() if crs else None)
+
+
+def _windows(chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> list[list[Window]]:
+    rows = np.concatenate([[0], np.cumsum(chunks[0])])
+    cols = np.concatenate([[0], np.cumsum(chunks[1])])
+    return [
+        [Window(int(rows[i]), int(cols[j]), int(chunks[0][i]), int(chunks[1][j])) for j in range(len(chunks[1]))]
+        for i in range(len(chunks[0]))
+    ]
+
+
+def _write_mask_part(block: np.ndarray, path: str, geobox: GeoBox, window: Window, stats: dict | None) -> dict:
+    t0 = time.perf_counter()
+    part = write_part(path, block, geobox, window, nodata=NODATA)
+    counts = np.bincount(block.ravel(), minlength=256)
+    return {"part": part, "counts": counts, "stats": stats, "write_s": time.perf_counter() - t0}
+
+
+def _write_prob_part(block: np.ndarray, path: str, geobox: GeoBox, window: Window, dtype: str) -> dict:
+    t0 = time.perf_counter()
+    valid = ~np.isnan(block[0])
+    if dtype == "uint8":
+        data = np.round(np.nan_to_num(block, nan=0.0) * 255.0).astype(np.uint8)
+        part = write_part(path, data, geobox, window, valid=valid)
+    else:
+        part = write_part(path, block.astype(np.float32, copy=False), geobox, window, nodata=float("nan"))
+    return {"part": part, "write_s": time.perf_counter() - t0}
+
+
+def _compute(tasks: list, progress: bool) -> list:
+    import dask
+
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        client = None
+    if client is not None:
+        futures = client.compute(tasks)
+        if progress:
+            from distributed import progress as dprogress
+
+            dprogress(futures)
+        return client.gather(futures)
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return list(dask.compute(*tasks))
+    return list(dask.compute(*tasks))
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import rasterio
+    import xarray
+
+    from geoseg._version import __version__
+
+    v = {
+        "geoseg": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "dask": dask.__version__,
+        "xarray": xarray.__version__,
+    }
+    try:
+        import distributed
+
+        v["distributed"] = distributed.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return v
+
+
+def write(
+    result: Any,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    probabilities_dtype: str = "uint8",
+    progress: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a prediction from :func:`geoseg.predict` to ``out_dir``.
+
+    Writes ``mask.tif`` (COG, uint8 class ids, colour table, nodata 255), with a Dataset
+    also ``probabilities.tif`` (one band per class; uint8 0-255 with an internal nodata
+    mask, or float32 with NaN nodata), and ``run.json``. Chunks are computed and written
+    by the Dask workers in parallel; the active Dask client is used if there is one.
+
+    Parameters
+    ----------
+    result : xarray.DataArray or xarray.Dataset
+        What :func:`geoseg.predict` returned.
+    out_dir : str or os.PathLike
+        Output folder (created if needed).
+    overwrite : bool
+        Replace existing outputs; otherwise an existing output is an error.
+    probabilities_dtype : {"uint8", "float32"}
+        Encoding of ``probabilities.tif``.
+    progress : bool
+        Show a progress bar.
+    extra : dict, optional
+        More entries for ``run.json`` (e.g. the scheduler used).
+
+    Returns
+    -------
+    dict
+        The run report, as written to ``run.json``.
+
+    Raises
+    ------
+    OutputExistsError
+        Outputs exist and ``overwrite`` is False.
+    InputError
+        Every pixel is nodata: nothing is written.
+    """
+    import dask
+
+    t0 = time.perf_counter()
+    out_dir = os.fspath(out_dir)
+    if probabilities_dtype not in ("uint8", "float32"):
+        raise InputError(f"probabilities dtype must be uint8 or float32, got {probabilities_dtype!r}")
+    is_ds = hasattr(result, "data_vars")
+    mask = result["mask"] if is_ds else result
+    probs = result["probabilities"] if is_ds and "probabilities" in result else None
+    check_output_dir(out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    job = job_of(result)
+    geobox = _geobox_of(mask)
+    staging = os.path.join(out_dir, f".geoseg-staging-{dask.base.tokenize(mask.data.name, probabilities_dtype)[:16]}")
+    if os.path.exists(staging):
+        shutil.rmtree(staging)
+    os.makedirs(os.path.join(staging, "mask"))
+    try:
+        windows = _windows(mask.data.chunks)
+        blocks = mask.data.to_delayed()
+        stats = job.stats if job is not None and mask.data.chunks == job.plan.chunks else None
+        tasks = []
+        n = 0
+        for i, row in enumerate(windows):
+            for j, win in enumerate(row):
+                path = os.path.join(staging, "mask", f"r{i:04d}_c{j:04d}.tif")
+                st = stats[n] if stats is not None else None
+                tasks.append(dask.delayed(_write_mask_part, pure=True)(blocks[i, j], path, geobox, win, st))
+                n += 1
+        n_mask = len(tasks)
+        if probs is not None:
+            os.makedirs(os.path.join(staging, "probabilities"))
+            pblocks = probs.data.to_delayed()
+            for i, row in enumerate(windows):
+                for j, win in enumerate(row):
+                    path = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")
+                    tasks.append(dask.delayed(_write_prob_part, pure=True)(pblocks[0, i, j], path, geobox, win, probabilities_dtype))
+        tc = time.perf_counter()
+        results = _compute(tasks, progress)
+        compute_s = time.perf_counter() - tc
+
+        mask_res = results[:n_mask]
+        counts = np.sum([r["counts"] for r in mask_res], axis=0)
+        valid_px = int(counts[:NODATA].sum())
+        if valid_px == 0:
+            raise InputError(
+                f"{job.source.path if job else 'input'}: every pixel is nodata (or outside the AOI) in the processed window; "
+                "check the nodata value, the band choice and the AOI"
+            )
+        card = job.card if job else None
+        colormap = card.colormap() if card else None
+        ta = time.perf_counter()
+        final_mask = os.path.join(staging, MASK_NAME)
+        assemble_cog([r["part"] for r in mask_res], final_mask, geobox, dtype="uint8", nodata=NODATA, colormap=colormap)
+        outputs = {"mask": MASK_NAME}
+        if probs is not None:
+            names = [str(c) for c in probs["class"].values]
+            final_prob = os.path.join(staging, PROB_NAME)
+            assemble_cog(
+                [r["part"] for r in results[n_mask:]],
+                final_prob,
+                geobox,
+                dtype=probabilities_dtype,
+                count=len(names),
+                nodata=None if probabilities_dtype == "uint8" else float("nan"),
+                descriptions=names,
+                mask=probabilities_dtype == "uint8",
+                overview_resampling="average",
+            )
+            outputs["probabilities"] = PROB_NAME
+        assemble_s = time.perf_counter() - ta
+
+        report = _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, probabilities_dtype, extra)
+        # Move finished files into place (same filesystem: atomic renames), run.json last.
+        os.replace(final_mask, os.path.join(out_dir, MASK_NAME))
+        if probs is not None:
+            os.replace(final_prob, os.path.join(out_dir, PROB_NAME))
+        elif overwrite and os.path.exists(os.path.join(out_dir, PROB_NAME)):
+            os.remove(os.path.join(out_dir, PROB_NAME))  # a stale file from an earlier run would mislead
+        report["timings"]["total_s"] = round(report["timings"].get("probe_s", 0.0) + report["timings"].get("graph_s", 0.0) + time.perf_counter() - t0, 3)
+        tmp = atomic_path(os.path.join(out_dir, RUN_NAME))
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        fsync_replace(tmp, os.path.join(out_dir, RUN_NAME))
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_dtype, extra) -> dict[str, Any]:
+    stats = [r["stats"] for r in mask_res if r["stats"]]
+    timings: dict[str, float] = {}
+    if job is not None:
+        timings.update({k: round(v, 3) for k, v in job.timings.items()})
+    for key in ("read_s", "predict_s", "blend_s"):
+        if stats:
+            timings[f"{key[:-2]}_task_s"] = round(sum(s[key] for s in stats), 3)
+    timings["write_task_s"] = round(sum(r["write_s"] for r in mask_res), 3)
+    timings["compute_wall_s"] = round(compute_s, 3)
+    timings["assemble_cog_s"] = round(assemble_s, 3)
+    classes = job.card.classes if job else None
+    names = {c.id: c.name for c in classes} if classes else {}
+    pixels = {names.get(k, f"class_{k}"): int(counts[k]) for k in range(NODATA) if counts[k] or k in names}
+    pixels["nodata"] = int(counts[NODATA])
+    report: dict[str, Any] = {"geoseg_run": 1, "outputs": outputs}
+    warnings = []
+    present = [k for k in range(NODATA) if counts[k]]
+    if len(present) == 1:
+        warnings.append(
+            f"every valid pixel is class {present[0]} ({names.get(present[0], '?')}); check band order and scaling if this is unexpected"
+        )
+    if job is not None:
+        src = job.source
+        report["input"] = {
+            "path": src.path,
+            "fingerprint": src.fingerprint,
+            "width": src.geobox.width,
+            "height": src.geobox.height,
+            "transform": list(src.geobox.transform)[:6],
+            "crs": src.geobox.crs,
+            "dtype": src.dtype,
+            "bands": list(src.bands),
+            "band_descriptions": list(src.band_descriptions),
+            "nodata": src.nodata,
+        }
+        report["model"] = {
+            "id": job.spec.id,
+            "sha256": job.spec.sha256,
+            "kind": job.spec.kind,
+            "path": job.spec.path,
+            "backend": job.info.backend,
+            "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in job.card.classes],
+        }
+        report["parameters"] = job.params()
+        report["device"] = {"requested": job.runtime.device, "used": job.info.device, "name": job.info.device_name}
+        report["tiles"] = {
+            "total": int(sum(s["tiles"] for s in stats)),
+            "skipped_empty": int(sum(s["tiles_skipped"] for s in stats)),
+            "chunks": len(mask_res),
+        }
+    report["output_grid"] = {
+        "width": geobox.width,
+        "height": geobox.height,
+        "transform": list(geobox.transform)[:6],
+        "crs": geobox.crs,
+    }
+    report["parameters"] = {**report.get("parameters", {}), "probabilities_dtype": prob_dtype if "probabilities" in outputs else None}
+    report["pixels"] = pixels
+    report["timings"] = timings
+    versions = _versions()
+    if job is not None:
+        versions.update(job.info.versions)
+    report["versions"] = versions
+    report["command"] = sys.argv
+    report["warnings"] = warnings
+    if extra:
+        report.update(extra)
+    return report

@@ -1,0 +1,51 @@
+"""Exceptions and warnings raised by geoseg.
+
+Every error derives from :class:`GeosegError` and also from the built-in exception that
+matches its meaning, so ``except ValueError`` or ``except OSError`` keeps working for
+callers who do not know geoseg. Messages say what went wrong *and* how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GeosegError",
+    "InputError",
+    "RasterReadError",
+    "OutputExistsError",
+    "OutputError",
+    "ModelError",
+    "DeviceError",
+    "NotGeoreferencedWarning",
+]
+
+
+class GeosegError(Exception):
+    """Root of all geoseg errors."""
+
+
+class InputError(GeosegError, ValueError):
+    """An input (raster, AOI, option value) cannot be used as given."""
+
+
+class RasterReadError(GeosegError, OSError):
+    """A raster could not be opened or a window of it could not be read."""
+
+
+class OutputExistsError(GeosegError, FileExistsError):
+    """An output already exists and ``overwrite`` was not asked for."""
+
+
+class OutputError(GeosegError, OSError):
+    """An output could not be written."""
+
+
+class ModelError(GeosegError, ValueError):
+    """A model could not be loaded, or does not fit the input it was given."""
+
+
+class DeviceError(GeosegError, RuntimeError):
+    """The requested compute device is not available (never silently replaced)."""
+
+
+class NotGeoreferencedWarning(UserWarning):
+    """The input has no CRS or geotransform; outputs are in pixel coordinates."""

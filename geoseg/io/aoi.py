@@ -1,0 +1,95 @@
+"""Areas of interest: read any vector file, bring it onto a raster's grid."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from geoseg.errors import InputError
+from geoseg.grid import GeoBox, Window
+
+__all__ = ["AOI", "read_aoi"]
+
+
+@dataclass(frozen=True)
+class AOI:
+    """AOI polygons in the raster's CRS, as WKB (picklable, cheap to ship to tasks)."""
+
+    path: str
+    wkb: tuple[bytes, ...]
+    window: Window
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("geoseg.AOI", self.path, self.wkb, self.window)
+
+    def mask(self, geobox: GeoBox, window: Window):
+        """Bool array, True for pixels of ``window`` whose centre lies inside the AOI."""
+        import shapely
+        from rasterio.features import geometry_mask
+
+        geoms = shapely.from_wkb(list(self.wkb))
+        return geometry_mask(geoms, out_shape=window.shape, transform=geobox.crop(window).transform, invert=True)
+
+
+def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
+    """Read an AOI from any vector file (any CRS) and find its window on ``geobox``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        GeoPackage, GeoJSON, Shapefile, FlatGeobuf, ... (anything pyogrio reads).
+    geobox : GeoBox
+        The raster grid; the AOI is reprojected to its CRS (``always_xy``).
+
+    Returns
+    -------
+    AOI
+        Polygons in the raster CRS and the pixel window covering them, clipped to the
+        raster.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, no polygons, no CRS on either side, or no overlap with the raster.
+    """
+    import geopandas as gpd
+    import shapely
+
+    path = os.fspath(path)
+    if not os.path.exists(path) and not path.startswith("/vsi"):
+        raise InputError(f"{path}: AOI file not found; check the --aoi path")
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as exc:  # pyogrio raises its own DataSourceError family
+        raise InputError(f"{path}: not a vector file pyogrio can read ({exc}); give a GeoPackage, GeoJSON or Shapefile") from exc
+    gdf = gdf[~gdf.geometry.is_empty & gdf.geometry.notna()]
+    gdf = gdf[gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if gdf.empty:
+        raise InputError(f"{path}: the AOI has no polygons; give a file with Polygon or MultiPolygon features")
+    if geobox.crs is None:
+        raise InputError(f"{path}: the raster has no CRS, so a geographic AOI cannot be placed on it")
+    if gdf.crs is None:
+        raise InputError(f"{path}: the AOI file has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)")
+    # Densify before reprojecting so long straight edges follow the curvature they have
+    # in the raster's CRS (a lon/lat box edge is not straight in UTM).
+    src = gdf.geometry.values
+    minx, miny, maxx, maxy = gdf.total_bounds
+    step = max(maxx - minx, maxy - miny) / 256
+    if step > 0:
+        src = shapely.segmentize(src, step)
+    geoms = shapely.make_valid(gpd.GeoSeries(src, crs=gdf.crs).to_crs(geobox.crs).values)
+    union = shapely.union_all(geoms)
+    if union.is_empty:
+        raise InputError(f"{path}: the AOI polygons are empty after reprojection")
+    inv = ~geobox.transform
+    minx, miny, maxx, maxy = union.bounds
+    corners = [inv * (x, y) for x in (minx, maxx) for y in (miny, maxy)]
+    c0 = max(0, math.floor(min(c for c, _ in corners)))
+    c1 = min(geobox.width, math.ceil(max(c for c, _ in corners)))
+    r0 = max(0, math.floor(min(r for _, r in corners)))
+    r1 = min(geobox.height, math.ceil(max(r for _, r in corners)))
+    if c1 <= c0 or r1 <= r0:
+        raise InputError(f"{path}: the AOI does not overlap the raster (bounds {geobox.bounds} in {geobox.crs}); check the AOI and its CRS")
+    return AOI(path, tuple(shapely.to_wkb(g) for g in geoms), Window(r0, c0, r1 - r0, c1 - c0))
+

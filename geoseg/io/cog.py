@@ -1,0 +1,248 @@
+"""Output rasters: per-chunk GeoTIFF parts written by tasks, assembled into one COG.
+
+Each Dask task writes its own chunk to a small tiled GeoTIFF ("part") in a staging folder,
+so no process ever holds the whole output. :func:`assemble_cog` then lays a VRT over the
+parts and lets GDAL's COG driver stream it into one Cloud-Optimized GeoTIFF (tiled,
+deflate, overviews) under a temporary name, which is renamed into place only when
+complete: a reader never sees a half-written COG.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from geoseg.errors import OutputError
+from geoseg.grid import GeoBox, Window
+
+__all__ = ["Part", "write_part", "assemble_cog", "atomic_path", "fsync_replace"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A chunk written to disk: its file and where it sits in the output grid."""
+
+    path: str
+    window: Window
+
+
+def _rasterio_crs(crs: str | None):
+    from rasterio.crs import CRS
+
+    return CRS.from_user_input(crs) if crs else None
+
+
+def write_part(
+    path: str,
+    data: np.ndarray,
+    geobox: GeoBox,
+    window: Window,
+    nodata: float | None = None,
+    valid: np.ndarray | None = None,
+) -> Part:
+    """Write one chunk of an output raster to its own GeoTIFF (inside a task).
+
+    Parameters
+    ----------
+    path : str
+        Destination; written under a temporary name and renamed, so a re-run never reads
+        a torn part.
+    data : numpy.ndarray
+        ``(height, width)`` or ``(bands, height, width)``.
+    geobox : GeoBox
+        The whole output grid (the part's georeference is derived from ``window``).
+    window : Window
+        Where the chunk sits in ``geobox``.
+    nodata : float, optional
+        Nodata value recorded in the part.
+    valid : numpy.ndarray, optional
+        Bool ``(height, width)``; written as the part's dataset mask when given.
+
+    Returns
+    -------
+    Part
+    """
+    import rasterio
+
+    arr = data[None] if data.ndim == 2 else data
+    if arr.shape[1:] != window.shape:
+        raise OutputError(f"chunk shape {arr.shape[1:]} does not match its window {window}; this is a geoseg bug")
+    sub = geobox.crop(window)
+    tmp = atomic_path(path)
+    profile = {
+        "driver": "GTiff",
+        "width": window.width,
+        "height": window.height,
+        "count": arr.shape[0],
+        "dtype": arr.dtype.name,
+        "crs": _rasterio_crs(sub.crs),
+        "transform": sub.transform,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "zlevel": 1,
+    }
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(arr)
+        if valid is not None:
+            dst.write_mask(valid.astype(np.uint8) * 255)
+    os.replace(tmp, path)
+    return Part(path, window)
+
+
+def atomic_path(path: str) -> str:
+    """A temporary sibling name for ``path`` (same folder, so ``os.replace`` is atomic)."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+
+
+def fsync_replace(tmp: str, path: str) -> None:
+    """Flush ``tmp`` to disk and rename it to ``path`` atomically."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _vrt_xml(
+    parts: Sequence[Part],
+    geobox: GeoBox,
+    dtype: str,
+    count: int,
+    nodata: float | None,
+    colormap: dict[int, tuple[int, int, int, int]] | None,
+    descriptions: Sequence[str] | None,
+    mask: bool,
+) -> str:
+    from rasterio.dtypes import _gdal_typename
+
+    gdal_type = _gdal_typename(dtype)
+    t = geobox.transform
+    lines = [f'<VRTDataset rasterXSize="{geobox.width}" rasterYSize="{geobox.height}">']
+    crs = _rasterio_crs(geobox.crs)
+    if crs is not None:
+        lines.append(f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(crs.to_wkt())}</SRS>')
+    lines.append(f"  <GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}</GeoTransform>")
+
+    def sources(band: str) -> list[str]:
+        out = []
+        for p in parts:
+            w = p.window
+            out += [
+                "    <SimpleSource>",
+                f"      <SourceFilename relativeToVRT=\"0\">{escape(os.path.abspath(p.path))}</SourceFilename>",
+                f"      <SourceBand>{band}</SourceBand>",
+                f'      <SrcRect xOff="0" yOff="0" xSize="{w.width}" ySize="{w.height}"/>',
+                f'      <DstRect xOff="{w.col_off}" yOff="{w.row_off}" xSize="{w.width}" ySize="{w.height}"/>',
+                "    </SimpleSource>",
+            ]
+        return out
+
+    for b in range(1, count + 1):
+        lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">')
+        if nodata is not None:
+            lines.append(f"    <NoDataValue>{nodata!r}</NoDataValue>")
+        if descriptions:
+            lines.append(f"    <Description>{escape(descriptions[b - 1])}</Description>")
+        if colormap and b == 1:
+            lines.append("    <ColorInterp>Palette</ColorInterp>")
+            lines.append("    <ColorTable>")
+            for k in range(256):
+                r, g, bl, a = colormap.get(k, (0, 0, 0, 0))
+                lines.append(f'      <Entry c1="{r}" c2="{g}" c3="{bl}" c4="{a}"/>')
+            lines.append("    </ColorTable>")
+        lines += sources(str(b))
+        lines.append("  </VRTRasterBand>")
+    if mask:
+        lines += ["  <MaskBand>", '    <VRTRasterBand dataType="Byte">', *sources("mask,1"), "    </VRTRasterBand>", "  </MaskBand>"]
+    lines.append("</VRTDataset>")
+    return "\n".join(lines) + "\n"
+
+
+def assemble_cog(
+    parts: Sequence[Part],
+    path: str,
+    geobox: GeoBox,
+    *,
+    dtype: str,
+    count: int = 1,
+    nodata: float | None = None,
+    colormap: dict[int, tuple[int, int, int, int]] | None = None,
+    descriptions: Sequence[str] | None = None,
+    mask: bool = False,
+    overview_resampling: str = "mode",
+    blocksize: int = 512,
+) -> str:
+    """Stream chunk parts into one Cloud-Optimized GeoTIFF, atomically.
+
+    Parameters
+    ----------
+    parts : sequence of Part
+        Chunk files tiling ``geobox`` exactly.
+    path : str
+        Final COG path; it appears only once complete.
+    geobox : GeoBox
+        Output grid.
+    dtype : str
+        Output data type.
+    count : int
+        Number of bands.
+    nodata : float, optional
+        Nodata value.
+    colormap : dict, optional
+        ``{class_id: (r, g, b, a)}`` written as the colour table of band 1.
+    descriptions : sequence of str, optional
+        Band descriptions (class names for probability bands).
+    mask : bool
+        Carry the parts' dataset masks into an internal mask.
+    overview_resampling : str
+        ``mode`` or ``nearest`` for classes, ``average`` for probabilities.
+    blocksize : int
+        Internal tile size.
+
+    Returns
+    -------
+    str
+        ``path``.
+    """
+    import rasterio
+    from rasterio.shutil import copy as rio_copy
+
+    covered = sum(p.window.height * p.window.width for p in parts)
+    if covered != geobox.width * geobox.height:
+        raise OutputError(f"{path}: chunk parts cover {covered} of {geobox.width * geobox.height} pixels; this is a geoseg bug")
+    vrt = atomic_path(path) + ".vrt"
+    tmp = atomic_path(path)
+    try:
+        with open(vrt, "w") as f:
+            f.write(_vrt_xml(parts, geobox, dtype, count, nodata, colormap, descriptions, mask))
+
+        options = {
+            "COMPRESS": "DEFLATE",
+            "BLOCKSIZE": blocksize,
+            "OVERVIEW_RESAMPLING": overview_resampling.upper(),
+            "OVERVIEWS": "IGNORE_EXISTING",
+            "BIGTIFF": "IF_SAFER",
+            "NUM_THREADS": "ALL_CPUS",
+        }
+        if dtype.startswith("float"):
+            options["PREDICTOR"] = "YES"
+        with rasterio.Env(GDAL_CACHEMAX=256, GDAL_TIFF_INTERNAL_MASK=True):
+            rio_copy(vrt, tmp, driver="COG", **options)
+        fsync_replace(tmp, path)
+    except (OSError, rasterio.errors.RasterioError) as exc:
+        raise OutputError(f"{path}: could not write the COG ({exc}); check free disk space and permissions") from exc
+    finally:
+        for p in (vrt, tmp):
+            if os.path.exists(p):
+                os.remove(p)
+    return path

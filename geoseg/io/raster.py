@@ -1,0 +1,220 @@
+"""Raster input: describe a raster by path, and read windows of it inside Dask tasks.
+
+A :class:`RasterSource` is a small immutable description (path, bands, grid, dtype, GDAL
+options). It is what travels in the task graph; every read opens the file by path inside
+the task, under a :class:`rasterio.Env` built from the source's own GDAL options, so no
+dataset handle ever crosses a thread or process boundary and no global GDAL state is
+assumed on the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from geoseg.errors import InputError, NotGeoreferencedWarning, RasterReadError
+from geoseg.grid import GeoBox, Window, reflect_index
+
+__all__ = ["RasterSource", "open_source", "read_window", "DEFAULT_GDAL_OPTIONS"]
+
+#: GDAL configuration every read runs under (the source may add or override keys).
+DEFAULT_GDAL_OPTIONS: dict[str, str | int] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_CACHEMAX": 128,
+    "VSI_CACHE": "TRUE",
+}
+
+
+@dataclass(frozen=True)
+class RasterSource:
+    """An input raster, described by path, with the metadata the engine plans with.
+
+    Parameters
+    ----------
+    path : str
+        Anything GDAL opens: a file, a ``/vsi...`` path, a VRT.
+    bands : tuple of int
+        1-based band indexes to read, in the order the model receives them.
+    geobox : GeoBox
+        The raster's grid.
+    dtype : str
+        The raster's data type (common to the selected bands).
+    band_descriptions : tuple of str or None
+        Band descriptions from the file, for later band matching.
+    nodata : float or None
+        Nodata value of the first selected band, if any.
+    gdal_options : tuple of (str, str)
+        GDAL configuration applied inside each read.
+    fingerprint : str
+        Size and modification time, so a changed file gets new task keys.
+    """
+
+    path: str
+    bands: tuple[int, ...]
+    geobox: GeoBox
+    dtype: str
+    band_descriptions: tuple[str | None, ...] = ()
+    nodata: float | None = None
+    gdal_options: tuple[tuple[str, str | int], ...] = field(default_factory=lambda: tuple(DEFAULT_GDAL_OPTIONS.items()))
+    fingerprint: str = ""
+
+    @property
+    def count(self) -> int:
+        """Number of bands the model receives."""
+        return len(self.bands)
+
+    def env(self):
+        """A :class:`rasterio.Env` with this source's GDAL options (enter it inside a task)."""
+        import rasterio
+
+        return rasterio.Env(**dict(self.gdal_options))
+
+
+def _fingerprint(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:  # /vsi paths, URLs
+        return ""
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def open_source(
+    path: str | os.PathLike,
+    bands: tuple[int, ...] | list[int] | None = None,
+    gdal_options: dict[str, str | int] | None = None,
+    require_crs: bool = True,
+) -> RasterSource:
+    """Describe a raster for the engine (opens it briefly to read its metadata).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Raster path (file, VRT, ``/vsi...``).
+    bands : sequence of int, optional
+        1-based band indexes in the order the model takes them; default all, in file order.
+    gdal_options : dict, optional
+        Extra GDAL configuration for every read of this raster.
+    require_crs : bool
+        Raise when the raster has no CRS (geo outputs need one); otherwise warn.
+
+    Returns
+    -------
+    RasterSource
+
+    Raises
+    ------
+    RasterReadError
+        The path does not exist or is not a raster GDAL can open.
+    InputError
+        A requested band does not exist, or the raster has no CRS and one is required.
+    """
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    path = os.fspath(path)
+    if not path.startswith("/vsi") and "://" not in path and not os.path.exists(path):
+        raise RasterReadError(f"{path}: no such file; check the path (GDAL virtual paths start with /vsi)")
+    opts = dict(DEFAULT_GDAL_OPTIONS)
+    opts.update(gdal_options or {})
+    try:
+        with rasterio.Env(**opts), rasterio.open(path) as ds:
+            count = ds.count
+            if bands is None or len(bands) == 0:
+                bands = tuple(range(1, count + 1))
+            bands = tuple(int(b) for b in bands)
+            bad = [b for b in bands if b < 1 or b > count]
+            if bad:
+                raise InputError(f"{path}: band(s) {bad} do not exist (the raster has {count}); fix --bands")
+            dtypes = {ds.dtypes[b - 1] for b in bands}
+            if len(dtypes) > 1:
+                raise InputError(f"{path}: selected bands mix data types {sorted(dtypes)}; choose bands of one type with --bands")
+            georeferenced = ds.crs is not None and not ds.transform.is_identity
+            if not georeferenced:
+                if require_crs:
+                    raise InputError(
+                        f"{path}: the raster has no CRS or geotransform; assign one (e.g. gdal_edit.py -a_srs EPSG:32633) "
+                        "or use a command that works in pixel coordinates"
+                    )
+                warnings.warn(f"{path} is not georeferenced; outputs are in pixel coordinates", NotGeoreferencedWarning, stacklevel=2)
+            crs = ds.crs.to_wkt() if ds.crs is not None else None
+            if ds.crs is not None and ds.crs.to_epsg() is not None:
+                crs = f"EPSG:{ds.crs.to_epsg()}"
+            return RasterSource(
+                path=path,
+                bands=bands,
+                geobox=GeoBox(ds.width, ds.height, ds.transform, crs),
+                dtype=next(iter(dtypes)),
+                band_descriptions=tuple(ds.descriptions[b - 1] for b in bands),
+                nodata=ds.nodatavals[bands[0] - 1],
+                gdal_options=tuple(sorted(opts.items())),
+                fingerprint=_fingerprint(path),
+            )
+    except RasterioIOError as exc:
+        raise RasterReadError(f"{path}: not a raster GDAL can open ({exc}); check the file is complete and its format") from exc
+
+
+def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
+    """Read a window that may extend past the raster, mirroring pixels outside it.
+
+    Runs inside a task: opens ``source.path``, reads the smallest window covering the
+    pixels needed, and maps outside pixels back with :func:`geoseg.grid.reflect_index`.
+
+    Parameters
+    ----------
+    source : RasterSource
+        What to read.
+    window : Window
+        Pixels wanted, in raster coordinates (any offsets).
+    retries : int
+        Extra attempts after a failed read (flaky network sources), with a short back-off.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        ``(bands, height, width)`` in the raster's dtype.
+    valid : numpy.ndarray
+        ``(height, width)`` bool; False where the dataset mask (nodata value, internal mask
+        or alpha band) marks every selected band invalid, or any band is NaN/Inf.
+    seconds : float
+        Time spent reading.
+    """
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    t0 = time.perf_counter()
+    gb = source.geobox
+    rows = reflect_index(np.arange(window.row_off, window.row_stop), gb.height)
+    cols = reflect_index(np.arange(window.col_off, window.col_stop), gb.width)
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    rio_win = RioWindow(c0, r0, c1 - c0, r1 - r0)
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        try:
+            with source.env(), rasterio.open(source.path) as ds:
+                data = ds.read(list(source.bands), window=rio_win)
+                masks = ds.read_masks(list(source.bands), window=rio_win)
+            break
+        except rasterio.errors.RasterioError as exc:  # corrupt block, dropped connection
+            last = exc
+            time.sleep(0.2 * (attempt + 1))
+    else:
+        raise RasterReadError(
+            f"{source.path}: reading rows {r0}:{r1}, cols {c0}:{c1} failed after {retries + 1} attempts ({last}); "
+            "check the file is complete (gdalinfo -checksum) or the connection"
+        )
+    valid = masks.any(axis=0)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.isfinite(data).all(axis=0)
+    identity = window.row_off == r0 and window.col_off == c0 and window.height == r1 - r0 and window.width == c1 - c0
+    if not identity:
+        ri = (rows - r0)[:, None]
+        ci = (cols - c0)[None, :]
+        data = data[:, ri, ci]
+        valid = valid[ri, ci]
+    return data, valid, time.perf_counter() - t0
+

@@ -1,0 +1,9 @@
+"""Models: specs and cards (no torch) and the worker-side runtime (torch, onnxruntime).
+
+Importing this package does not import torch; :mod:`geoseg.models.runtime` does, and only
+worker tasks import it.
+"""
+
+from geoseg.models.spec import ClassInfo, ModelCard, ModelSpec, Runtime, default_palette, resolve_model
+
+__all__ = ["ClassInfo", "ModelCard", "ModelSpec", "Runtime", "default_palette", "resolve_model"]

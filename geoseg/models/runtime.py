@@ -1,0 +1,278 @@
+"""Running models on a worker: load once per process, batch, move to the device, activate.
+
+This is the only module that imports torch (and onnxruntime). A worker process keeps each
+loaded model in a cache keyed by ``(sha256, device, precision)``, so a model is loaded
+once per worker however many chunks it segments. Forward passes in one process are
+serialised by a lock: torch and onnxruntime already use every intra-op thread, and
+running two at once on a CPU only oversubscribes it, while reads and writes of other
+chunks go on in the worker's other threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from geoseg.errors import DeviceError, ModelError
+from geoseg.models.spec import _IN_MEMORY, ModelSpec, Runtime
+
+__all__ = ["Predictor", "ModelInfo", "get_predictor", "probe"]
+
+_CACHE: dict[tuple[str, str, str], Predictor] = {}
+_CACHE_LOCK = threading.Lock()
+_FORWARD_LOCK = threading.Lock()
+_THREADS_SET = False
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What probing a model on a worker found."""
+
+    n_outputs: int
+    fixed_size: int | None
+    device: str
+    device_name: str
+    backend: str
+    versions: dict[str, str]
+
+
+def _resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r} was asked for but this worker has no usable CUDA GPU "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu or auto"
+            )
+        dev = torch.device(device)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} does not exist: this worker sees {torch.cuda.device_count()} GPU(s)")
+        return dev
+    return torch.device("cpu")
+
+
+def _set_threads(n: int | None) -> None:
+    global _THREADS_SET
+    if n and not _THREADS_SET:
+        import torch
+
+        torch.set_num_threads(n)
+        _THREADS_SET = True
+
+
+class Predictor:
+    """A loaded model on one device: numpy batch in, numpy out.
+
+    Call it with a float32 ``(N, bands, H, W)`` batch. ``want="logits"`` returns the raw
+    output channels, ``"probs"`` the activated per-class probabilities ``(N, K, H, W)``,
+    ``"classes"`` the argmax as uint8 ``(N, H, W)`` (computed on the device, so only bytes
+    come back from a GPU).
+    """
+
+    def __init__(self, spec: ModelSpec, runtime: Runtime) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self._onnx = spec.kind == "onnx"
+        _set_threads(runtime.num_threads)
+        if self._onnx:
+            self._load_onnx()
+        else:
+            self._load_torch()
+
+    # -- loading -----------------------------------------------------------------------
+    def _load_torch(self) -> None:
+        import torch
+
+        self.device = _resolve_device(self.runtime.device)
+        try:
+            if self.spec.kind == "torchscript":
+                model = torch.jit.load(self.spec.path, map_location="cpu")
+            elif self.spec.sha256 in _IN_MEMORY:
+                model = _IN_MEMORY[self.spec.sha256]
+            else:
+                import cloudpickle
+
+                model = cloudpickle.loads(self.spec.payload)
+        except Exception as exc:  # torch raises RuntimeError for bad archives
+            raise ModelError(f"{self.spec.path or self.spec.id}: could not load the model ({exc}); re-export it with torch.jit.save") from exc
+        self.model = model.to(self.device).eval()
+        self.backend = f"torch {torch.__version__}"
+        self.fixed_size = None
+        p = self.runtime.precision
+        self._autocast = None if p == "fp32" else (torch.bfloat16 if p == "bf16" else torch.float16)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def _load_onnx(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ModelError(f"{self.spec.path}: ONNX models need onnxruntime; pip install 'geoseg[onnx]'") from exc
+        providers = ["CPUExecutionProvider"]
+        want_cuda = self.runtime.device.startswith("cuda")
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if want_cuda and not has_cuda:
+            raise DeviceError(
+                f"device {self.runtime.device!r} was asked for but onnxruntime has no CUDA provider here "
+                "(install onnxruntime-gpu); use --device cpu"
+            )
+        if has_cuda and self.runtime.device != "cpu":
+            idx = int(self.runtime.device.split(":")[1]) if ":" in self.runtime.device else 0
+            providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if self.runtime.num_threads:
+            opts.intra_op_num_threads = self.runtime.num_threads
+        try:
+            self.session = ort.InferenceSession(self.spec.path, sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph
+            raise ModelError(f"{self.spec.path}: onnxruntime could not load the model ({exc}); check it is a valid ONNX file") from exc
+        inp = self.session.get_inputs()[0]
+        self._input_name = inp.name
+        h, w = inp.shape[2:4] if len(inp.shape) == 4 else (None, None)
+        self.fixed_size = h if isinstance(h, int) and h == w else None
+        self._in_channels = inp.shape[1] if len(inp.shape) == 4 and isinstance(inp.shape[1], int) else None
+        self.device_name = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
+        self.device = self.device_name
+        self.backend = f"onnxruntime {ort.__version__}"
+
+    # -- running -----------------------------------------------------------------------
+    def _forward_torch(self, batch: np.ndarray, want: str) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if self._autocast is not None:
+                with torch.autocast(self.device.type, dtype=self._autocast):
+                    y = self.model(x)
+            else:
+                y = self.model(x)
+            if isinstance(y, dict):
+                y = y.get("out", next(iter(y.values())))
+            elif isinstance(y, (list, tuple)):
+                y = y[0]
+            self._check_output(tuple(y.shape), batch.shape)
+            y = y.float()
+            if want == "classes":
+                y = (y[:, 0] > 0).to(torch.uint8) if y.shape[1] == 1 else y.argmax(1).to(torch.uint8)
+            elif want == "probs":
+                y = self._activate_torch(y)
+            return y.cpu().numpy()
+
+    def _activate_torch(self, y):
+        import torch
+
+        act = self._activation(y.shape[1])
+        if act == "sigmoid":
+            p = torch.sigmoid(y)
+            return torch.cat([1 - p, p], dim=1) if y.shape[1] == 1 else p
+        if act == "softmax":
+            return torch.softmax(y, dim=1)
+        return y
+
+    def _activation(self, channels: int) -> str:
+        act = self.spec.card.activation
+        if act == "auto":
+            return "sigmoid" if channels == 1 else "softmax"
+        return act
+
+    def _check_output(self, out_shape: tuple, in_shape: tuple) -> None:
+        if len(out_shape) != 4 or out_shape[0] != in_shape[0] or out_shape[2:] != in_shape[2:]:
+            raise ModelError(
+                f"{self.spec.path or self.spec.id}: output shape {out_shape} for input {in_shape}; geoseg needs a segmentation "
+                "model whose output is (N, classes, H, W) with the input's height and width"
+            )
+
+    def _forward_onnx(self, batch: np.ndarray, want: str) -> np.ndarray:
+        if self._in_channels is not None and batch.shape[1] != self._in_channels:
+            raise ModelError(
+                f"{self.spec.path}: the model takes {self._in_channels} bands but got {batch.shape[1]}; choose bands with --bands"
+            )
+        y = self.session.run(None, {self._input_name: batch})[0].astype(np.float32, copy=False)
+        self._check_output(y.shape, batch.shape)
+        if want == "classes":
+            return (y[:, 0] > 0).astype(np.uint8) if y.shape[1] == 1 else y.argmax(1).astype(np.uint8)
+        if want == "probs":
+            act = self._activation(y.shape[1])
+            if act == "sigmoid":
+                p = 1.0 / (1.0 + np.exp(-y))
+                return np.concatenate([1 - p, p], axis=1) if y.shape[1] == 1 else p
+            if act == "softmax":
+                e = np.exp(y - y.max(axis=1, keepdims=True))
+                return e / e.sum(axis=1, keepdims=True)
+        return y
+
+    def __call__(self, batch: np.ndarray, want: str = "probs") -> np.ndarray:
+        """Run one batch; see the class docstring for ``want``."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        with _FORWARD_LOCK:
+            try:
+                if self._onnx:
+                    return self._forward_onnx(batch, want)
+                return self._forward_torch(batch, want)
+            except (ModelError, DeviceError):
+                raise
+            except Exception as exc:
+                raise ModelError(
+                    f"{self.spec.path or self.spec.id}: the model failed on a batch of shape {batch.shape} ({exc}); "
+                    "check the band count (--bands) and tile size (--tile)"
+                ) from exc
+
+
+def get_predictor(spec: ModelSpec, runtime: Runtime) -> Predictor:
+    """The cached predictor for ``spec`` in this process (loaded on first use).
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        Which model.
+    runtime : Runtime
+        Device, precision and threads.
+
+    Returns
+    -------
+    Predictor
+    """
+    key = (spec.sha256, runtime.device, runtime.precision)
+    pred = _CACHE.get(key)
+    if pred is None:
+        with _CACHE_LOCK:
+            pred = _CACHE.get(key)
+            if pred is None:
+                pred = Predictor(spec, runtime)
+                _CACHE[key] = pred
+    return pred
+
+
+def loaded_models() -> list[tuple[str, str, str]]:
+    """Cache keys of the models loaded in this process (for tests and diagnostics)."""
+    return list(_CACHE)
+
+
+def probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int) -> ModelInfo:
+    """Load the model on this worker and run one zero tile to learn its output channels.
+
+    Fails early, with a clear message, on a wrong band count, a missing GPU or a model
+    that does not produce a per-pixel output.
+    """
+    pred = get_predictor(spec, runtime)
+    s = pred.fixed_size or size
+    out = pred(np.zeros((1, bands, s, s), dtype=np.float32), want="logits")
+    versions: dict[str, Any] = {}
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    if pred._onnx:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    return ModelInfo(int(out.shape[1]), pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions)

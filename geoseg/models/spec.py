@@ -1,0 +1,232 @@
+"""What a model is, as the engine plans with it: spec, card and runtime options (no torch).
+
+A :class:`ModelSpec` names a model by content hash and says how to load it (a file path,
+or the serialized bytes of an in-memory ``torch.nn.Module``). It is what the task graph
+carries; workers turn it into a predictor once and keep it (see
+:mod:`geoseg.models.runtime`).
+
+A :class:`ModelCard` says what the model means: classes and colours, tile and halo
+defaults, the output activation. Bare model files get a default card; richer cards (band
+names, scaling, resolution) plug in here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from geoseg.errors import ModelError
+
+__all__ = ["ClassInfo", "ModelCard", "ModelSpec", "Runtime", "resolve_model", "default_palette"]
+
+# A qualitative palette (colour-blind aware first entries); class 0 is transparent-ish grey.
+_PALETTE = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+]
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """``n`` distinct RGB colours, stable for a given ``n``."""
+    out = []
+    for i in range(n):
+        if i < len(_PALETTE):
+            out.append(_PALETTE[i])
+        else:  # golden-ratio hues for long class lists
+            import colorsys
+
+            r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
+            out.append((int(r * 255), int(g * 255), int(b * 255)))
+    return out
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output class: id (value in the mask), name and RGB colour."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model means. Fields left ``None`` are filled from the model itself.
+
+    Parameters
+    ----------
+    name : str
+        Model name.
+    classes : tuple of ClassInfo, optional
+        Output classes; default ``class_0 .. class_{n-1}`` from the output channel count.
+    tile : int, optional
+        Preferred model input size in pixels.
+    halo : int, optional
+        Preferred halo in pixels.
+    size_multiple : int
+        Input sizes must be a multiple of this (e.g. 32 for a 5-level U-Net).
+    activation : str
+        ``softmax`` (multi-class logits), ``sigmoid`` (one binary logit channel), or
+        ``none`` (the model already outputs probabilities).
+    """
+
+    name: str
+    classes: tuple[ClassInfo, ...] | None = None
+    tile: int | None = None
+    halo: int | None = None
+    size_multiple: int = 32
+    activation: str = "auto"
+
+    def with_classes(self, n_outputs: int) -> ModelCard:
+        """The card with default classes for a model with ``n_outputs`` channels."""
+        if self.classes is not None:
+            return self
+        n = 2 if n_outputs == 1 else n_outputs
+        if n > 255:
+            raise ModelError(f"{self.name}: {n} output classes do not fit a uint8 mask (at most 255)")
+        colors = default_palette(n)
+        return replace(self, classes=tuple(ClassInfo(i, f"class_{i}", colors[i]) for i in range(n)))
+
+    def colormap(self) -> dict[int, tuple[int, int, int, int]]:
+        """``{class_id: (r, g, b, 255)}``; nodata (255) stays transparent."""
+        return {c.id: (*c.color, 255) for c in self.classes or ()}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a worker runs a model: device, precision, batch size, CPU threads.
+
+    ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; asking for CUDA where there is
+    none is an error, never a silent CPU run. ``precision`` ``bf16``/``fp16`` enables
+    autocast. ``num_threads`` sets torch/onnxruntime intra-op threads in each worker.
+    """
+
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 1
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ModelError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.batch_size < 1:
+            raise ModelError(f"batch size must be >= 1, got {self.batch_size}")
+        d = self.device
+        if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ModelError(f"device must be auto, cpu, cuda or cuda:N, got {d!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model by content hash plus how to load it (travels in the task graph).
+
+    Parameters
+    ----------
+    kind : str
+        ``torchscript``, ``onnx`` or ``module``.
+    sha256 : str
+        Content hash; the worker cache key.
+    card : ModelCard
+        What the model means.
+    path : str, optional
+        Model file (``torchscript``, ``onnx``).
+    payload : bytes, optional
+        Serialized ``nn.Module`` (``module``), shipped once per worker.
+    """
+
+    kind: str
+    sha256: str
+    card: ModelCard
+    path: str | None = None
+    payload: bytes | None = field(default=None, repr=False)
+
+    @property
+    def id(self) -> str:
+        """Short human id: card name plus the first 12 hex digits of the hash."""
+        return f"{self.card.name}@{self.sha256[:12]}"
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("geoseg.ModelSpec", self.kind, self.sha256, self.card)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sniff_kind(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if path.lower().endswith(".onnx"):
+        return "onnx"
+    if head[:2] == b"PK":  # TorchScript archives are zip files
+        return "torchscript"
+    raise ModelError(
+        f"{path}: not a TorchScript archive (.pt from torch.jit.save) or an ONNX model (.onnx); "
+        "export the model with torch.jit.script/trace or torch.onnx.export"
+    )
+
+
+# In-process registry so threads/synchronous schedulers use a module without unpickling it.
+_IN_MEMORY: dict[str, Any] = {}
+
+
+def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:
+    """Turn what a user passed as ``model`` into a :class:`ModelSpec`.
+
+    Parameters
+    ----------
+    model : str, os.PathLike, ModelSpec or torch.nn.Module
+        A TorchScript or ONNX file, a spec, or an in-memory module.
+    card : ModelCard, optional
+        Overrides the default card.
+
+    Returns
+    -------
+    ModelSpec
+
+    Raises
+    ------
+    ModelError
+        The file is missing or is neither TorchScript nor ONNX.
+    """
+    if isinstance(model, ModelSpec):
+        return model if card is None else replace(model, card=card)
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise ModelError(f"{path}: model file not found; give a TorchScript .pt or an ONNX .onnx file")
+        kind = _sniff_kind(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        return ModelSpec(kind, _sha256_file(path), card or ModelCard(name=name), path=os.path.abspath(path))
+    if hasattr(model, "forward") and hasattr(model, "state_dict"):
+        import cloudpickle
+
+        payload = cloudpickle.dumps(model)
+        sha = hashlib.sha256(payload).hexdigest()
+        _IN_MEMORY[sha] = model
+        return ModelSpec("module", sha, card or ModelCard(name=type(model).__name__), payload=payload)
+    raise ModelError(f"cannot use {type(model).__name__} as a model; give a .pt/.onnx path or a torch.nn.Module")
