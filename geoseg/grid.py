@@ -146,7 +146,7 @@ class GeoBox:
     def bounds(self) -> tuple[float, float, float, float]:
         """``(left, bottom, right, top)`` in CRS units (for north-up grids)."""
         xs, ys = zip(
-            *(self.transform * (c, r) for c, r in ((0, 0), (self.width, 0), (0, self.height), (self.width, self.height)))
+            *(self.transform @ (c, r) for c, r in ((0, 0), (self.width, 0), (0, self.height), (self.width, self.height)))
         )
         return (min(xs), min(ys), max(xs), max(ys))
 
@@ -164,7 +164,7 @@ class GeoBox:
         """
         if not self.window.contains(window) or window.empty:
             raise InputError(f"window {window} is not inside the {self.width}x{self.height} grid")
-        return GeoBox(window.width, window.height, self.transform * Affine.translation(window.col_off, window.row_off), self.crs)
+        return GeoBox(window.width, window.height, self.transform @ Affine.translation(window.col_off, window.row_off), self.crs)
 
     def __dask_tokenize__(self) -> tuple:
         return ("geoseg.GeoBox", self.width, self.height, tuple(self.transform), self.crs)

@@ -84,7 +84,7 @@ def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
         raise InputError(f"{path}: the AOI polygons are empty after reprojection")
     inv = ~geobox.transform
     minx, miny, maxx, maxy = union.bounds
-    corners = [inv * (x, y) for x in (minx, maxx) for y in (miny, maxy)]
+    corners = [inv @ (x, y) for x in (minx, maxx) for y in (miny, maxy)]
     c0 = max(0, math.floor(min(c for c, _ in corners)))
     c1 = min(geobox.width, math.ceil(max(c for c, _ in corners)))
     r0 = max(0, math.floor(min(r for _, r in corners)))

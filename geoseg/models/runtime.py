@@ -19,9 +19,10 @@ import numpy as np
 from geoseg.errors import DeviceError, ModelError
 from geoseg.models.spec import _IN_MEMORY, ModelSpec, Runtime
 
-__all__ = ["Predictor", "ModelInfo", "get_predictor", "probe"]
+__all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe"]
 
 _CACHE: dict[tuple[str, str, str], Predictor] = {}
+_LOADS: dict[str, int] = {}  # model sha256 -> times loaded in this process
 _CACHE_LOCK = threading.Lock()
 _FORWARD_LOCK = threading.Lock()
 _THREADS_SET = False
@@ -247,12 +248,13 @@ def get_predictor(spec: ModelSpec, runtime: Runtime) -> Predictor:
             if pred is None:
                 pred = Predictor(spec, runtime)
                 _CACHE[key] = pred
+                _LOADS[spec.sha256] = _LOADS.get(spec.sha256, 0) + 1
     return pred
 
 
-def loaded_models() -> list[tuple[str, str, str]]:
-    """Cache keys of the models loaded in this process (for tests and diagnostics)."""
-    return list(_CACHE)
+def load_counts() -> dict[str, int]:
+    """How many times each model (by sha256) was loaded in this process (diagnostics, tests)."""
+    return dict(_LOADS)
 
 
 def probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int) -> ModelInfo:
