@@ -84,19 +84,20 @@ def test_probabilities_file(make_raster, tmp_path, dtype) -> None:
         assert np.isnan(data[:, ~valid]).all()
 
 
-def test_nodata_flows_and_empty_tiles_are_skipped(make_raster, tmp_path) -> None:
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_nodata_flows_and_empty_tiles_are_skipped(make_raster, tmp_path, probabilities) -> None:
     # nodata covers the top-left 128x128 block = 4 whole 32 px tile cores... and more
     src = make_raster(200, 260, seed=4, nodata=0, nodata_box=(0, 128, 0, 128))
     net = conv_net(depth=2)
     calls = []
     net.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
-    report = _predict_write(src, net, tmp_path / "o", tile=48, halo=8, chunk=64)
+    report = _predict_write(src, net, tmp_path / "o", tile=48, halo=8, chunk=64, probabilities=probabilities)
     mask = read(tmp_path / "o" / "mask.tif")
     assert (mask[:128, :128] == 255).all()
     assert (mask[128:, :] != 255).all() and (mask[:, 128:] != 255).all()
     # 32 px cores: 7 x 9 tiles; the 4 x 4 inside the nodata block are skipped without running the model
     assert report["tiles"] == {"total": 63, "skipped_empty": 16, "chunks": 20}
-    assert sum(calls) == 63 - 16 + 1  # + the probe's one tile
+    assert sum(calls) == 63 - 16 + 1  # each tile once (+ the probe's one), also when probabilities are written
     assert report["pixels"]["nodata"] == 128 * 128
 
 

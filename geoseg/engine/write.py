@@ -188,7 +188,7 @@ def write(
     os.makedirs(os.path.join(staging, "mask"))
     try:
         windows = _windows(mask.data.chunks)
-        blocks = mask.data.to_delayed()
+        blocks = mask.data.to_delayed(optimize_graph=False)  # keep keys shared with the stats tasks
         stats = job.stats if job is not None and mask.data.chunks == job.plan.chunks else None
         tasks = []
         n = 0
@@ -201,7 +201,7 @@ def write(
         n_mask = len(tasks)
         if probs is not None:
             os.makedirs(os.path.join(staging, "probabilities"))
-            pblocks = probs.data.to_delayed()
+            pblocks = probs.data.to_delayed(optimize_graph=False)
             for i, row in enumerate(windows):
                 for j, win in enumerate(row):
                     path = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")

@@ -1,0 +1,658 @@
+"""On-demand engine benchmark: geoseg end to end against the model alone and a hand-written loop.
+
+Run from the repository root (takes many minutes at the default sizes)::
+
+    python tests/benchmarks/bench_engine.py                      # 8192² RGB uint8 + 20000² 4-band uint16
+    python tests/benchmarks/bench_engine.py --size 4096 --big 0  # quicker, no big raster
+    python tests/benchmarks/bench_engine.py --backends onnx --check  # exit 1 when a target is missed
+
+What it measures, on a generated ``SIZE x SIZE`` RGB uint8 raster (deflate, 512x512 blocks,
+EPSG:32633) and a fixed 3-level U-Net (see ``unet.py``), for each backend (TorchScript,
+ONNX through onnxruntime):
+
+* **geoseg end-to-end**: ``geoseg.predict`` + ``geoseg.write`` (read -> predict -> stitch ->
+  COG) on the default local Dask cluster; wall time from before the cluster starts to
+  after ``write()`` returns, and the same without the cluster start-up.
+* **model-alone ceiling**: exactly the input shapes geoseg's tile plan forwards (halos
+  included, edge tiles shrunk), forwarded from memory (one random float32 array per
+  distinct shape) at batch size 1 with the same thread count, in one process.
+* **hand-written loop**: the simplest rasterio loop: boundless 512x512 read around each
+  448x448 core -> float32 -> forward -> argmax -> write the centre crop into a tiled
+  deflate GeoTIFF. One process.
+* **peak memory** of each run's whole process tree (RSS of the process and all its
+  children, summed, sampled every 0.1 s).
+
+Each run is a fresh subprocess of this script (``--run e2e|ceiling|hand``) so that peaks
+never accumulate across runs. With ``--big N`` (default 20000) the same is done for an
+``N x N`` 4-band uint16 raster (geoseg end-to-end with ONNX only, by default), against the
+guarantee "peak memory under 3 GiB for the whole process tree". Results are printed as
+Markdown tables and written to ``OUT_DIR/bench_results.json``. The GeoDeep row is quoted
+from ``PEERS.md`` (measured earlier on this kind of machine), never measured here.
+
+Only the standard library is imported at module level: Dask's worker processes are
+spawned and import this script as their ``__main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULT_TAG = "BENCH_RESULT "
+BACKENDS = ("torchscript", "onnx")
+RUNS = ("e2e", "ceiling", "hand")
+RUN_LABELS = {
+    "e2e": "geoseg end-to-end",
+    "ceiling": "model-alone ceiling",
+    "hand": "hand-written rasterio loop",
+}
+MODEL_EXT = {"torchscript": "pt", "onnx": "onnx"}
+#: GeoDeep (onnxruntime) measured on this kind of machine, from PEERS.md: {size: (MP/s, peak MiB)}.
+GEODEEP = {4096: (2.58, 390), 8192: (2.48, 494)}
+TARGET_RATIO = 0.85
+BIG_LIMIT_MIB = 3 * 1024
+
+
+# --------------------------------------------------------------------------------------
+# Peak memory of a process tree
+# --------------------------------------------------------------------------------------
+class PeakMemory:
+    """Samples the summed RSS of this process and all its descendants in a background thread."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self.peak_by_process: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
+
+    def sample(self) -> int:
+        """Take one sample now; returns the summed RSS in bytes."""
+        psutil = self._psutil
+        total = 0
+        parts: dict[str, int] = {}
+        try:
+            procs = [self._proc, *self._proc.children(recursive=True)]
+        except psutil.Error:
+            procs = [self._proc]
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+                name = p.name()
+            except psutil.Error:  # exited between listing and reading
+                continue
+            total += rss
+            parts[f"{p.pid} {name}"] = rss
+        self.samples += 1
+        if total > self.peak:
+            self.peak = total
+            self.peak_by_process = parts
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def peak_mib(self) -> float:
+        """Peak summed RSS in MiB."""
+        return self.peak / 2**20
+
+
+# --------------------------------------------------------------------------------------
+# Inputs: rasters and models
+# --------------------------------------------------------------------------------------
+def _smooth_field(rng, height: int, width: int, cell: int):
+    """A coarse random grid for one band, bilinearly upsampled later strip by strip."""
+    return rng.random((height // cell + 2, width // cell + 2), dtype="float32")
+
+
+def _upsample_rows(grid, rows, cols, cell: int):
+    """Bilinear interpolation of ``grid`` (one value per ``cell`` pixels) at pixel rows x cols."""
+    import numpy as np
+
+    fy = rows / cell
+    y0 = np.floor(fy).astype(np.int64)
+    wy = (fy - y0).astype(np.float32)[:, None]
+    strip = grid[y0] * (1 - wy) + grid[y0 + 1] * wy  # (len(rows), gw)
+    fx = cols / cell
+    x0 = np.floor(fx).astype(np.int64)
+    wx = (fx - x0).astype(np.float32)[None, :]
+    return strip[:, x0] * (1 - wx) + strip[:, x0 + 1] * wx
+
+
+def make_raster(path: Path, size: int, bands: int, dtype: str, seed: int = 7) -> Path:
+    """Write a ``size x size`` smooth-noise GeoTIFF (deflate, 512x512 blocks, EPSG:32633) strip by strip.
+
+    Reused when a raster of the right shape and type is already there. Written under a
+    temporary name and renamed, so an interrupted run never leaves a half raster to reuse.
+    """
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    if path.exists():
+        try:
+            with rasterio.open(path) as ds:
+                if (ds.width, ds.height, ds.count, ds.dtypes[0]) == (size, size, bands, dtype):
+                    return path
+        except rasterio.errors.RasterioIOError:
+            pass
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    scale = 255.0 if dtype == "uint8" else 4000.0  # reflectance-like range for uint16
+    cells = (512, 64)  # two octaves of value noise: fields, then parcels
+    grids = [[(_smooth_field(rng, size, size, c), w) for c, w in zip(cells, (0.6, 0.3), strict=True)] for _ in range(bands)]
+    profile = {
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "count": bands,
+        "dtype": dtype,
+        "crs": "EPSG:32633",
+        "transform": from_origin(400000.0, 5000000.0, 1.0, 1.0),
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+        "interleave": "pixel",
+        "BIGTIFF": "IF_SAFER",
+        "NUM_THREADS": "ALL_CPUS",
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    cols = np.arange(size, dtype=np.float64)
+    with rasterio.Env(GDAL_CACHEMAX=256), rasterio.open(tmp, "w", **profile) as dst:
+        for r0 in range(0, size, 512):
+            h = min(512, size - r0)
+            rows = np.arange(r0, r0 + h, dtype=np.float64)
+            out = np.empty((bands, h, size), dtype=dtype)
+            for b in range(bands):
+                v = np.zeros((h, size), dtype=np.float32)
+                for (grid, weight), cell in zip(grids[b], cells, strict=True):
+                    v += weight * _upsample_rows(grid, rows, cols, cell)
+                v += 0.1 * rng.random((h, size), dtype=np.float32)  # fine texture, as imagery has
+                out[b] = np.clip(v * scale, 0, np.iinfo(dtype).max).astype(dtype)
+            dst.write(out, window=Window(0, r0, size, h))
+    os.replace(tmp, path)
+    print(f"# wrote {path.name} ({size}x{size}x{bands} {dtype}) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return path
+
+
+def _unet():
+    """The ``unet`` module next to this file, whether imported as a package or run as a script."""
+    if __package__:
+        from . import unet
+    else:
+        sys.path.insert(0, str(HERE))
+        import unet
+    return unet
+
+
+def make_models(out_dir: Path, bands: int) -> dict[str, Any]:
+    """Export the benchmark U-Net for ``bands`` input bands to TorchScript and ONNX; count its FLOPs."""
+    unet = _unet()
+    net = unet.build(in_ch=bands)
+    paths = {
+        "torchscript": unet.export_torchscript(net, str(out_dir / f"unet{bands}.pt"), in_ch=bands),
+        "onnx": unet.export_onnx(net, str(out_dir / f"unet{bands}.onnx"), in_ch=bands),
+    }
+    return {"paths": paths, "gflop_per_tile": unet.count_flops(net, (1, bands, 512, 512)) / 1e9}
+
+
+# --------------------------------------------------------------------------------------
+# The measured runs (each in its own subprocess)
+# --------------------------------------------------------------------------------------
+def _plan(height: int, width: int, tile: int, halo: int, chunk: int):
+    from geoseg.grid import TilePlan, Window
+
+    return TilePlan(height, width, Window(0, 0, height, width), tile=tile, halo=halo, chunk=chunk, size_multiple=32)
+
+
+def _forward_fn(backend: str, model: str, threads: int):
+    """``f(x) -> logits`` for a float32 NCHW numpy batch, with the backend's intra-op threads set."""
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+
+        def run_onnx(x):
+            return sess.run(None, {name: x})[0]
+
+        return run_onnx, {"onnxruntime": ort.__version__}
+
+    import torch
+
+    torch.set_num_threads(threads)
+    net = torch.jit.load(model, map_location="cpu").eval()
+
+    def run_torch(x):
+        with torch.inference_mode():
+            return net(torch.from_numpy(x)).numpy()
+
+    return run_torch, {"torch": torch.__version__}
+
+
+def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
+    """geoseg.predict + geoseg.write on the default local cluster."""
+    import rasterio
+
+    t_import = time.perf_counter()
+    import geoseg
+    import geoseg.engine  # dask, distributed, xarray: imported before the clock starts
+
+    import_s = time.perf_counter() - t_import
+    out = Path(args.work)
+    t0 = time.perf_counter()
+    with geoseg.scheduler("local", workers=args.workers, device="cpu") as sched:
+        t1 = time.perf_counter()
+        mask = geoseg.predict(
+            args.raster,
+            model=args.model,
+            tile=args.tile,
+            halo=args.halo,
+            chunk=args.chunk,
+            batch_size=1,
+            device="cpu",
+            num_threads=args.threads or sched.num_threads,
+        )
+        report = geoseg.write(mask, out, overwrite=True)
+        t2 = time.perf_counter()
+    t3 = time.perf_counter()
+    with rasterio.open(out / "mask.tif") as ds:
+        shape = (ds.height, ds.width)
+    return {
+        "seconds": t2 - t0,
+        "seconds_excl_start": t2 - t1,
+        "cluster_start_s": t1 - t0,
+        "cluster_close_s": t3 - t2,
+        "import_s": import_s,
+        "workers": sched.workers,
+        "threads": args.threads or sched.num_threads,
+        "tiles": report.get("tiles", {}).get("total"),
+        "tiles_skipped": report.get("tiles", {}).get("skipped_empty"),
+        "output_shape": list(shape),
+        "geoseg_timings": report.get("timings", {}),
+        "backend_version": report.get("model", {}).get("backend"),
+    }
+
+
+def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    """Forward exactly the plan's tile shapes from memory, batch 1, one process."""
+    import numpy as np
+    import rasterio
+
+    with rasterio.open(args.raster) as ds:
+        height, width, bands = ds.height, ds.width, ds.count
+    plan = _plan(height, width, args.tile, args.halo, args.chunk)
+    shapes = [t.input.shape for i, j in plan.iter_chunks() for t in plan.tiles(i, j)]
+    rng = np.random.default_rng(0)
+    arrays = {s: (rng.random((1, bands, *s), dtype=np.float32) * 255.0) for s in sorted(set(shapes))}
+    threads = args.threads or os.cpu_count() or 1
+    forward, versions = _forward_fn(args.backend, args.model, threads)
+    tw = time.perf_counter()
+    for x in arrays.values():  # warm-up: one untimed pass per distinct shape
+        forward(x)
+    warmup_s = time.perf_counter() - tw
+    t0 = time.perf_counter()
+    for s in shapes:
+        forward(arrays[s])
+    seconds = time.perf_counter() - t0
+    counts: dict[str, int] = {}
+    for s in shapes:
+        counts[f"{s[0]}x{s[1]}"] = counts.get(f"{s[0]}x{s[1]}", 0) + 1
+    return {
+        "seconds": seconds,
+        "warmup_s": warmup_s,
+        "threads": threads,
+        "tiles": len(shapes),
+        "tile_shapes": counts,
+        "input_px": int(sum(s[0] * s[1] for s in shapes)),
+        "chunk_px": plan.chunk_px,
+        "versions": versions,
+    }
+
+
+def run_hand(args: argparse.Namespace) -> dict[str, Any]:
+    """The simplest rasterio loop: boundless read, forward, argmax, write the centre crop."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    threads = args.threads or os.cpu_count() or 1
+    forward, versions = _forward_fn(args.backend, args.model, threads)
+    tile, halo = args.tile, args.halo
+    core = tile - 2 * halo
+    out = Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    dst_path = out / "hand_mask.tif"
+    n = 0
+    t0 = time.perf_counter()
+    with rasterio.open(args.raster) as src:
+        profile = {
+            "driver": "GTiff",
+            "width": src.width,
+            "height": src.height,
+            "count": 1,
+            "dtype": "uint8",
+            "crs": src.crs,
+            "transform": src.transform,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "deflate",
+        }
+        with rasterio.open(dst_path, "w", **profile) as dst:
+            for r in range(0, src.height, core):
+                for c in range(0, src.width, core):
+                    win = Window(c - halo, r - halo, tile, tile)
+                    x = src.read(window=win, boundless=True, fill_value=0).astype(np.float32)[None]
+                    y = forward(x)
+                    cls = y[0].argmax(0).astype(np.uint8)
+                    h, w = min(core, src.height - r), min(core, src.width - c)
+                    dst.write(cls[halo : halo + h, halo : halo + w], 1, window=Window(c, r, w, h))
+                    n += 1
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "threads": threads, "tiles": n, "versions": versions}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """One measured run: print its result as one JSON line tagged ``BENCH_RESULT``."""
+    fn = {"e2e": run_e2e, "ceiling": run_ceiling, "hand": run_hand}[args.run]
+    with PeakMemory() as mem:
+        res = fn(args)
+    res.update(
+        run=args.run,
+        backend=args.backend,
+        peak_mib=mem.peak_mib,
+        memory_samples=mem.samples,
+        peak_by_process_mib={k: round(v / 2**20, 1) for k, v in sorted(mem.peak_by_process.items(), key=lambda kv: -kv[1])},
+    )
+    print(RESULT_TAG + json.dumps(res), flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# The parent: prepare inputs, run each measurement in a subprocess, print tables
+# --------------------------------------------------------------------------------------
+def _spawn(args: argparse.Namespace, run: str, backend: str, raster: Path, model: str, work: Path) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--run",
+        run,
+        "--backend",
+        backend,
+        "--raster",
+        str(raster),
+        "--model",
+        model,
+        "--work",
+        str(work),
+        "--tile",
+        str(args.tile),
+        "--halo",
+        str(args.halo),
+        "--chunk",
+        str(args.chunk),
+    ]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"# {RUN_LABELS[run]} ({backend}) on {raster.name} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(HERE.parent.parent))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"benchmark run {run}/{backend} failed (exit {proc.returncode}); see the log above")
+    res = json.loads(lines[-1][len(RESULT_TAG) :])
+    res["load_before"] = load
+    print(f"#   {res['seconds']:.1f} s, peak {res['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    return res
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _bench_raster(
+    args, label: str, raster: Path, models: dict, backends: list[str], runs: list[str], size: int, bands: int
+) -> dict:
+    mp = size * size / 1e6
+    rows = []
+    for backend in backends:
+        for run in runs:
+            work = Path(args.out_dir) / f"out-{label}-{run}-{backend}"
+            res = _spawn(args, run, backend, raster, models["paths"][backend], work)
+            res["mp_per_s"] = mp / res["seconds"]
+            if "seconds_excl_start" in res:
+                res["mp_per_s_excl_start"] = mp / res["seconds_excl_start"]
+            rows.append(res)
+    by = {(r["run"], r["backend"]): r for r in rows}
+    for r in rows:
+        ceil = by.get(("ceiling", r["backend"]))
+        if ceil and r["run"] != "ceiling":
+            r["vs_ceiling"] = r["mp_per_s"] / ceil["mp_per_s"]
+            if "mp_per_s_excl_start" in r:
+                r["vs_ceiling_excl_start"] = r["mp_per_s_excl_start"] / ceil["mp_per_s"]
+        if r["run"] == "ceiling":
+            r["gflop_per_s"] = models["gflop_per_tile"] * r["input_px"] / (512 * 512) / r["seconds"]
+    e2e_tiles = {r["tiles"] for r in rows if r["run"] == "e2e"}
+    ceil_tiles = {r["tiles"] for r in rows if r["run"] == "ceiling"}
+    targets = _targets(by, backends, size, label == "big")
+    return {
+        "label": label,
+        "raster": str(raster),
+        "size": size,
+        "bands": bands,
+        "dtype": "uint8" if bands == 3 else "uint16",
+        "megapixels": mp,
+        "gflop_per_tile": models["gflop_per_tile"],
+        "rows": rows,
+        "tiles_match": None if not (e2e_tiles and ceil_tiles) else e2e_tiles == ceil_tiles,
+        "targets": targets,
+    }
+
+
+def _goal(what: str, value: float, ok: bool) -> dict[str, Any]:
+    return {"what": what, "value": value, "ok": bool(ok)}
+
+
+def _targets(by: dict, backends: list[str], size: int, big: bool) -> list[dict]:
+    out = []
+    for b in backends:
+        e2e, ceil, hand = by.get(("e2e", b)), by.get(("ceiling", b)), by.get(("hand", b))
+        if big:
+            if e2e:
+                out.append(_goal(f"{b}: peak memory under {BIG_LIMIT_MIB} MiB", e2e["peak_mib"], e2e["peak_mib"] < BIG_LIMIT_MIB))
+            continue
+        if e2e and ceil:
+            ratio = e2e["vs_ceiling"]
+            out.append(_goal(f"{b}: end-to-end >= {TARGET_RATIO} x model-alone ceiling", ratio, ratio >= TARGET_RATIO))
+        if e2e and hand:
+            speedup = e2e["mp_per_s"] / hand["mp_per_s"]
+            out.append(_goal(f"{b}: end-to-end faster than the hand-written loop (speed-up)", speedup, speedup > 1.0))
+        if e2e and b == "onnx":
+            ref_size = size if size in GEODEEP else 8192
+            gd_mps, gd_mib = GEODEEP[ref_size]
+            note = "" if ref_size == size else f" (GeoDeep's figure is at {ref_size}²)"
+            mps, mib = e2e["mp_per_s"], e2e["peak_mib"]
+            out.append(_goal(f"onnx: end-to-end MP/s >= GeoDeep's {gd_mps} MP/s{note}", mps, mps >= gd_mps))
+            out.append(_goal(f"onnx: peak MiB below GeoDeep's {gd_mib} MiB{note}", mib, mib < gd_mib))
+    return out
+
+
+def format_table(t: dict) -> str:
+    """One Markdown table (with a heading and the targets) for one raster."""
+    shapes = next((r["tile_shapes"] for r in t["rows"] if r["run"] == "ceiling"), None)
+    chunk = next((r["chunk_px"] for r in t["rows"] if r["run"] == "ceiling"), None)
+    n_tiles = next((r["tiles"] for r in t["rows"] if r["run"] in ("ceiling", "e2e")), None)
+    lines = [
+        f"### {t['size']} x {t['size']} x {t['bands']} {t['dtype']} ({t['megapixels']:.1f} MP): "
+        f"3-level U-Net (16 base channels), {t['gflop_per_tile']:.2f} GFLOP per {t['bands']}x512x512 tile",
+        "",
+    ]
+    if shapes:
+        lines += [
+            f"Tiles 512 px, halo 32 px, chunk {chunk} px; {n_tiles} tiles forwarded "
+            f"({', '.join(f'{k}: {v}' for k, v in shapes.items())}).",
+            "",
+        ]
+    lines += [
+        "| run | backend | wall s | MP/s | MP/s excl. cluster start | peak MiB | ÷ model-alone ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in t["rows"]:
+        ratio = _fmt(r.get("vs_ceiling"))
+        if "vs_ceiling_excl_start" in r:
+            ratio += f" ({_fmt(r['vs_ceiling_excl_start'])} excl. start)"
+        lines.append(
+            f"| {RUN_LABELS[r['run']]} | {r['backend']} | {_fmt(r['seconds'], 1)} | {_fmt(r['mp_per_s'])} | "
+            f"{_fmt(r.get('mp_per_s_excl_start'))} | {r['peak_mib']:.0f} | {ratio} |"
+        )
+    if t["label"] != "big":
+        ref = t["size"] if t["size"] in GEODEEP else 8192
+        mps, mib = GEODEEP[ref]
+        lines.append(f"| GeoDeep (PEERS.md literature value at {ref}², not measured) | onnxruntime | | {mps} | | {mib} | |")
+    lines.append("")
+    if t["tiles_match"] is False:
+        lines.append("**Warning:** geoseg forwarded a different number of tiles than the ceiling's plan.")
+    for g in t["targets"]:
+        lines.append(f"- {'PASS' if g['ok'] else 'FAIL'}: {g['what']} (got {g['value']:.2f})")
+    loads = [r.get("load_before") for r in t["rows"] if r.get("load_before") is not None]
+    if loads and max(loads) > 0.5:
+        lines.append(
+            f"- Note: the 1-minute load average before a run reached {max(loads):.2f}: another process may have used the CPU."
+        )
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, Any]:
+    import numpy as np
+    import rasterio
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    for mod in ("torch", "onnxruntime", "dask", "distributed", "psutil"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    from geoseg import __version__
+
+    info["geoseg"] = __version__
+    return info
+
+
+def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what} {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (the ``--run`` group is for the measured subprocesses)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=8192, help="side of the RGB uint8 raster in pixels (default 8192)")
+    p.add_argument("--big", type=int, default=20000, help="side of the 4-band uint16 raster; 0 skips it (default 20000)")
+    p.add_argument("--backends", default="torchscript,onnx", help="backends for the main raster (default torchscript,onnx)")
+    p.add_argument("--runs", default="e2e,ceiling,hand", help="runs for the main raster (default e2e,ceiling,hand)")
+    p.add_argument("--big-backends", default="onnx", help="backends for the big raster (default onnx)")
+    p.add_argument("--big-runs", default="e2e", help="runs for the big raster (default e2e)")
+    p.add_argument("--out-dir", default="/tmp/geoseg-bench", help="rasters, models, outputs and bench_results.json")
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--halo", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: geoseg's choice, all cores)")
+    p.add_argument("--workers", type=int, default=None, help="local cluster workers (default: geoseg's choice)")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    g = p.add_argument_group("one measured run (used internally)")
+    g.add_argument("--run", choices=RUNS)
+    g.add_argument("--backend", choices=BACKENDS)
+    g.add_argument("--raster")
+    g.add_argument("--model")
+    g.add_argument("--work")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the tables; return (and save) the results."""
+    args = parse_args(argv)
+    if args.run:
+        child_main(args)
+        return {}
+    backends = _csv(args.backends, BACKENDS, "backends")
+    runs = _csv(args.runs, RUNS, "runs")
+    big_backends = _csv(args.big_backends, BACKENDS, "backends")
+    big_runs = _csv(args.big_runs, RUNS, "runs")
+    out_dir = Path(args.out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir = str(out_dir)
+
+    results: dict[str, Any] = {"machine": _machine(), "args": vars(args), "tables": []}
+    if args.size:
+        raster = make_raster(out_dir / f"bench_{args.size}_rgb_uint8.tif", args.size, 3, "uint8")
+        models = make_models(out_dir, 3)
+        results["gflop_per_tile"] = models["gflop_per_tile"]
+        results["tables"].append(_bench_raster(args, "main", raster, models, backends, runs, args.size, 3))
+    if args.big:
+        raster = make_raster(out_dir / f"bench_{args.big}_4band_uint16.tif", args.big, 4, "uint16")
+        models = make_models(out_dir, 4)
+        results["tables"].append(_bench_raster(args, "big", raster, models, big_backends, big_runs, args.big, 4))
+
+    text = "\n\n".join(format_table(t) for t in results["tables"])
+    print(text)
+    results["markdown"] = text
+    with open(out_dir / "bench_results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nResults: {out_dir / 'bench_results.json'}", file=sys.stderr)
+    results["ok"] = all(g["ok"] for t in results["tables"] for g in t["targets"])
+    if args.check and not results["ok"]:
+        raise SystemExit(1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Thin pytest wrapper around the engine benchmark (deselected by default; run with ``pytest -m benchmark -s``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from . import bench_engine
+
+
+@pytest.mark.benchmark
+def test_bench_engine_small(tmp_path):
+    out = tmp_path / "bench"
+    results = bench_engine.main(["--size", "1024", "--big", "1000", "--big-runs", "e2e,ceiling", "--out-dir", str(out)])
+    main, big = results["tables"]
+    assert [(r["run"], r["backend"]) for r in main["rows"]] == [
+        (run, backend) for backend in ("torchscript", "onnx") for run in ("e2e", "ceiling", "hand")
+    ]
+    assert main["tiles_match"] is True and big["tiles_match"] is True
+    for table in (main, big):
+        for r in table["rows"]:
+            assert r["seconds"] > 0 and r["mp_per_s"] > 0
+            assert 0 < r["peak_mib"] < 3 * 1024
+    assert [r["output_shape"] for r in main["rows"] if r["run"] == "e2e"] == [[1024, 1024]] * 2
+    assert 15 < results["gflop_per_tile"] < 22
+    saved = json.loads((out / "bench_results.json").read_text())
+    assert len(saved["tables"]) == 2 and "GeoDeep" in saved["markdown"]
