@@ -12,8 +12,13 @@ from geoseg._version import __version__
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("geoseg").setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    names = ["geoseg"] + (["distributed"] if verbose >= 2 else [])  # Dask's own INFO chatter only with -vv
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(level)
 
 
 class _Group(click.Group):
@@ -25,7 +30,7 @@ class _Group(click.Group):
         except Exception as exc:
             from geoseg.errors import GeosegError
 
-            if not isinstance(exc, GeosegError) or ctx.obj and ctx.obj.get("verbose", 0) > 0:
+            if not isinstance(exc, GeosegError) or (ctx.obj and ctx.obj.get("verbose", 0) > 0):
                 raise
             click.echo(f"geoseg: error: {exc}", err=True)
             ctx.exit(1)
@@ -58,21 +63,55 @@ def _parse_bands(value: str | None) -> tuple[int, ...] | None:
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--tile", type=click.IntRange(min=8), default=None, help="Model input size in pixels [card, else 512].")
 @click.option("--halo", type=click.IntRange(min=0), default=None, help="Context pixels at each tile edge [card, else 32].")
-@click.option("--blend", type=click.Choice(["crop", "cosine"]), default="crop", show_default=True, help="Stitching: centre crop, or normalised cosine blend.")
-@click.option("--chunk", type=click.IntRange(min=1), default=None, help="Pixels per Dask task side, rounded to whole tiles [2048].")
+@click.option(
+    "--blend",
+    type=click.Choice(["crop", "cosine"]),
+    default="crop",
+    show_default=True,
+    help="Stitching: centre crop, or normalised cosine blend.",
+)
+@click.option(
+    "--chunk", type=click.IntRange(min=1), default=None, help="Pixels per Dask task side, rounded to whole tiles [2048]."
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per forward pass [1 on CPU, 8 on CUDA].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CUDA missing is an error).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast precision.")
+@click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast precision."
+)
 @click.option("--scheduler", default="local", show_default=True, help="local, threads, synchronous or tcp://HOST:PORT.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes for the local cluster [1 on CPU; one per GPU].")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Worker processes for the local cluster [1 on CPU; one per GPU]."
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Model threads per worker [cores / workers].")
-@click.option("--aoi", type=click.Path(dir_okay=False), default=None, help="Vector file (any CRS): segment only inside its polygons.")
+@click.option(
+    "--aoi", type=click.Path(dir_okay=False), default=None, help="Vector file (any CRS): segment only inside its polygons."
+)
 @click.option("--bands", default=None, help="1-based bands in model order, e.g. 3,2,1 [all, file order].")
 @click.option("--probabilities", is_flag=True, help="Also write probabilities.tif (one band per class).")
 @click.option("--probabilities-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an error).")
 @click.pass_context
-def predict(ctx: click.Context, src: str, model: str, out_dir: str, tile, halo, blend, chunk, batch_size, device, precision, scheduler, workers, threads, aoi, bands, probabilities, probabilities_dtype, overwrite) -> None:
+def predict(
+    ctx: click.Context,
+    src: str,
+    model: str,
+    out_dir: str,
+    tile,
+    halo,
+    blend,
+    chunk,
+    batch_size,
+    device,
+    precision,
+    scheduler,
+    workers,
+    threads,
+    aoi,
+    bands,
+    probabilities,
+    probabilities_dtype,
+    overwrite,
+) -> None:
     """Segment the raster SRC with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif."""
     from geoseg.engine import predict as run_predict
     from geoseg.engine import scheduler as use_scheduler
@@ -105,7 +144,9 @@ def predict(ctx: click.Context, src: str, model: str, out_dir: str, tile, halo, 
             overwrite=overwrite,
             probabilities_dtype=probabilities_dtype,
             progress=progress,
-            extra={"scheduler": {"kind": sched.kind, "address": sched.address, "workers": sched.workers, "gpus": list(sched.gpus)}},
+            extra={
+                "scheduler": {"kind": sched.kind, "address": sched.address, "workers": sched.workers, "gpus": list(sched.gpus)}
+            },
         )
     if not quiet:
         t = report["timings"]
@@ -117,6 +158,19 @@ def predict(ctx: click.Context, src: str, model: str, out_dir: str, tile, halo, 
         )
         for w in report["warnings"]:
             click.echo(f"warning: {w}", err=True)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--size", type=click.IntRange(min=64), default=1024, show_default=True, help="Scene size in pixels.")
+@click.option("--seed", type=int, default=42, show_default=True)
+def sample(out_dir: str, size: int, seed: int) -> None:
+    """Generate the sample AOI into OUT_DIR: scene.tif, the landcover.pt index model, aoi.geojson."""
+    from geoseg.sample import make_sample
+
+    paths = make_sample(out_dir, size=size, seed=seed)
+    for kind, path in paths.items():
+        click.echo(f"{kind}: {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

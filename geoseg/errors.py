@@ -8,14 +8,14 @@ callers who do not know geoseg. Messages say what went wrong *and* how to fix it
 from __future__ import annotations
 
 __all__ = [
+    "DeviceError",
     "GeosegError",
     "InputError",
-    "RasterReadError",
-    "OutputExistsError",
-    "OutputError",
     "ModelError",
-    "DeviceError",
     "NotGeoreferencedWarning",
+    "OutputError",
+    "OutputExistsError",
+    "RasterReadError",
 ]
 
 

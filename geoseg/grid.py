@@ -26,12 +26,12 @@ from affine import Affine
 from geoseg.errors import InputError
 
 __all__ = [
-    "Window",
     "GeoBox",
     "Tile",
     "TilePlan",
-    "reflect_index",
+    "Window",
     "blend_window_1d",
+    "reflect_index",
 ]
 
 
@@ -122,8 +122,7 @@ class GeoBox:
     def __post_init__(self) -> None:
         if self.width < 1 or self.height < 1:
             raise InputError(
-                f"a grid needs at least one pixel, got {self.width}x{self.height}; "
-                "check that the raster is not empty"
+                f"a grid needs at least one pixel, got {self.width}x{self.height}; check that the raster is not empty"
             )
 
     @property
@@ -145,9 +144,8 @@ class GeoBox:
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """``(left, bottom, right, top)`` in CRS units (for north-up grids)."""
-        xs, ys = zip(
-            *(self.transform @ (c, r) for c, r in ((0, 0), (self.width, 0), (0, self.height), (self.width, self.height)))
-        )
+        corners = ((0, 0), (self.width, 0), (0, self.height), (self.width, self.height))
+        xs, ys = zip(*(self.transform @ (c, r) for c, r in corners), strict=True)
         return (min(xs), min(ys), max(xs), max(ys))
 
     def crop(self, window: Window) -> GeoBox:
@@ -289,14 +287,15 @@ class TilePlan:
             raise InputError(f"tile must be >= 1 and halo >= 0 pixels, got tile={self.tile}, halo={self.halo}")
         if self.tile <= 2 * self.halo:
             raise InputError(
-                f"tile ({self.tile} px) must be larger than twice the halo ({self.halo} px); "
-                "raise --tile or lower --halo"
+                f"tile ({self.tile} px) must be larger than twice the halo ({self.halo} px); raise --tile or lower --halo"
             )
         if self.size_multiple < 1:
             raise InputError(f"size_multiple must be >= 1, got {self.size_multiple}")
         whole = Window(0, 0, self.raster_height, self.raster_width)
         if self.region.empty or not whole.contains(self.region):
-            raise InputError(f"region {self.region} is not a non-empty part of the {self.raster_width}x{self.raster_height} raster")
+            raise InputError(
+                f"region {self.region} is not a non-empty part of the {self.raster_width}x{self.raster_height} raster"
+            )
 
     @property
     def core(self) -> int:
@@ -311,8 +310,7 @@ class TilePlan:
     @cached_property
     def _chunk_edges(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         def edges(off: int, length: int) -> tuple[int, ...]:
-            stops = list(range(off, off + length, self.chunk_px)) + [off + length]
-            return tuple(stops)
+            return (*range(off, off + length, self.chunk_px), off + length)
 
         return edges(self.region.row_off, self.region.height), edges(self.region.col_off, self.region.width)
 
@@ -358,9 +356,7 @@ class TilePlan:
         rows = self._axis_tiles(w.row_off, w.height)
         cols = self._axis_tiles(w.col_off, w.width)
         return [
-            Tile(Window(rs, cs, rl, cl), Window(ris, cis, rsz, csz))
-            for rs, rl, ris, rsz in rows
-            for cs, cl, cis, csz in cols
+            Tile(Window(rs, cs, rl, cl), Window(ris, cis, rsz, csz)) for rs, rl, ris, rsz in rows for cs, cl, cis, csz in cols
         ]
 
     def input_window(self, i: int, j: int) -> Window:
@@ -374,17 +370,14 @@ class TilePlan:
 
     def accumulator_window(self, i: int, j: int) -> Window:
         """Pixels chunk ``(i, j)``'s tiles contribute to under cosine blending: the chunk
-        grown by the halo, clipped to the region."""
+        grown by the halo, clipped to the region.
+        """
         return self.chunk_window(i, j).expand(self.halo).intersection(self.region)
 
     def neighbours(self, i: int, j: int) -> list[tuple[int, int]]:
         """Chunk ``(i, j)`` and the chunks around it (the 3x3 block, clipped to the plan)."""
         ny, nx = self.shape
-        return [
-            (a, b)
-            for a in range(max(0, i - 1), min(ny, i + 2))
-            for b in range(max(0, j - 1), min(nx, j + 2))
-        ]
+        return [(a, b) for a in range(max(0, i - 1), min(ny, i + 2)) for b in range(max(0, j - 1), min(nx, j + 2))]
 
     def n_tiles(self) -> int:
         """Number of model tiles in the whole plan."""

@@ -106,8 +106,17 @@ def test_alpha_band_is_nodata(tmp_path) -> None:
     data = np.full((4, 64, 80), 120, dtype=np.uint8)
     data[3] = 255
     data[3, :, :20] = 0  # transparent strip
-    profile = {"driver": "GTiff", "width": 80, "height": 64, "count": 4, "dtype": "uint8", "crs": "EPSG:3857",
-               "transform": rasterio.transform.from_origin(0, 0, 1, 1), "photometric": "RGB", "alpha": "YES"}
+    profile = {
+        "driver": "GTiff",
+        "width": 80,
+        "height": 64,
+        "count": 4,
+        "dtype": "uint8",
+        "crs": "EPSG:3857",
+        "transform": rasterio.transform.from_origin(0, 0, 1, 1),
+        "photometric": "RGB",
+        "alpha": "YES",
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     net = conv_net(bands=3, depth=1)

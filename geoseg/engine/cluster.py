@@ -79,7 +79,9 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
         try:
             client = Client(kind, timeout="20s")
         except OSError as exc:
-            raise InputError(f"no Dask scheduler answers at {kind} ({exc}); start one with `dask scheduler` or use --scheduler local") from exc
+            raise InputError(
+                f"no Dask scheduler answers at {kind} ({exc}); start one with `dask scheduler` or use --scheduler local"
+            ) from exc
         with client:
             n = len(client.scheduler_info().get("workers", {}))
             if n == 0:
@@ -110,7 +112,7 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
         }
         cluster = SpecCluster(
             workers=specs,
-            scheduler={"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}},
+            scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}},
             silence_logs=logging.WARNING,
         )
         sched = Scheduling("local", None, n, per_gpu, {"GPU": 1}, gpus)
@@ -121,7 +123,7 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
             n_workers=n,
             threads_per_worker=max(2, threads),
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: never collides with another cluster's 8787
             host="127.0.0.1",
             silence_logs=logging.WARNING,
         )

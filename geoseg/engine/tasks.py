@@ -18,7 +18,7 @@ from geoseg.io.aoi import AOI
 from geoseg.io.raster import RasterSource, read_window
 from geoseg.models.spec import ModelSpec, Runtime
 
-__all__ = ["NODATA", "read_chunk", "predict_chunk", "blend_chunk"]
+__all__ = ["NODATA", "blend_chunk", "predict_chunk", "read_chunk"]
 
 #: Mask value for pixels that are nodata in the input or outside the AOI.
 NODATA = 255
@@ -102,7 +102,7 @@ def predict_chunk(
             tp = time.perf_counter()
             y = predictor(x, want=want)
             predict_s += time.perf_counter() - tp
-            for t, out in zip(batch, y):
+            for t, out in zip(batch, y, strict=True):
                 rs, cs = t.core.slices(t.input)
                 dst = t.core.slices(cw)
                 if probabilities:
@@ -127,7 +127,7 @@ def predict_chunk(
         y = predictor(x, want="probs")
         predict_s += time.perf_counter() - tp
         tb = time.perf_counter()
-        for t, out in zip(batch, y):
+        for t, out in zip(batch, y, strict=True):
             part = t.input.intersection(acc_win)
             w = np.outer(blend_window_1d(t.input.height, plan.halo), blend_window_1d(t.input.width, plan.halo))
             src = part.slices(t.input)
@@ -139,9 +139,12 @@ def predict_chunk(
     return {"acc": acc, "wsum": wsum, "window": acc_win, "valid": valid, "stats": stats}
 
 
-def blend_chunk(own: dict[str, Any], neighbours: list[dict[str, Any]], plan: TilePlan, i: int, j: int, probabilities: bool) -> dict[str, Any]:
+def blend_chunk(
+    own: dict[str, Any], neighbours: list[dict[str, Any]], plan: TilePlan, i: int, j: int, probabilities: bool
+) -> dict[str, Any]:
     """Finish chunk ``(i, j)`` under cosine blending: sum every accumulator that overlaps it
-    (its own and its neighbours'), divide by the summed weights, take the argmax."""
+    (its own and its neighbours'), divide by the summed weights, take the argmax.
+    """
     t0 = time.perf_counter()
     cw = plan.chunk_window(i, j)
     n_classes = own["acc"].shape[0]
@@ -168,7 +171,8 @@ def blend_chunk(own: dict[str, Any], neighbours: list[dict[str, Any]], plan: Til
 
 def strip(result: dict[str, Any], target: Window) -> dict[str, Any]:
     """The part of a blend accumulator that falls on another chunk (runs where the data is,
-    so only halo strips cross between workers)."""
+    so only halo strips cross between workers).
+    """
     inter = result["window"].intersection(target)
     src = inter.slices(result["window"])
     return {"acc": result["acc"][(slice(None), *src)].copy(), "wsum": result["wsum"][src].copy(), "window": inter}

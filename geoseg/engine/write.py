@@ -22,9 +22,9 @@ from geoseg.engine.graph import job_of
 from geoseg.engine.tasks import NODATA
 from geoseg.errors import InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
-from geoseg.io.cog import Part, assemble_cog, atomic_path, fsync_replace, write_part
+from geoseg.io.cog import assemble_cog, atomic_path, fsync_replace, write_part
 
-__all__ = ["write", "check_output_dir"]
+__all__ = ["check_output_dir", "write"]
 
 MASK_NAME = "mask.tif"
 PROB_NAME = "probabilities.tif"
@@ -37,7 +37,9 @@ def check_output_dir(out_dir: str, overwrite: bool, names: tuple[str, ...] = (MA
         raise OutputError(f"{out_dir}: exists and is not a folder; give --out a folder path")
     existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
     if existing and not overwrite:
-        raise OutputExistsError(f"{out_dir}: {', '.join(existing)} already exist; pass --overwrite to replace them or choose another --out")
+        raise OutputExistsError(
+            f"{out_dir}: {', '.join(existing)} already exist; pass --overwrite to replace them or choose another --out"
+        )
     parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -205,7 +207,9 @@ def write(
             for i, row in enumerate(windows):
                 for j, win in enumerate(row):
                     path = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")
-                    tasks.append(dask.delayed(_write_prob_part, pure=True)(pblocks[0, i, j], path, geobox, win, probabilities_dtype))
+                    tasks.append(
+                        dask.delayed(_write_prob_part, pure=True)(pblocks[0, i, j], path, geobox, win, probabilities_dtype)
+                    )
         tc = time.perf_counter()
         results = _compute(tasks, progress)
         compute_s = time.perf_counter() - tc
@@ -248,7 +252,7 @@ def write(
             os.replace(final_prob, os.path.join(out_dir, PROB_NAME))
         elif overwrite and os.path.exists(os.path.join(out_dir, PROB_NAME)):
             os.remove(os.path.join(out_dir, PROB_NAME))  # a stale file from an earlier run would mislead
-        report["timings"]["total_s"] = round(report["timings"].get("probe_s", 0.0) + report["timings"].get("graph_s", 0.0) + time.perf_counter() - t0, 3)
+        report["timings"]["total_s"] = round(report["timings"].get("predict_call_s", 0.0) + time.perf_counter() - t0, 3)
         tmp = atomic_path(os.path.join(out_dir, RUN_NAME))
         with open(tmp, "w") as f:
             json.dump(report, f, indent=2)
@@ -278,7 +282,8 @@ def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_
     present = [k for k in range(NODATA) if counts[k]]
     if len(present) == 1:
         warnings.append(
-            f"every valid pixel is class {present[0]} ({names.get(present[0], '?')}); check band order and scaling if this is unexpected"
+            f"every valid pixel is class {present[0]} ({names.get(present[0], '?')}); "
+            "check band order and scaling if this is unexpected"
         )
     if job is not None:
         src = job.source
@@ -315,7 +320,10 @@ def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_
         "transform": list(geobox.transform)[:6],
         "crs": geobox.crs,
     }
-    report["parameters"] = {**report.get("parameters", {}), "probabilities_dtype": prob_dtype if "probabilities" in outputs else None}
+    report["parameters"] = {
+        **report.get("parameters", {}),
+        "probabilities_dtype": prob_dtype if "probabilities" in outputs else None,
+    }
     report["pixels"] = pixels
     report["timings"] = timings
     versions = _versions()

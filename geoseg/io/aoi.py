@@ -90,6 +90,7 @@ def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
     r0 = max(0, math.floor(min(r for _, r in corners)))
     r1 = min(geobox.height, math.ceil(max(r for _, r in corners)))
     if c1 <= c0 or r1 <= r0:
-        raise InputError(f"{path}: the AOI does not overlap the raster (bounds {geobox.bounds} in {geobox.crs}); check the AOI and its CRS")
+        raise InputError(
+            f"{path}: the AOI does not overlap the raster (bounds {geobox.bounds} in {geobox.crs}); check the AOI and its CRS"
+        )
     return AOI(path, tuple(shapely.to_wkb(g) for g in geoms), Window(r0, c0, r1 - r0, c1 - c0))
-

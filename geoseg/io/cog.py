@@ -20,7 +20,7 @@ import numpy as np
 from geoseg.errors import OutputError
 from geoseg.grid import GeoBox, Window
 
-__all__ = ["Part", "write_part", "assemble_cog", "atomic_path", "fsync_replace"]
+__all__ = ["Part", "assemble_cog", "atomic_path", "fsync_replace", "write_part"]
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def _vrt_xml(
             w = p.window
             out += [
                 "    <SimpleSource>",
-                f"      <SourceFilename relativeToVRT=\"0\">{escape(os.path.abspath(p.path))}</SourceFilename>",
+                f'      <SourceFilename relativeToVRT="0">{escape(os.path.abspath(p.path))}</SourceFilename>',
                 f"      <SourceBand>{band}</SourceBand>",
                 f'      <SrcRect xOff="0" yOff="0" xSize="{w.width}" ySize="{w.height}"/>',
                 f'      <DstRect xOff="{w.col_off}" yOff="{w.row_off}" xSize="{w.width}" ySize="{w.height}"/>',
@@ -163,7 +163,13 @@ def _vrt_xml(
         lines += sources(str(b))
         lines.append("  </VRTRasterBand>")
     if mask:
-        lines += ["  <MaskBand>", '    <VRTRasterBand dataType="Byte">', *sources("mask,1"), "    </VRTRasterBand>", "  </MaskBand>"]
+        lines += [
+            "  <MaskBand>",
+            '    <VRTRasterBand dataType="Byte">',
+            *sources("mask,1"),
+            "    </VRTRasterBand>",
+            "  </MaskBand>",
+        ]
     lines.append("</VRTDataset>")
     return "\n".join(lines) + "\n"
 

@@ -19,7 +19,7 @@ import numpy as np
 from geoseg.errors import InputError, NotGeoreferencedWarning, RasterReadError
 from geoseg.grid import GeoBox, Window, reflect_index
 
-__all__ = ["RasterSource", "open_source", "read_window", "DEFAULT_GDAL_OPTIONS"]
+__all__ = ["DEFAULT_GDAL_OPTIONS", "RasterSource", "open_source", "read_window"]
 
 #: GDAL configuration every read runs under (the source may add or override keys).
 DEFAULT_GDAL_OPTIONS: dict[str, str | int] = {
@@ -139,7 +139,9 @@ def open_source(
                         f"{path}: the raster has no CRS or geotransform; assign one (e.g. gdal_edit.py -a_srs EPSG:32633) "
                         "or use a command that works in pixel coordinates"
                     )
-                warnings.warn(f"{path} is not georeferenced; outputs are in pixel coordinates", NotGeoreferencedWarning, stacklevel=2)
+                warnings.warn(
+                    f"{path} is not georeferenced; outputs are in pixel coordinates", NotGeoreferencedWarning, stacklevel=2
+                )
             crs = ds.crs.to_wkt() if ds.crs is not None else None
             if ds.crs is not None and ds.crs.to_epsg() is not None:
                 crs = f"EPSG:{ds.crs.to_epsg()}"
@@ -217,4 +219,3 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
         data = data[:, ri, ci]
         valid = valid[ri, ci]
     return data, valid, time.perf_counter() - t0
-

@@ -101,7 +101,9 @@ class Predictor:
 
                 model = cloudpickle.loads(self.spec.payload)
         except Exception as exc:  # torch raises RuntimeError for bad archives
-            raise ModelError(f"{self.spec.path or self.spec.id}: could not load the model ({exc}); re-export it with torch.jit.save") from exc
+            raise ModelError(
+                f"{self.spec.path or self.spec.id}: could not load the model ({exc}); re-export it with torch.jit.save"
+            ) from exc
         self.model = model.to(self.device).eval()
         self.backend = f"torch {torch.__version__}"
         self.fixed_size = None
@@ -131,7 +133,9 @@ class Predictor:
         try:
             self.session = ort.InferenceSession(self.spec.path, sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph
-            raise ModelError(f"{self.spec.path}: onnxruntime could not load the model ({exc}); check it is a valid ONNX file") from exc
+            raise ModelError(
+                f"{self.spec.path}: onnxruntime could not load the model ({exc}); check it is a valid ONNX file"
+            ) from exc
         inp = self.session.get_inputs()[0]
         self._input_name = inp.name
         h, w = inp.shape[2:4] if len(inp.shape) == 4 else (None, None)

@@ -19,7 +19,7 @@ from typing import Any
 
 from geoseg.errors import ModelError
 
-__all__ = ["ClassInfo", "ModelCard", "ModelSpec", "Runtime", "resolve_model", "default_palette"]
+__all__ = ["ClassInfo", "ModelCard", "ModelSpec", "Runtime", "default_palette", "resolve_model"]
 
 # A qualitative palette (colour-blind aware first entries); class 0 is transparent-ish grey.
 _PALETTE = [

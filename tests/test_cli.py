@@ -1,0 +1,134 @@
+"""The command line: end to end on a local process cluster, errors, and import cost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import read, whole_image_reference
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "geoseg", *args], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"geoseg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_cli_import_is_light() -> None:
+    code = (
+        "import sys, geoseg, geoseg.cli, geoseg.grid, geoseg.models\n"
+        "heavy = [m for m in ('torch', 'dask', 'distributed', 'rasterio', 'geopandas', 'xarray') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert "predict" in run_cli("--help").stdout
+
+
+def test_predict_on_local_process_cluster(make_raster, torchscript_model, tmp_path) -> None:
+    src = make_raster(300, 420, seed=21)
+    out = tmp_path / "out"
+    proc = run_cli(
+        "predict",
+        str(src),
+        "--model",
+        str(torchscript_model),
+        "--out",
+        str(out),
+        "--tile",
+        "96",
+        "--halo",
+        "8",
+        "--chunk",
+        "160",
+        "--workers",
+        "2",
+    )
+    assert "wrote" in proc.stdout
+    net = torch.jit.load(str(torchscript_model))
+    np.testing.assert_array_equal(read(out / "mask.tif"), whole_image_reference(net, read(src, None), 8))
+    run = json.loads((out / "run.json").read_text())
+    assert run["scheduler"]["kind"] == "local" and run["scheduler"]["workers"] == 2
+    assert run["parameters"]["num_threads"] >= 1
+
+
+def test_bands_option_reorders(make_raster, tmp_path) -> None:
+    src = make_raster(60, 70, bands=4, seed=22)
+    net = torch.jit.script(torch.nn.Conv2d(3, 2, 1))
+    model = tmp_path / "m.pt"
+    torch.jit.save(net, str(model))
+    run_cli(
+        "-q",
+        "predict",
+        str(src),
+        "-m",
+        str(model),
+        "-o",
+        str(tmp_path / "o"),
+        "--bands",
+        "4,2,1",
+        "--tile",
+        "32",
+        "--halo",
+        "0",
+        "--scheduler",
+        "synchronous",
+    )
+    data = read(src, None)[[3, 1, 0]]
+    np.testing.assert_array_equal(read(tmp_path / "o" / "mask.tif"), whole_image_reference(net, data, 0))
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("missing", "no such file"),
+        ("not_raster", "not a raster GDAL can open"),
+        ("cuda", "no usable CUDA"),
+        ("bad_band", "do not exist"),
+        ("exists", "--overwrite"),
+        ("bad_model", "not a TorchScript archive"),
+    ],
+)
+def test_errors_are_one_clear_line(case, needle, make_raster, torchscript_model, tmp_path) -> None:
+    src = make_raster(40, 40, seed=23)
+    out = tmp_path / "o"
+    args = [str(src), "-m", str(torchscript_model), "-o", str(out), "--scheduler", "synchronous", "--tile", "32", "--halo", "4"]
+    if case == "missing":
+        args[0] = str(tmp_path / "nope.tif")
+    elif case == "not_raster":
+        bad = tmp_path / "bad.tif"
+        bad.write_text("this is not a GeoTIFF")
+        args[0] = str(bad)
+    elif case == "cuda":
+        args += ["--device", "cuda"]
+    elif case == "bad_band":
+        args += ["--bands", "1,2,7"]
+    elif case == "exists":
+        out.mkdir()
+        (out / "mask.tif").write_bytes(b"keep me")
+    elif case == "bad_model":
+        bad = tmp_path / "model.pt"
+        bad.write_bytes(b"\x80\x04not a zip")
+        args[2] = str(bad)
+    proc = run_cli("predict", *args, check=False)
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("geoseg: error:"), proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+    if case == "exists":
+        assert (out / "mask.tif").read_bytes() == b"keep me"
+    else:
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_verbose_shows_traceback(tmp_path, torchscript_model) -> None:
+    proc = run_cli(
+        "-v", "predict", str(tmp_path / "nope.tif"), "-m", str(torchscript_model), "-o", str(tmp_path / "o"), check=False
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
