@@ -121,3 +121,20 @@ def test_onnx_model_tiled_equals_whole_image(make_raster, tmp_path) -> None:
     y = sess.run(None, {"x": np.ascontiguousarray(data[:, rows[:, None], cols[None, :]])[None]})[0][0]
     expected = y[:, 8:-8, 8:-8].argmax(0)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_torch_export_archive(make_raster, tmp_path) -> None:
+    """A ``torch.export`` ``.pt2`` archive (TorchScript's successor) runs the same way."""
+    path = make_raster(100, 130, seed=13)
+    net = conv_net(depth=3)
+    dims = {
+        0: torch.export.Dim("n", min=1, max=64),
+        2: torch.export.Dim("h", min=8, max=4096),
+        3: torch.export.Dim("w", min=8, max=4096),
+    }
+    program = torch.export.export(net, (torch.zeros(2, 3, 64, 64),), dynamic_shapes={"input": dims})
+    model = tmp_path / "net.pt2"
+    torch.export.save(program, str(model))
+    with geoseg.scheduler("threads"):
+        got = geoseg.predict(path, str(model), tile=64, halo=8).values
+    np.testing.assert_array_equal(got, whole_image_reference(net, read(path, None), 8))

@@ -94,6 +94,8 @@ class Predictor:
         try:
             if self.spec.kind == "torchscript":
                 model = torch.jit.load(self.spec.path, map_location="cpu")
+            elif self.spec.kind == "exported":
+                model = torch.export.load(self.spec.path).module()
             elif self.spec.sha256 in _IN_MEMORY:
                 model = _IN_MEMORY[self.spec.sha256]
             else:
@@ -104,7 +106,9 @@ class Predictor:
             raise ModelError(
                 f"{self.spec.path or self.spec.id}: could not load the model ({exc}); re-export it with torch.jit.save"
             ) from exc
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
+        if self.spec.kind != "exported":  # exported programs are already in inference form
+            self.model = self.model.eval()
         self.backend = f"torch {torch.__version__}"
         self.fixed_size = None
         p = self.runtime.precision
@@ -271,14 +275,12 @@ def probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int) -> ModelInfo
     s = pred.fixed_size or size
     out = pred(np.zeros((1, bands, s, s), dtype=np.float32), want="logits")
     versions: dict[str, Any] = {}
-    try:
-        import torch
-
-        versions["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    if pred._onnx:
+    if pred._onnx:  # an ONNX worker never imports torch (saves seconds and ~300 MiB per worker)
         import onnxruntime
 
         versions["onnxruntime"] = onnxruntime.__version__
+    else:
+        import torch
+
+        versions["torch"] = torch.__version__
     return ModelInfo(int(out.shape[1]), pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions)

@@ -143,7 +143,7 @@ class ModelSpec:
     Parameters
     ----------
     kind : str
-        ``torchscript``, ``onnx`` or ``module``.
+        ``torchscript``, ``exported`` (a ``torch.export`` ``.pt2`` archive), ``onnx`` or ``module``.
     sha256 : str
         Content hash; the worker cache key.
     card : ModelCard
@@ -182,11 +182,11 @@ def _sniff_kind(path: str) -> str:
         head = f.read(4)
     if path.lower().endswith(".onnx"):
         return "onnx"
-    if head[:2] == b"PK":  # TorchScript archives are zip files
-        return "torchscript"
+    if head[:2] == b"PK":  # TorchScript and torch.export archives are zip files
+        return "exported" if path.lower().endswith(".pt2") else "torchscript"
     raise ModelError(
-        f"{path}: not a TorchScript archive (.pt from torch.jit.save) or an ONNX model (.onnx); "
-        "export the model with torch.jit.script/trace or torch.onnx.export"
+        f"{path}: not a TorchScript archive (.pt from torch.jit.save), a torch.export archive (.pt2) or an ONNX model "
+        "(.onnx); export the model with torch.jit.script, torch.export.save or torch.onnx.export"
     )
 
 
