@@ -10,6 +10,7 @@ chunks go on in the worker's other threads.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -58,12 +59,23 @@ def _resolve_device(device: str):
     return torch.device("cpu")
 
 
-def _set_threads(n: int | None) -> None:
+def _default_threads() -> int:
+    """Cores this process may use. Dask workers start with OMP_NUM_THREADS=1, which would
+    leave torch on one core; forward passes are serialised per process, so one forward
+    may use them all.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _set_torch_threads(n: int | None) -> None:
     global _THREADS_SET
-    if n and not _THREADS_SET:
+    if not _THREADS_SET:
         import torch
 
-        torch.set_num_threads(n)
+        torch.set_num_threads(n or _default_threads())
         _THREADS_SET = True
 
 
@@ -80,7 +92,6 @@ class Predictor:
         self.spec = spec
         self.runtime = runtime
         self._onnx = spec.kind == "onnx"
-        _set_threads(runtime.num_threads)
         if self._onnx:
             self._load_onnx()
         else:
@@ -90,6 +101,7 @@ class Predictor:
     def _load_torch(self) -> None:
         import torch
 
+        _set_torch_threads(self.runtime.num_threads)
         self.device = _resolve_device(self.runtime.device)
         try:
             if self.spec.kind == "torchscript":
@@ -132,8 +144,7 @@ class Predictor:
             idx = int(self.runtime.device.split(":")[1]) if ":" in self.runtime.device else 0
             providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
         opts = ort.SessionOptions()
-        if self.runtime.num_threads:
-            opts.intra_op_num_threads = self.runtime.num_threads
+        opts.intra_op_num_threads = self.runtime.num_threads or _default_threads()
         try:
             self.session = ort.InferenceSession(self.spec.path, sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph
@@ -282,5 +293,5 @@ def probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int) -> ModelInfo
     else:
         import torch
 
-        versions["torch"] = torch.__version__
+        versions["torch"] = str(torch.__version__)  # a plain str: unpickling TorchVersion would import torch in the client
     return ModelInfo(int(out.shape[1]), pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions)
