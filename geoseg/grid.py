@@ -304,8 +304,10 @@ class TilePlan:
 
     @property
     def chunk_px(self) -> int:
-        """Chunk side in pixels: ``chunk`` rounded to a whole number of cores."""
-        return max(1, round(self.chunk / self.core)) * self.core
+        """Chunk side in pixels: ``chunk`` rounded to a whole number of cores, and at least
+        the halo (so a tile's halo reaches no further than the neighbouring chunk).
+        """
+        return max(1, round(self.chunk / self.core), -(-self.halo // self.core)) * self.core
 
     @cached_property
     def _chunk_edges(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -120,7 +120,9 @@ def test_alpha_band_is_nodata(tmp_path) -> None:
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     net = conv_net(bands=3, depth=1)
-    _predict_write(path, net, tmp_path / "o", bands=[1, 2, 3], tile=32, halo=4)
+    # default bands leave the alpha band out of the model input; it only marks validity
+    report = _predict_write(path, net, tmp_path / "o", tile=32, halo=4)
+    assert report["input"]["bands"] == [1, 2, 3]
     mask = read(tmp_path / "o" / "mask.tif")
     assert (mask[:, :20] == 255).all() and (mask[:, 20:] != 255).all()
 
@@ -217,3 +219,40 @@ def test_lazy_result_carries_georeference(make_raster) -> None:
         assert da.rio.transform() == s.transform
         assert da.rio.nodata == 255
     assert da.shape == (40, 60) and da.dtype == np.uint8
+
+
+def test_nan_pixels_are_nodata_and_do_not_poison_neighbours(tmp_path) -> None:
+    path = tmp_path / "float.tif"
+    rng = np.random.default_rng(3)
+    data = rng.uniform(0, 3000, (3, 80, 90)).astype(np.float32)
+    data[:, :, 60:] = np.nan
+    data[1, 5, 5] = np.inf
+    profile = {
+        "driver": "GTiff",
+        "width": 90,
+        "height": 80,
+        "count": 3,
+        "dtype": "float32",
+        "crs": "EPSG:32633",
+        "transform": rasterio.transform.from_origin(0, 0, 1, 1),
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    net = conv_net(depth=3)
+    _predict_write(path, net, tmp_path / "o", tile=32, halo=4, probabilities=True, probabilities_dtype="float32")
+    mask = read(tmp_path / "o" / "mask.tif")
+    probs = read(tmp_path / "o" / "probabilities.tif", None)
+    invalid = ~np.isfinite(data).all(axis=0)
+    assert (mask[invalid] == 255).all() and (mask[~invalid] != 255).all()
+    # invalid pixels reach the model as 0 (not NaN), so their valid neighbours stay finite and exact
+    filled = np.where(invalid, 0, data)  # every band of an invalid pixel is zeroed
+    np.testing.assert_array_equal(mask[~invalid], whole_image_reference(net, filled, 4)[~invalid])
+    assert np.isfinite(probs[:, ~invalid]).all() and np.isnan(probs[:, invalid]).all()
+
+
+def test_relative_paths_become_absolute(make_raster, monkeypatch) -> None:
+    from geoseg.io import open_source
+
+    src = make_raster(20, 20)
+    monkeypatch.chdir(src.parent)
+    assert open_source(src.name).path == str(src)

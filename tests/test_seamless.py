@@ -73,13 +73,16 @@ def test_cosine_blend_is_normalised(make_raster) -> None:
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
 
 
-def test_cosine_blend_is_seamless_across_chunks(make_raster) -> None:
-    """Cosine output does not depend on how the raster is cut into Dask chunks."""
+@pytest.mark.parametrize(("tile", "halo", "chunk"), [(48, 8, 32), (96, 40, 16), (40, 15, 10)])
+def test_cosine_blend_is_seamless_across_chunks(make_raster, tile, halo, chunk) -> None:
+    """Cosine output does not depend on how the raster is cut into Dask chunks, even when
+    the requested chunk is smaller than the halo."""
     path = make_raster(230, 250, seed=8)
     net = conv_net(depth=4)
+    kw = {"tile": tile, "halo": halo, "blend": "cosine", "probabilities": True}
     with geoseg.scheduler("threads"):
-        one = geoseg.predict(path, net, tile=48, halo=8, chunk=10_000, blend="cosine", probabilities=True)["probabilities"].values
-        many = geoseg.predict(path, net, tile=48, halo=8, chunk=32, blend="cosine", probabilities=True)["probabilities"].values
+        one = geoseg.predict(path, net, chunk=10_000, **kw)["probabilities"].values
+        many = geoseg.predict(path, net, chunk=chunk, **kw)["probabilities"].values
     np.testing.assert_allclose(one, many, atol=1e-5)
 
 
@@ -138,3 +141,37 @@ def test_torch_export_archive(make_raster, tmp_path) -> None:
     with geoseg.scheduler("threads"):
         got = geoseg.predict(path, str(model), tile=64, halo=8).values
     np.testing.assert_array_equal(got, whole_image_reference(net, read(path, None), 8))
+
+
+class _OneChannel(torch.nn.Module):
+    """One output channel: P(class 1) itself, or its logit."""
+
+    def __init__(self, logit: bool) -> None:
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x[:, :1] - 1500.0) / 300.0
+        return z if self.logit else torch.sigmoid(z)
+
+
+@pytest.mark.parametrize("activation", ["none", "auto"])
+def test_single_channel_outputs_agree_across_modes(make_raster, activation) -> None:
+    """One channel means a binary model: a probability with activation "none", else a logit."""
+    from geoseg.models import ModelCard
+
+    path = make_raster(120, 130, seed=14)
+    card = ModelCard(name="p", activation=activation)
+    net = _OneChannel(logit=activation == "auto")
+    with geoseg.scheduler("threads"):
+        classes = geoseg.predict(path, net, tile=32, halo=4, card=card).values
+        ds = geoseg.predict(path, net, tile=32, halo=4, card=card, probabilities=True)
+        cosine = geoseg.predict(path, net, tile=32, halo=4, card=card, blend="cosine").values
+    p = torch.sigmoid((torch.from_numpy(read(path, 1).astype(np.float32)) - 1500.0) / 300.0).numpy()
+    expected = (p > 0.5).astype(np.uint8)
+    assert 0.05 < expected.mean() < 0.95
+    np.testing.assert_array_equal(classes, expected)
+    np.testing.assert_array_equal(ds["mask"].values, expected)
+    np.testing.assert_array_equal(cosine, expected)
+    np.testing.assert_allclose(ds["probabilities"].values[1], p, atol=1e-6)
+    np.testing.assert_allclose(ds["probabilities"].values[0], 1 - p, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import shutil
@@ -16,6 +17,13 @@ __all__ = ["Scheduling", "scheduler", "visible_gpus"]
 
 log = logging.getLogger(__name__)
 
+_ACTIVE: contextvars.ContextVar[Scheduling | None] = contextvars.ContextVar("geoseg_scheduling", default=None)
+
+
+def active_scheduling() -> Scheduling | None:
+    """The :class:`Scheduling` of the innermost :func:`scheduler` block, if any."""
+    return _ACTIVE.get()
+
 
 @dataclass(frozen=True)
 class Scheduling:
@@ -26,14 +34,21 @@ class Scheduling:
     workers: int
     num_threads: int | None
     resources: dict[str, float] | None
-    gpus: tuple[int, ...] = ()
+    gpus: tuple[str, ...] = ()
 
 
-def visible_gpus() -> tuple[int, ...]:
-    """GPU indexes on this machine, found without importing torch (``nvidia-smi -L``)."""
+def visible_gpus() -> tuple[str, ...]:
+    """GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries (indexes or UUIDs),
+    found without importing torch: the variable itself, else ``nvidia-smi -L``.
+    """
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
-        return tuple(range(len([x for x in env.split(",") if x.strip() and x.strip() != "-1"])))
+        entries = []
+        for x in (e.strip() for e in env.split(",")):
+            if not x or x == "-1":
+                break  # CUDA ignores everything after an invalid entry
+            entries.append(x)
+        return tuple(entries)
     exe = shutil.which("nvidia-smi")
     if not exe:
         return ()
@@ -41,7 +56,7 @@ def visible_gpus() -> tuple[int, ...]:
         out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
-    return tuple(i for i, line in enumerate(x for x in out.splitlines() if x.startswith("GPU ")))
+    return tuple(str(i) for i, _ in enumerate(x for x in out.splitlines() if x.startswith("GPU ")))
 
 
 @contextmanager
@@ -71,7 +86,7 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
     cores = os.cpu_count() or 1
     if kind in ("threads", "synchronous"):
         with dask.config.set(scheduler=kind):
-            yield Scheduling(kind, None, 1, None, None)
+            yield from _activate(Scheduling(kind, None, 1, None, None))
         return
     if "://" in kind:
         from distributed import Client
@@ -83,10 +98,12 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
                 f"no Dask scheduler answers at {kind} ({exc}); start one with `dask scheduler` or use --scheduler local"
             ) from exc
         with client:
-            n = len(client.scheduler_info().get("workers", {}))
-            if n == 0:
-                client.wait_for_workers(1, timeout=60)
-            yield Scheduling(kind, kind, len(client.scheduler_info()["workers"]), None, None)
+            if not client.scheduler_info().get("workers"):
+                try:
+                    client.wait_for_workers(1, timeout=60)
+                except (TimeoutError, OSError) as exc:
+                    raise InputError(f"no Dask worker joined {kind} within 60 s; start one with `dask worker {kind}`") from exc
+            yield from _activate(Scheduling(kind, kind, len(client.scheduler_info()["workers"]), None, None))
         return
     if kind != "local":
         raise InputError(f"unknown scheduler {kind!r}; use local, threads, synchronous or tcp://HOST:PORT")
@@ -104,7 +121,7 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
                 "options": {
                     "nthreads": 2,
                     "resources": {"GPU": 1},
-                    "env": {"CUDA_VISIBLE_DEVICES": str(gpus[k % len(gpus)]), "OMP_NUM_THREADS": str(per_gpu)},
+                    "env": {"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)], "OMP_NUM_THREADS": str(per_gpu)},
                     **worker_opts,
                 },
             }
@@ -131,4 +148,12 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
     with cluster, Client(cluster) as client:
         sched = Scheduling(sched.kind, client.scheduler.address, sched.workers, sched.num_threads, sched.resources, sched.gpus)
         log.info("local Dask cluster at %s with %d worker(s)", sched.address, sched.workers)
+        yield from _activate(sched)
+
+
+def _activate(sched: Scheduling) -> Iterator[Scheduling]:
+    token = _ACTIVE.set(sched)
+    try:
         yield sched
+    finally:
+        _ACTIVE.reset(token)

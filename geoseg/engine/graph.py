@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -159,15 +159,20 @@ def predict(
         raise InputError(f"blend must be 'crop' or 'cosine', got {blend!r}")
     src = source if isinstance(source, RasterSource) else open_source(source, bands)
     spec = resolve_model(model, card)
-    if batch_size is None:
-        batch_size = 8 if device.startswith("cuda") else 1
-    runtime = Runtime(device=device, precision=precision, batch_size=batch_size, num_threads=num_threads)
+    if num_threads is None:
+        from geoseg.engine.cluster import active_scheduling
+
+        active = active_scheduling()
+        num_threads = active.num_threads if active else None
+    runtime = Runtime(device=device, precision=precision, batch_size=batch_size or 1, num_threads=num_threads)
 
     mult = spec.card.size_multiple
     probe_size = max(mult, -(-64 // mult) * mult)
     tp = time.perf_counter()
     info = _probe(spec, runtime, src.count, probe_size if tile is None else tile)
     probe_s = time.perf_counter() - tp
+    if batch_size is None and info.device.startswith("cuda"):
+        runtime = replace(runtime, batch_size=8)  # GPUs want batches; on a CPU batch 1 was fastest here
     card_ = spec.card.with_classes(info.n_outputs)
     n_classes = len(card_.classes)
     tile = tile or spec.card.tile or info.fixed_size or DEFAULT_TILE
@@ -196,28 +201,39 @@ def predict(
     from geoseg.engine import tasks
 
     token = dask.base.tokenize(src, spec, runtime, plan, blend, aoi_, probabilities, n_classes)
-    d_spec = dask.delayed(spec, name=f"geoseg-model-{spec.sha256[:16]}")
+    # The model spec and the AOI are one graph key each: shipped once per worker, not per task.
+    d_spec = dask.delayed(spec, name=f"geoseg-model-{dask.base.tokenize(spec)}")
+    d_aoi = dask.delayed(aoi_, name=f"geoseg-aoi-{token}") if aoi_ is not None else None
     ny, nx = plan.shape
     read = {}
     pred = {}
     for i, j in plan.iter_chunks():
-        read[i, j] = dask.delayed(tasks.read_chunk, pure=True, name=f"geoseg-read-{token}-{i}-{j}")(src, plan, i, j, aoi_)
+        read[i, j] = dask.delayed(tasks.read_chunk)(src, plan, i, j, d_aoi, dask_key_name=f"geoseg-read-{token}-{i}-{j}")
     with dask.annotate(resources=resources) if resources else _null():
         for i, j in plan.iter_chunks():
-            pred[i, j] = dask.delayed(tasks.predict_chunk, pure=True, name=f"geoseg-predict-{token}-{i}-{j}")(
-                read[i, j], d_spec, runtime, plan, i, j, blend, n_classes, probabilities
+            pred[i, j] = dask.delayed(tasks.predict_chunk)(
+                read[i, j],
+                d_spec,
+                runtime,
+                plan,
+                i,
+                j,
+                blend,
+                n_classes,
+                probabilities,
+                dask_key_name=f"geoseg-predict-{token}-{i}-{j}",
             )
     if blend == "cosine":
         final = {}
         for i, j in plan.iter_chunks():
             cw = plan.chunk_window(i, j)
             strips = [
-                dask.delayed(tasks.strip, pure=True, name=f"geoseg-strip-{token}-{a}-{b}-to-{i}-{j}")(pred[a, b], cw)
+                dask.delayed(tasks.strip)(pred[a, b], cw, dask_key_name=f"geoseg-strip-{token}-{a}-{b}-to-{i}-{j}")
                 for a, b in plan.neighbours(i, j)
                 if (a, b) != (i, j)
             ]
-            final[i, j] = dask.delayed(tasks.blend_chunk, pure=True, name=f"geoseg-blend-{token}-{i}-{j}")(
-                pred[i, j], strips, plan, i, j, probabilities
+            final[i, j] = dask.delayed(tasks.blend_chunk)(
+                pred[i, j], strips, plan, i, j, probabilities, dask_key_name=f"geoseg-blend-{token}-{i}-{j}"
             )
     else:
         final = pred

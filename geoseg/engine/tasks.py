@@ -110,6 +110,7 @@ def predict_chunk(
                 else:
                     mask[dst] = out[rs, cs]
         if probabilities:
+            valid = valid & np.isfinite(probs).all(axis=0)  # a model that outputs NaN gives nodata, in both files
             mask = np.where(valid, np.nan_to_num(probs, nan=-1.0).argmax(0), NODATA).astype(np.uint8)
             probs[:, ~valid] = np.nan
         else:
@@ -158,8 +159,8 @@ def blend_chunk(
         dst = inter.slices(cw)
         acc[(slice(None), *dst)] += part["acc"][(slice(None), *src)]
         wsum[dst] += part["wsum"][src]
-    valid = own["valid"] & (wsum > 0)
     probs = acc / np.where(wsum > 0, wsum, 1.0)
+    valid = own["valid"] & (wsum > 0) & np.isfinite(probs).all(axis=0)
     mask = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
     stats = dict(own["stats"])
     stats["blend_s"] += time.perf_counter() - t0

@@ -8,6 +8,7 @@ at most the hidden staging folder, which the next run replaces.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -180,13 +181,17 @@ def write(
     is_ds = hasattr(result, "data_vars")
     mask = result["mask"] if is_ds else result
     probs = result["probabilities"] if is_ds and "probabilities" in result else None
+    out_dir = os.path.abspath(out_dir)  # workers may run in another folder
     check_output_dir(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, ".geoseg-staging-*")):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    if overwrite and os.path.exists(os.path.join(out_dir, RUN_NAME)):
+        # run.json describes the outputs beside it: never leave an old one next to new files
+        os.remove(os.path.join(out_dir, RUN_NAME))
     job = job_of(result)
     geobox = _geobox_of(mask)
     staging = os.path.join(out_dir, f".geoseg-staging-{dask.base.tokenize(mask.data.name, probabilities_dtype)[:16]}")
-    if os.path.exists(staging):
-        shutil.rmtree(staging)
     os.makedirs(os.path.join(staging, "mask"))
     try:
         windows = _windows(mask.data.chunks)

@@ -89,11 +89,19 @@ def write_part(
         "compress": "deflate",
         "zlevel": 1,
     }
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(arr)
-        if valid is not None:
-            dst.write_mask(valid.astype(np.uint8) * 255)
-    os.replace(tmp, path)
+    try:
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(arr)
+            if valid is not None:
+                dst.write_mask(valid.astype(np.uint8) * 255)
+        os.replace(tmp, path)
+    except (OSError, rasterio.errors.RasterioError) as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OutputError(
+            f"{path}: could not write a chunk ({exc}); check free space, and that every Dask worker sees the output "
+            "folder at this path (a shared filesystem)"
+        ) from exc
     return Part(path, window)
 
 

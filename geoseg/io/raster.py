@@ -51,6 +51,9 @@ class RasterSource:
         GDAL configuration applied inside each read.
     fingerprint : str
         Size and modification time, so a changed file gets new task keys.
+    mask_bands : tuple of int
+        Bands whose masks decide validity (the selected bands, less any alpha band, whose
+        own mask is always "valid"); default the selected bands.
     """
 
     path: str
@@ -61,6 +64,7 @@ class RasterSource:
     nodata: float | None = None
     gdal_options: tuple[tuple[str, str | int], ...] = field(default_factory=lambda: tuple(DEFAULT_GDAL_OPTIONS.items()))
     fingerprint: str = ""
+    mask_bands: tuple[int, ...] = ()
 
     @property
     def count(self) -> int:
@@ -116,6 +120,8 @@ def open_source(
     from rasterio.errors import RasterioIOError
 
     path = os.fspath(path)
+    if not path.startswith("/vsi") and "://" not in path:
+        path = os.path.abspath(path)  # workers may run in another folder (or on another host)
     if not path.startswith("/vsi") and "://" not in path and not os.path.exists(path):
         raise RasterReadError(f"{path}: no such file; check the path (GDAL virtual paths start with /vsi)")
     opts = dict(DEFAULT_GDAL_OPTIONS)
@@ -123,8 +129,12 @@ def open_source(
     try:
         with rasterio.Env(**opts), rasterio.open(path) as ds:
             count = ds.count
+            from rasterio.enums import ColorInterp
+
+            alpha = {b for b in range(1, count + 1) if ds.colorinterp[b - 1] == ColorInterp.alpha}
             if bands is None or len(bands) == 0:
-                bands = tuple(range(1, count + 1))
+                # an alpha band is a validity mask, not a model input
+                bands = tuple(b for b in range(1, count + 1) if b not in alpha) or tuple(range(1, count + 1))
             bands = tuple(int(b) for b in bands)
             bad = [b for b in bands if b < 1 or b > count]
             if bad:
@@ -154,6 +164,7 @@ def open_source(
                 nodata=ds.nodatavals[bands[0] - 1],
                 gdal_options=tuple(sorted(opts.items())),
                 fingerprint=_fingerprint(path),
+                mask_bands=tuple(b for b in bands if b not in alpha) or bands,
             )
     except RasterioIOError as exc:
         raise RasterReadError(f"{path}: not a raster GDAL can open ({exc}); check the file is complete and its format") from exc
@@ -180,7 +191,8 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
         ``(bands, height, width)`` in the raster's dtype.
     valid : numpy.ndarray
         ``(height, width)`` bool; False where the dataset mask (nodata value, internal mask
-        or alpha band) marks every selected band invalid, or any band is NaN/Inf.
+        or alpha band) marks every selected band invalid, or any band is NaN/Inf. Invalid
+        pixels are set to 0 in ``data``.
     seconds : float
         Time spent reading.
     """
@@ -199,7 +211,7 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
         try:
             with source.env(), rasterio.open(source.path) as ds:
                 data = ds.read(list(source.bands), window=rio_win)
-                masks = ds.read_masks(list(source.bands), window=rio_win)
+                masks = ds.read_masks(list(source.mask_bands or source.bands), window=rio_win)
             break
         except rasterio.errors.RasterioError as exc:  # corrupt block, dropped connection
             last = exc
@@ -212,6 +224,10 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     valid = masks.any(axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
+    # Invalid pixels still feed the model as context for their valid neighbours: give them a
+    # neutral 0 rather than NaN (which would spread through the receptive field) or a
+    # sentinel like -9999.
+    data[:, ~valid] = 0
     identity = window.row_off == r0 and window.col_off == c0 and window.height == r1 - r0 and window.width == c1 - c0
     if not identity:
         ri = (rows - r0)[:, None]

@@ -1,7 +1,7 @@
 """Running models on a worker: load once per process, batch, move to the device, activate.
 
 This is the only module that imports torch (and onnxruntime). A worker process keeps each
-loaded model in a cache keyed by ``(sha256, device, precision)``, so a model is loaded
+loaded model in a cache keyed by ``(sha256, activation, device, precision)``, so a model is loaded
 once per worker however many chunks it segments. Forward passes in one process are
 serialised by a lock: torch and onnxruntime already use every intra-op thread, and
 running two at once on a CPU only oversubscribes it, while reads and writes of other
@@ -22,7 +22,8 @@ from geoseg.models.spec import _IN_MEMORY, ModelSpec, Runtime
 
 __all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe"]
 
-_CACHE: dict[tuple[str, str, str], Predictor] = {}
+_CACHE: dict[tuple[str, str, str, str], Predictor] = {}
+_CACHE_MAX = 4
 _LOADS: dict[str, int] = {}  # model sha256 -> times loaded in this process
 _CACHE_LOCK = threading.Lock()
 _FORWARD_LOCK = threading.Lock()
@@ -109,7 +110,10 @@ class Predictor:
             elif self.spec.kind == "exported":
                 model = torch.export.load(self.spec.path).module()
             elif self.spec.sha256 in _IN_MEMORY:
-                model = _IN_MEMORY[self.spec.sha256]
+                import copy
+
+                # a copy: moving to a device and eval() must not change the caller's module
+                model = copy.deepcopy(_IN_MEMORY[self.spec.sha256])
             else:
                 import cloudpickle
 
@@ -151,12 +155,19 @@ class Predictor:
             raise ModelError(
                 f"{self.spec.path}: onnxruntime could not load the model ({exc}); check it is a valid ONNX file"
             ) from exc
+        active = self.session.get_providers()[0]
+        if want_cuda and active != "CUDAExecutionProvider":
+            # onnxruntime quietly falls back to the CPU when its CUDA provider fails to start
+            raise DeviceError(
+                f"{self.spec.path}: device {self.runtime.device!r} was asked for but onnxruntime started on {active}; "
+                "check the GPU driver and CUDA libraries, or use --device cpu"
+            )
         inp = self.session.get_inputs()[0]
         self._input_name = inp.name
         h, w = inp.shape[2:4] if len(inp.shape) == 4 else (None, None)
         self.fixed_size = h if isinstance(h, int) and h == w else None
         self._in_channels = inp.shape[1] if len(inp.shape) == 4 and isinstance(inp.shape[1], int) else None
-        self.device_name = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
+        self.device_name = "cuda" if active == "CUDAExecutionProvider" else "cpu"
         self.device = self.device_name
         self.backend = f"onnxruntime {ort.__version__}"
 
@@ -180,21 +191,28 @@ class Predictor:
             self._check_output(tuple(y.shape), batch.shape)
             y = y.float()
             if want == "classes":
-                y = (y[:, 0] > 0).to(torch.uint8) if y.shape[1] == 1 else y.argmax(1).to(torch.uint8)
+                if y.shape[1] == 1:  # one binary channel: a logit, or a probability with activation "none"
+                    y = (y[:, 0] > self._binary_threshold()).to(torch.uint8)
+                else:
+                    y = y.argmax(1).to(torch.uint8)
             elif want == "probs":
                 y = self._activate_torch(y)
             return y.cpu().numpy()
+
+    def _binary_threshold(self) -> float:
+        return 0.5 if self._activation(1) == "none" else 0.0
 
     def _activate_torch(self, y):
         import torch
 
         act = self._activation(y.shape[1])
         if act == "sigmoid":
-            p = torch.sigmoid(y)
-            return torch.cat([1 - p, p], dim=1) if y.shape[1] == 1 else p
-        if act == "softmax":
-            return torch.softmax(y, dim=1)
-        return y
+            y = torch.sigmoid(y)
+        elif act == "softmax":
+            y = torch.softmax(y, dim=1)
+        else:
+            y = y.clamp(0.0, 1.0)
+        return torch.cat([1 - y, y], dim=1) if y.shape[1] == 1 else y
 
     def _activation(self, channels: int) -> str:
         act = self.spec.card.activation
@@ -217,15 +235,19 @@ class Predictor:
         y = self.session.run(None, {self._input_name: batch})[0].astype(np.float32, copy=False)
         self._check_output(y.shape, batch.shape)
         if want == "classes":
-            return (y[:, 0] > 0).astype(np.uint8) if y.shape[1] == 1 else y.argmax(1).astype(np.uint8)
+            if y.shape[1] == 1:
+                return (y[:, 0] > self._binary_threshold()).astype(np.uint8)
+            return y.argmax(1).astype(np.uint8)
         if want == "probs":
             act = self._activation(y.shape[1])
             if act == "sigmoid":
-                p = 1.0 / (1.0 + np.exp(-y))
-                return np.concatenate([1 - p, p], axis=1) if y.shape[1] == 1 else p
-            if act == "softmax":
+                y = 1.0 / (1.0 + np.exp(-y))
+            elif act == "softmax":
                 e = np.exp(y - y.max(axis=1, keepdims=True))
-                return e / e.sum(axis=1, keepdims=True)
+                y = e / e.sum(axis=1, keepdims=True)
+            else:
+                y = np.clip(y, 0.0, 1.0)
+            return np.concatenate([1 - y, y], axis=1) if y.shape[1] == 1 else y
         return y
 
     def __call__(self, batch: np.ndarray, want: str = "probs") -> np.ndarray:
@@ -239,6 +261,11 @@ class Predictor:
             except (ModelError, DeviceError):
                 raise
             except Exception as exc:
+                if "out of memory" in str(exc).lower():
+                    raise DeviceError(
+                        f"{self.spec.path or self.spec.id}: out of memory on {self.device_name} for a batch of shape "
+                        f"{batch.shape}; lower --batch-size or --tile"
+                    ) from exc
                 raise ModelError(
                     f"{self.spec.path or self.spec.id}: the model failed on a batch of shape {batch.shape} ({exc}); "
                     "check the band count (--bands) and tile size (--tile)"
@@ -259,13 +286,15 @@ def get_predictor(spec: ModelSpec, runtime: Runtime) -> Predictor:
     -------
     Predictor
     """
-    key = (spec.sha256, runtime.device, runtime.precision)
+    key = (spec.sha256, spec.card.activation, runtime.device, runtime.precision)
     pred = _CACHE.get(key)
     if pred is None:
         with _CACHE_LOCK:
             pred = _CACHE.get(key)
             if pred is None:
                 pred = Predictor(spec, runtime)
+                while len(_CACHE) >= _CACHE_MAX:  # long-lived workers: drop the oldest model
+                    _CACHE.pop(next(iter(_CACHE)))
                 _CACHE[key] = pred
                 _LOADS[spec.sha256] = _LOADS.get(spec.sha256, 0) + 1
     return pred

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -190,8 +191,9 @@ def _sniff_kind(path: str) -> str:
     )
 
 
-# In-process registry so threads/synchronous schedulers use a module without unpickling it.
-_IN_MEMORY: dict[str, Any] = {}
+# In-process registry so threads/synchronous schedulers use a module without unpickling it
+# (weak: a module the caller drops is not kept alive here).
+_IN_MEMORY: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:

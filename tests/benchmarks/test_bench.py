@@ -12,10 +12,15 @@ from . import bench_engine
 @pytest.mark.benchmark
 def test_bench_engine_small(tmp_path):
     out = tmp_path / "bench"
-    results = bench_engine.main(["--size", "1024", "--big", "1000", "--big-runs", "e2e,ceiling", "--out-dir", str(out)])
+    results = bench_engine.main(
+        ["--size", "1024", "--big", "1000", "--big-runs", "e2e,ceiling", "--wait-idle", "5", "--out-dir", str(out)]
+    )
     main, big = results["tables"]
+    geodeep = ("geodeep",) if bench_engine.geodeep_available() else ()  # measured when installed, ONNX only
     assert [(r["run"], r["backend"]) for r in main["rows"]] == [
-        (run, backend) for backend in ("torchscript", "onnx") for run in ("e2e", "ceiling", "hand")
+        (run, backend)
+        for backend in ("torchscript", "onnx")
+        for run in ("e2e", "e2e_threads", "ceiling", "hand", *(geodeep if backend == "onnx" else ()))
     ]
     assert main["tiles_match"] is True and big["tiles_match"] is True
     for table in (main, big):

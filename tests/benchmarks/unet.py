@@ -5,13 +5,15 @@ pooling; two 3x3 conv + BatchNorm + ReLU per level, 2x2 max-pool down, 2x2 trans
 up, skip connections by concatenation, a 1x1 head to ``classes`` logits. Three poolings,
 so any input whose height and width are multiples of 8 works. The weights come from a
 fixed seed: the outputs mean nothing, the net only has the cost of a real one (about
-18.7 GFLOP per 1x3x512x512 tile, multiply-adds counted twice; see :func:`count_flops`).
+18.6 GFLOP per 1x3x512x512 tile, multiply-adds counted twice; see :func:`count_flops`).
 
 It takes raw band values (0..255 or 0..65535) as float32; the first layer is a plain conv,
 so no scaling is needed for a speed probe.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -118,10 +120,12 @@ def count_flops(net: nn.Module, shape: tuple[int, int, int, int] = (1, 3, 512, 5
 
 def export_torchscript(net: nn.Module, path: str, in_ch: int = 3) -> str:
     """Trace the net and save it as a TorchScript archive (any H, W divisible by 8)."""
-    with torch.inference_mode():
-        traced = torch.jit.trace(net, torch.zeros(1, in_ch, 64, 64))
-    traced = torch.jit.freeze(traced)
-    torch.jit.save(traced, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+ deprecates TorchScript; geoseg still loads it
+        with torch.inference_mode():
+            traced = torch.jit.trace(net, torch.zeros(1, in_ch, 64, 64))
+        traced = torch.jit.freeze(traced)
+        torch.jit.save(traced, path)
     return path
 
 
@@ -130,7 +134,8 @@ def export_onnx(net: nn.Module, path: str, in_ch: int = 3, opset: int = 17) -> s
     x = torch.zeros(1, in_ch, 64, 64)
     axes = {"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
     kwargs = {"input_names": ["input"], "output_names": ["logits"], "dynamic_axes": axes, "opset_version": opset}
-    with torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
         # The TorchScript-based exporter: it needs no onnxscript (the dynamo exporter does).
         torch.onnx.export(net, (x,), path, dynamo=False, **kwargs)
     return path
