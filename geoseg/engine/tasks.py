@@ -91,7 +91,7 @@ def predict_chunk(
     cw = plan.chunk_window(i, j)
     batches, n_tiles, skipped = _batches(plan, i, j, valid, runtime.batch_size)
     stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"]}
-    predict_s = 0.0
+    model_t: dict[str, float] = {"forward_s": 0.0, "wait_s": 0.0}
 
     if blend == "crop":
         mask = np.full(cw.shape, NODATA, dtype=np.uint8)
@@ -99,9 +99,7 @@ def predict_chunk(
         want = "probs" if probabilities else "classes"
         for batch in batches:
             x = _stack(data, origin, batch)
-            tp = time.perf_counter()
-            y = predictor(x, want=want)
-            predict_s += time.perf_counter() - tp
+            y = predictor(x, want=want, timings=model_t)
             for t, out in zip(batch, y, strict=True):
                 rs, cs = t.core.slices(t.input)
                 dst = t.core.slices(cw)
@@ -115,7 +113,7 @@ def predict_chunk(
             probs[:, ~valid] = np.nan
         else:
             mask[~valid] = NODATA
-        stats.update(predict_s=predict_s, blend_s=0.0, total_s=time.perf_counter() - t0)
+        stats.update(predict_s=model_t["forward_s"], wait_s=model_t["wait_s"], blend_s=0.0, total_s=time.perf_counter() - t0)
         return {"mask": mask, "probs": probs, "stats": stats}
 
     acc_win = plan.accumulator_window(i, j)
@@ -124,9 +122,7 @@ def predict_chunk(
     blend_s = 0.0
     for batch in batches:
         x = _stack(data, origin, batch)
-        tp = time.perf_counter()
-        y = predictor(x, want="probs")
-        predict_s += time.perf_counter() - tp
+        y = predictor(x, want="probs", timings=model_t)
         tb = time.perf_counter()
         for t, out in zip(batch, y, strict=True):
             part = t.input.intersection(acc_win)
@@ -136,7 +132,7 @@ def predict_chunk(
             acc[(slice(None), *dst)] += out[(slice(None), *src)] * w[src]
             wsum[dst] += w[src]
         blend_s += time.perf_counter() - tb
-    stats.update(predict_s=predict_s, blend_s=blend_s, total_s=time.perf_counter() - t0)
+    stats.update(predict_s=model_t["forward_s"], wait_s=model_t["wait_s"], blend_s=blend_s, total_s=time.perf_counter() - t0)
     return {"acc": acc, "wsum": wsum, "window": acc_win, "valid": valid, "stats": stats}
 
 

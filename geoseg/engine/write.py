@@ -272,9 +272,11 @@ def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_
     timings: dict[str, float] = {}
     if job is not None:
         timings.update({k: round(v, 3) for k, v in job.timings.items()})
-    for key in ("read_s", "predict_s", "blend_s"):
+    # summed over tasks (tasks overlap, so these can exceed the wall time); "predict" is time
+    # inside the model, "wait" time queued behind another task's forward pass
+    for key in ("read_s", "predict_s", "wait_s", "blend_s"):
         if stats:
-            timings[f"{key[:-2]}_task_s"] = round(sum(s[key] for s in stats), 3)
+            timings[f"{key[:-2]}_task_s"] = round(sum(s.get(key, 0.0) for s in stats), 3)
     timings["write_task_s"] = round(sum(r["write_s"] for r in mask_res), 3)
     timings["compute_wall_s"] = round(compute_s, 3)
     timings["assemble_cog_s"] = round(assemble_s, 3)

@@ -250,7 +250,7 @@ def assemble_cog(
         }
         if dtype.startswith("float"):
             options["PREDICTOR"] = "YES"
-        with rasterio.Env(GDAL_CACHEMAX=128, GDAL_TIFF_INTERNAL_MASK=True):
+        with rasterio.Env(GDAL_CACHEMAX=64, GDAL_TIFF_INTERNAL_MASK=True):
             rio_copy(vrt, tmp, driver="COG", **options)
         fsync_replace(tmp, path)
     except (OSError, rasterio.errors.RasterioError) as exc:

@@ -24,7 +24,7 @@ __all__ = ["DEFAULT_GDAL_OPTIONS", "RasterSource", "open_source", "read_window"]
 #: GDAL configuration every read runs under (the source may add or override keys).
 DEFAULT_GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "GDAL_CACHEMAX": 64,
+    "GDAL_CACHEMAX": 32,
     "VSI_CACHE": "TRUE",
 }
 
