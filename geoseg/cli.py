@@ -71,7 +71,7 @@ def _parse_bands(value: str | None) -> tuple[int, ...] | None:
     help="Stitching: centre crop, or normalised cosine blend.",
 )
 @click.option(
-    "--chunk", type=click.IntRange(min=1), default=None, help="Pixels per Dask task side, rounded to whole tiles [1024]."
+    "--chunk", type=click.IntRange(min=1), default=None, help="Pixels per Dask task side, rounded to whole tiles [2048]."
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per forward pass [1 on CPU, 8 on CUDA].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CUDA missing is an error).")

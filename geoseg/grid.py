@@ -278,7 +278,7 @@ class TilePlan:
     region: Window
     tile: int = 512
     halo: int = 32
-    chunk: int = 1024
+    chunk: int = 2048
     size_multiple: int = 32
     fixed_size: bool = False
 

@@ -256,3 +256,30 @@ def test_relative_paths_become_absolute(make_raster, monkeypatch) -> None:
     src = make_raster(20, 20)
     monkeypatch.chdir(src.parent)
     assert open_source(src.name).path == str(src)
+
+
+def test_internal_mask_is_nodata(tmp_path) -> None:
+    """A GDAL internal (per-dataset) mask marks nodata like a nodata value does."""
+    path = tmp_path / "masked.tif"
+    data = np.random.default_rng(4).integers(1, 255, (3, 70, 90), dtype=np.uint8)
+    profile = {
+        "driver": "GTiff",
+        "width": 90,
+        "height": 70,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": rasterio.transform.from_origin(0, 0, 1, 1),
+        "tiled": True,
+        "blockxsize": 32,
+        "blockysize": 32,
+    }
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        m = np.full((70, 90), 255, dtype=np.uint8)
+        m[50:, 30:60] = 0
+        dst.write_mask(m)
+    _predict_write(path, conv_net(depth=2), tmp_path / "o", tile=32, halo=4)
+    mask = read(tmp_path / "o" / "mask.tif")
+    assert (mask[50:, 30:60] == 255).all()
+    assert (mask != 255).sum() == 70 * 90 - 20 * 30

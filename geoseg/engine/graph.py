@@ -26,7 +26,7 @@ __all__ = ["Job", "job_of", "predict"]
 
 DEFAULT_TILE = 512
 DEFAULT_HALO = 32
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 2048
 
 
 @dataclass
@@ -118,8 +118,8 @@ def predict(
     tile, halo : int, optional
         Model input size and context per edge in pixels (default: card, else 512 and 32).
     chunk : int, optional
-        Pixels per Dask task side, rounded to whole tile cores (default 1024: with 512 px
-        tiles, 2 x 2 tiles per task; memory per task stays in the tens of MiB).
+        Pixels per Dask task side, rounded to whole tile cores (default 2048: with 512 px
+        tiles, 5 x 5 tiles per task, tens of MiB per task; smaller chunks re-read more halo).
     blend : {"crop", "cosine"}
         ``crop`` keeps each tile's centre (exactly whole-image inference when the model's
         receptive field fits in the halo); ``cosine`` averages overlapping predictions with

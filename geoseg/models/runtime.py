@@ -98,6 +98,7 @@ class Predictor:
     """
 
     def __init__(self, spec: ModelSpec, runtime: Runtime) -> None:
+        _tune_malloc()
         self.spec = spec
         self.runtime = runtime
         self._onnx = spec.kind == "onnx"
@@ -110,7 +111,6 @@ class Predictor:
     def _load_torch(self) -> None:
         import torch
 
-        _tune_malloc()  # onnxruntime has its own arena; torch allocates through malloc
         self.threads = self.runtime.num_threads or _default_threads()
         self.device = _resolve_device(self.runtime.device)
         try:

@@ -846,7 +846,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="/tmp/geoseg-bench", help="rasters, models, outputs and bench_results.json")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--halo", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=1024, help="geoseg chunk (default: geoseg's own default, 1024)")
+    p.add_argument("--chunk", type=int, default=2048, help="geoseg chunk (geoseg's own default is 2048)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: geoseg's choice, all cores)")
     p.add_argument("--workers", type=int, default=None, help="local cluster workers (default: geoseg's choice)")
     p.add_argument("--wait-idle", type=float, default=60.0, help="seconds to wait for an idle CPU before each run (default 60)")
