@@ -98,7 +98,6 @@ class Predictor:
     """
 
     def __init__(self, spec: ModelSpec, runtime: Runtime) -> None:
-        _tune_malloc()
         self.spec = spec
         self.runtime = runtime
         self._onnx = spec.kind == "onnx"
@@ -111,6 +110,7 @@ class Predictor:
     def _load_torch(self) -> None:
         import torch
 
+        _tune_malloc()  # torch allocates activations through malloc; onnxruntime keeps its own arena
         self.threads = self.runtime.num_threads or _default_threads()
         self.device = _resolve_device(self.runtime.device)
         try:
