@@ -8,6 +8,7 @@ builds the same graph.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import OrderedDict
@@ -210,7 +211,7 @@ def predict(
     pred = {}
     for i, j in plan.iter_chunks():
         read[i, j] = dask.delayed(tasks.read_chunk)(src, plan, i, j, d_aoi, dask_key_name=f"geoseg-read-{token}-{i}-{j}")
-    with dask.annotate(resources=resources) if resources else _null():
+    with dask.annotate(resources=resources) if resources else contextlib.nullcontext():
         for i, j in plan.iter_chunks():
             pred[i, j] = dask.delayed(tasks.predict_chunk)(
                 read[i, j],
@@ -279,14 +280,6 @@ def predict(
     probs_da = _to_xarray(probs, out_box, ("class", "y", "x"), name="probabilities")
     probs_da = probs_da.assign_coords({"class": [c.name for c in card_.classes]}).rio.write_nodata(np.nan)
     return xr.Dataset({"mask": mask_da, "probabilities": probs_da})
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _to_xarray(arr, geobox, dims, name):
