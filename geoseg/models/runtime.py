@@ -78,9 +78,9 @@ def _default_threads() -> int:
 def _set_torch_threads(n: int) -> None:
     """Set torch's intra-op threads for the calling thread.
 
-    With OpenMP the setting is per calling thread, and Dask runs tasks on a pool of threads
-    that start from ``OMP_NUM_THREADS=1``: so this runs before every forward pass (a cheap
-    check), not once per process.
+    With OpenMP the setting is per calling thread (and Dask workers start from
+    ``OMP_NUM_THREADS=1``), so it is made on the model thread itself, where forwards run;
+    checking on each forward costs nothing and survives a re-created model thread.
     """
     import torch
 
