@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -90,6 +91,9 @@ def _parse_bands(value: str | None) -> tuple[int, ...] | None:
 @click.option("--probabilities", is_flag=True, help="Also write probabilities.tif (one band per class).")
 @click.option("--probabilities-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an error).")
+@click.option(
+    "--vectorize", "vectorize_", is_flag=True, help="Also write polygon layers (defaults of `geoseg vectorize`) into DIR."
+)
 @click.pass_context
 def predict(
     ctx: click.Context,
@@ -111,6 +115,7 @@ def predict(
     probabilities,
     probabilities_dtype,
     overwrite,
+    vectorize_,
 ) -> None:
     """Segment the raster SRC with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif."""
     from geoseg.engine import predict as run_predict
@@ -148,6 +153,11 @@ def predict(
                 "scheduler": {"kind": sched.kind, "address": sched.address, "workers": sched.workers, "gpus": list(sched.gpus)}
             },
         )
+        vreport = None
+        if vectorize_:
+            from geoseg.vector import vectorize
+
+            vreport = vectorize(os.path.join(out_dir, "mask.tif"), out_dir, overwrite=overwrite, progress=progress)
     if not quiet:
         t = report["timings"]
         px = report["output_grid"]["width"] * report["output_grid"]["height"]
@@ -158,6 +168,91 @@ def predict(
         )
         for w in report["warnings"]:
             click.echo(f"warning: {w}", err=True)
+        if vreport:
+            _echo_vectors(out_dir, vreport)
+
+
+def _echo_vectors(out_dir: str, report: dict) -> None:
+    layers = ", ".join(f"{ly['name']} {ly['features']}" for ly in report["layers"]) or "none"
+    click.echo(f"wrote {report['features']} polygons to {out_dir} ({layers}) in {report['timings']['total_s']:.1f} s")
+
+
+@main.command()
+@click.argument("mask", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--probabilities", default=None, type=click.Path(dir_okay=False), help="Scores from [probabilities.tif beside MASK]."
+)
+@click.option("--classes", default=None, help="Class names or values, comma-separated, or 'all' [all but background].")
+@click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Drop polygons below this (m²).")
+@click.option(
+    "--simplify",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Topology-preserving tolerance (m); 0 = exact.",
+)
+@click.option(
+    "--connectivity",
+    type=click.Choice(["4", "8"]),
+    default="4",
+    show_default=True,
+    help="4 joins pixels through edges only (GDAL's default); 8 also through corners.",
+)
+@click.option("--crs", default=None, help="CRS of GeoPackage/FlatGeobuf/GeoParquet [the mask's]; GeoJSON is always EPSG:4326.")
+@click.option("--format", "formats", default="geojson,gpkg", show_default=True, help="Any of geojson,gpkg,fgb,parquet.")
+@click.option("--precision", type=click.IntRange(1, 15), default=7, show_default=True, help="GeoJSON decimals (7 ~ 1 cm).")
+@click.option("--regularize", is_flag=True, help="Right-angled building footprints.")
+@click.option("--no-project", is_flag=True, help="Skip the QGIS project (project.qgz).")
+@click.option("--chunk", type=click.IntRange(min=64), default=2048, show_default=True, help="Pixels per Dask task side.")
+@click.option("--scheduler", default="local", show_default=True, help="local, threads, synchronous or tcp://HOST:PORT.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes for the local cluster [cores].")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an error).")
+@click.pass_context
+def vectorize(
+    ctx: click.Context,
+    mask: str,
+    out_dir: str,
+    probabilities,
+    classes,
+    min_area,
+    simplify,
+    connectivity,
+    crs,
+    formats,
+    precision,
+    regularize,
+    no_project,
+    chunk,
+    scheduler,
+    workers,
+    overwrite,
+) -> None:
+    """Turn the class mask MASK into polygon layers, one per class, styled for QGIS."""
+    from geoseg.engine import scheduler as use_scheduler
+    from geoseg.vector import vectorize as run_vectorize
+
+    quiet = ctx.obj["quiet"]
+    with use_scheduler(scheduler, workers=workers or (os.cpu_count() or 1), device="cpu"):
+        report = run_vectorize(
+            mask,
+            out_dir,
+            probabilities=probabilities,
+            classes=[c for c in classes.split(",") if c.strip()] if classes else None,
+            min_area=min_area,
+            simplify=simplify,
+            connectivity=int(connectivity),
+            crs=crs,
+            formats=[f for f in formats.split(",") if f.strip()],
+            precision=precision,
+            regularize=regularize,
+            chunk=chunk,
+            project=not no_project,
+            overwrite=overwrite,
+            progress=sys.stderr.isatty() and not quiet,
+        )
+    if not quiet:
+        _echo_vectors(out_dir, report)
 
 
 @main.command()

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "geoseg"
-ORDER = ["grid", "io", "models", "engine", "cli"]
+ORDER = ["grid", "io", "models", "engine", "vector", "cli"]
 # third-party imports each layer must not make (anywhere in the module, lazy or not)
 FORBIDDEN = {
     "grid": {"rasterio", "torch", "dask", "distributed", "onnxruntime", "xarray", "geopandas"},
     "io": {"torch", "dask", "distributed", "onnxruntime"},
     "models": {"dask", "distributed", "rasterio"},
+    "vector": {"torch", "onnxruntime"},
 }
 
 

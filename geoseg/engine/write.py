@@ -24,6 +24,7 @@ from geoseg.engine.tasks import NODATA
 from geoseg.errors import InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
 from geoseg.io.cog import assemble_cog, atomic_path, fsync_replace, write_part
+from geoseg.io.mask import CLASSES_TAG
 
 __all__ = ["check_output_dir", "write"]
 
@@ -80,7 +81,8 @@ def _write_prob_part(block: np.ndarray, path: str, geobox: GeoBox, window: Windo
     return {"part": part, "write_s": time.perf_counter() - t0}
 
 
-def _compute(tasks: list, progress: bool) -> list:
+def compute_tasks(tasks: list, progress: bool) -> list:
+    """Compute delayed tasks on the active Dask client (else the current Dask scheduler)."""
     import dask
 
     try:
@@ -216,7 +218,7 @@ def write(
                         dask.delayed(_write_prob_part, pure=True)(pblocks[0, i, j], path, geobox, win, probabilities_dtype)
                     )
         tc = time.perf_counter()
-        results = _compute(tasks, progress)
+        results = compute_tasks(tasks, progress)
         compute_s = time.perf_counter() - tc
 
         mask_res = results[:n_mask]
@@ -231,7 +233,13 @@ def write(
         colormap = card.colormap() if card else None
         ta = time.perf_counter()
         final_mask = os.path.join(staging, MASK_NAME)
-        assemble_cog([r["part"] for r in mask_res], final_mask, geobox, dtype="uint8", nodata=NODATA, colormap=colormap)
+        tags = None
+        if card and card.classes:
+            classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in card.classes]
+            tags = {CLASSES_TAG: json.dumps(classes)}
+        assemble_cog(
+            [r["part"] for r in mask_res], final_mask, geobox, dtype="uint8", nodata=NODATA, colormap=colormap, metadata=tags
+        )
         outputs = {"mask": MASK_NAME}
         if probs is not None:
             names = [str(c) for c in probs["class"].values]

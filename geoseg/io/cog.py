@@ -130,6 +130,7 @@ def _vrt_xml(
     colormap: dict[int, tuple[int, int, int, int]] | None,
     descriptions: Sequence[str] | None,
     mask: bool,
+    metadata: dict[str, str] | None = None,
 ) -> str:
     from rasterio.dtypes import _gdal_typename
 
@@ -140,6 +141,10 @@ def _vrt_xml(
     if crs is not None:
         lines.append(f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(crs.to_wkt())}</SRS>')
     lines.append(f"  <GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}</GeoTransform>")
+    if metadata:
+        lines.append("  <Metadata>")
+        lines += [f'    <MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in metadata.items()]
+        lines.append("  </Metadata>")
 
     def sources(band: str) -> list[str]:
         out = []
@@ -195,6 +200,7 @@ def assemble_cog(
     mask: bool = False,
     overview_resampling: str = "mode",
     blocksize: int = 512,
+    metadata: dict[str, str] | None = None,
 ) -> str:
     """Stream chunk parts into one Cloud-Optimized GeoTIFF, atomically.
 
@@ -222,6 +228,8 @@ def assemble_cog(
         ``mode`` or ``nearest`` for classes, ``average`` for probabilities.
     blocksize : int
         Internal tile size.
+    metadata : dict, optional
+        Dataset metadata items (GDAL tags) to store in the file.
 
     Returns
     -------
@@ -238,7 +246,7 @@ def assemble_cog(
     tmp = atomic_path(path)
     try:
         with open(vrt, "w") as f:
-            f.write(_vrt_xml(parts, geobox, dtype, count, nodata, colormap, descriptions, mask))
+            f.write(_vrt_xml(parts, geobox, dtype, count, nodata, colormap, descriptions, mask, metadata))
 
         options = {
             "COMPRESS": "DEFLATE",

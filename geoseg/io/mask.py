@@ -1,0 +1,190 @@
+"""Class masks as inputs: what a mask file says about its classes, and windowed reads of it.
+
+A class mask is a single-band uint8 raster (255 = nodata). Its classes come, in order of
+preference, from the ``GEOSEG_CLASSES`` metadata geoseg writes into every ``mask.tif``, a
+``run.json`` beside it, or its colour table; otherwise they are ``class_<value>``.
+A ``probabilities.tif`` (one band per class, named by class) may accompany it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from geoseg.errors import InputError, RasterReadError
+from geoseg.grid import GeoBox, Window
+
+__all__ = ["CLASSES_TAG", "MaskClass", "MaskSource", "open_mask", "read_mask_window", "read_prob_window"]
+
+CLASSES_TAG = "GEOSEG_CLASSES"
+NODATA = 255
+
+
+@dataclass(frozen=True)
+class MaskClass:
+    """A class value in a mask, with its name and RGB colour (None when unknown)."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int] | None
+
+
+@dataclass(frozen=True)
+class MaskSource:
+    """A class mask (and optional probabilities) described by path.
+
+    Parameters
+    ----------
+    path : str
+        The mask raster.
+    geobox : GeoBox
+        Its grid (``crs`` None for pixel-space images).
+    classes : tuple of MaskClass
+        Known classes (may be empty: values are then discovered while reading).
+    prob_path : str or None
+        Probabilities raster on the same grid.
+    prob_bands : tuple of (int, int)
+        ``(class value, 0-based band index)`` pairs.
+    prob_scale : float
+        Factor to bring probability values to [0, 1] (1/255 for uint8).
+    block : int
+        The mask's internal block size (chunks are aligned to it).
+    fingerprint : str
+        Size and modification time of the mask.
+    """
+
+    path: str
+    geobox: GeoBox
+    classes: tuple[MaskClass, ...]
+    prob_path: str | None = None
+    prob_bands: tuple[tuple[int, int], ...] = ()
+    prob_scale: float = 1.0
+    block: int = 512
+    fingerprint: str = ""
+
+
+def _classes_from(ds, path: str) -> tuple[MaskClass, ...]:
+    tag = ds.tags().get(CLASSES_TAG)
+    if tag:
+        try:
+            return tuple(
+                MaskClass(int(c["id"]), str(c["name"]), tuple(c["color"]) if c.get("color") else None) for c in json.loads(tag)
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"{path}: the {CLASSES_TAG} metadata is not valid JSON class list ({exc}); rewrite the mask"
+            ) from exc
+    run = os.path.join(os.path.dirname(path), "run.json")
+    if os.path.exists(run):
+        try:
+            with open(run) as f:
+                classes = json.load(f).get("model", {}).get("classes") or []
+            return tuple(MaskClass(int(c["id"]), str(c["name"]), tuple(c["color"]) if c.get("color") else None) for c in classes)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a foreign or damaged run.json: fall through to the colour table
+    try:
+        cmap = ds.colormap(1)
+    except ValueError:
+        return ()
+    return tuple(MaskClass(k, f"class_{k}", tuple(rgba[:3])) for k, rgba in sorted(cmap.items()) if k != NODATA and rgba[3] > 0)
+
+
+def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
+    """Describe a class mask (and its probabilities) for vectorisation.
+
+    Parameters
+    ----------
+    path : str
+        Single-band uint8 mask.
+    probabilities : str, optional
+        Probabilities raster on the same grid; bands are matched to classes by band
+        description (class name), else by position when the band count equals the class count.
+
+    Returns
+    -------
+    MaskSource
+    """
+    import rasterio
+    import rasterio.errors
+
+    if not os.path.exists(path) and not path.startswith("/vsi"):
+        raise RasterReadError(f"{path}: no such file; give the mask.tif that geoseg predict wrote")
+    try:
+        with rasterio.open(path) as ds:
+            if ds.count != 1 or ds.dtypes[0] != "uint8":
+                raise InputError(
+                    f"{path}: a class mask must be one uint8 band (this has {ds.count} band(s) of {ds.dtypes[0]}); "
+                    "give the mask.tif that geoseg predict wrote"
+                )
+            crs = ds.crs.to_wkt() if ds.crs is not None else None
+            if ds.crs is not None and ds.crs.to_epsg() is not None:
+                crs = f"EPSG:{ds.crs.to_epsg()}"
+            geobox = GeoBox(ds.width, ds.height, ds.transform, crs)
+            block = ds.block_shapes[0][0] if ds.block_shapes else 512
+            classes = _classes_from(ds, path)
+            st = os.stat(path) if os.path.exists(path) else None
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterReadError(f"{path}: not a readable raster ({exc}); check the file") from exc
+    prob_bands: tuple[tuple[int, int], ...] = ()
+    scale = 1.0
+    if probabilities:
+        try:
+            with rasterio.open(probabilities) as ps:
+                if (ps.width, ps.height) != (geobox.width, geobox.height) or not ps.transform.almost_equals(geobox.transform):
+                    raise InputError(f"{probabilities}: not on the grid of {path}; give the probabilities written with this mask")
+                desc = [d or "" for d in ps.descriptions]
+                by_name = {d: i for i, d in enumerate(desc) if d}
+                pairs = [(c.id, by_name[c.name]) for c in classes if c.name in by_name]
+                if not pairs and len(classes) == ps.count:
+                    pairs = [(c.id, i) for i, c in enumerate(sorted(classes, key=lambda c: c.id))]
+                prob_bands = tuple(pairs)
+                scale = 1.0 / 255.0 if ps.dtypes[0] == "uint8" else 1.0
+        except rasterio.errors.RasterioIOError as exc:
+            raise RasterReadError(f"{probabilities}: not a readable raster ({exc}); check the file") from exc
+    return MaskSource(
+        path=os.path.abspath(path) if os.path.exists(path) else path,
+        geobox=geobox,
+        classes=classes,
+        prob_path=os.path.abspath(probabilities) if probabilities else None,
+        prob_bands=prob_bands,
+        prob_scale=scale,
+        block=int(block),
+        fingerprint=f"{st.st_size}-{st.st_mtime_ns}" if st else "",
+    )
+
+
+def read_mask_window(source: MaskSource, window: Window) -> np.ndarray:
+    """Read a window of the mask (inside a task); pixels masked in the file become 255."""
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    w = RioWindow(window.col_off, window.row_off, window.width, window.height)
+    try:
+        with rasterio.open(source.path) as ds:
+            data = ds.read(1, window=w)
+            if ds.nodata is None or int(ds.nodata) != NODATA:
+                valid = ds.read_masks(1, window=w)
+                data[valid == 0] = NODATA
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterReadError(f"{source.path}: reading window {window} failed ({exc})") from exc
+    return data
+
+
+def read_prob_window(source: MaskSource, window: Window) -> np.ndarray | None:
+    """Probabilities in [0, 1] for a window, ``(bands, h, w)`` float32, NaN where masked."""
+    if not source.prob_path:
+        return None
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    w = RioWindow(window.col_off, window.row_off, window.width, window.height)
+    try:
+        with rasterio.open(source.prob_path) as ds:
+            data = ds.read(window=w, masked=True)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterReadError(f"{source.prob_path}: reading window {window} failed ({exc})") from exc
+    out = data.astype(np.float32).filled(np.nan) * np.float32(source.prob_scale)
+    return out

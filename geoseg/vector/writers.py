@@ -1,0 +1,198 @@
+"""Vector writers: stream features from parquet parts into GeoJSON, GeoPackage, FlatGeobuf, GeoParquet.
+
+Features are never gathered in one table: each layer is an Arrow record-batch stream read
+from the per-chunk parts, reprojected batch by batch, and handed to GDAL (via
+``pyogrio.write_arrow``) or to a Parquet writer. Every file is written under a temporary
+name by the caller and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+
+from geoseg.errors import OutputError
+from geoseg.vector.geometry import reproject
+
+__all__ = ["FORMATS", "Layer", "layer_batches", "write_layer"]
+
+FORMATS = ("geojson", "gpkg", "fgb", "parquet")
+EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "fgb": ".fgb", "parquet": ".parquet"}
+_DRIVERS = {"geojson": "GeoJSON", "gpkg": "GPKG", "fgb": "FlatGeobuf"}
+
+#: columns every layer has, then the extra columns per kind of class
+BASE_COLUMNS = ("id", "class", "class_id", "run_id", "area_px", "area_m2", "perimeter_m", "score")
+KIND_COLUMNS = {
+    "area": ("area_ha",),
+    "tank": ("diameter_m", "circularity", "center_lon", "center_lat"),
+    "ship": ("length_m", "width_m", "heading_deg"),
+    "object": ("length_m", "width_m", "heading_deg"),
+    "building": (),
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One output layer: the features of one class."""
+
+    name: str
+    class_id: int
+    kind: str
+    color: tuple[int, int, int]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Attribute columns of this layer, in order."""
+        return BASE_COLUMNS + KIND_COLUMNS.get(self.kind, ())
+
+
+def layer_batches(
+    parts: Sequence[str],
+    layer: Layer,
+    *,
+    src_crs: str | None,
+    dst_crs: str | None,
+    densify: float | None,
+    precision: int | None = None,
+) -> Iterator:
+    """Record batches of one layer from the parquet parts, reprojected to ``dst_crs``.
+
+    Parameters
+    ----------
+    parts : sequence of str
+        Parquet files with the features of every class (WKB ``geometry`` in ``src_crs``).
+    layer : Layer
+        Which class to stream and which columns to keep.
+    src_crs, dst_crs : str or None
+        CRS of the parts and of the output (None: pixel space, no reprojection).
+    densify : float, optional
+        Longest edge in ``src_crs`` units before reprojection.
+    precision : int, optional
+        Round coordinates to this many decimals (after reprojection), repairing any
+        polygon that the rounding made invalid.
+
+    Yields
+    ------
+    pyarrow.RecordBatch
+    """
+    import pyarrow.parquet as pq
+
+    cols = [*layer.columns, "geometry"]
+    for path in parts:
+        table = pq.read_table(path, columns=cols, filters=[("class_id", "=", layer.class_id)])
+        if table.num_rows == 0:
+            continue
+        geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+        if src_crs and dst_crs:
+            geoms = reproject(geoms, src_crs, dst_crs, densify=densify)
+        if precision is not None:
+            geoms = shapely.set_precision(geoms, 10.0**-precision, mode="valid_output")
+        geoms = shapely.orient_polygons(geoms)
+        table = table.set_column(table.schema.get_field_index("geometry"), "geometry", _wkb_array(geoms))
+        yield from table.to_batches()
+
+
+def _wkb_array(geoms: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(shapely.to_wkb(geoms), type=pa.binary())
+
+
+def schema(layer: Layer):
+    """Arrow schema of a layer's record batches."""
+    import pyarrow as pa
+
+    types = {
+        "id": pa.int64(),
+        "class": pa.string(),
+        "class_id": pa.int16(),
+        "run_id": pa.string(),
+        "area_px": pa.int64(),
+    }
+    return pa.schema([(c, types.get(c, pa.float64())) for c in layer.columns] + [("geometry", pa.binary())])
+
+
+def write_layer(
+    fmt: str,
+    path: str,
+    layer: Layer,
+    batches: Iterator,
+    *,
+    crs: str | None,
+    geometry_type: str,
+    precision: int = 7,
+) -> None:
+    """Write one layer from a record-batch stream.
+
+    Parameters
+    ----------
+    fmt : str
+        ``geojson`` (RFC 7946: lon/lat, counter-clockwise exteriors, no ``crs`` member),
+        ``gpkg`` (adds the layer to ``path``, with a spatial index), ``fgb`` (indexed
+        FlatGeobuf) or ``parquet`` (GeoParquet 1.1, WKB).
+    path : str
+        File to write (a temporary name; the caller renames it).
+    layer : Layer
+        The layer.
+    batches : iterator of pyarrow.RecordBatch
+        From :func:`layer_batches`.
+    crs : str or None
+        CRS of the geometries.
+    geometry_type : str
+        ``Polygon`` or ``MultiPolygon``.
+    precision : int
+        GeoJSON coordinate decimals.
+    """
+    import pyarrow as pa
+
+    reader = pa.RecordBatchReader.from_batches(schema(layer), batches)
+    try:
+        if fmt == "parquet":
+            _write_geoparquet(path, reader, crs, geometry_type)
+            return
+        import pyogrio
+
+        options: dict[str, object] = {}
+        if fmt == "geojson":
+            options = {"RFC7946": "YES", "COORDINATE_PRECISION": precision, "WRITE_NAME": "NO"}
+        elif fmt == "gpkg":
+            options = {"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": "geom"}
+        elif fmt == "fgb":
+            options = {"SPATIAL_INDEX": "YES"}
+        pyogrio.write_arrow(
+            reader,
+            path,
+            layer=layer.name,
+            driver=_DRIVERS[fmt],
+            geometry_name="geometry",
+            geometry_type=geometry_type,
+            crs=crs,
+            layer_options=options,
+        )
+    except OSError as exc:
+        raise OutputError(f"{path}: could not write the {fmt} layer {layer.name!r} ({exc}); check disk space") from exc
+    except Exception as exc:  # GDAL errors surface as pyogrio's own exception types
+        if type(exc).__module__.startswith(("pyogrio", "pyarrow")):
+            raise OutputError(f"{path}: could not write the {fmt} layer {layer.name!r} ({exc})") from exc
+        raise
+
+
+def _write_geoparquet(path: str, reader, crs: str | None, geometry_type: str) -> None:
+    import pyarrow.parquet as pq
+
+    column: dict[str, object] = {"encoding": "WKB", "geometry_types": [geometry_type]}
+    if crs:
+        from pyproj import CRS
+
+        column["crs"] = CRS.from_user_input(crs).to_json_dict()
+    else:
+        column["crs"] = None
+    geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
+    sch = reader.schema.with_metadata({b"geo": json.dumps(geo).encode()})
+    with pq.ParquetWriter(path, sch, compression="zstd") as w:
+        for batch in reader:
+            w.write_batch(batch)
