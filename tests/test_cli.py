@@ -48,13 +48,47 @@ def test_predict_on_local_process_cluster(make_raster, torchscript_model, tmp_pa
         "160",
         "--workers",
         "2",
+        "--probabilities",
+        "--vectorize",
     )
-    assert "wrote" in proc.stdout
+    assert "wrote" in proc.stdout and "polygons" in proc.stdout
     net = torch.jit.load(str(torchscript_model))
-    np.testing.assert_array_equal(read(out / "mask.tif"), whole_image_reference(net, read(src, None), 8))
+    mask = read(out / "mask.tif")
+    np.testing.assert_array_equal(mask, whole_image_reference(net, read(src, None), 8))
     run = json.loads((out / "run.json").read_text())
     assert run["scheduler"]["kind"] == "local" and run["scheduler"]["workers"] == 2
     assert run["parameters"]["num_threads"] >= 1
+    # --vectorize: one styled layer per class but the background class_0, equal to the whole-mask polygons
+    import pyogrio
+    from rasterio import features
+
+    vec = json.loads((out / "vectors.json").read_text())
+    assert [ly["name"] for ly in vec["layers"]] == ["class_1", "class_2", "class_3"]
+    for ly in vec["layers"]:
+        expected = sum(1 for _, v in features.shapes(mask, mask=mask == ly["class_id"]) if v == ly["class_id"])
+        df = pyogrio.read_dataframe(out / "geoseg.gpkg", layer=ly["name"])
+        assert len(df) == ly["features"] == expected
+        assert df["score"].between(0, 1).all() and df.geometry.is_valid.all()
+    assert (out / "project.qgz").exists() and (out / "vectors" / "class_1.geojson").exists()
+
+
+def test_vectorize_command(tmp_path) -> None:
+    from tests.test_vector import _scene_mask, write_mask
+
+    mask = write_mask(tmp_path / "mask.tif", _scene_mask())
+    out = tmp_path / "v"
+    args = ["vectorize", str(mask), "--out", str(out), "--format", "gpkg,fgb", "--classes", "ship,2", "--min-area", "20"]
+    proc = run_cli(*args, "--scheduler", "synchronous", "--crs", "EPSG:3035", "--simplify", "2", "--connectivity", "8")
+    assert "polygons" in proc.stdout
+    vec = json.loads((out / "vectors.json").read_text())
+    assert [ly["name"] for ly in vec["layers"]] == ["water", "ship"]
+    assert vec["parameters"] | {"connectivity": 8, "simplify": 2.0, "min_area": 20.0, "crs": "EPSG:3035"} == vec["parameters"]
+    assert sorted(p.name for p in (out / "vectors").iterdir()) == ["ship.fgb", "water.fgb"]
+    again = run_cli(*args, check=False)
+    assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    bad = run_cli("vectorize", str(tmp_path / "nope.tif"), "--out", str(tmp_path / "w"), check=False)
+    assert bad.returncode == 1 and "nope.tif: no such file" in bad.stderr
 
 
 def test_bands_option_reorders(make_raster, tmp_path) -> None:

@@ -87,6 +87,17 @@ def test_existing_cluster_equals_local_run(cluster, make_raster, torchscript_mod
     remote = read(tmp_path / "remote" / "mask.tif")
     np.testing.assert_array_equal(remote, read(tmp_path / "local" / "mask.tif"))
     assert (remote != 255).all()
+    # vectorising on the running cluster gives the same polygons as in one process
+    vec = ["vectorize", "--classes", "all", "--chunk", "64", "--format", "gpkg"]
+    run_cli("-q", *vec, str(tmp_path / "remote" / "mask.tif"), "-o", str(tmp_path / "vr"), "--scheduler", cluster)
+    run_cli("-q", *vec, str(tmp_path / "local" / "mask.tif"), "-o", str(tmp_path / "vl"), "--scheduler", "synchronous")
+    import pyogrio
+    import shapely
+
+    for layer in ("class_0", "class_1", "class_2", "class_3"):
+        r = pyogrio.read_dataframe(tmp_path / "vr" / "geoseg.gpkg", layer=layer).sort_values("id")
+        s = pyogrio.read_dataframe(tmp_path / "vl" / "geoseg.gpkg", layer=layer).sort_values("id")
+        assert list(r["id"]) == list(s["id"]) and shapely.equals(r.geometry.values, s.geometry.values).all()
 
     import json
 

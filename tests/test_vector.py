@@ -377,3 +377,31 @@ def test_errors_and_overwrite(scene, tmp_path: Path) -> None:
         vectorize(str(rgb), str(tmp_path / "y"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not list(tmp_path.glob(".geoseg-vstaging-*"))
+
+
+def _angles(poly) -> np.ndarray:
+    xy = np.asarray(poly.exterior.coords)[:-1]
+    a = np.roll(xy, 1, axis=0) - xy
+    b = np.roll(xy, -1, axis=0) - xy
+    cos = (a * b).sum(1) / np.hypot(*a.T) / np.hypot(*b.T)
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+
+def test_regularized_buildings_have_right_angles(tmp_path: Path) -> None:
+    from shapely import affinity
+
+    truth_px = affinity.rotate(shapely.Polygon([(0, 0), (40, 0), (40, 16), (18, 16), (18, 30), (0, 30)]), 30, origin=(0, 0))
+    truth_px = affinity.translate(truth_px, 60, 30)
+    mask = features.rasterize([(truth_px, 1)], out_shape=(128, 128), dtype="uint8")
+    path = write_mask(tmp_path / "m.tif", mask)
+    with dask.config.set(scheduler="synchronous"):
+        vectorize(str(path), str(tmp_path / "raw"), formats=["gpkg"], chunk=64, project=False)
+        vectorize(str(path), str(tmp_path / "reg"), formats=["gpkg"], chunk=64, project=False, regularize=True)
+    raw = pyogrio.read_dataframe(tmp_path / "raw" / "geoseg.gpkg", layer="building").geometry.iloc[0]
+    reg = pyogrio.read_dataframe(tmp_path / "reg" / "geoseg.gpkg", layer="building").geometry.iloc[0]
+    truth = shapely.transform(truth_px, lambda xy: np.column_stack([ORIGIN.c + 2 * xy[:, 0], ORIGIN.f - 2 * xy[:, 1]]))
+    assert reg.is_valid and len(reg.exterior.coords) - 1 == 6  # an L: six corners
+    assert np.all(np.abs(_angles(reg) - 90) < 1.0)
+    iou = lambda a, b: a.intersection(b).area / a.union(b).area  # noqa: E731
+    assert iou(reg, truth) > 0.9 and iou(reg, truth) >= iou(raw, truth) - 0.02
+    assert len(raw.exterior.coords) > 30  # the pixel staircase it replaces

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg.errors import InputError, RasterReadError
+from geoseg.errors import InputError, NotGeoreferencedWarning, RasterReadError
 from geoseg.grid import GeoBox, Window
 
 __all__ = ["CLASSES_TAG", "MaskClass", "MaskSource", "open_mask", "read_mask_window", "read_prob_window"]
@@ -66,24 +67,23 @@ class MaskSource:
     fingerprint: str = ""
 
 
+def _parse_classes(items: list) -> tuple[MaskClass, ...]:
+    return tuple(MaskClass(int(c["id"]), str(c["name"]), tuple(c["color"]) if c.get("color") else None) for c in items)
+
+
 def _classes_from(ds, path: str) -> tuple[MaskClass, ...]:
     tag = ds.tags().get(CLASSES_TAG)
     if tag:
         try:
-            return tuple(
-                MaskClass(int(c["id"]), str(c["name"]), tuple(c["color"]) if c.get("color") else None) for c in json.loads(tag)
-            )
+            return _parse_classes(json.loads(tag))
         except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(
-                f"{path}: the {CLASSES_TAG} metadata is not valid JSON class list ({exc}); rewrite the mask"
-            ) from exc
+            raise InputError(f"{path}: its {CLASSES_TAG} metadata is not a JSON class list ({exc}); rewrite the mask") from exc
     run = os.path.join(os.path.dirname(path), "run.json")
     if os.path.exists(run):
         try:
             with open(run) as f:
-                classes = json.load(f).get("model", {}).get("classes") or []
-            return tuple(MaskClass(int(c["id"]), str(c["name"]), tuple(c["color"]) if c.get("color") else None) for c in classes)
-        except (OSError, ValueError, KeyError, TypeError):
+                return _parse_classes(json.load(f).get("model", {}).get("classes") or [])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # a foreign or damaged run.json: fall through to the colour table
     try:
         cmap = ds.colormap(1)
@@ -113,7 +113,10 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
     if not os.path.exists(path) and not path.startswith("/vsi"):
         raise RasterReadError(f"{path}: no such file; give the mask.tif that geoseg predict wrote")
     try:
-        with rasterio.open(path) as ds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            ds = rasterio.open(path)
+        with ds:
             if ds.count != 1 or ds.dtypes[0] != "uint8":
                 raise InputError(
                     f"{path}: a class mask must be one uint8 band (this has {ds.count} band(s) of {ds.dtypes[0]}); "
@@ -126,6 +129,10 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
             block = ds.block_shapes[0][0] if ds.block_shapes else 512
             classes = _classes_from(ds, path)
             st = os.stat(path) if os.path.exists(path) else None
+            if crs is None:
+                warnings.warn(
+                    f"{path} is not georeferenced; polygons are in pixel coordinates", NotGeoreferencedWarning, stacklevel=2
+                )
     except rasterio.errors.RasterioIOError as exc:
         raise RasterReadError(f"{path}: not a readable raster ({exc}); check the file") from exc
     prob_bands: tuple[tuple[int, int], ...] = ()
@@ -159,11 +166,15 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
 def read_mask_window(source: MaskSource, window: Window) -> np.ndarray:
     """Read a window of the mask (inside a task); pixels masked in the file become 255."""
     import rasterio
+    import rasterio.errors
     from rasterio.windows import Window as RioWindow
 
     w = RioWindow(window.col_off, window.row_off, window.width, window.height)
     try:
-        with rasterio.open(source.path) as ds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            ds = rasterio.open(source.path)
+        with ds:
             data = ds.read(1, window=w)
             if ds.nodata is None or int(ds.nodata) != NODATA:
                 valid = ds.read_masks(1, window=w)

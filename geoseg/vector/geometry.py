@@ -179,8 +179,8 @@ def _dominant_angle(poly) -> float:
 def regularize(geom, tolerance: float):
     """A building footprint with right angles along its dominant direction.
 
-    The outline is rotated onto its dominant axis (length-weighted circular mean of edge
-    directions modulo 90 degrees), simplified, every edge snapped to horizontal or vertical,
+    The outline is rotated onto its dominant axis (length-weighted circular mean of the
+    simplified outline's edge directions modulo 90 degrees), simplified, every edge snapped to horizontal or vertical,
     consecutive vertices rebuilt as the corners of the snapped edges, and rotated back.
     Holes are dropped. Where this would not give a valid polygon close to the original
     (area within 30 %), the oriented minimum rectangle is used if it fits that well, else the
@@ -203,7 +203,8 @@ def regularize(geom, tolerance: float):
         geom = max(geom.geoms, key=lambda p: p.area)
     if geom.is_empty or geom.area == 0:
         return geom
-    theta = _dominant_angle(geom)
+    # pixel outlines are staircases of axis-parallel steps: take directions from a simplified outline
+    theta = _dominant_angle(geom.simplify(tolerance, preserve_topology=True))
     origin = geom.centroid
     rot = affinity.rotate(shapely.Polygon(geom.exterior), -theta, origin=origin, use_radians=True)
     simple = rot.simplify(tolerance, preserve_topology=True)

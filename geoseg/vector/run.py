@@ -156,6 +156,9 @@ def features_table(pieces: Pieces, src: MaskSource, params: VectorParams):
             perim[sel] = shapely.length(metric[sel])
     with np.errstate(invalid="ignore", divide="ignore"):
         score = np.where(pieces.count > 0, pieces.prob_sum / pieces.count, np.nan)
+    if not gb.crs:  # pixel space: no metres (area_px stays; min_area above was in pixels)
+        area = perim = nan
+        extra = {k: (v if k in ("center_lon", "center_lat") else nan) for k, v in extra.items()}
     cols.update(area_m2=area, perimeter_m=perim, score=score, **extra)
     world = shapely.orient_polygons(world)
     arrays = {k: pa.array(v, from_pandas=True) for k, v in cols.items()}

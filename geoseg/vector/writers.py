@@ -9,6 +9,7 @@ name by the caller and renamed into place when complete.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -157,22 +158,26 @@ def write_layer(
         import pyogrio
 
         options: dict[str, object] = {}
-        if fmt == "geojson":
+        if fmt == "geojson" and crs:
             options = {"RFC7946": "YES", "COORDINATE_PRECISION": precision, "WRITE_NAME": "NO"}
+        elif fmt == "geojson":  # pixel space: plain GeoJSON, no CRS
+            options = {"WRITE_NAME": "NO"}
         elif fmt == "gpkg":
             options = {"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": "geom"}
         elif fmt == "fgb":
             options = {"SPATIAL_INDEX": "YES"}
-        pyogrio.write_arrow(
-            reader,
-            path,
-            layer=layer.name,
-            driver=_DRIVERS[fmt],
-            geometry_name="geometry",
-            geometry_type=geometry_type,
-            crs=crs,
-            layer_options=options,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'crs' was not provided")  # pixel space, on purpose
+            pyogrio.write_arrow(
+                reader,
+                path,
+                layer=layer.name,
+                driver=_DRIVERS[fmt],
+                geometry_name="geometry",
+                geometry_type=geometry_type,
+                crs=crs,
+                layer_options=options,
+            )
     except OSError as exc:
         raise OutputError(f"{path}: could not write the {fmt} layer {layer.name!r} ({exc}); check disk space") from exc
     except Exception as exc:  # GDAL errors surface as pyogrio's own exception types
