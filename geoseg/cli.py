@@ -201,7 +201,7 @@ def _echo_vectors(out_dir: str, report: dict) -> None:
 )
 @click.option("--crs", default=None, help="CRS of GeoPackage/FlatGeobuf/GeoParquet [the mask's]; GeoJSON is always EPSG:4326.")
 @click.option("--format", "formats", default="geojson,gpkg", show_default=True, help="Any of geojson,gpkg,fgb,parquet.")
-@click.option("--precision", type=click.IntRange(1, 15), default=7, show_default=True, help="GeoJSON decimals (7 ~ 1 cm).")
+@click.option("--precision", type=click.IntRange(1, 15), default=None, help="GeoJSON decimals [7 ~ 1 cm; more for finer pixels].")
 @click.option("--regularize", is_flag=True, help="Right-angled building footprints.")
 @click.option("--no-project", is_flag=True, help="Skip the QGIS project (project.qgz).")
 @click.option("--chunk", type=click.IntRange(min=64), default=2048, show_default=True, help="Pixels per Dask task side.")

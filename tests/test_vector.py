@@ -240,6 +240,12 @@ def test_files_equal_whole_raster_reference(scene, scene_out) -> None:
         assert info["features"] == next(ly["features"] for ly in report["layers"] if ly["name"] == c["name"])
     assert_same_polygons(ref, np.array(geoms, dtype=object), classes, tol=1e-12)
     assert report["chunks"] == 12 and report["seam_objects"] > 0
+    import sqlite3
+
+    with sqlite3.connect(out / "geoseg.gpkg") as db:  # GDAL's R-tree spatial index, one per layer
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
+    assert {f"rtree_{c['name']}_geom" for c in CLASSES} <= tables
+    assert pyogrio.read_info(out / "vectors" / "building.fgb")["capabilities"]["fast_spatial_filter"]
     for fmt, ext in (("fgb", ".fgb"), ("parquet", ".parquet")):
         for c in CLASSES:
             f = out / "vectors" / f"{c['name']}{ext}"
@@ -405,3 +411,167 @@ def test_regularized_buildings_have_right_angles(tmp_path: Path) -> None:
     iou = lambda a, b: a.intersection(b).area / a.union(b).area  # noqa: E731
     assert iou(reg, truth) > 0.9 and iou(reg, truth) >= iou(raw, truth) - 0.02
     assert len(raw.exterior.coords) > 30  # the pixel staircase it replaces
+
+
+def test_reprojection_densifies_long_edges() -> None:
+    from geoseg.vector.geometry import reproject
+
+    square = np.array([shapely.box(500000, 5900000, 520000, 5920000)])  # 20 km, UTM 32N
+    plain = reproject(square, UTM, "EPSG:4326")
+    dense = reproject(square, UTM, "EPSG:4326", densify=500)
+    assert shapely.get_num_coordinates(plain)[0] == 5 and shapely.get_num_coordinates(dense)[0] > 100
+    # the densified outline follows the true (curved) image of the edge: its midpoints map back onto the edge
+    back = reproject(dense, "EPSG:4326", UTM)
+    assert shapely.hausdorff_distance(back[0], square[0]) < 1e-3
+    assert shapely.hausdorff_distance(reproject(plain, "EPSG:4326", UTM, densify=1e-3)[0], square[0]) > 0.01
+    assert dense[0].exterior.is_ccw and shapely.is_valid(dense).all()
+
+
+# --- regressions found in review ----------------------------------------------------------------
+
+
+def test_simplify_never_grows_into_nodata() -> None:
+    rng = np.random.default_rng(5)
+    from scipy import ndimage
+
+    mask = (ndimage.uniform_filter(rng.random((64, 64)), 7) * 6).astype(np.uint8) % 3
+    mask[rng.random((64, 64)) < 0.08] = 255
+    mask[20:30, :] = 255
+    got = chunked(mask, 16, 4, simplify=1.5)
+    valid = int((mask != 255).sum())
+    assert shapely.is_valid(got.geometry).all()
+    assert math.isclose(shapely.area(got.geometry).sum(), valid, rel_tol=1e-12)
+    assert math.isclose(shapely.area(shapely.union_all(got.geometry)), valid, rel_tol=1e-12)
+    nodata = shapely.union_all([shapely.box(c, r, c + 1, r + 1) for r, c in zip(*np.nonzero(mask == 255), strict=True)])
+    assert shapely.area(shapely.intersection(shapely.union_all(got.geometry), nodata)) < 1e-9
+
+
+def test_layer_names_are_unique_ignoring_case(tmp_path: Path) -> None:
+    classes = [
+        {"id": 1, "name": "water body", "color": [0, 0, 255]},
+        {"id": 2, "name": "water_body", "color": [0, 0, 200]},
+        {"id": 3, "name": "Forest", "color": [0, 255, 0]},
+        {"id": 4, "name": "forest", "color": [0, 200, 0]},
+    ]
+    mask = np.zeros((32, 32), np.uint8)
+    for k in range(1, 5):
+        mask[2 + 7 * (k - 1) : 6 + 7 * (k - 1), 2:6] = k
+    p = write_mask(tmp_path / "m.tif", mask, classes=classes)
+    with dask.config.set(scheduler="synchronous"):
+        report = vectorize(str(p), str(tmp_path / "o"), formats=["gpkg", "geojson"], project=False)
+    names = [ly["name"] for ly in report["layers"]]
+    assert len({n.lower() for n in names}) == 4
+    for ly in report["layers"]:
+        assert ly["features"] == 1
+        df = pyogrio.read_dataframe(tmp_path / "o" / "geoseg.gpkg", layer=ly["name"])
+        assert len(df) == 1 and df["class_id"].iloc[0] == ly["class_id"]
+
+
+@pytest.mark.parametrize("metadata", ["none", "colormap"])
+def test_masks_without_class_names_get_layers_for_values_present(tmp_path: Path, metadata: str) -> None:
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:8, 4:8] = 1
+    mask[10:20, 10:20] = 7
+    p = write_mask(tmp_path / "m.tif", mask, classes=None)
+    if metadata == "colormap":
+        with rasterio.open(p, "r+") as ds:
+            ds.write_colormap(1, {0: (0, 0, 0, 255), 1: (255, 0, 0, 255), 7: (0, 0, 255, 255)})
+    with dask.config.set(scheduler="synchronous"):
+        default = vectorize(str(p), str(tmp_path / "d"), formats=["gpkg"], project=False)
+        every = vectorize(str(p), str(tmp_path / "a"), formats=["gpkg"], project=False, classes=["all"])
+    assert [ly["name"] for ly in default["layers"]] == ["class_1", "class_7"]
+    assert [ly["name"] for ly in every["layers"]] == ["class_0", "class_1", "class_7"]
+    if metadata == "colormap":
+        assert default["layers"][1]["color"] == [0, 0, 255]
+
+
+@pytest.mark.parametrize(
+    ("crs", "transform"),
+    [
+        ("EPSG:4326", Affine(0.1, 0, -10.0, 0, -0.1, 70.0)),  # 20 x 20 degrees
+        ("EPSG:4087", Affine(20.0, 0, 0.0, 0, -20.0, 6_700_000.0)),  # plate carree at 60 N: 2x areas
+        ("EPSG:4326", Affine(1e-4, 0, 20.0, 0, -1e-4, 86.0)),  # beyond 84 N: UPS
+    ],
+)
+def test_areas_and_lengths_are_true_metres(tmp_path: Path, crs: str, transform) -> None:
+    from pyproj import Geod
+
+    mask = np.zeros((200, 200), np.uint8)
+    for r, c in ((5, 5), (5, 170), (170, 5), (170, 170), (90, 90)):
+        mask[r : r + 25, c : c + 20] = 1
+    p = write_mask(tmp_path / "m.tif", mask, transform=transform, crs=crs)
+    with dask.config.set(scheduler="synchronous"):
+        vectorize(str(p), str(tmp_path / "o"), formats=["gpkg", "geojson"], project=False, chunk=64)
+    df = pyogrio.read_dataframe(tmp_path / "o" / "geoseg.gpkg", layer="building").sort_values("id")
+    gj = pyogrio.read_dataframe(tmp_path / "o" / "vectors" / "building.geojson").sort_values("id")
+    geod = Geod(ellps="WGS84")
+    for (_, row), g in zip(df.iterrows(), gj.geometry, strict=True):
+        area, perim = geod.geometry_area_perimeter(g)
+        assert math.isclose(row["area_m2"], abs(area), rel_tol=3e-3), (row["area_m2"], area)
+        assert math.isclose(row["perimeter_m"], perim, rel_tol=3e-3), (row["perimeter_m"], perim)
+
+
+def test_a_second_writer_to_one_folder_is_refused(scene, tmp_path: Path) -> None:
+    from geoseg.errors import OutputError
+    from geoseg.io.cog import output_lock
+
+    path, _ = scene
+    out = tmp_path / "shared"
+    with output_lock(str(out)):  # another run holds the folder
+        with pytest.raises(OutputError, match="another geoseg process is writing"):
+            vectorize(str(path), str(out), formats=["gpkg"], chunk=64, project=False)
+    assert not (out / "geoseg.gpkg").exists() and not list(out.glob(".geoseg-vstaging-*"))
+    with dask.config.set(scheduler="synchronous"):
+        vectorize(str(path), str(out), formats=["gpkg"], chunk=64, project=False)  # free again
+    assert (out / "geoseg.gpkg").exists()
+
+
+def test_stale_staging_is_swept_but_live_is_kept(tmp_path: Path) -> None:
+    from geoseg.io.cog import make_staging, sweep_staging
+
+    live = make_staging(str(tmp_path), ".geoseg-vstaging-", "x")
+    dead = make_staging(str(tmp_path), ".geoseg-vstaging-", "y")
+    owner = json.loads((Path(dead) / "owner.json").read_text())
+    (Path(dead) / "owner.json").write_text(json.dumps({**owner, "pid": 2**22 + 12345}))  # no such process
+    sweep_staging(str(tmp_path), ".geoseg-vstaging-")
+    assert Path(live).exists() and not Path(dead).exists()
+
+
+def test_overwrite_removes_outputs_of_the_previous_run(scene, tmp_path: Path) -> None:
+    path, _ = scene
+    with dask.config.set(scheduler="synchronous"):
+        vectorize(str(path), str(tmp_path), formats=["geojson", "fgb"], chunk=64, project=False)
+        assert (tmp_path / "vectors" / "water.fgb").exists()
+        vectorize(str(path), str(tmp_path), formats=["geojson"], classes=["building"], chunk=64, project=False, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "vectors").iterdir()) == ["building.geojson"]
+    assert json.loads((tmp_path / "vectors.json").read_text())["outputs"] == {"geojson": ["vectors/building.geojson"]}
+
+
+def test_pixel_space_min_area_counts_pixels(tmp_path: Path) -> None:
+    mask = np.zeros((40, 40), np.uint8)
+    mask[2:5, 2:5] = 1  # 9 px
+    mask[10:20, 10:20] = 1  # 100 px
+    p = write_mask(tmp_path / "m.tif", mask, transform=Affine(10, 0, 0, 0, -10, 0), crs=None)
+    with pytest.warns(Warning, match="not georeferenced"), dask.config.set(scheduler="synchronous"):
+        vectorize(str(p), str(tmp_path / "o"), formats=["gpkg"], project=False, min_area=50)
+    df = pyogrio.read_dataframe(tmp_path / "o" / "geoseg.gpkg", layer="building")
+    assert list(df["area_px"]) == [100] and df["area_m2"].isna().all()
+
+
+def test_too_coarse_geojson_precision_is_an_error(scene, tmp_path: Path) -> None:
+    path, _ = scene
+    with pytest.raises(InputError, match="use --precision 6"):
+        vectorize(str(path), str(tmp_path), formats=["geojson"], precision=3)
+    assert not (tmp_path / "vectors").exists()
+
+
+def test_object_kinds() -> None:
+    from geoseg.vector.geometry import object_kind
+
+    assert [object_kind(n) for n in ("oil_tanker", "storage_tank", "Ship", "building", "forest_loss")] == [
+        "ship",
+        "tank",
+        "ship",
+        "building",
+        "area",
+    ]

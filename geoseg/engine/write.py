@@ -8,13 +8,13 @@ at most the hidden staging folder, which the next run replaces.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import platform
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from geoseg.engine.graph import job_of
 from geoseg.engine.tasks import NODATA
 from geoseg.errors import InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
-from geoseg.io.cog import assemble_cog, atomic_path, fsync_replace, write_part
+from geoseg.io.cog import assemble_cog, atomic_path, fsync_replace, make_staging, output_lock, sweep_staging, write_part
 from geoseg.io.mask import CLASSES_TAG
 
 __all__ = ["check_output_dir", "write"]
@@ -185,17 +185,19 @@ def write(
     probs = result["probabilities"] if is_ds and "probabilities" in result else None
     out_dir = os.path.abspath(out_dir)  # workers may run in another folder
     check_output_dir(out_dir, overwrite)
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, ".geoseg-staging-*")):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    if overwrite and os.path.exists(os.path.join(out_dir, RUN_NAME)):
-        # run.json describes the outputs beside it: never leave an old one next to new files
-        os.remove(os.path.join(out_dir, RUN_NAME))
-    job = job_of(result)
-    geobox = _geobox_of(mask)
-    staging = os.path.join(out_dir, f".geoseg-staging-{dask.base.tokenize(mask.data.name, probabilities_dtype)[:16]}")
-    os.makedirs(os.path.join(staging, "mask"))
+    lock = ExitStack()
+    lock.enter_context(output_lock(out_dir))  # one writer per folder: a second run is refused
+    staging = ""
     try:
+        check_output_dir(out_dir, overwrite)  # again, now that no other run can be writing here
+        sweep_staging(out_dir, ".geoseg-staging-")  # left by killed runs (never a live one)
+        if overwrite and os.path.exists(os.path.join(out_dir, RUN_NAME)):
+            # run.json describes the outputs beside it: never leave an old one next to new files
+            os.remove(os.path.join(out_dir, RUN_NAME))
+        job = job_of(result)
+        geobox = _geobox_of(mask)
+        staging = make_staging(out_dir, ".geoseg-staging-", dask.base.tokenize(mask.data.name, probabilities_dtype)[:16])
+        os.makedirs(os.path.join(staging, "mask"))
         windows = _windows(mask.data.chunks)
         blocks = mask.data.to_delayed(optimize_graph=False)  # keep keys shared with the stats tasks
         stats = job.stats if job is not None and mask.data.chunks == job.plan.chunks else None
@@ -272,7 +274,9 @@ def write(
         fsync_replace(tmp, os.path.join(out_dir, RUN_NAME))
         return report
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+        lock.close()
 
 
 def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_dtype, extra) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
@@ -103,6 +104,77 @@ def write_part(
             "folder at this path (a shared filesystem)"
         ) from exc
     return Part(path, window)
+
+
+_OWNER = "owner.json"
+
+
+@contextmanager
+def output_lock(out_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder; a second writer is refused at once.
+
+    Uses ``flock`` on the folder itself (no lock file is left behind; the OS releases the
+    lock if the process dies).
+    """
+    import fcntl
+
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{out_dir}: another geoseg process is writing to this folder; wait for it or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def make_staging(out_dir: str, prefix: str, token: str) -> str:
+    """Create a private staging folder in ``out_dir``, marked with this host and process.
+
+    Two runs into one folder never share (or sweep) each other's staging folder.
+    """
+    import json
+    import socket
+    import uuid
+
+    path = os.path.join(out_dir, f"{prefix}{token}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(path)
+    with open(os.path.join(path, _OWNER), "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    return path
+
+
+def sweep_staging(out_dir: str, prefix: str, max_age_s: float = 86400.0) -> None:
+    """Remove staging folders left by killed runs: their process is gone (same host) or they are old."""
+    import glob
+    import json
+    import shutil
+    import socket
+    import time
+
+    host = socket.gethostname()
+    for path in glob.glob(os.path.join(out_dir, prefix + "*")):
+        try:
+            with open(os.path.join(path, _OWNER)) as f:
+                owner = json.load(f)
+            age = time.time() - os.path.getmtime(path)
+        except (OSError, ValueError):
+            owner, age = {}, float("inf")
+        if owner.get("host") == host:
+            try:
+                os.kill(int(owner["pid"]), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except (PermissionError, KeyError, ValueError, TypeError):
+                continue
+        elif age < max_age_s:
+            continue  # another host's run, maybe live
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def atomic_path(path: str) -> str:

@@ -55,6 +55,8 @@ class MaskSource:
         The mask's internal block size (chunks are aligned to it).
     fingerprint : str
         Size and modification time of the mask.
+    class_source : str
+        Where ``classes`` came from: ``tag``, ``run.json``, ``colormap`` or ``none``.
     """
 
     path: str
@@ -65,31 +67,40 @@ class MaskSource:
     prob_scale: float = 1.0
     block: int = 512
     fingerprint: str = ""
+    class_source: str = "none"
+
+    @property
+    def named(self) -> bool:
+        """Whether the file lists its classes (geoseg metadata or run.json), not just colours."""
+        return self.class_source in ("tag", "run.json")
 
 
 def _parse_classes(items: list) -> tuple[MaskClass, ...]:
     return tuple(MaskClass(int(c["id"]), str(c["name"]), tuple(c["color"]) if c.get("color") else None) for c in items)
 
 
-def _classes_from(ds, path: str) -> tuple[MaskClass, ...]:
+def _classes_from(ds, path: str) -> tuple[tuple[MaskClass, ...], str]:
     tag = ds.tags().get(CLASSES_TAG)
     if tag:
         try:
-            return _parse_classes(json.loads(tag))
+            return _parse_classes(json.loads(tag)), "tag"
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path}: its {CLASSES_TAG} metadata is not a JSON class list ({exc}); rewrite the mask") from exc
     run = os.path.join(os.path.dirname(path), "run.json")
     if os.path.exists(run):
         try:
             with open(run) as f:
-                return _parse_classes(json.load(f).get("model", {}).get("classes") or [])
+                found = _parse_classes(json.load(f).get("model", {}).get("classes") or [])
+            if found:
+                return found, "run.json"
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # a foreign or damaged run.json: fall through to the colour table
     try:
         cmap = ds.colormap(1)
     except ValueError:
-        return ()
-    return tuple(MaskClass(k, f"class_{k}", tuple(rgba[:3])) for k, rgba in sorted(cmap.items()) if k != NODATA and rgba[3] > 0)
+        return (), "none"
+    # a colour table has 256 entries whatever the classes: colours only, no class list
+    return tuple(MaskClass(k, f"class_{k}", tuple(rgba[:3])) for k, rgba in sorted(cmap.items()) if k != NODATA), "colormap"
 
 
 def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
@@ -127,7 +138,7 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
                 crs = f"EPSG:{ds.crs.to_epsg()}"
             geobox = GeoBox(ds.width, ds.height, ds.transform, crs)
             block = ds.block_shapes[0][0] if ds.block_shapes else 512
-            classes = _classes_from(ds, path)
+            classes, class_source = _classes_from(ds, path)
             st = os.stat(path) if os.path.exists(path) else None
             if crs is None:
                 warnings.warn(
@@ -160,6 +171,7 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
         prob_scale=scale,
         block=int(block),
         fingerprint=f"{st.st_size}-{st.st_mtime_ns}" if st else "",
+        class_source=class_source,
     )
 
 

@@ -162,8 +162,8 @@ def polygonize_block(
     prob_band : dict, optional
         Class value -> band index in ``prob``.
     simplify : float
-        Tolerance in pixels. Simplification runs on the block's whole coverage (every value,
-        nodata included) with the block outline fixed, so neighbouring polygons keep sharing
+        Tolerance in pixels. Simplification runs on the block's whole coverage (every class)
+        with its outline (block edges and nodata edges) fixed, so neighbouring polygons keep sharing
         their edges exactly and the pieces still join exactly across seams.
     chunk : int
         Chunk index stored with the pieces.
@@ -181,7 +181,9 @@ def polygonize_block(
     height, width = raster_shape
     present = [int(v) for v in np.unique(block)]
     wanted = [v for v in present if v != NODATA and (classes is None or v in classes)]
-    todo = present if simplify > 0 else wanted
+    # simplification needs every class of the block as one coverage; nodata stays outside it, so
+    # edges against nodata are coverage boundary and stay fixed (classes never grow into nodata)
+    todo = [v for v in present if v != NODATA] if simplify > 0 else wanted
     if not wanted:
         return Pieces.empty()
 

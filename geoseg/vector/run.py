@@ -13,7 +13,6 @@ process ever holds the whole raster, and the client holds only seam polygons.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
@@ -21,6 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +29,10 @@ import shapely
 
 from geoseg.errors import InputError, OutputError
 from geoseg.grid import Window
-from geoseg.io.cog import atomic_path, fsync_replace
+from geoseg.io.cog import atomic_path, fsync_replace, make_staging, output_lock, sweep_staging
 from geoseg.io.mask import NODATA, MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
 from geoseg.models.spec import default_palette
-from geoseg.vector.geometry import metric_crs, object_kind, oriented_box, pixel_to_world, regularize, reproject
+from geoseg.vector.geometry import metric_crs, object_kind, oriented_box, pixel_to_world, regularize, reproject, to_metric
 from geoseg.vector.polygonize import Pieces, merge_seams, polygonize_block
 from geoseg.vector.writers import EXTENSIONS, FORMATS, Layer, layer_batches, write_layer
 
@@ -78,7 +78,7 @@ def _pixel_size_m(src: MaskSource, mcrs: str | None) -> float:
         return 1.0
     cx, cy = gb.width / 2, gb.height / 2
     square = pixel_to_world(np.array([shapely.box(cx, cy, cx + 1, cy + 1)]), gb.transform)
-    area = shapely.area(reproject(square, gb.crs, mcrs))[0]
+    area = shapely.area(to_metric(square, gb.crs, mcrs)[0])[0]
     return float(math.sqrt(area))
 
 
@@ -107,16 +107,19 @@ def features_table(pieces: Pieces, src: MaskSource, params: VectorParams):
     world = pixel_to_world(pieces.geometry, gb.transform)
     n = len(world)
     if gb.crs and params.metric_crs:
-        metric = reproject(world, gb.crs, params.metric_crs)
+        metric, metric_crss = to_metric(world, gb.crs, params.metric_crs)
         area = shapely.area(metric)
         perim = shapely.length(metric)
-    else:  # pixel space: "metres" are pixels
-        metric = world
+        size = area
+    else:  # pixel space: no metres; sizes in pixels
+        metric, metric_crss = world, np.full(n, None, dtype=object)
         area = shapely.area(world)
         perim = shapely.length(world)
-    keep = area >= params.min_area if params.min_area > 0 else np.ones(n, bool)
+        size = pieces.count.astype(np.float64)
+    keep = size >= params.min_area if params.min_area > 0 else np.ones(n, bool)
     if not keep.all():
         pieces, world, metric, area, perim = pieces.take(keep), world[keep], metric[keep], area[keep], perim[keep]
+        metric_crss = metric_crss[keep]
         n = len(world)
     cols: dict[str, np.ndarray] = {
         "id": pieces.first,
@@ -146,11 +149,12 @@ def features_table(pieces: Pieces, src: MaskSource, params: VectorParams):
         extra["length_m"][sel], extra["width_m"][sel], extra["heading_deg"][sel] = oriented_box(metric[sel])
     if params.regularize:
         sel = np.flatnonzero(kind == "building")
+        tol = 1.5 * (params.pixel_size_m if gb.crs else max(abs(gb.transform.a), abs(gb.transform.e)))
         for k in sel:
-            reg = regularize(metric[k], 1.5 * (1.0 if not gb.crs else params.pixel_size_m))
+            reg = regularize(metric[k], tol)
             if reg is not metric[k]:
                 metric[k] = reg
-                world[k] = reproject(np.array([reg]), params.metric_crs, gb.crs)[0] if gb.crs else reg
+                world[k] = reproject(np.array([reg]), metric_crss[k], gb.crs)[0] if gb.crs else reg
         if len(sel):
             area[sel] = shapely.area(metric[sel])
             perim[sel] = shapely.length(metric[sel])
@@ -227,12 +231,10 @@ def _resolve_classes(src: MaskSource, classes: Sequence[str | int] | None) -> tu
     palette = default_palette(256)
     if classes is None or (len(classes) == 1 and str(classes[0]).lower() == "all"):
         wanted_all = classes is not None
-        if not known:
-            ids = list(range(1, NODATA))  # unknown classes: every value but 0 and nodata, found while reading
+        if not src.named:  # no class list: the values present (found while reading), 0 counting as background
+            ids = list(range(0 if wanted_all else 1, NODATA))
         else:
             ids = [c.id for c in src.classes if wanted_all or (c.name.lower() not in BACKGROUND_NAMES and c.name != "class_0")]
-        if wanted_all and not known:
-            ids = list(range(NODATA))
     else:
         ids = []
         by_name = {c.name: c.id for c in src.classes}
@@ -278,7 +280,7 @@ def vectorize(
     connectivity: int = 4,
     crs: str | None = None,
     formats: Sequence[str] = DEFAULT_FORMATS,
-    precision: int = 7,
+    precision: int | None = None,
     regularize: bool = False,
     chunk: int = 2048,
     project: bool = True,
@@ -318,8 +320,10 @@ def vectorize(
         GeoJSON is always EPSG:4326 (RFC 7946).
     formats : sequence of str
         Any of ``geojson``, ``gpkg``, ``fgb``, ``parquet``.
-    precision : int
-        GeoJSON coordinate decimals (7 is about 1 cm).
+    precision : int, optional
+        GeoJSON coordinate decimals; default 7 (about 1 cm), more for pixels under 10 cm.
+        Decimals too coarse for the pixel size (a rounding step over a tenth of a pixel) are
+        an error.
     regularize : bool
         Replace building outlines with right-angled footprints.
     chunk : int
@@ -368,7 +372,7 @@ def vectorize(
 
     out_dir = os.path.abspath(out_dir)
     full, ids = _resolve_classes(src, classes)
-    layer_names = {c.id: _safe_name(c.name) for c in full}
+    layer_names = _layer_names(full)
     mcrs = metric_crs(gb.crs, gb.bounds) if gb.crs else None
     chunk = max(src.block, math.ceil(chunk / src.block) * src.block)
     run_params = {
@@ -391,14 +395,27 @@ def vectorize(
         metric_crs=mcrs,
         pixel_size_m=_pixel_size_m(src, mcrs),
     )
+    if gb.crs and "geojson" in formats:
+        # a rounding step of at most a tenth of a pixel keeps every polygon's shape
+        needed = max(0, math.ceil(-math.log10(params.pixel_size_m / 111_320.0 / 10.0)))
+        if precision is None:
+            precision = max(7, needed)
+        elif precision < needed:
+            raise InputError(
+                f"--precision {precision} rounds lon/lat coarser than a tenth of a {params.pixel_size_m:.3g} m pixel; "
+                f"use --precision {needed} or more"
+            )
+    precision = 7 if precision is None else precision
     outputs = _planned_outputs(formats, [layer_names[i] for i in ids], project)
     _check_out(out_dir, outputs, overwrite)
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, ".geoseg-vstaging-*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = os.path.join(out_dir, f".geoseg-vstaging-{params.run_id}")
-    os.makedirs(os.path.join(staging, "parts"), exist_ok=True)
+    lock = ExitStack()
+    lock.enter_context(output_lock(out_dir))  # one writer per folder: a second run is refused
+    staging = ""
     try:
+        _check_out(out_dir, outputs, overwrite)  # again, now that no other run can be writing here
+        sweep_staging(out_dir, ".geoseg-vstaging-")  # left by killed runs (never a live one)
+        staging = make_staging(out_dir, ".geoseg-vstaging-", params.run_id)
+        os.makedirs(os.path.join(staging, "parts"))
         windows = _chunk_windows(gb.height, gb.width, chunk)
         tasks = [
             dask.delayed(_vectorize_chunk, pure=True)(
@@ -425,7 +442,7 @@ def vectorize(
                 parts.append(path)
         t2 = time.perf_counter()
         present = sorted({v for r in results for v in r["values"]})
-        if not src.classes and classes is None:
+        if not src.named and (classes is None or str(classes[0]).lower() == "all"):
             ids = [i for i in ids if i in present]
         layers = [Layer(layer_names[i], i, object_kind(full[i].name), tuple(full[i].color)) for i in ids]
         counts = _count(parts, layers)
@@ -463,12 +480,27 @@ def vectorize(
         fsync_replace(tmp, os.path.join(out_dir, REPORT_NAME))
         return report
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+        lock.close()
 
 
 def _safe_name(name: str) -> str:
     out = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name.strip())
     return out or "class"
+
+
+def _layer_names(classes: Sequence[MaskClass]) -> dict[int, str]:
+    """File-safe layer names, unique ignoring case (GeoPackage layer names are case-insensitive)."""
+    names: dict[int, str] = {}
+    taken: set[str] = set()
+    for c in sorted(classes, key=lambda c: c.id):
+        name = _safe_name(c.name)
+        if name.lower() in taken:
+            name = f"{name}_{c.id}"
+        taken.add(name.lower())
+        names[c.id] = name
+    return names
 
 
 def _planned_outputs(formats: Sequence[str], layer_names: Sequence[str], project: bool) -> list[str]:
@@ -597,11 +629,46 @@ def _write_outputs(
         )
         staged[PROJECT_NAME] = path
         written["project"] = PROJECT_NAME
-    for rel, path in staged.items():
-        final = os.path.join(out_dir, rel)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        fsync_replace(path, final)
+    _publish(out_dir, staged)
     return written, timings
+
+
+def _old_outputs(out_dir: str) -> set[str]:
+    """Files a previous vectors.json in ``out_dir`` lists (relative paths inside the folder)."""
+    try:
+        with open(os.path.join(out_dir, REPORT_NAME)) as f:
+            outputs = json.load(f).get("outputs", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    rels: set[str] = set()
+    for v in outputs.values() if isinstance(outputs, dict) else ():
+        for rel in [v] if isinstance(v, str) else v if isinstance(v, list) else ():
+            if isinstance(rel, str) and not os.path.isabs(rel) and ".." not in rel.split(os.sep):
+                rels.add(rel)
+    return rels
+
+
+def _publish(out_dir: str, staged: dict[str, str]) -> None:
+    """Move staged files into place; vectors.json (written after) is absent until all are in place.
+
+    Files of a previous run that this one does not write (other classes or formats) are removed,
+    so the folder never mixes two runs.
+    """
+    old = _old_outputs(out_dir)
+    final = os.path.join(out_dir, REPORT_NAME)
+    try:
+        if os.path.exists(final):
+            os.remove(final)
+        for rel, path in staged.items():
+            final = os.path.join(out_dir, rel)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            fsync_replace(path, final)
+        for rel in sorted(old - set(staged)):
+            final = os.path.join(out_dir, rel)
+            if os.path.isfile(final):
+                os.remove(final)
+    except OSError as exc:
+        raise OutputError(f"{final}: could not put the new file in place ({exc}); check the folder and rerun") from exc
 
 
 def _mask_classes(src: MaskSource) -> list[MaskClass]:

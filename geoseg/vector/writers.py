@@ -91,7 +91,12 @@ def layer_batches(
         if src_crs and dst_crs:
             geoms = reproject(geoms, src_crs, dst_crs, densify=densify)
         if precision is not None:
-            geoms = shapely.set_precision(geoms, 10.0**-precision, mode="valid_output")
+            # round every vertex (fast), then repair only the few polygons rounding made invalid
+            rounded = shapely.set_precision(geoms, 10.0**-precision, mode="pointwise")
+            bad = ~shapely.is_valid(rounded)
+            if bad.any():
+                rounded[bad] = shapely.set_precision(geoms[bad], 10.0**-precision, mode="valid_output")
+            geoms = rounded
         geoms = shapely.orient_polygons(geoms)
         table = table.set_column(table.schema.get_field_index("geometry"), "geometry", _wkb_array(geoms))
         yield from table.to_batches()

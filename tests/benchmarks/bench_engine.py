@@ -99,6 +99,7 @@ class PeakMemory:
         self.peak = 0
         self.peak_by_process: dict[str, int] = {}
         self.samples = 0
+        self.cpu_by_pid: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
 
@@ -113,12 +114,15 @@ class PeakMemory:
             procs = [self._proc]
         for p in procs:
             try:
-                rss = p.memory_info().rss
-                name = p.name()
+                with p.oneshot():
+                    rss = p.memory_info().rss
+                    cpu = p.cpu_times()
+                    name = p.name()
             except psutil.Error:  # exited between listing and reading
                 continue
             total += rss
             parts[f"{p.pid} {name}"] = rss
+            self.cpu_by_pid[p.pid] = cpu.user + cpu.system
         self.samples += 1
         if total > self.peak:
             self.peak = total
@@ -144,6 +148,11 @@ class PeakMemory:
     def peak_mib(self) -> float:
         """Peak summed RSS in MiB."""
         return self.peak / 2**20
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) used by every process of the tree, from its start."""
+        return sum(self.cpu_by_pid.values())
 
 
 # --------------------------------------------------------------------------------------
