@@ -53,7 +53,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -559,35 +558,23 @@ def format_tables(res: dict[str, Any]) -> str:
 
 
 def _machine() -> dict[str, Any]:
-    import dask
-    import numpy as np
+    """The engine benchmark's machine description, plus the vector stack's versions."""
     import psutil
     import pyogrio
-    import rasterio
     import shapely
 
-    from geoseg import __version__
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "ram_gib": psutil.virtual_memory().total / 2**30,
-        "geoseg": __version__,
-        "numpy": np.__version__,
-        "rasterio": rasterio.__version__,
-        "gdal": rasterio.__gdal_version__,
-        "shapely": shapely.__version__,
-        "geos": shapely.geos_version_string,
-        "pyogrio": pyogrio.__version__,
-        "dask": dask.__version__,
-        "cpu": platform.processor() or None,
-    }
     try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), info["cpu"])
-    except OSError:
-        pass
+        from .bench_engine import _machine as engine_machine
+    except ImportError:  # run as a plain script
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from tests.benchmarks.bench_engine import _machine as engine_machine
+    info = engine_machine()
+    info.update(
+        ram_gib=psutil.virtual_memory().total / 2**30,
+        shapely=shapely.__version__,
+        geos=shapely.geos_version_string,
+        pyogrio=pyogrio.__version__,
+    )
     return info
 
 
