@@ -49,18 +49,19 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
-def _parse_bands(value: str | None) -> tuple[int, ...] | None:
-    if not value:
-        return None
+def _parse_bands(value: str | None) -> tuple[tuple[int, ...] | None, dict[str, int]]:
+    from geoseg.errors import ModelError
+    from geoseg.models.card import parse_band_option
+
     try:
-        return tuple(int(b) for b in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give 1-based band numbers separated by commas, e.g. 3,2,1") from None
+        return parse_band_option(value)
+    except ModelError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.command()
 @click.argument("src")
-@click.option("--model", "-m", required=True, help="TorchScript .pt or ONNX .onnx file.")
+@click.option("--model", "-m", required=True, help="TorchScript .pt / ONNX .onnx file, or a bundled model (geoseg models).")
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--tile", type=click.IntRange(min=8), default=None, help="Model input size in pixels [card, else 512].")
 @click.option("--halo", type=click.IntRange(min=0), default=None, help="Context pixels at each tile edge [card, else 32].")
@@ -87,7 +88,11 @@ def _parse_bands(value: str | None) -> tuple[int, ...] | None:
 @click.option(
     "--aoi", type=click.Path(dir_okay=False), default=None, help="Vector file (any CRS): segment only inside its polygons."
 )
-@click.option("--bands", default=None, help="1-based bands in model order, e.g. 3,2,1 [all, file order].")
+@click.option(
+    "--bands",
+    default=None,
+    help="1-based bands in model order (3,2,1) or names for the card's bands (nir=4,red=3) [card + descriptions, else all].",
+)
 @click.option("--probabilities", is_flag=True, help="Also write probabilities.tif (one band per class).")
 @click.option("--probabilities-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an error).")
@@ -124,13 +129,15 @@ def predict(
     from geoseg.engine.write import check_output_dir
 
     check_output_dir(out_dir, overwrite)  # fail before starting a cluster
+    band_idx, band_map = _parse_bands(bands)
     quiet = ctx.obj["quiet"]
     progress = sys.stderr.isatty() and not quiet
     with use_scheduler(scheduler, workers=workers, device=device) as sched:
         result = run_predict(
             src,
             model,
-            bands=_parse_bands(bands),
+            bands=band_idx,
+            band_map=band_map,
             aoi=aoi,
             tile=tile,
             halo=halo,
@@ -253,6 +260,24 @@ def vectorize(
         )
     if not quiet:
         _echo_vectors(out_dir, report)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the cards as JSON.")
+def models(as_json: bool) -> None:
+    """List the bundled models (offline, made by geoseg) with their cards."""
+    import json
+
+    from geoseg.models.bundled import BUNDLED
+
+    if as_json:
+        click.echo(json.dumps({k: m.card for k, m in BUNDLED.items()}, indent=2))
+        return
+    for name, m in BUNDLED.items():
+        c = m.card
+        classes = ", ".join(x["name"] for x in c["classes"])
+        click.echo(f"{name} (v{c['version']}, {c['task']}): {c['description']}")
+        click.echo(f"    bands: {', '.join(c['bands'])}; classes: {classes}; licence: {c['license']}")
 
 
 @main.command()

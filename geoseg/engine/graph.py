@@ -84,11 +84,43 @@ def _probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int):
     return dask.delayed(probe, pure=True)(spec, runtime, bands, size).compute()
 
 
+def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int]) -> RasterSource:
+    """Open the source with the bands the model's card asks for, in its order; scaling resolved."""
+    from geoseg.models.card import match_bands
+
+    card = spec.card
+    if isinstance(source, RasterSource):
+        src = source
+    elif card.bands and bands is None:
+        everything = open_source(source)
+        src = open_source(source, match_bands(card.bands, everything.band_descriptions, band_map, origin=everything.path))
+    else:
+        if band_map:
+            raise InputError("--bands NAME=N needs a model card that names its bands; give band numbers (e.g. 3,2,1) instead")
+        src = open_source(source, bands)
+    if card.bands and src.count != len(card.bands):
+        raise InputError(
+            f"{src.path}: the model {card.name!r} takes {len(card.bands)} bands ({', '.join(card.bands)}) but "
+            f"{src.count} were selected; fix --bands"
+        )
+    return src
+
+
+def _resolve_scaling(spec: ModelSpec, src: RasterSource) -> ModelSpec:
+    if spec.card.scaling.method != "percentile":
+        return spec
+    from geoseg.io.raster import band_percentiles
+
+    scaling = spec.card.scaling.resolve(lambda lo, hi: band_percentiles(src, lo, hi))
+    return replace(spec, card=replace(spec.card, scaling=scaling))
+
+
 def predict(
     source: str | os.PathLike | RasterSource,
     model: Any,
     *,
     bands: list[int] | tuple[int, ...] | None = None,
+    band_map: dict[str, int] | None = None,
     aoi: str | os.PathLike | None = None,
     tile: int | None = None,
     halo: int | None = None,
@@ -112,7 +144,11 @@ def predict(
         TorchScript ``.pt``, ONNX ``.onnx`` or an in-memory module. It receives float32 raw
         band values ``(N, bands, H, W)`` and returns class logits ``(N, classes, H, W)``.
     bands : sequence of int, optional
-        1-based bands, in the order the model takes them (default: all, file order).
+        1-based bands, in the order the model takes them (default: the card's band names
+        matched to band descriptions, else all bands in file order).
+    band_map : dict, optional
+        ``{band name: 1-based band}`` for card band names the descriptions do not give,
+        e.g. ``{"nir": 4, "red": 3}``.
     aoi : path, optional
         Vector file in any CRS: only the raster window covering it is segmented, and
         pixels outside its polygons are nodata.
@@ -159,8 +195,9 @@ def predict(
     t0 = time.perf_counter()
     if blend not in ("crop", "cosine"):
         raise InputError(f"blend must be 'crop' or 'cosine', got {blend!r}")
-    src = source if isinstance(source, RasterSource) else open_source(source, bands)
     spec = resolve_model(model, card)
+    src = _open_for(source, spec, bands, band_map or {})
+    spec = _resolve_scaling(spec, src)
     if num_threads is None:
         from geoseg.engine.cluster import active_scheduling
 

@@ -31,7 +31,8 @@ def read_chunk(source: RasterSource, plan: TilePlan, i: int, j: int, aoi: AOI | 
     -------
     dict
         ``data`` (bands, h, w) raw values over the chunk's input window; ``window``;
-        ``valid`` bool over the chunk window (input valid and inside the AOI);
+        ``valid`` bool over the chunk window (input valid and inside the AOI); ``valid_input``
+        bool over the input window;
         ``read_s``.
     """
     win = plan.input_window(i, j)
@@ -40,7 +41,7 @@ def read_chunk(source: RasterSource, plan: TilePlan, i: int, j: int, aoi: AOI | 
     valid = valid_in[cw.slices(win)].copy()
     if aoi is not None:
         valid &= aoi.mask(source.geobox, cw)
-    return {"data": data, "window": win, "valid": valid, "read_s": seconds}
+    return {"data": data, "window": win, "valid": valid, "valid_input": valid_in, "read_s": seconds}
 
 
 def _batches(plan: TilePlan, i: int, j: int, valid: np.ndarray, batch_size: int):
@@ -88,6 +89,9 @@ def predict_chunk(
     t0 = time.perf_counter()
     predictor = get_predictor(spec, runtime)
     data, origin, valid = chunk["data"], chunk["window"], chunk["valid"]
+    if spec.card.scaling.method != "none":  # the card's scaling, once per chunk; invalid pixels stay 0
+        data = spec.card.scaling.apply(data.astype(np.float32, copy=False))
+        data[:, ~chunk["valid_input"]] = 0.0
     cw = plan.chunk_window(i, j)
     batches, n_tiles, skipped = _batches(plan, i, j, valid, runtime.batch_size)
     stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"]}

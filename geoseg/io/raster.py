@@ -235,3 +235,39 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
         data = data[:, ri, ci]
         valid = valid[ri, ci]
     return data, valid, time.perf_counter() - t0
+
+
+def band_percentiles(source: RasterSource, low: tuple[float, ...], high: tuple[float, ...], max_side: int = 1024):
+    """Per-band percentiles of the whole raster's valid pixels, from a decimated read.
+
+    Used to turn a card's percentile scaling into fixed values before any tile runs (the
+    same values for every tile, so no seams). Reads at most ``max_side`` pixels per side
+    (GDAL picks an overview when there is one).
+
+    Returns
+    -------
+    low_values, high_values : numpy.ndarray
+        One value per selected band.
+    """
+    import rasterio
+
+    gb = source.geobox
+    f = max(1, int(np.ceil(max(gb.width, gb.height) / max_side)))
+    shape = (len(source.bands), max(1, gb.height // f), max(1, gb.width // f))
+    try:
+        with rasterio.Env(**dict(source.gdal_options)), rasterio.open(source.path) as ds:
+            data = ds.read(list(source.bands), out_shape=shape, masked=True)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterReadError(f"{source.path}: reading an overview for percentile scaling failed ({exc})") from exc
+    arr = data.astype(np.float64).filled(np.nan)
+    arr[~np.isfinite(arr)] = np.nan
+    n = arr.shape[0]
+    lo = np.broadcast_to(np.asarray(low, np.float64), (n,))
+    hi = np.broadcast_to(np.asarray(high, np.float64), (n,))
+    flat = arr.reshape(n, -1)
+    if not np.isfinite(flat).any():
+        raise InputError(f"{source.path}: no valid pixel to compute percentile scaling from; check the nodata value")
+    return (
+        np.array([np.nanpercentile(flat[b], lo[b]) for b in range(n)]),
+        np.array([np.nanpercentile(flat[b], hi[b]) for b in range(n)]),
+    )

@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["IndexLandcover", "export_index_landcover"]
+__all__ = ["IndexLandcover", "NormalizedDifference", "export_index_landcover"]
 
 
 class IndexLandcover(nn.Module):
@@ -46,3 +46,23 @@ def export_index_landcover(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     torch.jit.save(torch.jit.script(IndexLandcover()), path)
     return path
+
+
+class NormalizedDifference(nn.Module):
+    """Two classes from a normalised difference of two input bands: 1 where ``(a - b) / (a + b) > threshold``.
+
+    The input has two bands ``(a, b)`` in that order (any common scale); the output is two logits
+    whose argmax applies the threshold and whose softmax grows smoothly with the index.
+    """
+
+    def __init__(self, threshold: float, sharpness: float = 20.0) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.sharpness = sharpness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, 2, H, W)`` from a ``(N, 2, H, W)`` batch."""
+        a, b = x[:, 0], x[:, 1]
+        nd = (a - b) / (a + b + 1e-6)
+        positive = self.sharpness * (nd - self.threshold)
+        return torch.stack([torch.zeros_like(nd), positive], dim=1)

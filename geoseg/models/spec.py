@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from geoseg.errors import ModelError
+from geoseg.models.card import Scaling
 
 __all__ = ["ClassInfo", "ModelCard", "ModelSpec", "Runtime", "default_palette", "resolve_model"]
 
@@ -89,6 +90,19 @@ class ModelCard:
     activation : str
         ``softmax`` (multi-class logits), ``sigmoid`` (one binary logit channel), or
         ``none`` (the model already outputs probabilities).
+    version : str, optional
+        Model version.
+    task : str
+        ``area`` (land cover, change) or ``objects`` (countable things).
+    bands : tuple of str, optional
+        Input band names in model order (``blue``, ``green``, ``red``, ``nir``, ``swir1``, ...),
+        matched to raster bands by description or a ``--bands name=N`` mapping.
+    scaling : Scaling
+        How raw values become model inputs (see :class:`geoseg.models.card.Scaling`).
+    gsd_m : float, optional
+        Ground sample distance the model was trained at, in metres.
+    info_json : str
+        Description, licence, metrics and training recipe (JSON), carried for the record.
     """
 
     name: str
@@ -97,6 +111,12 @@ class ModelCard:
     halo: int | None = None
     size_multiple: int = 32
     activation: str = "auto"
+    version: str | None = None
+    task: str = "area"
+    bands: tuple[str, ...] | None = None
+    scaling: Scaling = field(default_factory=Scaling)
+    gsd_m: float | None = None
+    info_json: str = "{}"
 
     def with_classes(self, n_outputs: int) -> ModelCard:
         """The card with default classes for a model with ``n_outputs`` channels."""
@@ -217,12 +237,24 @@ def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:
     """
     if isinstance(model, ModelSpec):
         return model if card is None else replace(model, card=card)
+    if isinstance(model, str) and not os.path.exists(model):
+        from geoseg.models.bundled import BUNDLED, bundled_path
+
+        if model in BUNDLED:
+            model = bundled_path(model)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isfile(path):
-            raise ModelError(f"{path}: model file not found; give a TorchScript .pt or an ONNX .onnx file")
+            raise ModelError(
+                f"{path}: model file not found; give a TorchScript .pt or an ONNX .onnx file, or a bundled model name "
+                "(see `geoseg models`)"
+            )
         kind = _sniff_kind(path)
         name = os.path.splitext(os.path.basename(path))[0]
+        if card is None:
+            from geoseg.models.card import find_card
+
+            card = find_card(path, kind)
         return ModelSpec(kind, _sha256_file(path), card or ModelCard(name=name), path=os.path.abspath(path))
     if hasattr(model, "forward") and hasattr(model, "state_dict"):
         import cloudpickle

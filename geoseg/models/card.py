@@ -1,0 +1,485 @@
+"""Model cards: read, validate and apply what a model expects (bands, scaling, classes).
+
+A card is a JSON/YAML file beside the model (``model.card.json``, ``model.card.yaml``), or
+embedded in it: a TorchScript ``_extra_files`` entry ``geoseg_card.json``, or an ONNX
+``metadata_props`` entry ``geoseg_card``. ONNX models made for the Deepness QGIS plugin or
+GeoDeep carry their own metadata keys (``class_names``, ``resolution`` in cm/px,
+``tiles_size``, ``tiles_overlap`` in percent, ``standardization_mean/std``); those are
+read too, so such models run unchanged.
+
+No torch here: TorchScript archives are zip files, read with :mod:`zipfile`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from geoseg.errors import ModelError
+
+__all__ = [
+    "BAND_ALIASES",
+    "CARD_KEYS",
+    "Scaling",
+    "card_from_dict",
+    "card_to_dict",
+    "find_card",
+    "match_bands",
+    "parse_band_option",
+]
+
+#: every key a card may have (anything else is an error: a typo must not be ignored)
+CARD_KEYS = {
+    "name",
+    "version",
+    "task",
+    "description",
+    "license",
+    "classes",
+    "bands",
+    "scaling",
+    "gsd_m",
+    "tile",
+    "halo",
+    "size_multiple",
+    "activation",
+    "metrics",
+    "training",
+}
+CLASS_KEYS = {"id", "name", "color", "kind"}
+SCALING_KEYS = {"method", "value", "mean", "std", "low", "high"}
+SCALING_METHODS = ("none", "divide", "meanstd", "minmax", "percentile")
+TASKS = ("area", "objects")
+ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
+
+#: band names and the descriptions that mean them (Sentinel-2, Landsat 8/9, plain words)
+BAND_ALIASES: dict[str, tuple[str, ...]] = {
+    "coastal": ("coastal", "aerosol", "b01", "b1_l8"),
+    "blue": ("blue", "b", "b02", "b2", "sr_b2"),
+    "green": ("green", "g", "b03", "b3", "sr_b3"),
+    "red": ("red", "r", "b04", "b4", "sr_b4"),
+    "rededge1": ("rededge1", "re1", "b05"),
+    "rededge2": ("rededge2", "re2", "b06"),
+    "rededge3": ("rededge3", "re3", "b07"),
+    "nir": ("nir", "near infrared", "near-infrared", "b08", "b8", "b8a", "sr_b5"),
+    "swir1": ("swir1", "swir 1", "swir16", "b11", "sr_b6"),
+    "swir2": ("swir2", "swir 2", "swir22", "b12", "sr_b7"),
+    "pan": ("pan", "panchromatic", "b8_l8"),
+}
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How raw band values become model inputs.
+
+    ``none``; ``divide`` by ``value``; ``meanstd`` ``(x - mean) / std`` per band;
+    ``minmax`` ``(x - low) / (high - low)`` per band, clipped to [0, 1]; ``percentile``:
+    like ``minmax`` with ``low``/``high`` as percentiles of the whole raster, turned into
+    values once before any tile runs (per-tile statistics would put seams into the result).
+    """
+
+    method: str = "none"
+    value: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+
+    def validate(self, n_bands: int | None, origin: str) -> None:
+        """Raise :class:`ModelError` (naming ``origin``) if the parameters do not fit the method."""
+        m = self.method
+        if m not in SCALING_METHODS:
+            raise ModelError(f"{origin}: scaling method {m!r} is unknown; use one of {', '.join(SCALING_METHODS)}")
+        need = {"divide": ("value",), "meanstd": ("mean", "std"), "minmax": ("low", "high"), "percentile": ("low", "high")}
+        for key in need.get(m, ()):
+            if getattr(self, key) is None:
+                raise ModelError(f"{origin}: scaling {m!r} needs {key!r}")
+        if m == "divide" and not self.value:
+            raise ModelError(f"{origin}: scaling 'divide' needs a non-zero value")
+        for key in ("mean", "std", "low", "high"):
+            v = getattr(self, key)
+            if v is not None and n_bands is not None and len(v) not in (1, n_bands):
+                raise ModelError(f"{origin}: scaling {key} has {len(v)} values for {n_bands} bands; give one or one per band")
+        if m == "meanstd" and any(s == 0 for s in self.std or ()):
+            raise ModelError(f"{origin}: scaling std must not be 0")
+        if m == "percentile" and not all(0 <= a < b <= 100 for a, b in zip(self.low or (), self.high or (), strict=False)):
+            raise ModelError(f"{origin}: percentile scaling needs 0 <= low < high <= 100")
+
+    def resolve(self, percentiles: Any) -> Scaling:
+        """Turn ``percentile`` scaling into ``minmax`` with values from ``percentiles(low, high)``.
+
+        ``percentiles`` returns two per-band arrays (computed on the whole raster).
+        """
+        if self.method != "percentile":
+            return self
+        lo, hi = percentiles(self.low, self.high)
+        hi = np.where(np.asarray(hi) > np.asarray(lo), hi, np.asarray(lo) + 1.0)
+        return Scaling("minmax", low=tuple(float(v) for v in lo), high=tuple(float(v) for v in hi))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Scale a float32 ``(bands, h, w)`` or ``(n, bands, h, w)`` array (bands on axis -3)."""
+        m = self.method
+        if m == "none":
+            return x
+
+        def per_band(v: tuple[float, ...]) -> np.ndarray:
+            return np.asarray(v, np.float32).reshape(-1, 1, 1)
+
+        if m == "divide":
+            return x / np.float32(self.value)
+        if m == "meanstd":
+            return (x - per_band(self.mean)) / per_band(self.std)
+        if m == "minmax":
+            lo, hi = per_band(self.low), per_band(self.high)
+            return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+        raise ModelError("percentile scaling must be resolved on the whole raster before tiles run; this is a geoseg bug")
+
+
+def _floats(v: Any, key: str, origin: str) -> tuple[float, ...] | None:
+    if v is None:
+        return None
+    seq = v if isinstance(v, (list, tuple)) else [v]
+    try:
+        return tuple(float(x) for x in seq)
+    except (TypeError, ValueError):
+        raise ModelError(f"{origin}: scaling {key} must be a number or a list of numbers, got {v!r}") from None
+
+
+def _color(v: Any, origin: str, name: str) -> tuple[int, int, int]:
+    if isinstance(v, str) and v.startswith("#") and len(v) == 7:
+        try:
+            return (int(v[1:3], 16), int(v[3:5], 16), int(v[5:7], 16))
+        except ValueError:
+            pass
+    if isinstance(v, (list, tuple)) and len(v) in (3, 4) and all(isinstance(c, int) and 0 <= c <= 255 for c in v):
+        return (int(v[0]), int(v[1]), int(v[2]))
+    raise ModelError(f"{origin}: class {name!r} colour {v!r} is not [r, g, b] (0-255) or '#rrggbb'")
+
+
+def _reject_unknown(d: Mapping[str, Any], allowed: set[str], what: str, origin: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise ModelError(f"{origin}: unknown {what} key(s) {names}; allowed: {', '.join(sorted(allowed))}")
+
+
+def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model"):
+    """Validate a card dictionary and build a :class:`~geoseg.models.spec.ModelCard`.
+
+    Parameters
+    ----------
+    d : mapping
+        The card (from JSON/YAML or metadata).
+    origin : str
+        Where it came from, for error messages (a file path).
+    default_name : str
+        Name when the card has none.
+
+    Returns
+    -------
+    ModelCard
+
+    Raises
+    ------
+    ModelError
+        Unknown keys, duplicate class ids, bad colours, band or scaling mismatches.
+    """
+    from geoseg.models.spec import ClassInfo, ModelCard, default_palette
+
+    if not isinstance(d, Mapping):
+        raise ModelError(f"{origin}: a model card must be a mapping of keys, got {type(d).__name__}")
+    _reject_unknown(d, CARD_KEYS, "card", origin)
+    task = d.get("task", "area")
+    if task not in TASKS:
+        raise ModelError(f"{origin}: task must be 'area' or 'objects', got {task!r}")
+    classes = None
+    if d.get("classes") is not None:
+        raw = d["classes"]
+        if not isinstance(raw, list) or not raw:
+            raise ModelError(f"{origin}: classes must be a non-empty list of {{id, name, color}}")
+        palette = default_palette(256)
+        out, seen, names = [], set(), set()
+        for c in raw:
+            if not isinstance(c, Mapping) or "id" not in c or "name" not in c:
+                raise ModelError(f"{origin}: each class needs an id and a name, got {c!r}")
+            _reject_unknown(c, CLASS_KEYS, "class", origin)
+            cid = c["id"]
+            if not isinstance(cid, int) or not 0 <= cid < 255:
+                raise ModelError(f"{origin}: class id {cid!r} must be an integer 0-254 (255 is nodata)")
+            if cid in seen:
+                raise ModelError(f"{origin}: class id {cid} appears twice; class ids must be unique")
+            if str(c["name"]) in names:
+                raise ModelError(f"{origin}: class name {c['name']!r} appears twice; class names must be unique")
+            seen.add(cid)
+            names.add(str(c["name"]))
+            color = _color(c["color"], origin, str(c["name"])) if c.get("color") is not None else palette[cid]
+            out.append(ClassInfo(cid, str(c["name"]), color))
+        classes = tuple(sorted(out, key=lambda c: c.id))
+    bands = d.get("bands")
+    if bands is not None:
+        if not isinstance(bands, list) or not bands or not all(isinstance(b, str) and b.strip() for b in bands):
+            raise ModelError(f"{origin}: bands must be a list of band names such as [blue, green, red, nir]")
+        if len({b.lower() for b in bands}) != len(bands):
+            raise ModelError(f"{origin}: a band is listed twice in {bands}")
+        bands = tuple(b.strip().lower() for b in bands)
+    sc = d.get("scaling") or {"method": "none"}
+    if not isinstance(sc, Mapping):
+        raise ModelError(f"{origin}: scaling must be a mapping such as {{method: divide, value: 10000}}")
+    _reject_unknown(sc, SCALING_KEYS, "scaling", origin)
+    value = sc.get("value")
+    try:
+        value = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        raise ModelError(f"{origin}: scaling value must be a number, got {value!r}") from None
+    scaling = Scaling(
+        method=str(sc.get("method", "none")),
+        value=value,
+        mean=_floats(sc.get("mean"), "mean", origin),
+        std=_floats(sc.get("std"), "std", origin),
+        low=_floats(sc.get("low"), "low", origin),
+        high=_floats(sc.get("high"), "high", origin),
+    )
+    scaling.validate(len(bands) if bands else None, origin)
+    activation = d.get("activation", "auto")
+    if activation not in ACTIVATIONS:
+        raise ModelError(f"{origin}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+    def pos_int(key: str, minimum: int = 1) -> int | None:
+        v = d.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, int) or v < minimum:
+            raise ModelError(f"{origin}: {key} must be an integer >= {minimum}, got {v!r}")
+        return v
+
+    gsd = d.get("gsd_m")
+    if gsd is not None and (not isinstance(gsd, (int, float)) or gsd <= 0):
+        raise ModelError(f"{origin}: gsd_m must be a positive number of metres per pixel, got {gsd!r}")
+    info = {k: d[k] for k in ("description", "license", "metrics", "training") if d.get(k) is not None}
+    return ModelCard(
+        name=str(d.get("name") or default_name),
+        classes=classes,
+        tile=pos_int("tile", 8),
+        halo=pos_int("halo", 0),
+        size_multiple=pos_int("size_multiple") or 32,
+        activation=activation,
+        version=str(d["version"]) if d.get("version") is not None else None,
+        task=task,
+        bands=bands,
+        scaling=scaling,
+        gsd_m=float(gsd) if gsd is not None else None,
+        info_json=json.dumps(info, sort_keys=True, default=str),
+    )
+
+
+def card_to_dict(card) -> dict[str, Any]:
+    """The card as a plain dictionary (what :func:`card_from_dict` reads)."""
+    out: dict[str, Any] = {"name": card.name, "task": card.task}
+    if card.version:
+        out["version"] = card.version
+    if card.classes:
+        out["classes"] = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in card.classes]
+    if card.bands:
+        out["bands"] = list(card.bands)
+    if card.scaling.method != "none":
+        sc = {"method": card.scaling.method}
+        for k in ("value", "mean", "std", "low", "high"):
+            v = getattr(card.scaling, k)
+            if v is not None:
+                sc[k] = list(v) if isinstance(v, tuple) else v
+        out["scaling"] = sc
+    for k in ("gsd_m", "tile", "halo"):
+        if getattr(card, k) is not None:
+            out[k] = getattr(card, k)
+    out["size_multiple"] = card.size_multiple
+    out["activation"] = card.activation
+    out.update(json.loads(card.info_json or "{}"))
+    return out
+
+
+def _load_text(text: str, origin: str) -> Any:
+    if origin.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ModelError(f"{origin}: not valid YAML ({exc})") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ModelError(f"{origin}: not valid JSON ({exc})") from exc
+
+
+def _sidecars(path: str) -> list[str]:
+    stem = os.path.splitext(path)[0]
+    return [stem + ext for ext in (".card.json", ".card.yaml", ".card.yml")]
+
+
+def _deepness(meta: Mapping[str, str], origin: str) -> dict[str, Any] | None:
+    """A card from Deepness/GeoDeep ONNX metadata (class_names, resolution, tiles_size, ...)."""
+    keys = {"class_names", "resolution", "tiles_size", "tiles_overlap", "standardization_mean", "model_type"}
+    if not keys & set(meta):
+        return None
+
+    def val(key: str) -> Any:
+        raw = meta[key]
+        try:
+            return json.loads(raw)
+        except ValueError:
+            try:
+                import ast
+
+                return ast.literal_eval(raw)  # Deepness examples store Python dict reprs
+            except (ValueError, SyntaxError):
+                return raw
+
+    card: dict[str, Any] = {}
+    if "class_names" in meta:
+        names = val("class_names")
+        if isinstance(names, Mapping):
+            card["classes"] = [{"id": int(k), "name": str(v)} for k, v in sorted(names.items(), key=lambda kv: int(kv[0]))]
+        elif isinstance(names, list):
+            card["classes"] = [{"id": i, "name": str(v)} for i, v in enumerate(names)]
+    if "resolution" in meta:
+        card["gsd_m"] = float(val("resolution")) / 100.0  # centimetres per pixel
+    tile = int(val("tiles_size")) if "tiles_size" in meta else None
+    if tile:
+        card["tile"] = tile
+        if "tiles_overlap" in meta:
+            card["halo"] = round(tile * float(val("tiles_overlap")) / 100.0 / 2.0)
+    # both tools feed 8-bit RGB divided by 255, then optional standardisation
+    if "standardization_mean" in meta and "standardization_std" in meta:
+        mean = [float(v) * 255.0 for v in val("standardization_mean")]
+        std = [float(v) * 255.0 for v in val("standardization_std")]
+        card["scaling"] = {"method": "meanstd", "mean": mean, "std": std}
+    else:
+        card["scaling"] = {"method": "divide", "value": 255.0}
+    return card
+
+
+def _onnx_metadata(path: str) -> dict[str, str]:
+    try:
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        return {p.key: p.value for p in model.metadata_props}
+    except ImportError:
+        pass
+    try:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return dict(sess.get_modelmeta().custom_metadata_map)
+    except ImportError:
+        return {}
+
+
+def find_card(path: str, kind: str):
+    """The card of a model file: a sidecar file, else embedded metadata, else None.
+
+    Parameters
+    ----------
+    path : str
+        The model file.
+    kind : str
+        ``torchscript``, ``exported`` or ``onnx``.
+
+    Returns
+    -------
+    ModelCard or None
+    """
+    name = os.path.splitext(os.path.basename(path))[0]
+    for side in _sidecars(path):
+        if os.path.exists(side):
+            with open(side) as f:
+                return card_from_dict(_load_text(f.read(), side), side, name)
+    if kind in ("torchscript", "exported"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                hit = [n for n in z.namelist() if n.endswith("extra/geoseg_card.json")]
+                if hit:
+                    return card_from_dict(_load_text(z.read(hit[0]).decode(), path), f"{path} (embedded card)", name)
+        except zipfile.BadZipFile as exc:
+            raise ModelError(f"{path}: not a valid TorchScript archive ({exc}); re-export the model") from exc
+    elif kind == "onnx":
+        meta = _onnx_metadata(path)
+        if "geoseg_card" in meta:
+            return card_from_dict(_load_text(meta["geoseg_card"], path), f"{path} (geoseg_card metadata)", name)
+        d = _deepness(meta, path)
+        if d is not None:
+            return card_from_dict(d, f"{path} (Deepness/GeoDeep metadata)", name)
+    return None
+
+
+def parse_band_option(value: str | None) -> tuple[tuple[int, ...] | None, dict[str, int]]:
+    """Parse ``--bands``: ``3,2,1`` (indices in model order) or ``nir=4,red=3`` (names).
+
+    Returns
+    -------
+    indices : tuple of int or None
+    mapping : dict of str to int
+    """
+    if not value:
+        return None, {}
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if all("=" in v for v in items):
+        mapping: dict[str, int] = {}
+        for v in items:
+            k, _, b = v.partition("=")
+            if not b.strip().isdigit() or int(b) < 1:
+                raise ModelError(f"--bands {value!r}: {v!r} must be NAME=BAND with a 1-based band number, e.g. nir=4")
+            mapping[k.strip().lower()] = int(b)
+        return None, mapping
+    if all(v.isdigit() and int(v) >= 1 for v in items):
+        return tuple(int(v) for v in items), {}
+    raise ModelError(f"--bands {value!r}: give 1-based band numbers (3,2,1) or NAME=BAND pairs (nir=4,red=3), not a mix")
+
+
+def match_bands(
+    wanted: Sequence[str],
+    descriptions: Sequence[str | None],
+    mapping: Mapping[str, int] | None = None,
+    origin: str = "raster",
+) -> tuple[int, ...]:
+    """Find the raster band (1-based) for each band name a model wants.
+
+    Order of evidence: the user's ``name=band`` mapping, then band descriptions (with
+    :data:`BAND_ALIASES`, e.g. ``B08`` is ``nir``), then, when the raster has exactly as
+    many bands as the model wants and none is described, file order.
+
+    Raises
+    ------
+    ModelError
+        A wanted band cannot be found; the message lists the raster's bands and the fix.
+    """
+    mapping = {k.lower(): v for k, v in (mapping or {}).items()}
+    count = len(descriptions)
+    for k, b in mapping.items():
+        if b > count:
+            raise ModelError(f"{origin}: --bands {k}={b} but the raster has {count} band(s)")
+    desc = [(d or "").strip().lower() for d in descriptions]
+    out = []
+    for name in wanted:
+        if name in mapping:
+            out.append(mapping[name])
+            continue
+        aliases = BAND_ALIASES.get(name, (name,))
+        hits = [i + 1 for i, d in enumerate(desc) if d and (d == name or d in aliases)]
+        if hits:
+            out.append(hits[0])
+            continue
+        if not any(desc) and count == len(wanted) and not mapping:
+            return tuple(range(1, count + 1))
+        shown = ", ".join(f"{i + 1}={d or '?'}" for i, d in enumerate(desc))
+        raise ModelError(
+            f"{origin}: the model needs band {name!r} (bands {', '.join(wanted)}) but no raster band is described as it "
+            f"(bands: {shown}); map it with --bands {name}=N"
+        )
+    return tuple(out)

@@ -1,0 +1,191 @@
+"""Model cards: validation, where cards come from, band matching, scaling, bundled index models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from geoseg.errors import InputError, ModelError
+from geoseg.models.card import card_from_dict, card_to_dict, match_bands, parse_band_option
+from geoseg.models.spec import resolve_model
+from tests.conftest import conv_net, read, whole_image_reference, write_raster
+
+CARD = {
+    "name": "convnet",
+    "version": "2",
+    "task": "area",
+    "classes": [
+        {"id": 0, "name": "background", "color": [0, 0, 0]},
+        {"id": 1, "name": "building", "color": "#e6194b"},
+        {"id": 2, "name": "water", "color": [0, 130, 200]},
+        {"id": 3, "name": "forest"},
+    ],
+    "bands": ["red", "green", "blue"],
+    "scaling": {"method": "divide", "value": 10},
+    "tile": 64,
+    "halo": 8,
+    "metrics": {"iou": 0.9},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"colour": 1}, "unknown card key(s) 'colour'"),
+        ({"task": "boxes"}, "task must be 'area' or 'objects'"),
+        ({"classes": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}, "class id 1 appears twice"),
+        ({"classes": [{"id": 1, "name": "a", "color": [300, 0, 0]}]}, "is not [r, g, b]"),
+        ({"classes": [{"id": 255, "name": "a"}]}, "0-254 (255 is nodata)"),
+        ({"bands": ["red", "red"]}, "listed twice"),
+        ({"scaling": {"method": "zscore"}}, "scaling method 'zscore' is unknown"),
+        ({"scaling": {"method": "meanstd", "mean": [1, 2], "std": [1, 1]}}, "mean has 2 values for 3 bands"),
+        ({"scaling": {"method": "divide"}}, "needs 'value'"),
+        ({"scaling": {"method": "percentile", "low": 98, "high": 2}}, "0 <= low < high <= 100"),
+        ({"activation": "relu"}, "activation must be one of"),
+        ({"tile": 0}, "tile must be an integer >= 8"),
+    ],
+)
+def test_bad_cards_are_clear_errors(change: dict, needle: str) -> None:
+    with pytest.raises(ModelError) as err:
+        card_from_dict({**CARD, **change}, "model.card.json")
+    assert needle in str(err.value) and str(err.value).startswith("model.card.json:")
+
+
+def test_card_round_trip() -> None:
+    card = card_from_dict(CARD, "x")
+    assert card.classes[1].color == (230, 25, 75) and card.bands == ("red", "green", "blue")
+    assert card_from_dict(card_to_dict(card), "y") == card
+
+
+def test_band_matching() -> None:
+    assert match_bands(["nir", "red"], ["B02", "B03", "B04", "B08"]) == (4, 3)
+    assert match_bands(["red", "nir"], ["", "", "", ""], {"nir": 4, "red": 3}) == (3, 4)
+    assert match_bands(["blue", "green"], [None, None]) == (1, 2)  # undescribed, same count: file order
+    with pytest.raises(ModelError, match=r"needs band 'nir'.*map it with --bands nir=N"):
+        match_bands(["red", "nir"], ["red", "green", "blue"], origin="s.tif")
+    assert parse_band_option("nir=4, red=3") == (None, {"nir": 4, "red": 3})
+    assert parse_band_option("3,2,1") == ((3, 2, 1), {})
+    with pytest.raises(ModelError, match="not a mix"):
+        parse_band_option("3,nir=2")
+
+
+def _described_raster(path: Path, descriptions: tuple[str, ...], seed: int = 4) -> Path:
+    write_raster(path, 150, 170, bands=len(descriptions), seed=seed)
+    with rasterio.open(path, "r+") as ds:
+        ds.descriptions = descriptions
+    return path
+
+
+@pytest.fixture
+def carded_model(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    net = conv_net()
+    path = tmp_path / "convnet.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    (tmp_path / "convnet.card.json").write_text(json.dumps(CARD))
+    return path, net
+
+
+def test_sidecar_card_picks_bands_by_name_and_scales(carded_model, tmp_path: Path) -> None:
+    import geoseg
+
+    model, net = carded_model
+    src = _described_raster(tmp_path / "s.tif", ("blue", "green", "red"))
+    spec = resolve_model(str(model))
+    assert spec.card.name == "convnet" and spec.card.tile == 64 and spec.card.classes[2].name == "water"
+    with dask.config.set(scheduler="synchronous"):
+        mask = geoseg.predict(str(src), str(model)).compute()
+    data = read(src, None)[::-1].astype(np.float32) / 10  # card: red, green, blue; divide by 10
+    np.testing.assert_array_equal(mask.values, whole_image_reference(net, data, 8))
+    with dask.config.set(scheduler="synchronous"):
+        out = tmp_path / "o"
+        geoseg.write(geoseg.predict(str(src), str(model)), str(out))
+    assert [c["name"] for c in json.loads((out / "run.json").read_text())["model"]["classes"]][1] == "building"
+
+
+def test_embedded_torchscript_card(tmp_path: Path) -> None:
+    net = conv_net()
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(net), str(path), _extra_files={"geoseg_card.json": json.dumps({**CARD, "name": "emb"})})
+    card = resolve_model(str(path)).card
+    assert card.name == "emb" and card.scaling.value == 10 and card.bands == ("red", "green", "blue")
+
+
+def test_deepness_style_onnx_metadata(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    net = conv_net()
+    path = tmp_path / "deep.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 64, 64), str(path), input_names=["x"], dynamo=False)
+    m = onnx.load(str(path))
+    for k, v in {
+        "model_type": "Segmentor",
+        "class_names": json.dumps({"0": "background", "1": "field", "2": "road", "3": "roof"}),
+        "resolution": "50",
+        "tiles_size": "256",
+        "tiles_overlap": "25",
+    }.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(m, str(path))
+    card = resolve_model(str(path)).card
+    assert [c.name for c in card.classes] == ["background", "field", "road", "roof"]
+    assert card.gsd_m == 0.5 and card.tile == 256 and card.halo == 32
+    assert card.scaling.method == "divide" and card.scaling.value == 255
+
+
+def test_cards_that_lie_fail_before_reading(carded_model, tmp_path: Path) -> None:
+    import geoseg
+
+    model, _ = carded_model
+    src = write_raster(tmp_path / "plain.tif", 64, 64, bands=4)  # 4 undescribed bands, the card wants 3 named ones
+    with pytest.raises(ModelError, match=r"needs band 'red'.*--bands red=N"):
+        geoseg.predict(str(src), str(model))
+    with pytest.raises(InputError, match="takes 3 bands"):
+        geoseg.predict(str(src), str(model), bands=[1, 2])
+    (tmp_path / "convnet.card.json").write_text(json.dumps({**CARD, "classess": []}))
+    with pytest.raises(ModelError, match=r"convnet\.card\.json: unknown card key"):
+        resolve_model(str(model))
+    # a name mapping works where descriptions are missing
+    (tmp_path / "convnet.card.json").write_text(json.dumps(CARD))
+    mask = geoseg.predict(str(src), str(model), band_map={"red": 3, "green": 2, "blue": 1})
+    assert mask.shape == (64, 64)
+
+
+def test_percentile_scaling_is_global_so_tiles_stay_seamless(tmp_path: Path) -> None:
+    import geoseg
+    from geoseg.io.raster import band_percentiles, open_source
+
+    net = conv_net()
+    path = tmp_path / "p.pt"
+    card = {**CARD, "bands": ["blue", "green", "red"], "scaling": {"method": "percentile", "low": 2, "high": 98}}
+    torch.jit.save(torch.jit.script(net), str(path), _extra_files={"geoseg_card.json": json.dumps(card)})
+    src = _described_raster(tmp_path / "s.tif", ("blue", "green", "red"))
+    with dask.config.set(scheduler="synchronous"):
+        mask = geoseg.predict(str(src), str(path), tile=48, halo=8, chunk=96).compute()
+    lo, hi = band_percentiles(open_source(str(src)), (2,), (98,))
+    data = read(src, None).astype(np.float32)
+    scaled = np.clip((data - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1).astype(np.float32)
+    np.testing.assert_array_equal(mask.values, whole_image_reference(net, scaled, 8))
+
+
+def test_bundled_water_model_is_ndwi(tmp_path: Path, monkeypatch) -> None:
+    import geoseg
+
+    monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path / "cache"))
+    src = _described_raster(tmp_path / "s.tif", ("blue", "green", "red", "nir"), seed=9)
+    with dask.config.set(scheduler="synchronous"):
+        mask = geoseg.predict(str(src), "water").compute().values
+    d = read(src, None).astype(np.float64)
+    ndwi = (d[1] - d[3]) / (d[1] + d[3] + 1e-6)
+    sure = np.abs(ndwi) > 1e-3  # away from the threshold, where float32 rounding cannot flip it
+    np.testing.assert_array_equal(mask[sure], (ndwi > 0)[sure].astype(np.uint8))
+    assert 0 < mask.mean() < 1
+    out = subprocess.run([sys.executable, "-m", "geoseg", "models"], capture_output=True, text=True, check=True).stdout
+    assert "forest" in out and "water" in out and "McFeeters" in out
