@@ -263,6 +263,36 @@ def vectorize(
 
 
 @main.command()
+@click.argument("pred", type=click.Path(dir_okay=False))
+@click.option("--labels", required=True, type=click.Path(dir_okay=False), help="Vector labels (any format and CRS).")
+@click.option("--layer", default=None, help="Layer of the labels file [first].")
+@click.option("--class-field", default="class", show_default=True, help="Label attribute with the class name or id.")
+@click.option("--label-class", default=None, help="Class of every label when they carry none (e.g. building).")
+@click.option("--iou", "iou_threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Object match IoU.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the scores as JSON here.")
+@click.pass_context
+def evaluate(ctx: click.Context, pred, labels, layer, class_field, label_class, iou_threshold, json_out) -> None:
+    """Score the class mask PRED against vector labels: per-class IoU, precision, recall, F1 and object F1."""
+    import json
+
+    from geoseg.evaluate import evaluate as run_evaluate
+    from geoseg.evaluate import format_table
+
+    result = run_evaluate(
+        pred, labels, layer=layer, class_field=class_field, label_class=label_class, iou_threshold=iou_threshold
+    )
+    if json_out:
+        from geoseg.io.cog import atomic_path, fsync_replace
+
+        tmp = atomic_path(json_out)
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        fsync_replace(tmp, json_out)
+    if not ctx.obj["quiet"]:
+        click.echo(format_table(result))
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the cards as JSON.")
 def models(as_json: bool) -> None:
     """List the bundled models (offline, made by geoseg) with their cards."""

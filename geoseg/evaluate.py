@@ -1,0 +1,209 @@
+"""Score a class mask against vector labels: pixel IoU/precision/recall/F1 and object F1.
+
+Labels (any vector format and CRS) are reprojected to the mask's CRS and rasterised on its
+grid; pixels that are nodata in the mask are left out. Object scores match predicted
+objects (connected components, as ``geoseg vectorize`` draws them) one-to-one with label
+polygons at IoU >= 0.5, best pairs first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import shapely
+
+from geoseg.errors import InputError
+from geoseg.io.mask import NODATA, open_mask
+
+__all__ = ["evaluate", "format_table", "match_objects"]
+
+
+def match_objects(pred: Sequence, truth: Sequence, threshold: float = 0.5) -> tuple[int, int, int]:
+    """One-to-one matches between predicted and true polygons at IoU >= ``threshold``.
+
+    Returns
+    -------
+    tp, fp, fn : int
+    """
+    pred = np.asarray(pred, dtype=object)
+    truth = np.asarray(truth, dtype=object)
+    if len(pred) == 0 or len(truth) == 0:
+        return 0, len(pred), len(truth)
+    tree = shapely.STRtree(truth)
+    i, j = tree.query(pred, predicate="intersects")
+    if len(i) == 0:
+        return 0, len(pred), len(truth)
+    inter = shapely.area(shapely.intersection(pred[i], truth[j]))
+    union = shapely.area(pred[i]) + shapely.area(truth[j]) - inter
+    iou = np.where(union > 0, inter / union, 0.0)
+    order = np.argsort(-iou, kind="stable")
+    used_p, used_t = set(), set()
+    tp = 0
+    for k in order:
+        if iou[k] < threshold:
+            break
+        if i[k] in used_p or j[k] in used_t:
+            continue
+        used_p.add(int(i[k]))
+        used_t.add(int(j[k]))
+        tp += 1
+    return tp, len(pred) - tp, len(truth) - tp
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a / b) if b else None
+
+
+def evaluate(
+    pred: str,
+    labels: str,
+    *,
+    layer: str | None = None,
+    class_field: str = "class",
+    label_class: str | None = None,
+    object_classes: Sequence[str] | None = None,
+    iou_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Compare a predicted class mask with vector labels.
+
+    Parameters
+    ----------
+    pred : str
+        Class mask (``mask.tif``; class names from its metadata or run.json).
+    labels : str
+        Vector labels (GeoPackage, GeoJSON, ...), any CRS.
+    layer : str, optional
+        Layer of ``labels`` (default the first).
+    class_field : str
+        Attribute holding each label's class name or id.
+    label_class : str, optional
+        Class of every label when they have no class attribute (e.g. ``building``).
+    object_classes : sequence of str, optional
+        Classes scored as objects too (default: classes whose name says building, ship,
+        tank or vessel).
+    iou_threshold : float
+        Object match threshold.
+
+    Returns
+    -------
+    dict
+        ``classes``: per class ``iou, precision, recall, f1, pixels_true, pixels_pred`` and,
+        for object classes, ``objects_true, objects_pred, object_tp, object_precision,
+        object_recall, object_f1``; plus ``mask``, ``labels``, ``valid_pixels``.
+    """
+    import geopandas as gpd
+    from rasterio import features
+
+    from geoseg.io.mask import read_mask_window
+    from geoseg.vector.geometry import object_kind, pixel_to_world
+    from geoseg.vector.polygonize import polygonize_block
+
+    src = open_mask(pred)
+    gb = src.geobox
+    if not os.path.exists(labels):
+        raise InputError(f"{labels}: no such file; give the labels as a vector file (GeoPackage, GeoJSON, ...)")
+    try:
+        df = gpd.read_file(labels, layer=layer)
+    except Exception as exc:  # pyogrio raises its own error types for unreadable files
+        raise InputError(f"{labels}: cannot read the labels ({exc}); give a vector file GDAL opens") from exc
+    if gb.crs is not None:
+        if df.crs is None:
+            raise InputError(f"{labels}: the labels have no CRS; set one (e.g. with ogr2ogr -a_srs) to compare with {pred}")
+        df = df.to_crs(gb.crs)
+    names = {c.id: c.name for c in src.classes}
+    by_name = {v: k for k, v in names.items()}
+    if label_class is not None:
+        if label_class not in by_name:
+            raise InputError(f"{pred}: has no class {label_class!r}; its classes are {', '.join(by_name)}")
+        ids = np.full(len(df), by_name[label_class])
+    elif class_field in df.columns:
+        ids = []
+        for v in df[class_field]:
+            if isinstance(v, str) and v in by_name:
+                ids.append(by_name[v])
+            elif str(v).isdigit():
+                ids.append(int(v))
+            else:
+                raise InputError(
+                    f"{labels}: label class {v!r} is not a class of {pred} ({', '.join(by_name)}); fix {class_field!r}"
+                )
+        ids = np.asarray(ids)
+    else:
+        raise InputError(f"{labels}: no {class_field!r} attribute; name it with --class-field or give --label-class")
+    geoms = df.geometry.values
+    keep = ~(shapely.is_empty(geoms) | shapely.is_missing(geoms))
+    geoms, ids = geoms[keep], ids[keep]
+
+    mask = read_mask_window(src, gb.window)
+    valid = mask != NODATA
+    order = np.argsort(-shapely.area(geoms))  # small labels drawn last: on top
+    truth = features.rasterize(
+        [(g, int(c)) for g, c in zip(geoms[order], ids[order], strict=True)],
+        out_shape=(gb.height, gb.width),
+        transform=gb.transform,
+        fill=0,
+        dtype="uint8",
+    )
+    classes = sorted(({int(c) for c in ids} | {int(v) for v in np.unique(mask[valid])}) - {0})
+    wanted_objects = set(object_classes) if object_classes is not None else None
+    result: dict[str, Any] = {
+        "mask": src.path,
+        "labels": os.path.abspath(labels),
+        "valid_pixels": int(valid.sum()),
+        "classes": {},
+    }
+    pieces = None
+    for k in classes:
+        name = names.get(k, f"class_{k}")
+        t = (truth == k) & valid
+        p = (mask == k) & valid
+        tp = int((t & p).sum())
+        fp = int((~t & p).sum())
+        fn = int((t & ~p).sum())
+        prec, rec = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+        row: dict[str, Any] = {
+            "iou": _ratio(tp, tp + fp + fn),
+            "precision": prec,
+            "recall": rec,
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "pixels_true": int(t.sum()),
+            "pixels_pred": int(p.sum()),
+        }
+        is_object = name in wanted_objects if wanted_objects is not None else object_kind(name) in ("building", "ship", "tank")
+        if is_object:
+            if pieces is None:
+                pieces = polygonize_block(mask, 0, 0, (gb.height, gb.width), classes=set(classes))
+            pred_polys = pixel_to_world(pieces.geometry[pieces.class_id == k], gb.transform)
+            true_polys = geoms[ids == k]
+            otp, ofp, ofn = match_objects(pred_polys, true_polys, iou_threshold)
+            row.update(
+                objects_true=len(true_polys),
+                objects_pred=len(pred_polys),
+                object_tp=otp,
+                object_precision=_ratio(otp, otp + ofp),
+                object_recall=_ratio(otp, otp + ofn),
+                object_f1=_ratio(2 * otp, 2 * otp + ofp + ofn),
+            )
+        result["classes"][name] = row
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of :func:`evaluate`'s result."""
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = [
+        f"{'class':<16} {'IoU':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'obj F1':>7} {'objects (true/pred/tp)':>24}",
+    ]
+    for name, r in result["classes"].items():
+        obj = f"{r['objects_true']}/{r['objects_pred']}/{r['object_tp']}" if "object_f1" in r else "-"
+        lines.append(
+            f"{name:<16} {f(r['iou']):>6} {f(r['precision']):>6} {f(r['recall']):>6} {f(r['f1']):>6} "
+            f"{f(r.get('object_f1')):>7} {obj:>24}"
+        )
+    return "\n".join(lines)
