@@ -124,17 +124,22 @@ def evaluate(
         for v in df[class_field]:
             if isinstance(v, str) and v in by_name:
                 ids.append(by_name[v])
-            elif str(v).isdigit():
+            elif str(v).isdigit() and int(v) in names:
                 ids.append(int(v))
             else:
-                raise InputError(
-                    f"{labels}: label class {v!r} is not a class of {pred} ({', '.join(by_name)}); fix {class_field!r}"
-                )
+                ids.append(-1)  # a class this prediction does not have: not scored
         ids = np.asarray(ids)
+        if not (ids >= 0).any():
+            found = ", ".join(sorted({str(v) for v in df[class_field]})[:8])
+            raise InputError(
+                f"{labels}: no label has a class of {pred} ({', '.join(by_name)}); labels have {found}; "
+                "fix --class-field or give --label-class"
+            )
     else:
         raise InputError(f"{labels}: no {class_field!r} attribute; name it with --class-field or give --label-class")
     geoms = df.geometry.values
-    keep = ~(shapely.is_empty(geoms) | shapely.is_missing(geoms))
+    ignored = sorted({str(v) for v, k in zip(df[class_field], ids, strict=True) if k < 0}) if label_class is None else []
+    keep = ~(shapely.is_empty(geoms) | shapely.is_missing(geoms)) & (ids >= 0)
     geoms, ids = geoms[keep], ids[keep]
 
     mask = read_mask_window(src, gb.window)
@@ -150,6 +155,7 @@ def evaluate(
     classes = sorted(({int(c) for c in ids} | {int(v) for v in np.unique(mask[valid])}) - {0})
     wanted_objects = set(object_classes) if object_classes is not None else None
     result: dict[str, Any] = {
+        "ignored_label_classes": ignored,
         "mask": src.path,
         "labels": os.path.abspath(labels),
         "valid_pixels": int(valid.sum()),

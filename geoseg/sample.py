@@ -1,6 +1,10 @@
-"""The sample AOI: a seeded, generated 4-band scene in a real UTM zone, a physics model, an AOI.
+"""The sample AOI: a seeded, generated two-date 4-band scene in a real UTM zone, with labels.
 
-Everything here is made by geoseg itself (no downloads), under the project's licence.
+A harbour district near Hamburg at 2 m: a building quarter with roads, a harbour basin with
+ships, a tank farm on a concrete pad, forest and grassland, a lake. The second date has part
+of the forest cleared, new buildings, and other ships. Ground truth comes from the same
+shapes that paint the scene. Everything is made by geoseg itself (no downloads), under the
+project's licence.
 """
 
 from __future__ import annotations
@@ -30,15 +34,186 @@ def _field(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
     return (out - out.min()) / (np.ptp(out) + 1e-9)
 
 
-def make_sample(out_dir: str | os.PathLike, size: int = 1024, seed: int = 42) -> dict[str, str]:
-    """Write ``scene.tif``, ``landcover.pt`` and ``aoi.geojson`` into ``out_dir``.
+#: class ids of the truth rasters and labels
+CLASSES = {0: "other", 1: "forest", 2: "water", 3: "building", 4: "ship", 5: "storage_tank"}
+#: mean reflectance x 10000 (blue, green, red, nir)
+SPECTRA = {
+    "grass": (450, 800, 750, 1750),
+    "road": (1500, 1600, 1700, 1900),
+    "bare": (1100, 1350, 1700, 2100),
+    "forest": (300, 600, 350, 3600),
+    "water": (700, 650, 450, 250),
+    "ship": (2400, 2500, 2600, 2700),
+    "tank": (3000, 3050, 3100, 3200),
+    "pad": (1800, 1850, 1900, 2000),
+}
+ROOFS = ((2000, 2050, 2100, 2300), (900, 1000, 2300, 2500), (1600, 1700, 1800, 1900), (1300, 1250, 1200, 1400))
+DATES = ("2024-06-15", "2025-06-20")
+
+
+def _rect(cx: float, cy: float, length: float, width: float, angle: float):
+    import shapely
+    from shapely import affinity
+
+    box = shapely.box(cx - length / 2, cy - width / 2, cx + length / 2, cy + width / 2)
+    return affinity.rotate(box, angle, origin=(cx, cy))
+
+
+def _layout(rng: np.random.Generator, size: int) -> dict:
+    """Shapes in pixel coordinates (x = column, y = row) for both dates."""
+    import shapely
+
+    s = size
+    t = np.linspace(0, 1, 200)
+    top = 0.64 * s + 0.02 * s * np.sin(t * 9 + rng.random() * 6)
+    bottom = 0.86 * s + 0.02 * s * np.sin(t * 7 + rng.random() * 6)
+    basin = shapely.Polygon(list(zip(t * s, top, strict=True)) + list(zip(t[::-1] * s, bottom[::-1], strict=True)))
+    lake = shapely.Point(0.15 * s, 0.55 * s).buffer(0.05 * s, 64)
+    water = shapely.union_all([basin, lake])
+    # forest: a lobed blob in the north-east, and a few woods
+    angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+    radius = 0.2 * s * (1 + 0.18 * np.sin(3 * angles + rng.random() * 6) + 0.08 * np.sin(7 * angles))
+    forest = shapely.Polygon(np.column_stack([0.76 * s + radius * np.cos(angles), 0.26 * s + 0.8 * radius * np.sin(angles)]))
+    woods = [shapely.Point(x * s, y * s).buffer(r * s, 32) for x, y, r in ((0.1, 0.92, 0.04), (0.35, 0.93, 0.03))]
+    forest = shapely.union_all([forest, *woods]).difference(water)
+    # building quarter: blocks between roads in the north-west
+    step = 64
+    roads, buildings = [], []
+    quarter = shapely.box(0.03 * s, 0.03 * s, 0.5 * s, 0.5 * s)
+    for k in range(int(0.03 * s), int(0.5 * s), step):
+        roads.append(shapely.box(k, 0.03 * s, k + 6, 0.5 * s))
+        roads.append(shapely.box(0.03 * s, k, 0.5 * s, k + 6))
+    road_u = shapely.union_all(roads)
+    for bx in range(int(0.03 * s) + 6, int(0.5 * s) - step // 2, step):
+        for by in range(int(0.03 * s) + 6, int(0.5 * s) - step // 2, step):
+            for _ in range(rng.integers(1, 4)):
+                ln, wd = rng.uniform(8, 22), rng.uniform(6, 14)
+                cx, cy = bx + rng.uniform(12, step - 18), by + rng.uniform(12, step - 18)
+                b = _rect(cx, cy, ln, wd, rng.choice([0.0, 90.0]) + rng.uniform(-4, 4))
+                if rng.random() < 0.25:  # an L-shaped building
+                    b = shapely.union_all([b, _rect(cx + ln / 3, cy + wd * 0.8, ln / 3, wd, 0.0)])
+                b = b.intersection(quarter)
+                if not b.intersects(road_u) and not any(b.buffer(2).intersects(o) for o in buildings):
+                    buildings.append(b)
+    # tank farm on a concrete pad, east of the quarter, north of the basin
+    pad = shapely.box(0.55 * s, 0.5 * s, 0.95 * s, 0.61 * s)
+    tanks = []
+    for x in np.arange(0.57 * s, 0.93 * s, 0.05 * s):
+        for y in (0.525 * s, 0.585 * s):
+            r = rng.uniform(6, 12)
+            tanks.append(shapely.Point(x + rng.uniform(-3, 3), y + rng.uniform(-2, 2)).buffer(r, 32))
+    forest = forest.difference(pad.buffer(4))
+
+    def ships(n: int) -> list:
+        out: list = []
+        inner = basin.buffer(-12)
+        while len(out) < n:
+            ln, wd = rng.uniform(20, 75), rng.uniform(5, 12)
+            cx, cy = rng.uniform(0.03 * s, 0.97 * s), rng.uniform(0.66 * s, 0.84 * s)
+            sh = _rect(cx, cy, ln, wd, rng.uniform(0, 180))
+            if inner.contains(sh) and not any(sh.buffer(6).intersects(o) for o in out):
+                out.append(sh)
+        return out
+
+    # second date: a clear-cut in the forest, new buildings on grassland, other ships
+    angle = rng.uniform(0, 180)
+    cut = _rect(0.78 * s, 0.3 * s, 0.18 * s, 0.1 * s, angle).intersection(forest)
+    taken = shapely.union_all([water, forest, quarter, pad])
+    new_buildings: list = []
+    while len(new_buildings) < 14:
+        b = _rect(rng.uniform(0.25 * s, 0.5 * s), rng.uniform(0.52 * s, 0.62 * s), rng.uniform(10, 20), rng.uniform(8, 12), 0)
+        if not b.buffer(3).intersects(taken) and not any(b.buffer(3).intersects(o) for o in new_buildings):
+            new_buildings.append(b)
+    return {
+        "water": water,
+        "forest": forest,
+        "roads": road_u,
+        "buildings": buildings,
+        "pad": pad,
+        "tanks": tanks,
+        "ships": [ships(24), ships(20)],
+        "cut": cut,
+        "new_buildings": new_buildings,
+    }
+
+
+def _paint(rng: np.random.Generator, size: int, lay: dict, date: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reflectance (4, size, size) uint16 and the truth class map for one date."""
+    from rasterio import features
+
+    def burn(geoms, value: int, out: np.ndarray) -> None:
+        geoms = [g for g in (geoms if isinstance(geoms, list) else [geoms]) if not g.is_empty]
+        if geoms:
+            features.rasterize([(g, value) for g in geoms], out=out, default_value=value)
+
+    # layer ids: 0 grass, 1 forest, 2 water, 3 building, 4 ship, 5 tank, 6 road, 7 pad, 8 bare
+    layer = np.zeros((size, size), np.uint8)
+    burn(lay["forest"], 1, layer)
+    if date == 1:
+        burn(lay["cut"], 8, layer)
+    burn(lay["water"], 2, layer)
+    burn(lay["roads"], 6, layer)
+    burn(lay["pad"], 7, layer)
+    roofs = np.zeros((size, size), np.uint8)
+    blds = lay["buildings"] + (lay["new_buildings"] if date == 1 else [])
+    for k, b in enumerate(blds):
+        burn(b, 3, layer)
+        burn(b, 1 + k % len(ROOFS), roofs)
+    burn(lay["tanks"], 5, layer)
+    burn(lay["ships"][date], 4, layer)
+    spectra = {0: "grass", 1: "forest", 2: "water", 4: "ship", 5: "tank", 6: "road", 7: "pad", 8: "bare"}
+    refl = np.zeros((4, size, size), np.float32)
+    for lid, name in spectra.items():
+        sel = layer == lid
+        refl[:, sel] = np.asarray(SPECTRA[name], np.float32)[:, None]
+    for k, roof in enumerate(ROOFS, start=1):
+        sel = (layer == 3) & (roofs == k)
+        refl[:, sel] = np.asarray(roof, np.float32)[:, None]
+    canopy = 0.85 + 0.3 * _field(rng, size, 12)  # crowns: nir texture in the forest
+    refl[3] = np.where(layer == 1, refl[3] * canopy, refl[3])
+    light = 0.95 + 0.1 * _field(rng, size, 512)  # haze / illumination, smooth
+    refl *= light[None] * (1 + 0.04 * rng.standard_normal(refl.shape).astype(np.float32))
+    truth = np.zeros((size, size), np.uint8)
+    for lid, cid in ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5)):
+        truth[layer == lid] = cid
+    return np.clip(refl, 1, 10000).astype(np.uint16), truth
+
+
+def _labels(lay: dict, truth: np.ndarray, date: int, transform, path: str, layer: str) -> None:
+    import geopandas as gpd
+    import shapely
+    from rasterio import features
+
+    rows: list[tuple[str, object]] = []
+    mask = np.isin(truth, (1, 2))
+    for geom, value in features.shapes(truth, mask=mask, transform=transform):
+        rows.append((CLASSES[int(value)], shapely.geometry.shape(geom)))
+    from geoseg.vector.geometry import pixel_to_world
+
+    def world(geoms: list) -> list:
+        return list(pixel_to_world(np.asarray(geoms, dtype=object), transform)) if geoms else []
+
+    blds = lay["buildings"] + (lay["new_buildings"] if date == 1 else [])
+    rows += [("building", g) for g in world(blds)]
+    rows += [("ship", g) for g in world(lay["ships"][date])]
+    rows += [("storage_tank", g) for g in world(lay["tanks"])]
+    df = gpd.GeoDataFrame({"class": [r[0] for r in rows], "date": DATES[date]}, geometry=[r[1] for r in rows], crs=CRS)
+    df.to_file(path, layer=layer, driver="GPKG")
+
+
+def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) -> dict[str, str]:
+    """Write the sample AOI into ``out_dir``: two dates, labels, a physics model and an AOI.
+
+    Files: ``scene.tif`` (first date), ``scene_after.tif`` (second date), ``labels.gpkg``
+    (layers ``truth``, ``truth_after``, ``forest_loss``, ``new_building``), ``landcover.pt``,
+    ``aoi.geojson``.
 
     Parameters
     ----------
     out_dir : str or os.PathLike
         Folder to write into (created).
     size : int
-        Scene width and height in pixels.
+        Scene width and height in pixels (2 m pixels).
     seed : int
         Random seed; the same seed gives the same files.
 
@@ -47,32 +222,19 @@ def make_sample(out_dir: str | os.PathLike, size: int = 1024, seed: int = 42) ->
     dict
         Paths of the written files.
     """
+    import geopandas as gpd
     import rasterio
     from pyproj import Transformer
     from rasterio.transform import from_origin
 
     from geoseg.models.indices import export_index_landcover
+    from geoseg.vector.geometry import pixel_to_world
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    water = _field(rng, size, 256) < 0.3
-    forest = (_field(rng, size, 96) > 0.55) & ~water
-    bare = ~water & ~forest
-    # reflectance x 10000 for blue, green, red, nir
-    refl = np.zeros((4, size, size), dtype=np.float32)
-    for mask, spec in ((water, (600, 800, 500, 300)), (forest, (300, 600, 350, 3500)), (bare, (900, 1100, 1300, 1700))):
-        for b in range(4):
-            refl[b][mask] = spec[b]
-    # buildings: bright rectangles on bare ground
-    for _ in range(size // 8):
-        r, c = rng.integers(0, size - 20, 2)
-        h, w = rng.integers(6, 20, 2)
-        if bare[r : r + h, c : c + w].all():
-            refl[:, r : r + h, c : c + w] = np.array([1800, 1900, 2000, 2100], dtype=np.float32)[:, None, None]
-    refl *= 1 + 0.05 * rng.standard_normal(refl.shape).astype(np.float32)
-    data = np.clip(refl, 1, 10000).astype(np.uint16)
-    scene = os.path.join(out_dir, "scene.tif")
+    lay = _layout(rng, size)
+    transform = from_origin(*ORIGIN, RES, RES)
     profile = {
         "driver": "GTiff",
         "width": size,
@@ -80,18 +242,38 @@ def make_sample(out_dir: str | os.PathLike, size: int = 1024, seed: int = 42) ->
         "count": 4,
         "dtype": "uint16",
         "crs": CRS,
-        "transform": from_origin(*ORIGIN, RES, RES),
+        "transform": transform,
         "tiled": True,
         "blockxsize": 256,
         "blockysize": 256,
         "compress": "deflate",
         "nodata": 0,
     }
-    with rasterio.open(scene, "w", **profile) as dst:
-        dst.write(data)
-        for b, name in enumerate(("blue", "green", "red", "nir"), start=1):
-            dst.set_band_description(b, name)
-    model = export_index_landcover(os.path.join(out_dir, "landcover.pt"))
+    labels = os.path.join(out_dir, "labels.gpkg")
+    if os.path.exists(labels):
+        os.remove(labels)
+    paths = {}
+    for date, name in enumerate(("scene.tif", "scene_after.tif")):
+        data, truth = _paint(rng, size, lay, date)
+        path = os.path.join(out_dir, name)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
+            for b, band in enumerate(("blue", "green", "red", "nir"), start=1):
+                dst.set_band_description(b, band)
+            dst.update_tags(ACQUISITION_DATE=DATES[date], TIFFTAG_DATETIME=DATES[date].replace("-", ":") + " 10:30:00")
+        paths["scene" if date == 0 else "scene_after"] = path
+        _labels(lay, truth, date, transform, labels, "truth" if date == 0 else "truth_after")
+    change = {
+        "forest_loss": [lay["cut"]] if not lay["cut"].is_empty else [],
+        "new_building": lay["new_buildings"],
+    }
+    for layer, geoms in change.items():
+        world = pixel_to_world(np.array(geoms, dtype=object), transform) if geoms else []
+        gpd.GeoDataFrame({"class": [layer] * len(world)}, geometry=list(world), crs=CRS).to_file(
+            labels, layer=layer, driver="GPKG"
+        )
+    paths["labels"] = labels
+    paths["model"] = export_index_landcover(os.path.join(out_dir, "landcover.pt"))
     # AOI: a pentagon inside the scene, in lon/lat (EPSG:4326)
     to_ll = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True)
     x0, y0 = ORIGIN
@@ -114,4 +296,5 @@ def make_sample(out_dir: str | os.PathLike, size: int = 1024, seed: int = 42) ->
             },
             f,
         )
-    return {"scene": scene, "model": model, "aoi": aoi}
+    paths["aoi"] = aoi
+    return paths

@@ -52,7 +52,7 @@ def test_scores(case) -> None:
     # pixels (labels came back from EPSG:4326, so borders may move by a pixel at most)
     assert b["pixels_pred"] == 320 and abs(b["pixels_true"] - 300) <= 40
     assert w["iou"] == pytest.approx(200 / 300, abs=0.03) and w["recall"] == pytest.approx(1.0, abs=0.03)
-    assert "object_f1" not in w
+    assert "object_f1" not in w and r["ignored_label_classes"] == []
 
 
 def test_match_objects_is_one_to_one() -> None:
@@ -68,7 +68,28 @@ def test_cli_and_errors(case, tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "building" in proc.stdout and "obj F1" in proc.stdout
     assert json.loads(out.read_text())["classes"]["building"]["object_tp"] == 2
+    bad = tmp_path / "other.gpkg"
+    gpd.read_file(labels).assign(**{"class": "tree"}).to_file(bad)
+    with pytest.raises(InputError, match="no label has a class of"):
+        evaluate(str(mask_path), str(bad))
     with pytest.raises(InputError, match="no 'kind' attribute"):
         evaluate(str(mask_path), str(labels), class_field="kind")
     with pytest.raises(InputError, match="has no class 'tree'"):
         evaluate(str(mask_path), str(labels), label_class="tree")
+
+
+def test_bundled_index_models_on_the_sample_aoi(tmp_path: Path, monkeypatch) -> None:
+    """forest and water on the generated sample scene: IoU >= 0.85 against its labels (issue 4's bar)."""
+    import dask
+
+    import geoseg
+    from geoseg.sample import make_sample
+
+    monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path / "cache"))
+    paths = make_sample(tmp_path / "s", size=512, seed=3)
+    for model in ("forest", "water"):
+        with dask.config.set(scheduler="synchronous"):
+            geoseg.write(geoseg.predict(paths["scene"], model), str(tmp_path / model))
+        r = evaluate(str(tmp_path / model / "mask.tif"), paths["labels"], layer="truth")
+        assert r["classes"][model]["iou"] >= 0.85, r["classes"]
+        assert r["ignored_label_classes"]  # the other classes of the labels are left out, and said so
