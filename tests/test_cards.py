@@ -189,3 +189,38 @@ def test_bundled_water_model_is_ndwi(tmp_path: Path, monkeypatch) -> None:
     assert 0 < mask.mean() < 1
     out = subprocess.run([sys.executable, "-m", "geoseg", "models"], capture_output=True, text=True, check=True).stdout
     assert "forest" in out and "water" in out and "McFeeters" in out
+
+
+def test_bundled_clouds_model_matches_onnxruntime_on_real_data(shared_data: Path, tmp_path: Path) -> None:
+    """The ukis-csmask ONNX model run by geoseg equals running it directly in onnxruntime (1e-4)."""
+    pytest.importorskip("ukis_csmask", reason="the clouds model needs the optional extra: pip install 'geoseg[clouds]'")
+    import importlib.resources
+
+    import onnxruntime as ort
+
+    import geoseg
+    from geoseg.models.bundled import bundled_card
+
+    src = shared_data / "geo" / "spacenet6_rotterdam_ms" / "ms1.tif"  # blue, green, red, nir (SpaceNet 6, CC BY-SA 4.0)
+    with rasterio.open(src) as ds:
+        data = ds.read(window=rasterio.windows.Window(0, 0, 256, 256)).astype(np.float32)
+        profile = ds.profile | {
+            "width": 256,
+            "height": 256,
+            "dtype": "float32",
+            "transform": ds.window_transform(((0, 256), (0, 256))),
+        }
+    crop = tmp_path / "crop.tif"
+    with rasterio.open(crop, "w", **profile) as ds:
+        ds.write(data)
+    with dask.config.set(scheduler="synchronous"):
+        res = geoseg.predict(str(crop), "clouds", tile=256, halo=0, probabilities=True).compute()
+    card = bundled_card("clouds")
+    mean = np.asarray(card["scaling"]["mean"], np.float32)[:, None, None]
+    std = np.asarray(card["scaling"]["std"], np.float32)[:, None, None]
+    onnx_file = str(importlib.resources.files("ukis_csmask") / "model_4b_l2a.onnx")
+    sess = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": ((data - mean) / std)[None]})[0][0]
+    direct = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)
+    np.testing.assert_allclose(res["probabilities"].values, direct, atol=1e-4)
+    assert [str(c) for c in res["probabilities"]["class"].values] == ["clear", "cloud", "cloud_shadow"]

@@ -5,8 +5,11 @@ through the same engine, on CPU or GPU): NDVI = (nir - red) / (nir + red) > 0.5 
 (dense, closed canopy; NASA Earth Observatory: dense vegetation such as temperate and tropical
 forests gives NDVI of about 0.6-0.9, shrub and grassland 0.2-0.3) and NDWI = (green - nir) /
 (green + nir) > 0 for open water (McFeeters 1996). They are exported once as TorchScript with
-their card embedded into a per-user cache (``$GEOSEG_CACHE``, default ``~/.cache/geoseg``);
-nothing is ever downloaded.
+their card embedded into a per-user cache (``$GEOSEG_CACHE``, default ``~/.cache/geoseg``).
+
+``clouds`` is the cloud / cloud-shadow U-Net that DLR ships inside the ``ukis-csmask`` wheel
+(Apache-2.0; ``pip install 'geoseg[clouds]'``), read from the installed package, with a card
+built from the statistics file beside it. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -15,17 +18,53 @@ import json
 import os
 from dataclasses import dataclass
 
-__all__ = ["BUNDLED", "BundledModel", "bundled_path"]
+__all__ = ["BUNDLED", "BundledModel", "bundled_card", "bundled_path"]
 
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A bundled model: its card (as a dictionary) and how to build it."""
+    """A bundled model: its card (as a dictionary) and how to build it (or which package file it is)."""
 
     name: str
     card: dict
     builder: str
     args: tuple
+
+
+def _csmask_card(variant: str) -> dict:
+    """Card of a ukis-csmask ONNX model, from its JSON statistics (reflectance x 10000 inputs)."""
+    import importlib.resources
+
+    from geoseg.errors import ModelError
+
+    try:
+        folder = importlib.resources.files("ukis_csmask")
+    except ModuleNotFoundError:
+        raise ModelError("the clouds model comes with an optional extra: pip install 'geoseg[clouds]' (ukis-csmask)") from None
+    meta = json.loads((folder / f"model_{variant}.json").read_text())
+    stats = meta["data"]["dataset_statistics"]
+    names = {"swir16": "swir1", "swir22": "swir2"}
+    return {
+        "name": "clouds",
+        "version": meta["model"]["version"],
+        "task": "area",
+        "description": "Clouds and cloud shadows in Sentinel-2 / Landsat L2A reflectance (DLR ukis-csmask U-Net).",
+        "license": "Apache-2.0 (ukis-csmask, German Aerospace Center)",
+        "classes": [
+            {"id": 0, "name": "clear", "color": [200, 200, 200]},
+            {"id": 1, "name": "cloud", "color": [255, 255, 255]},
+            {"id": 2, "name": "cloud_shadow", "color": [60, 60, 60]},
+        ],
+        "bands": [names.get(b, b) for b in stats["band_names"]],
+        # the network takes reflectance in [0, 1] standardised; rasters store reflectance x 10000
+        "scaling": {"method": "meanstd", "mean": [m * 1e4 for m in stats["img"][0]], "std": [v * 1e4 for v in stats["img"][1]]},
+        "gsd_m": 30.0,
+        "tile": int(meta["data"]["target_size"][0]),
+        "halo": 32,
+        "size_multiple": 32,
+        "activation": "softmax",
+        "training": {"source": "ukis-csmask " + meta["model"]["version"], "architecture": meta["model"]["encoder_name"]},
+    }
 
 
 def _index_card(name: str, description: str, label: str, color: list[int], bands: list[str], source: str) -> dict:
@@ -74,7 +113,14 @@ BUNDLED: dict[str, BundledModel] = {
         "nd",
         (0.0,),
     ),
+    "clouds": BundledModel("clouds", {}, "package", ("4b_l2a",)),
 }
+
+
+def bundled_card(name: str) -> dict:
+    """The card (a dictionary) of bundled model ``name``."""
+    m = BUNDLED[name]
+    return _csmask_card(m.args[0]) if m.builder == "package" else m.card
 
 
 def _cache_dir() -> str:
@@ -91,6 +137,11 @@ def bundled_path(name: str) -> str:
     from geoseg.models.indices import NormalizedDifference
 
     m = BUNDLED[name]
+    if m.builder == "package":
+        import importlib.resources
+
+        bundled_card(name)  # a clear error when the extra is missing
+        return str(importlib.resources.files("ukis_csmask") / f"model_{m.args[0]}.onnx")
     folder = _cache_dir()
     path = os.path.join(folder, f"{name}-v{m.card['version']}-torch{torch.__version__.split('+')[0]}.pt")
     if os.path.exists(path):

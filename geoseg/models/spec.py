@@ -238,10 +238,14 @@ def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model if card is None else replace(model, card=card)
     if isinstance(model, str) and not os.path.exists(model):
-        from geoseg.models.bundled import BUNDLED, bundled_path
+        from geoseg.models.bundled import BUNDLED, bundled_card, bundled_path
 
         if model in BUNDLED:
-            model = bundled_path(model)
+            from geoseg.models.card import card_from_dict
+
+            name = model
+            card = card or card_from_dict(bundled_card(name), f"bundled model {name!r}")
+            model = bundled_path(name)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isfile(path):
