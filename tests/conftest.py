@@ -12,7 +12,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the real test data sits beside the repository (../shared/data); GEOSEG_TEST_DATA points elsewhere
+SHARED_DATA = Path(os.environ.get("GEOSEG_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -32,7 +33,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def shared_data() -> Path:
     """The real rasters of ../shared/data (see its SOURCES.md); skips when absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test data not found at {SHARED_DATA} (it sits beside the repository as shared/data)")
+        pytest.skip(f"real test data not found at {SHARED_DATA} (put shared/data beside the repository or set GEOSEG_TEST_DATA)")
     return SHARED_DATA
 
 
