@@ -224,3 +224,32 @@ def test_bundled_clouds_model_matches_onnxruntime_on_real_data(shared_data: Path
     direct = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)
     np.testing.assert_allclose(res["probabilities"].values, direct, atol=1e-4)
     assert [str(c) for c in res["probabilities"]["class"].values] == ["clear", "cloud", "cloud_shadow"]
+
+
+class _Evil:
+    """Unpickling this would create a file: proof that geoseg never unpickles model files."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_models_are_refused_unopened(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(1), "payload": _Evil(str(marker))}, str(evil))
+    state = tmp_path / "state.pt"
+    torch.save(conv_net().state_dict(), str(state))
+    full = tmp_path / "full.pt"
+    torch.save(conv_net(), str(full))
+    for path in (evil, state, full):
+        with pytest.raises(ModelError, match="never unpickles model files"):
+            resolve_model(str(path))
+    assert not marker.exists()
+    legacy = tmp_path / "legacy.pt"
+    torch.save(conv_net().state_dict(), str(legacy), _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelError, match="not a TorchScript archive"):
+        resolve_model(str(legacy))
+    assert not marker.exists()

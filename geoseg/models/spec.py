@@ -203,8 +203,25 @@ def _sniff_kind(path: str) -> str:
         head = f.read(4)
     if path.lower().endswith(".onnx"):
         return "onnx"
-    if head[:2] == b"PK":  # TorchScript and torch.export archives are zip files
-        return "exported" if path.lower().endswith(".pt2") else "torchscript"
+    if head[:2] == b"PK":  # TorchScript, torch.export and torch.save archives are all zip files
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile as exc:
+            raise ModelError(f"{path}: a damaged model archive ({exc}); export the model again") from exc
+        if path.lower().endswith(".pt2") or any(n.endswith("archive_format") for n in names):
+            return "exported"
+        if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
+            return "torchscript"
+        if any(n.endswith("/data.pkl") for n in names):
+            raise ModelError(
+                f"{path}: a torch.save checkpoint (a pickled model or state dict), not TorchScript; geoseg never "
+                "unpickles model files (pickles can run code). Export the model with torch.jit.script(model) + "
+                "torch.jit.save, torch.export.save or torch.onnx.export"
+            )
+        return "torchscript"
     raise ModelError(
         f"{path}: not a TorchScript archive (.pt from torch.jit.save), a torch.export archive (.pt2) or an ONNX model "
         "(.onnx); export the model with torch.jit.script, torch.export.save or torch.onnx.export"
