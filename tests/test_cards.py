@@ -253,3 +253,22 @@ def test_pickled_models_are_refused_unopened(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not a TorchScript archive"):
         resolve_model(str(legacy))
     assert not marker.exists()
+
+
+def test_gsd_far_from_the_card_is_flagged(tmp_path: Path) -> None:
+    import geoseg
+    from geoseg.engine.graph import raster_gsd_m
+    from geoseg.io.raster import open_source
+
+    net = conv_net()
+    path = tmp_path / "g.pt"
+    for gsd, flagged in ((10.0, True), (2.2, False)):
+        card = {**CARD, "bands": ["blue", "green", "red"], "scaling": {"method": "none"}, "gsd_m": gsd}
+        torch.jit.save(torch.jit.script(net), str(path), _extra_files={"geoseg_card.json": json.dumps(card)})
+        src = _described_raster(tmp_path / "s.tif", ("blue", "green", "red"))  # 2 m pixels
+        out = tmp_path / f"o{gsd}"
+        with dask.config.set(scheduler="synchronous"):
+            geoseg.write(geoseg.predict(str(src), str(path)), str(out))
+        warned = [w for w in json.loads((out / "run.json").read_text())["warnings"] if "was made for" in w]
+        assert bool(warned) is flagged
+    assert raster_gsd_m(open_source(str(src))) == pytest.approx(2.0)

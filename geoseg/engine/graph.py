@@ -9,6 +9,7 @@ builds the same graph.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -28,6 +29,7 @@ __all__ = ["Job", "job_of", "predict"]
 DEFAULT_TILE = 512
 DEFAULT_HALO = 32
 DEFAULT_CHUNK = 2048
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Job:
     info: Any
     stats: list = field(default_factory=list)  # one Delayed per chunk, row-major
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def params(self) -> dict[str, Any]:
         """Every parameter of the job, JSON-ready."""
@@ -104,6 +107,41 @@ def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int]) -> Raste
             f"{src.count} were selected; fix --bands"
         )
     return src
+
+
+#: raster/model ground sample distance ratios beyond which results are flagged
+GSD_TOLERANCE = 1.25
+
+
+def raster_gsd_m(src: RasterSource) -> float | None:
+    """Pixel size of the raster in metres (at its centre for geographic CRSs), or None without a CRS."""
+    import math
+
+    gb = src.geobox
+    if gb.crs is None:
+        return None
+    from pyproj import CRS
+
+    crs = CRS.from_user_input(gb.crs)
+    size = math.sqrt(abs(gb.transform.a * gb.transform.e - gb.transform.b * gb.transform.d))
+    if crs.is_geographic:
+        lat = (gb.bounds[1] + gb.bounds[3]) / 2
+        return size * 111_320.0 * math.sqrt(max(math.cos(math.radians(lat)), 1e-6))
+    unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+    return size * unit
+
+
+def _gsd_mismatch(src: RasterSource, card: ModelCard) -> str | None:
+    """A warning when the raster's pixel size is far from the one the model was made for."""
+    if not card.gsd_m:
+        return None
+    gsd = raster_gsd_m(src)
+    if gsd is None or 1 / GSD_TOLERANCE <= gsd / card.gsd_m <= GSD_TOLERANCE:
+        return None
+    return (
+        f"{src.path}: pixels are {gsd:.3g} m but the model {card.name!r} was made for {card.gsd_m:.3g} m; "
+        f"results may degrade (resample with gdalwarp -tr {card.gsd_m:g} {card.gsd_m:g} -r bilinear)"
+    )
 
 
 def _resolve_scaling(spec: ModelSpec, src: RasterSource) -> ModelSpec:
@@ -284,6 +322,10 @@ def predict(
     ]
     mask = da.block(mask_blocks)
     job = Job(src, spec, card_, runtime, plan, blend, aoi_, info)
+    gsd_note = _gsd_mismatch(src, spec.card)
+    if gsd_note:
+        log.warning(gsd_note)
+        job.warnings.append(gsd_note)
     job.stats = [final[i, j]["stats"] for i, j in plan.iter_chunks()]
     job.timings["probe_s"] = probe_s
     job.timings["predict_call_s"] = time.perf_counter() - t0  # opening, probing, planning, graph building

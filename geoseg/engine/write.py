@@ -305,6 +305,7 @@ def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_
             "check band order and scaling if this is unexpected"
         )
     if job is not None:
+        warnings += job.warnings
         src = job.source
         report["input"] = {
             "path": src.path,
