@@ -58,19 +58,21 @@ SCALING_METHODS = ("none", "divide", "meanstd", "minmax", "percentile")
 TASKS = ("area", "objects")
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
-#: band names and the descriptions that mean them (Sentinel-2, Landsat 8/9, plain words)
+#: band names and the descriptions that mean them (Sentinel-2 B02..B12, Landsat 8/9 Collection 2 SR_B2..SR_B7,
+#: plain words). Bare Landsat numbers (B5 = nir on Landsat 8, red edge on Sentinel-2) are ambiguous: map them with
+#: --bands instead.
 BAND_ALIASES: dict[str, tuple[str, ...]] = {
-    "coastal": ("coastal", "aerosol", "b01", "b1_l8"),
+    "coastal": ("coastal", "aerosol", "b01"),
     "blue": ("blue", "b", "b02", "b2", "sr_b2"),
     "green": ("green", "g", "b03", "b3", "sr_b3"),
     "red": ("red", "r", "b04", "b4", "sr_b4"),
     "rededge1": ("rededge1", "re1", "b05"),
     "rededge2": ("rededge2", "re2", "b06"),
     "rededge3": ("rededge3", "re3", "b07"),
-    "nir": ("nir", "near infrared", "near-infrared", "b08", "b8", "b8a", "sr_b5"),
+    "nir": ("nir", "near infrared", "near-infrared", "b08", "b8a", "sr_b5"),
     "swir1": ("swir1", "swir 1", "swir16", "b11", "sr_b6"),
     "swir2": ("swir2", "swir 2", "swir22", "b12", "sr_b7"),
-    "pan": ("pan", "panchromatic", "b8_l8"),
+    "pan": ("pan", "panchromatic"),
 }
 
 
