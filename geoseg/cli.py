@@ -321,7 +321,7 @@ def models(as_json: bool) -> None:
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--size", type=click.IntRange(min=256), default=2048, show_default=True, help="Scene size in pixels (2 m).")
+@click.option("--size", type=click.IntRange(min=512), default=2048, show_default=True, help="Scene size in pixels (2 m).")
 @click.option("--seed", type=int, default=42, show_default=True)
 def sample(out_dir: str, size: int, seed: int) -> None:
     """Generate the sample AOI into OUT_DIR: two dates, labels.gpkg, the landcover.pt index model, aoi.geojson."""

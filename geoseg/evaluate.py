@@ -53,6 +53,15 @@ def match_objects(pred: Sequence, truth: Sequence, threshold: float = 0.5) -> tu
     return tp, len(pred) - tp, len(truth) - tp
 
 
+def _as_int(v: Any) -> int | None:
+    """A class id from a label attribute (``1``, ``"1"``, ``1.0``), else None."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if np.isfinite(f) and f.is_integer() else None
+
+
 def _ratio(a: float, b: float) -> float | None:
     return float(a / b) if b else None
 
@@ -124,8 +133,8 @@ def evaluate(
         for v in df[class_field]:
             if isinstance(v, str) and v in by_name:
                 ids.append(by_name[v])
-            elif str(v).isdigit() and int(v) in names:
-                ids.append(int(v))
+            elif _as_int(v) in names:
+                ids.append(_as_int(v))
             else:
                 ids.append(-1)  # a class this prediction does not have: not scored
         ids = np.asarray(ids)
@@ -162,6 +171,7 @@ def evaluate(
         "classes": {},
     }
     pieces = None
+    valid_area = None
     for k in classes:
         name = names.get(k, f"class_{k}")
         t = (truth == k) & valid
@@ -183,7 +193,12 @@ def evaluate(
             if pieces is None:
                 pieces = polygonize_block(mask, 0, 0, (gb.height, gb.width), classes=set(classes))
             pred_polys = pixel_to_world(pieces.geometry[pieces.class_id == k], gb.transform)
-            true_polys = geoms[ids == k]
+            # each part is an object; labels with no valid mask pixel (outside, nodata) are not scored
+            true_polys = shapely.get_parts(geoms[ids == k])
+            if valid_area is None:
+                valid_px = polygonize_block(valid.astype(np.uint8), 0, 0, valid.shape, classes={1}).geometry
+                valid_area = pixel_to_world(np.array([shapely.union_all(valid_px)]), gb.transform)[0]
+            true_polys = true_polys[shapely.area(shapely.intersection(true_polys, valid_area)) > 0]
             otp, ofp, ofn = match_objects(pred_polys, true_polys, iou_threshold)
             row.update(
                 objects_true=len(true_polys),

@@ -108,7 +108,9 @@ def _layout(rng: np.random.Generator, size: int) -> dict:
     def ships(n: int) -> list:
         out: list = []
         inner = basin.buffer(-12)
-        while len(out) < n:
+        for _ in range(200 * n):  # bounded: small scenes get fewer ships
+            if len(out) == n:
+                break
             ln, wd = rng.uniform(20, 75), rng.uniform(5, 12)
             cx, cy = rng.uniform(0.03 * s, 0.97 * s), rng.uniform(0.66 * s, 0.84 * s)
             sh = _rect(cx, cy, ln, wd, rng.uniform(0, 180))
@@ -121,7 +123,9 @@ def _layout(rng: np.random.Generator, size: int) -> dict:
     cut = _rect(0.78 * s, 0.3 * s, 0.18 * s, 0.1 * s, angle).intersection(forest)
     taken = shapely.union_all([water, forest, quarter, pad])
     new_buildings: list = []
-    while len(new_buildings) < 14:
+    for _ in range(3000):  # bounded: small scenes get fewer new buildings
+        if len(new_buildings) == 14:
+            break
         b = _rect(rng.uniform(0.25 * s, 0.5 * s), rng.uniform(0.52 * s, 0.62 * s), rng.uniform(10, 20), rng.uniform(8, 12), 0)
         if not b.buffer(3).intersects(taken) and not any(b.buffer(3).intersects(o) for o in new_buildings):
             new_buildings.append(b)

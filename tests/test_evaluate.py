@@ -35,9 +35,12 @@ def case(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
         ("building", _world(10, 20, 10, 20)),
         ("building", _world(40, 50, 40, 50)),
         ("building", _world(80, 90, 10, 20)),  # missed: false negative
+        ("building", _world(200, 210, 10, 20)),  # outside the raster: not scored
+        ("building", _world(96, 99, 30, 40)),  # over mask nodata: not scored
         ("water", _world(5, 15, 60, 80)),
     ]
     df = gpd.GeoDataFrame({"class": [c for c, _ in labels]}, geometry=[g for _, g in labels], crs="EPSG:32632").to_crs(4326)
+    df["class_id"] = [1.0 if c == "building" else 2.0 for c, _ in labels]  # ids stored as floats (REAL fields)
     path = tmp_path / "labels.gpkg"
     df.to_file(path, layer="truth")
     return write_mask(tmp_path / "mask.tif", mask), path, mask
@@ -53,6 +56,18 @@ def test_scores(case) -> None:
     assert b["pixels_pred"] == 320 and abs(b["pixels_true"] - 300) <= 40
     assert w["iou"] == pytest.approx(200 / 300, abs=0.03) and w["recall"] == pytest.approx(1.0, abs=0.03)
     assert "object_f1" not in w and r["ignored_label_classes"] == []
+
+
+def test_float_ids_and_multipolygon_labels(case, tmp_path: Path) -> None:
+    mask_path, labels, _ = case
+    r = evaluate(str(mask_path), str(labels), class_field="class_id")
+    assert r["classes"]["building"]["object_tp"] == 2
+    df = gpd.read_file(labels)
+    merged = gpd.GeoDataFrame({"class": ["building"]}, geometry=[shapely.union_all(df.geometry[:2].values)], crs=df.crs)
+    path = tmp_path / "multi.gpkg"
+    merged.to_file(path)
+    b = evaluate(str(mask_path), str(path))["classes"]["building"]
+    assert (b["objects_true"], b["object_tp"]) == (2, 2)  # each part is an object
 
 
 def test_match_objects_is_one_to_one() -> None:

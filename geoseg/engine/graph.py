@@ -101,6 +101,7 @@ def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int]) -> Raste
         if band_map:
             raise InputError("--bands NAME=N needs a model card that names its bands; give band numbers (e.g. 3,2,1) instead")
         src = open_source(source, bands)
+    card.scaling.validate(src.count, f"{spec.path or card.name} (card scaling)")
     if card.bands and src.count != len(card.bands):
         raise InputError(
             f"{src.path}: the model {card.name!r} takes {len(card.bands)} bands ({', '.join(card.bands)}) but "

@@ -265,8 +265,11 @@ def band_percentiles(source: RasterSource, low: tuple[float, ...], high: tuple[f
     lo = np.broadcast_to(np.asarray(low, np.float64), (n,))
     hi = np.broadcast_to(np.asarray(high, np.float64), (n,))
     flat = arr.reshape(n, -1)
-    if not np.isfinite(flat).any():
-        raise InputError(f"{source.path}: no valid pixel to compute percentile scaling from; check the nodata value")
+    empty = [int(source.bands[b]) for b in range(n) if not np.isfinite(flat[b]).any()]
+    if empty:
+        raise InputError(
+            f"{source.path}: band(s) {empty} have no valid pixel to compute percentile scaling from; check the nodata value"
+        )
     return (
         np.array([np.nanpercentile(flat[b], lo[b]) for b in range(n)]),
         np.array([np.nanpercentile(flat[b], hi[b]) for b in range(n)]),

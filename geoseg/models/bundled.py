@@ -143,7 +143,10 @@ def bundled_path(name: str) -> str:
         bundled_card(name)  # a clear error when the extra is missing
         return str(importlib.resources.files("ukis_csmask") / f"model_{m.args[0]}.onnx")
     folder = _cache_dir()
-    path = os.path.join(folder, f"{name}-v{m.card['version']}-torch{torch.__version__.split('+')[0]}.pt")
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([m.card, m.builder, m.args], sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(folder, f"{name}-v{m.card['version']}-{key}-torch{torch.__version__.split('+')[0]}.pt")
     if os.path.exists(path):
         return path
     os.makedirs(folder, exist_ok=True)
@@ -154,5 +157,6 @@ def bundled_path(name: str) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".pt.tmp")
     os.close(fd)
     torch.jit.save(scripted, tmp, _extra_files={"geoseg_card.json": json.dumps(m.card)})
+    os.chmod(tmp, 0o644)  # a shared cache stays readable for others
     os.replace(tmp, path)
     return path

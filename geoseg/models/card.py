@@ -63,15 +63,15 @@ ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 #: --bands instead.
 BAND_ALIASES: dict[str, tuple[str, ...]] = {
     "coastal": ("coastal", "aerosol", "b01"),
-    "blue": ("blue", "b", "b02", "b2", "sr_b2"),
-    "green": ("green", "g", "b03", "b3", "sr_b3"),
-    "red": ("red", "r", "b04", "b4", "sr_b4"),
+    "blue": ("blue", "b", "b02", "sr_b2"),
+    "green": ("green", "g", "b03", "sr_b3"),
+    "red": ("red", "r", "b04", "sr_b4"),
     "rededge1": ("rededge1", "re1", "b05"),
     "rededge2": ("rededge2", "re2", "b06"),
     "rededge3": ("rededge3", "re3", "b07"),
     "nir": ("nir", "near infrared", "near-infrared", "b08", "b8a", "sr_b5"),
-    "swir1": ("swir1", "swir 1", "swir16", "b11", "sr_b6"),
-    "swir2": ("swir2", "swir 2", "swir22", "b12", "sr_b7"),
+    "swir1": ("swir1", "swir 1", "swir16", "sr_b6"),
+    "swir2": ("swir2", "swir 2", "swir22", "sr_b7"),
     "pan": ("pan", "panchromatic"),
 }
 
@@ -104,13 +104,34 @@ class Scaling:
                 raise ModelError(f"{origin}: scaling {m!r} needs {key!r}")
         if m == "divide" and not self.value:
             raise ModelError(f"{origin}: scaling 'divide' needs a non-zero value")
+        values = [self.value] if self.value is not None else []
+        for key in ("mean", "std", "low", "high"):
+            values += list(getattr(self, key) or ())
+        if not all(np.isfinite(values)):
+            raise ModelError(f"{origin}: scaling values must be finite numbers")
+        used = {
+            "none": (),
+            "divide": ("value",),
+            "meanstd": ("mean", "std"),
+            "minmax": ("low", "high"),
+            "percentile": ("low", "high"),
+        }
+        extra = [k for k in ("value", "mean", "std", "low", "high") if getattr(self, k) is not None and k not in used[m]]
+        if extra:
+            raise ModelError(f"{origin}: scaling {m!r} does not use {', '.join(extra)}; give the method that does")
+        if m in ("minmax", "percentile"):
+            lo, hi = np.broadcast_arrays(np.asarray(self.low), np.asarray(self.high))
+            if len(self.low) != len(self.high) and 1 not in (len(self.low), len(self.high)):
+                raise ModelError(f"{origin}: scaling low and high need the same number of values")
+            if not np.all(hi > lo):
+                raise ModelError(f"{origin}: scaling needs high > low for every band")
         for key in ("mean", "std", "low", "high"):
             v = getattr(self, key)
             if v is not None and n_bands is not None and len(v) not in (1, n_bands):
                 raise ModelError(f"{origin}: scaling {key} has {len(v)} values for {n_bands} bands; give one or one per band")
-        if m == "meanstd" and any(s == 0 for s in self.std or ()):
-            raise ModelError(f"{origin}: scaling std must not be 0")
-        if m == "percentile" and not all(0 <= a < b <= 100 for a, b in zip(self.low or (), self.high or (), strict=False)):
+        if m == "meanstd" and any(s <= 0 for s in self.std or ()):
+            raise ModelError(f"{origin}: scaling std must be positive")
+        if m == "percentile" and not (min(self.low or (0,)) >= 0 and max(self.high or (100,)) <= 100):
             raise ModelError(f"{origin}: percentile scaling needs 0 <= low < high <= 100")
 
     def resolve(self, percentiles: Any) -> Scaling:
@@ -154,12 +175,15 @@ def _floats(v: Any, key: str, origin: str) -> tuple[float, ...] | None:
 
 
 def _color(v: Any, origin: str, name: str) -> tuple[int, int, int]:
-    if isinstance(v, str) and v.startswith("#") and len(v) == 7:
-        try:
-            return (int(v[1:3], 16), int(v[3:5], 16), int(v[5:7], 16))
-        except ValueError:
-            pass
-    if isinstance(v, (list, tuple)) and len(v) in (3, 4) and all(isinstance(c, int) and 0 <= c <= 255 for c in v):
+    import re
+
+    if isinstance(v, str) and re.fullmatch("#[0-9a-fA-F]{6}", v):
+        return (int(v[1:3], 16), int(v[3:5], 16), int(v[5:7], 16))
+
+    def channel(c: Any) -> bool:
+        return isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255
+
+    if isinstance(v, (list, tuple)) and len(v) in (3, 4) and all(channel(c) for c in v):
         return (int(v[0]), int(v[1]), int(v[2]))
     raise ModelError(f"{origin}: class {name!r} colour {v!r} is not [r, g, b] (0-255) or '#rrggbb'")
 
@@ -212,7 +236,7 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
                 raise ModelError(f"{origin}: each class needs an id and a name, got {c!r}")
             _reject_unknown(c, CLASS_KEYS, "class", origin)
             cid = c["id"]
-            if not isinstance(cid, int) or not 0 <= cid < 255:
+            if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < 255:
                 raise ModelError(f"{origin}: class id {cid!r} must be an integer 0-254 (255 is nodata)")
             if cid in seen:
                 raise ModelError(f"{origin}: class id {cid} appears twice; class ids must be unique")
@@ -220,7 +244,11 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
                 raise ModelError(f"{origin}: class name {c['name']!r} appears twice; class names must be unique")
             seen.add(cid)
             names.add(str(c["name"]))
-            color = _color(c["color"], origin, str(c["name"])) if c.get("color") is not None else palette[cid]
+            if "color" in c and c["color"] is None:
+                raise ModelError(
+                    f"{origin}: class {c['name']!r} has an empty colour (in YAML, quote hex colours: color: '#00ff00')"
+                )
+            color = _color(c["color"], origin, str(c["name"])) if "color" in c else palette[cid]
             out.append(ClassInfo(cid, str(c["name"]), color))
         classes = tuple(sorted(out, key=lambda c: c.id))
     bands = d.get("bands")
@@ -233,6 +261,8 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
     sc = d.get("scaling") or {"method": "none"}
     if not isinstance(sc, Mapping):
         raise ModelError(f"{origin}: scaling must be a mapping such as {{method: divide, value: 10000}}")
+    if "method" not in sc:
+        raise ModelError(f"{origin}: scaling needs a method ({', '.join(SCALING_METHODS)})")
     _reject_unknown(sc, SCALING_KEYS, "scaling", origin)
     value = sc.get("value")
     try:
@@ -312,7 +342,10 @@ def _load_text(text: str, origin: str) -> Any:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ModelError(f"{origin}: not valid YAML ({exc})") from exc
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ModelError(f"{origin}: not valid YAML{at} ({problem})") from exc
     try:
         return json.loads(text)
     except ValueError as exc:
@@ -414,7 +447,10 @@ def find_card(path: str, kind: str):
         meta = _onnx_metadata(path)
         if "geoseg_card" in meta:
             return card_from_dict(_load_text(meta["geoseg_card"], path), f"{path} (geoseg_card metadata)", name)
-        d = _deepness(meta, path)
+        try:
+            d = _deepness(meta, path)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{path}: unreadable Deepness/GeoDeep metadata ({exc}); fix the model's metadata_props") from exc
         if d is not None:
             return card_from_dict(d, f"{path} (Deepness/GeoDeep metadata)", name)
     return None
@@ -430,18 +466,25 @@ def parse_band_option(value: str | None) -> tuple[tuple[int, ...] | None, dict[s
     """
     if not value:
         return None, {}
+    import re
+
     items = [v.strip() for v in value.split(",") if v.strip()]
+    number = re.compile(r"[0-9]+")
     if all("=" in v for v in items):
         mapping: dict[str, int] = {}
         for v in items:
-            k, _, b = v.partition("=")
-            if not b.strip().isdigit() or int(b) < 1:
+            k, _, b = (x.strip() for x in v.partition("="))
+            if not k or not number.fullmatch(b) or int(b) < 1:
                 raise ModelError(f"--bands {value!r}: {v!r} must be NAME=BAND with a 1-based band number, e.g. nir=4")
-            mapping[k.strip().lower()] = int(b)
+            if k.lower() in mapping:
+                raise ModelError(f"--bands {value!r}: {k!r} is given twice")
+            mapping[k.lower()] = int(b)
         return None, mapping
-    if all(v.isdigit() and int(v) >= 1 for v in items):
+    if any("=" in v for v in items):
+        raise ModelError(f"--bands {value!r}: give 1-based band numbers (3,2,1) or NAME=BAND pairs (nir=4,red=3), not a mix")
+    if all(number.fullmatch(v) and int(v) >= 1 for v in items):
         return tuple(int(v) for v in items), {}
-    raise ModelError(f"--bands {value!r}: give 1-based band numbers (3,2,1) or NAME=BAND pairs (nir=4,red=3), not a mix")
+    raise ModelError(f"--bands {value!r}: band numbers start at 1, e.g. 3,2,1")
 
 
 def match_bands(
@@ -462,6 +505,11 @@ def match_bands(
         A wanted band cannot be found; the message lists the raster's bands and the fix.
     """
     mapping = {k.lower(): v for k, v in (mapping or {}).items()}
+    unknown = sorted(set(mapping) - set(wanted))
+    if unknown:
+        raise ModelError(
+            f"{origin}: --bands names {', '.join(unknown)} are not bands of the model (it takes {', '.join(wanted)})"
+        )
     count = len(descriptions)
     for k, b in mapping.items():
         if b > count:

@@ -43,8 +43,23 @@ class IndexLandcover(nn.Module):
 
 def export_index_landcover(path: str | os.PathLike) -> str:
     """Save :class:`IndexLandcover` as TorchScript at ``path``; returns the path."""
+    import json
+
     path = os.fspath(path)
-    torch.jit.save(torch.jit.script(IndexLandcover()), path)
+    card = {
+        "name": "landcover",
+        "version": "1",
+        "task": "area",
+        "description": "Vegetation (NDVI > 0.3) and open water (NDWI > 0, McFeeters 1996); a physics rule.",
+        "classes": [
+            {"id": 0, "name": "other", "color": [200, 200, 200]},
+            {"id": 1, "name": "vegetation", "color": [60, 180, 75]},
+            {"id": 2, "name": "water", "color": [0, 110, 200]},
+        ],
+        "bands": ["blue", "green", "red", "nir"],
+        "size_multiple": 1,
+    }
+    torch.jit.save(torch.jit.script(IndexLandcover()), path, _extra_files={"geoseg_card.json": json.dumps(card)})
     return path
 
 

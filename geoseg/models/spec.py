@@ -211,11 +211,11 @@ def _sniff_kind(path: str) -> str:
                 names = z.namelist()
         except zipfile.BadZipFile as exc:
             raise ModelError(f"{path}: a damaged model archive ({exc}); export the model again") from exc
-        if path.lower().endswith(".pt2") or any(n.endswith("archive_format") for n in names):
+        if any(n.endswith("archive_format") for n in names):
             return "exported"
         if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
             return "torchscript"
-        if any(n.endswith("/data.pkl") for n in names):
+        if any(n.endswith("/data.pkl") for n in names) or path.lower().endswith(".pt2"):
             raise ModelError(
                 f"{path}: a torch.save checkpoint (a pickled model or state dict), not TorchScript; geoseg never "
                 "unpickles model files (pickles can run code). Export the model with torch.jit.script(model) + "
