@@ -97,6 +97,12 @@ def _parse_bands(value: str | None) -> tuple[tuple[int, ...] | None, dict[str, i
 @click.option("--probabilities-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an error).")
 @click.option(
+    "--resample/--no-resample",
+    default=True,
+    show_default=True,
+    help="Resample tiles to the card's pixel size when the raster's differs by up to 4x.",
+)
+@click.option(
     "--vectorize", "vectorize_", is_flag=True, help="Also write polygon layers (defaults of `geoseg vectorize`) into DIR."
 )
 @click.pass_context
@@ -120,6 +126,7 @@ def predict(
     probabilities,
     probabilities_dtype,
     overwrite,
+    resample,
     vectorize_,
 ) -> None:
     """Segment the raster SRC with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif."""
@@ -149,6 +156,7 @@ def predict(
             num_threads=threads or sched.num_threads,
             probabilities=probabilities,
             resources=sched.resources,
+            resample=resample,
         )
         report = write(
             result,
@@ -317,6 +325,151 @@ def models(as_json: bool) -> None:
         classes = ", ".join(x["name"] for x in c["classes"])
         click.echo(f"{name} (v{c['version']}, {c['task']}): {c['description']}")
         click.echo(f"    bands: {', '.join(c['bands'])}; classes: {classes}; licence: {c['license']}")
+
+
+@main.command()
+@click.option("--images", "-i", multiple=True, required=True, help="Training raster (repeat for several).")
+@click.option("--labels", "-l", multiple=True, required=True, help="Vector labels: one file for all images or one per image.")
+@click.option("--layer", multiple=True, help="Labels layer: one for all images or one per image.")
+@click.option("--class-field", default="class", show_default=True, help="Label attribute with the class name or id.")
+@click.option("--label-class", default=None, help="Class of every label when they have no class attribute.")
+@click.option("--card", "card_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Model card (YAML/JSON).")
+@click.option("--out", "-o", required=True, help="TorchScript model to write (.pt); the checkpoint is OUT.ckpt.")
+@click.option("--aoi", multiple=True, help="Vector file limiting where training looks: one for all images or one per image.")
+@click.option("--bands", default=None, help="Card band names to raster bands, e.g. nir=4,red=3 (default: band descriptions).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Optimiser steps per epoch.")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Chips per step.")
+@click.option("--chip", type=click.IntRange(min=32), default=128, show_default=True, help="Chip side in model pixels.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of blocks kept for validation.")
+@click.option("--block", type=click.IntRange(min=32), default=512, show_default=True, help="Split block side in pixels.")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine decay).")
+@click.option("--scales", default="1,1", show_default=True, help="Pixel-size range as multiples of the images' (e.g. 1,4).")
+@click.option("--gray", type=float, default=0.0, show_default=True, help="Share of chips turned grey (for pan imagery).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt.")
+@click.pass_context
+def train(ctx: click.Context, images, labels, layer, class_field, label_class, card_path, out, aoi, bands, epochs, steps, batch,
+          chip, val_fraction, block, lr, scales, gray, device, seed, resume) -> None:  # fmt: skip
+    """Train the card's network on rasters and vector labels; write TorchScript with the card embedded."""
+    from geoseg.models.card import _load_text, card_from_dict
+    from geoseg.models.train import TrainConfig, parse_scales
+    from geoseg.models.train import train as run_train
+
+    with open(card_path) as f:
+        card = card_from_dict(_load_text(f.read(), card_path), card_path)
+    band_idx, band_map = _parse_bands(bands)
+    if band_idx is not None:
+        raise click.BadParameter("give card band names, e.g. --bands nir=4,red=3 (training matches bands by name)")
+    cfg = TrainConfig(
+        images=list(images),
+        labels=list(labels),
+        out=out,
+        layers=list(layer) or [None],
+        class_field=class_field,
+        label_class=label_class,
+        aois=list(aoi) or [None],
+        band_map=band_map,
+        epochs=epochs,
+        steps=steps,
+        batch=batch,
+        chip=chip,
+        val_fraction=val_fraction,
+        block=block,
+        lr=lr,
+        scales=parse_scales(scales),
+        gray=gray,
+        device=device,
+        seed=seed,
+    )
+
+    def show(rec: dict) -> None:
+        if not ctx.obj["quiet"]:
+            iou = ", ".join("-" if v is None else f"{v:.3f}" for v in rec["iou"])
+            click.echo(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}, validation IoU per class [{iou}], {rec['seconds']:.0f} s")
+
+    res = run_train(cfg, card, resume=resume, progress=show)
+    click.echo(f"model: {res['model']} (best epoch {res['best_epoch']}, validation IoU {res['metrics']['iou']})")
+    click.echo(f"checkpoint: {res['checkpoint']}")
+
+
+@main.command()
+@click.argument("before", type=click.Path(dir_okay=False))
+@click.argument("after", type=click.Path(dir_okay=False))
+@click.option("--model", "-m", required=True, help="Model run on both dates (bundled name or file).")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--grid", default=None, type=click.Path(dir_okay=False), help="Raster whose grid both dates use [BEFORE].")
+@click.option("--aoi", default=None, type=click.Path(dir_okay=False), help="Vector file limiting the area.")
+@click.option("--bands-before", default=None, help="Band mapping of BEFORE, e.g. nir=2,red=3.")
+@click.option("--bands-after", default=None, help="Band mapping of AFTER.")
+@click.option("--clouds", is_flag=True, help="Leave out cloud and shadow pixels of either date (bundled clouds model).")
+@click.option("--mask-model", default=None, help="Any model whose non-background classes make pixels unusable.")
+@click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Minimum mapping unit (m²).")
+@click.option("--format", "formats", default="geojson,gpkg", show_default=True, help="Any of geojson,gpkg,fgb,parquet.")
+@click.option("--resampling", default="bilinear", show_default=True, help="How AFTER is resampled onto the grid.")
+@click.option("--date-before", default=None, help="Date of BEFORE [its metadata or file name].")
+@click.option("--date-after", default=None, help="Date of AFTER [its metadata or file name].")
+@click.option("--scheduler", default="local", show_default=True, help="local, threads, synchronous or tcp://HOST:PORT.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes for the local cluster.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an error).")
+@click.pass_context
+def change(ctx: click.Context, before, after, model, out_dir, grid, aoi, bands_before, bands_after, clouds, mask_model,
+           min_area, formats, resampling, date_before, date_after, scheduler, workers, overwrite) -> None:  # fmt: skip
+    """Map change between BEFORE and AFTER: change.tif (transition codes), polygons, hectares per transition."""
+    from geoseg.change import change as run_change
+    from geoseg.change import format_change
+    from geoseg.engine import scheduler as use_scheduler
+
+    if clouds and mask_model:
+        raise click.BadParameter("give --clouds or --mask-model, not both")
+    with use_scheduler(scheduler, workers=workers):
+        report = run_change(
+            before,
+            after,
+            model,
+            out_dir,
+            grid=grid,
+            aoi=aoi,
+            bands_before=bands_before,
+            bands_after=bands_after,
+            mask_model="clouds" if clouds else mask_model,
+            min_area=min_area,
+            formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
+            resampling=resampling,
+            date_before=date_before,
+            date_after=date_after,
+            overwrite=overwrite,
+        )
+    if not ctx.obj["quiet"]:
+        click.echo(format_change(report))
+        click.echo(f"wrote {out_dir}/change.tif, run.json, geoseg.gpkg, vectors/ in {report['seconds']:.1f} s")
+
+
+@main.command("run")
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), help="Output folder [the workflow's].")
+@click.pass_context
+def run_cmd(ctx: click.Context, workflow: str, out_dir: str | None) -> None:
+    """Run the workflow file WORKFLOW: every model, masks, polygons, a summary and a quicklook PNG."""
+    from geoseg.workflows.run import format_summary, run_workflow
+
+    quiet = ctx.obj["quiet"]
+    summary = run_workflow(workflow, out_dir, echo=None if quiet else click.echo)
+    if not quiet:
+        click.echo(format_summary(summary))
+
+
+@main.command("schedule")
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), help="Output folder [the workflow's].")
+@click.option("--max-runs", type=click.IntRange(min=1), default=None, help="Stop after this many runs [run until Ctrl-C].")
+@click.pass_context
+def schedule_cmd(ctx: click.Context, workflow: str, out_dir: str | None, max_runs: int | None) -> None:
+    """Run WORKFLOW on its cron 'schedule:' (UTC), one run at a time, logging each to schedule.log."""
+    from geoseg.workflows.schedule import schedule
+
+    schedule(workflow, out_dir, max_runs=max_runs, echo=None if ctx.obj["quiet"] else click.echo)
 
 
 @main.command()

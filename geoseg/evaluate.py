@@ -3,7 +3,8 @@
 Labels (any vector format and CRS) are reprojected to the mask's CRS and rasterised on its
 grid; pixels that are nodata in the mask are left out. Object scores match predicted
 objects (connected components, as ``geoseg vectorize`` draws them) one-to-one with label
-polygons at IoU >= 0.5, best pairs first.
+polygons at IoU >= 0.5, best pairs first, inside the mask's valid area: labels are clipped
+to it, and labels mostly outside it (with the predictions lying on them) are not scored.
 """
 
 from __future__ import annotations
@@ -198,7 +199,19 @@ def evaluate(
             if valid_area is None:
                 valid_px = polygonize_block(valid.astype(np.uint8), 0, 0, valid.shape, classes={1}).geometry
                 valid_area = pixel_to_world(np.array([shapely.union_all(valid_px)]), gb.transform)[0]
-            true_polys = true_polys[shapely.area(shapely.intersection(true_polys, valid_area)) > 0]
+            # objects are scored inside the valid area (an AOI, a held-out half): labels are
+            # clipped to it; a label with less than half its area inside is not scored, and
+            # neither is a predicted object lying mostly on such a label
+            inside = shapely.intersection(true_polys, valid_area)
+            share = shapely.area(inside) / np.maximum(shapely.area(true_polys), 1e-12)
+            cut = true_polys[(share > 0) & (share < 0.5)]
+            true_polys = inside[share >= 0.5]
+            if len(cut):
+                over = np.zeros(len(pred_polys))
+                tree = shapely.STRtree(cut)
+                pi, ci = tree.query(pred_polys, predicate="intersects")
+                np.add.at(over, pi, shapely.area(shapely.intersection(pred_polys[pi], cut[ci])))
+                pred_polys = pred_polys[over < 0.5 * shapely.area(pred_polys)]
             otp, ofp, ofn = match_objects(pred_polys, true_polys, iou_threshold)
             row.update(
                 objects_true=len(true_polys),

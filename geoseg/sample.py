@@ -302,4 +302,31 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
             f,
         )
     paths["aoi"] = aoi
+    paths.update(write_halves(out_dir, size))
     return paths
+
+
+def write_halves(out_dir: str, size: int, block: int = 512) -> dict[str, str]:
+    """Split the scene into a checkerboard of ``block`` px squares: ``train_half.gpkg`` (the
+    squares whose row + column is even) and ``holdout_half.gpkg`` (the others), in the scene's
+    CRS. Bundled models are trained on the first and scored on the second.
+    """
+    import geopandas as gpd
+    import shapely
+
+    x0, y0 = ORIGIN
+    n = -(-size // block)
+    halves: dict[str, list] = {"train_half": [], "holdout_half": []}
+    for r in range(n):
+        for c in range(n):
+            x1, y1 = x0 + c * block * RES, y0 - r * block * RES
+            box = shapely.box(x1, y1 - min(block, size - r * block) * RES, x1 + min(block, size - c * block) * RES, y1)
+            halves["train_half" if (r + c) % 2 == 0 else "holdout_half"].append(box)
+    out = {}
+    for name, boxes in halves.items():
+        path = os.path.join(out_dir, f"{name}.gpkg")
+        if os.path.exists(path):
+            os.remove(path)
+        gpd.GeoDataFrame({"name": [name]}, geometry=[shapely.union_all(boxes)], crs=CRS).to_file(path, driver="GPKG")
+        out[name] = path
+    return out

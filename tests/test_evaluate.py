@@ -108,3 +108,15 @@ def test_bundled_index_models_on_the_sample_aoi(tmp_path: Path, monkeypatch) -> 
         r = evaluate(str(tmp_path / model / "mask.tif"), paths["labels"], layer="truth")
         assert r["classes"][model]["iou"] >= 0.85, r["classes"]
         assert r["ignored_label_classes"]  # the other classes of the labels are left out, and said so
+
+
+def test_objects_cut_by_the_valid_area_are_not_scored(tmp_path: Path) -> None:
+    mask = np.zeros((60, 60), np.uint8)
+    mask[:, 30:] = 255  # e.g. outside a held-out half
+    mask[10:20, 24:30] = 1  # the valid part of a label that lies 60 % outside: not scored
+    mask[40:50, 20:30] = 1  # a label 40 % outside: scored against its clipped part, a match
+    labels = [("building", _world(10, 20, 24, 39)), ("building", _world(40, 50, 20, 34))]
+    df = gpd.GeoDataFrame({"class": [c for c, _ in labels]}, geometry=[g for _, g in labels], crs="EPSG:32632")
+    df.to_file(tmp_path / "l.gpkg")
+    r = evaluate(str(write_mask(tmp_path / "m.tif", mask)), str(tmp_path / "l.gpkg"))["classes"]["building"]
+    assert (r["objects_true"], r["objects_pred"], r["object_tp"]) == (1, 1, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -21,7 +22,7 @@ import numpy as np
 from geoseg.errors import InputError
 from geoseg.grid import TilePlan
 from geoseg.io.aoi import AOI, read_aoi
-from geoseg.io.raster import RasterSource, open_source
+from geoseg.io.raster import RasterSource, open_source, raster_gsd_m
 from geoseg.models.spec import ModelCard, ModelSpec, Runtime, resolve_model
 
 __all__ = ["Job", "job_of", "predict"]
@@ -63,6 +64,7 @@ class Job:
             "precision": self.runtime.precision,
             "batch_size": self.runtime.batch_size,
             "num_threads": self.runtime.num_threads,
+            "resample_scale": self.runtime.scale,
         }
 
 
@@ -110,39 +112,48 @@ def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int]) -> Raste
     return src
 
 
-#: raster/model ground sample distance ratios beyond which results are flagged
+#: raster/model ground sample distance ratios within which nothing is resampled
 GSD_TOLERANCE = 1.25
+#: largest resampling factor applied on the fly (either way); beyond it the run is flagged instead
+MAX_RESAMPLE = 4.0
 
 
-def raster_gsd_m(src: RasterSource) -> float | None:
-    """Pixel size of the raster in metres (at its centre for geographic CRSs), or None without a CRS."""
-    import math
+def gsd_plan(src: RasterSource, card: ModelCard, allow: bool = True) -> tuple[float, str | None]:
+    """How to bridge the raster's pixel size and the model's.
 
-    gb = src.geobox
-    if gb.crs is None:
-        return None
-    from pyproj import CRS
+    A model made for ``gsd_m`` (or trained across ``gsd_range_m``) sees the raster as it
+    is when its pixels are within that range (``gsd_m`` +-25 %); otherwise each tile is
+    resampled to the nearest pixel size the model knows, when that takes a factor of at
+    most :data:`MAX_RESAMPLE` either way, and the mask still comes out on the raster's
+    grid. Beyond that (or with ``allow=False``) nothing is resampled and a warning says so.
 
-    crs = CRS.from_user_input(gb.crs)
-    size = math.sqrt(abs(gb.transform.a * gb.transform.e - gb.transform.b * gb.transform.d))
-    if crs.is_geographic:
-        lat = (gb.bounds[1] + gb.bounds[3]) / 2
-        return size * 111_320.0 * math.sqrt(max(math.cos(math.radians(lat)), 1e-6))
-    unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-    return size * unit
-
-
-def _gsd_mismatch(src: RasterSource, card: ModelCard) -> str | None:
-    """A warning when the raster's pixel size is far from the one the model was made for."""
-    if not card.gsd_m:
-        return None
+    Returns
+    -------
+    scale : float
+        Model pixels per raster pixel (1 = no resampling; 0.5 = the model sees pixels twice as large).
+    note : str or None
+        What was done, or the warning, for the log and run.json.
+    """
     gsd = raster_gsd_m(src)
-    if gsd is None or 1 / GSD_TOLERANCE <= gsd / card.gsd_m <= GSD_TOLERANCE:
-        return None
-    return (
-        f"{src.path}: pixels are {gsd:.3g} m but the model {card.name!r} was made for {card.gsd_m:.3g} m; "
-        f"results may degrade (resample with gdalwarp -tr {card.gsd_m:g} {card.gsd_m:g} -r bilinear)"
-    )
+    if gsd is None or not (card.gsd_m or card.gsd_range_m):
+        return 1.0, None
+    lo, hi = card.gsd_range_m or (card.gsd_m / GSD_TOLERANCE, card.gsd_m * GSD_TOLERANCE)
+    slack = 1.02  # measured sizes are off nominal by projection scale (UTM 0.5 m is 0.49986 m)
+    if lo / slack <= gsd <= hi * slack:
+        return 1.0, None
+    target = card.gsd_m if card.gsd_range_m is None else (lo if gsd < lo else hi)
+    scale = gsd / target
+    if abs(scale * MAX_RESAMPLE - 1) < 0.02 or abs(scale / MAX_RESAMPLE - 1) < 0.02:
+        scale = 1 / MAX_RESAMPLE if scale < 1 else MAX_RESAMPLE  # a nominal 4x stays a whole factor
+    units = target / gsd * math.sqrt(abs(src.geobox.transform.a * src.geobox.transform.e))  # in the CRS's units
+    fix = f"gdalwarp -tr {units:.6g} {units:.6g} -r average"
+    if not allow or not 1 / MAX_RESAMPLE <= scale <= MAX_RESAMPLE:
+        why = "resampling is off" if not allow else f"more than {MAX_RESAMPLE:g}x away"
+        return 1.0, (
+            f"{src.path}: pixels are {gsd:.3g} m but the model {card.name!r} was made for {target:.3g} m ({why}); "
+            f"results may degrade (resample with {fix})"
+        )
+    return scale, f"{src.path}: pixels are {gsd:.3g} m; tiles resampled on the fly to the model's {target:.3g} m (x{scale:.3g})"
 
 
 def _resolve_scaling(spec: ModelSpec, src: RasterSource) -> ModelSpec:
@@ -172,6 +183,7 @@ def predict(
     probabilities: bool = False,
     card: ModelCard | None = None,
     resources: dict[str, float] | None = None,
+    resample: bool = True,
 ):
     """Segment a raster lazily with a model, tile by tile, without seams.
 
@@ -214,6 +226,9 @@ def predict(
         Classes, colours and defaults for the model.
     resources : dict, optional
         Dask resource annotation for predict tasks (e.g. ``{"GPU": 1}``).
+    resample : bool
+        Resample tiles on the fly to the card's pixel size when the raster's differs by
+        up to 4x (see :func:`gsd_plan`); the mask is still on the raster's grid.
 
     Returns
     -------
@@ -242,7 +257,8 @@ def predict(
 
         active = active_scheduling()
         num_threads = active.num_threads if active else None
-    runtime = Runtime(device=device, precision=precision, batch_size=batch_size or 1, num_threads=num_threads)
+    scale, gsd_note = gsd_plan(src, spec.card, resample)
+    runtime = Runtime(device=device, precision=precision, batch_size=batch_size or 1, num_threads=num_threads, scale=scale)
 
     mult = spec.card.size_multiple
     probe_size = max(mult, -(-64 // mult) * mult)
@@ -253,8 +269,26 @@ def predict(
         runtime = replace(runtime, batch_size=8)  # GPUs want batches; on a CPU batch 1 was fastest here
     card_ = spec.card.with_classes(info.n_outputs)
     n_classes = len(card_.classes)
+    if scale != 1.0:
+        # every tile is a full tile of `size` model pixels = `tile` raster pixels; the card's tile
+        # and halo are in model pixels
+        if info.fixed_size and tile is not None:
+            raise InputError(
+                f"{spec.path}: with resampling the tile is the model's fixed {info.fixed_size} px input; "
+                "drop --tile, or use --no-resample"
+            )
+        if info.fixed_size:
+            size = info.fixed_size
+        else:
+            want = tile * scale if tile is not None else (spec.card.tile or DEFAULT_TILE)
+            size = max(mult, round(want / mult) * mult)
+        tile = max(1, round(size / scale))
+        if halo is None:
+            halo = round((spec.card.halo if spec.card.halo is not None else DEFAULT_HALO) / scale)
+        runtime = replace(runtime, model_size=size)
+        mult = 1
     tile = tile or spec.card.tile or info.fixed_size or DEFAULT_TILE
-    if info.fixed_size and tile != info.fixed_size:
+    if info.fixed_size and tile != info.fixed_size and scale == 1.0:
         raise InputError(
             f"{spec.path}: the model takes fixed {info.fixed_size}x{info.fixed_size} inputs; use --tile {info.fixed_size}"
         )
@@ -272,7 +306,7 @@ def predict(
         halo=halo,
         chunk=chunk or DEFAULT_CHUNK,
         size_multiple=mult,
-        fixed_size=info.fixed_size is not None,
+        fixed_size=info.fixed_size is not None or scale != 1.0,  # resampled tiles are always full tiles
     )
     out_box = src.geobox.crop(region)
 
@@ -323,8 +357,9 @@ def predict(
     ]
     mask = da.block(mask_blocks)
     job = Job(src, spec, card_, runtime, plan, blend, aoi_, info)
-    gsd_note = _gsd_mismatch(src, spec.card)
-    if gsd_note:
+    if gsd_note and scale != 1.0:
+        log.info(gsd_note)
+    elif gsd_note:
         log.warning(gsd_note)
         job.warnings.append(gsd_note)
     job.stats = [final[i, j]["stats"] for i, j in plan.iter_chunks()]

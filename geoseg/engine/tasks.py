@@ -66,6 +66,10 @@ def _stack(data: np.ndarray, origin: Window, tiles: list) -> np.ndarray:
     return np.stack([data[(slice(None), *t.input.slices(origin))] for t in tiles]).astype(np.float32, copy=False)
 
 
+def _model_size(runtime: Runtime) -> tuple[int, int] | None:
+    return (runtime.model_size, runtime.model_size) if runtime.scale != 1.0 else None
+
+
 def predict_chunk(
     chunk: dict[str, Any],
     spec: ModelSpec,
@@ -103,7 +107,7 @@ def predict_chunk(
         want = "probs" if probabilities else "classes"
         for batch in batches:
             x = _stack(data, origin, batch)
-            y = predictor(x, want=want, timings=model_t)
+            y = predictor(x, want=want, timings=model_t, size=_model_size(runtime))
             for t, out in zip(batch, y, strict=True):
                 rs, cs = t.core.slices(t.input)
                 dst = t.core.slices(cw)
@@ -126,7 +130,7 @@ def predict_chunk(
     blend_s = 0.0
     for batch in batches:
         x = _stack(data, origin, batch)
-        y = predictor(x, want="probs", timings=model_t)
+        y = predictor(x, want="probs", timings=model_t, size=_model_size(runtime))
         tb = time.perf_counter()
         for t, out in zip(batch, y, strict=True):
             part = t.input.intersection(acc_win)

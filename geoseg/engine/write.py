@@ -23,7 +23,16 @@ from geoseg.engine.graph import job_of
 from geoseg.engine.tasks import NODATA
 from geoseg.errors import InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
-from geoseg.io.cog import assemble_cog, atomic_path, fsync_replace, make_staging, output_lock, sweep_staging, write_part
+from geoseg.io.cog import (
+    adopt_staging,
+    assemble_cog,
+    atomic_path,
+    fsync_replace,
+    make_staging,
+    output_lock,
+    sweep_staging,
+    write_part,
+)
 from geoseg.io.mask import CLASSES_TAG
 
 __all__ = ["check_output_dir", "write"]
@@ -68,6 +77,19 @@ def _write_mask_part(block: np.ndarray, path: str, geobox: GeoBox, window: Windo
     part = write_part(path, block, geobox, window, nodata=NODATA)
     counts = np.bincount(block.ravel(), minlength=256)
     return {"part": part, "counts": counts, "stats": stats, "write_s": time.perf_counter() - t0}
+
+
+def _finished_part(path: str) -> dict:
+    """A part a killed run of the same job finished: reused as it is (its class counts re-read)."""
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        block = ds.read(1)
+    return {"part": path, "counts": np.bincount(block.ravel(), minlength=256), "stats": None, "write_s": 0.0}
+
+
+def _finished_prob(path: str) -> dict:
+    return {"part": path, "write_s": 0.0}
 
 
 def _write_prob_part(block: np.ndarray, path: str, geobox: GeoBox, window: Window, dtype: str) -> dict:
@@ -139,6 +161,8 @@ def write(
     probabilities_dtype: str = "uint8",
     progress: bool = False,
     extra: dict[str, Any] | None = None,
+    classes: list | None = None,
+    mask_name: str = MASK_NAME,
 ) -> dict[str, Any]:
     """Write a prediction from :func:`geoseg.predict` to ``out_dir``.
 
@@ -161,6 +185,11 @@ def write(
         Show a progress bar.
     extra : dict, optional
         More entries for ``run.json`` (e.g. the scheduler used).
+    classes : list of ClassInfo, optional
+        Class table for a uint8 array that did not come from :func:`geoseg.predict` (e.g. a
+        change map): colour table and ``GEOSEG_CLASSES`` metadata.
+    mask_name : str
+        File name of the class raster (default ``mask.tif``).
 
     Returns
     -------
@@ -184,41 +213,55 @@ def write(
     mask = result["mask"] if is_ds else result
     probs = result["probabilities"] if is_ds and "probabilities" in result else None
     out_dir = os.path.abspath(out_dir)  # workers may run in another folder
-    check_output_dir(out_dir, overwrite)
+    names = (mask_name, PROB_NAME, RUN_NAME)
+    check_output_dir(out_dir, overwrite, names)
     lock = ExitStack()
     lock.enter_context(output_lock(out_dir))  # one writer per folder: a second run is refused
     staging = ""
     try:
-        check_output_dir(out_dir, overwrite)  # again, now that no other run can be writing here
-        sweep_staging(out_dir, ".geoseg-staging-")  # left by killed runs (never a live one)
+        check_output_dir(out_dir, overwrite, names)  # again, now that no other run can be writing here
+        token = dask.base.tokenize(mask.data.name, probabilities_dtype, mask_name)[:16]
+        # a killed run of this very job left finished chunk parts: reuse them (resume)
+        staging = adopt_staging(out_dir, ".geoseg-staging-", token) or ""
+        sweep_staging(out_dir, ".geoseg-staging-")  # left by killed runs of other jobs (never a live one)
         if overwrite and os.path.exists(os.path.join(out_dir, RUN_NAME)):
             # run.json describes the outputs beside it: never leave an old one next to new files
             os.remove(os.path.join(out_dir, RUN_NAME))
         job = job_of(result)
         geobox = _geobox_of(mask)
-        staging = make_staging(out_dir, ".geoseg-staging-", dask.base.tokenize(mask.data.name, probabilities_dtype)[:16])
-        os.makedirs(os.path.join(staging, "mask"))
+        staging = staging or make_staging(out_dir, ".geoseg-staging-", token)
+        os.makedirs(os.path.join(staging, "mask"), exist_ok=True)
         windows = _windows(mask.data.chunks)
         blocks = mask.data.to_delayed(optimize_graph=False)  # keep keys shared with the stats tasks
         stats = job.stats if job is not None and mask.data.chunks == job.plan.chunks else None
         tasks = []
         n = 0
+        resumed = 0
         for i, row in enumerate(windows):
             for j, win in enumerate(row):
                 path = os.path.join(staging, "mask", f"r{i:04d}_c{j:04d}.tif")
+                ppath = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")
                 st = stats[n] if stats is not None else None
-                tasks.append(dask.delayed(_write_mask_part, pure=True)(blocks[i, j], path, geobox, win, st))
+                if os.path.exists(path) and (probs is None or os.path.exists(ppath)):
+                    tasks.append(dask.delayed(_finished_part, pure=True)(path))  # parts are renamed into place whole
+                    resumed += 1
+                else:
+                    tasks.append(dask.delayed(_write_mask_part, pure=True)(blocks[i, j], path, geobox, win, st))
                 n += 1
         n_mask = len(tasks)
         if probs is not None:
-            os.makedirs(os.path.join(staging, "probabilities"))
+            os.makedirs(os.path.join(staging, "probabilities"), exist_ok=True)
             pblocks = probs.data.to_delayed(optimize_graph=False)
             for i, row in enumerate(windows):
                 for j, win in enumerate(row):
                     path = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")
-                    tasks.append(
-                        dask.delayed(_write_prob_part, pure=True)(pblocks[0, i, j], path, geobox, win, probabilities_dtype)
-                    )
+                    mpath = os.path.join(staging, "mask", f"r{i:04d}_c{j:04d}.tif")
+                    if os.path.exists(path) and os.path.exists(mpath):
+                        tasks.append(dask.delayed(_finished_prob, pure=True)(path))
+                    else:
+                        tasks.append(
+                            dask.delayed(_write_prob_part, pure=True)(pblocks[0, i, j], path, geobox, win, probabilities_dtype)
+                        )
         tc = time.perf_counter()
         results = compute_tasks(tasks, progress)
         compute_s = time.perf_counter() - tc
@@ -232,17 +275,17 @@ def write(
                 "check the nodata value, the band choice and the AOI"
             )
         card = job.card if job else None
-        colormap = card.colormap() if card else None
+        table = list(card.classes) if card and card.classes else list(classes or [])
+        colormap = {c.id: (*c.color, 255) for c in table} or None
         ta = time.perf_counter()
-        final_mask = os.path.join(staging, MASK_NAME)
+        final_mask = os.path.join(staging, mask_name)
         tags = None
-        if card and card.classes:
-            classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in card.classes]
-            tags = {CLASSES_TAG: json.dumps(classes)}
+        if table:
+            tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": list(c.color)} for c in table])}
         assemble_cog(
             [r["part"] for r in mask_res], final_mask, geobox, dtype="uint8", nodata=NODATA, colormap=colormap, metadata=tags
         )
-        outputs = {"mask": MASK_NAME}
+        outputs = {"mask": mask_name}
         if probs is not None:
             names = [str(c) for c in probs["class"].values]
             final_prob = os.path.join(staging, PROB_NAME)
@@ -260,9 +303,10 @@ def write(
             outputs["probabilities"] = PROB_NAME
         assemble_s = time.perf_counter() - ta
 
-        report = _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, probabilities_dtype, extra)
+        report = _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, probabilities_dtype, extra, table)
+        report["resumed_chunks"] = resumed
         # Move finished files into place (same filesystem: atomic renames), run.json last.
-        os.replace(final_mask, os.path.join(out_dir, MASK_NAME))
+        os.replace(final_mask, os.path.join(out_dir, mask_name))
         if probs is not None:
             os.replace(final_prob, os.path.join(out_dir, PROB_NAME))
         elif overwrite and os.path.exists(os.path.join(out_dir, PROB_NAME)):
@@ -279,7 +323,7 @@ def write(
         lock.close()
 
 
-def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_dtype, extra) -> dict[str, Any]:
+def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_dtype, extra, table=()) -> dict[str, Any]:
     stats = [r["stats"] for r in mask_res if r["stats"]]
     timings: dict[str, float] = {}
     if job is not None:
@@ -292,7 +336,7 @@ def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_
     timings["write_task_s"] = round(sum(r["write_s"] for r in mask_res), 3)
     timings["compute_wall_s"] = round(compute_s, 3)
     timings["assemble_cog_s"] = round(assemble_s, 3)
-    classes = job.card.classes if job else None
+    classes = job.card.classes if job else table
     names = {c.id: c.name for c in classes} if classes else {}
     pixels = {names.get(k, f"class_{k}"): int(counts[k]) for k in range(NODATA) if counts[k] or k in names}
     pixels["nodata"] = int(counts[NODATA])

@@ -148,6 +148,35 @@ def make_staging(out_dir: str, prefix: str, token: str) -> str:
     return path
 
 
+def adopt_staging(out_dir: str, prefix: str, token: str) -> str | None:
+    """Take over the staging folder a killed run of the same job left (same token, this host,
+    its process gone), so its finished parts are reused; None when there is none.
+    """
+    import glob
+    import json
+    import socket
+
+    host = socket.gethostname()
+    for path in sorted(glob.glob(os.path.join(out_dir, f"{prefix}{token}-*"))):
+        try:
+            with open(os.path.join(path, _OWNER)) as f:
+                owner = json.load(f)
+            if owner.get("host") != host:
+                continue
+            os.kill(int(owner["pid"]), 0)
+            continue  # alive: not ours to take
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        tmp = os.path.join(path, f".{_OWNER}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"host": host, "pid": os.getpid()}, f)
+        os.replace(tmp, os.path.join(path, _OWNER))
+        return path
+    return None
+
+
 def sweep_staging(out_dir: str, prefix: str, max_age_s: float = 86400.0) -> None:
     """Remove staging folders left by killed runs: their process is gone (same host) or they are old."""
     import glob

@@ -9,6 +9,7 @@ assumed on the workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -19,7 +20,7 @@ import numpy as np
 from geoseg.errors import InputError, NotGeoreferencedWarning, RasterReadError
 from geoseg.grid import GeoBox, Window, reflect_index
 
-__all__ = ["DEFAULT_GDAL_OPTIONS", "RasterSource", "open_source", "read_window"]
+__all__ = ["DEFAULT_GDAL_OPTIONS", "RasterSource", "open_source", "raster_gsd_m", "read_overview", "read_window"]
 
 #: GDAL configuration every read runs under (the source may add or override keys).
 DEFAULT_GDAL_OPTIONS: dict[str, str | int] = {
@@ -54,6 +55,10 @@ class RasterSource:
     mask_bands : tuple of int
         Bands whose masks decide validity (the selected bands, less any alpha band, whose
         own mask is always "valid"); default the selected bands.
+    warp : tuple, optional
+        ``(crs, transform, width, height, resampling)``: the raster is read aligned onto
+        that grid through a :class:`rasterio.vrt.WarpedVRT`, inside each read (``geobox``
+        is then that grid). Pixels the source does not cover are invalid.
     """
 
     path: str
@@ -65,6 +70,7 @@ class RasterSource:
     gdal_options: tuple[tuple[str, str | int], ...] = field(default_factory=lambda: tuple(DEFAULT_GDAL_OPTIONS.items()))
     fingerprint: str = ""
     mask_bands: tuple[int, ...] = ()
+    warp: tuple | None = None  # (crs, affine 6-tuple, width, height, resampling): read through a WarpedVRT
 
     @property
     def count(self) -> int:
@@ -76,6 +82,30 @@ class RasterSource:
         import rasterio
 
         return rasterio.Env(**dict(self.gdal_options))
+
+    @contextlib.contextmanager
+    def dataset(self):
+        """Open the raster (aligned through a WarpedVRT when ``warp`` is set); use inside ``env()``."""
+        import rasterio
+
+        with rasterio.open(self.path) as ds:
+            if self.warp is None:
+                yield ds
+                return
+            from affine import Affine
+            from rasterio.enums import Resampling
+            from rasterio.vrt import WarpedVRT
+
+            crs, transform, width, height, resampling = self.warp
+            with WarpedVRT(
+                ds,
+                crs=crs,
+                transform=Affine(*transform),
+                width=width,
+                height=height,
+                resampling=Resampling[resampling],
+            ) as vrt:
+                yield vrt
 
 
 def _fingerprint(path: str) -> str:
@@ -91,6 +121,8 @@ def open_source(
     bands: tuple[int, ...] | list[int] | None = None,
     gdal_options: dict[str, str | int] | None = None,
     require_crs: bool = True,
+    warp_to: GeoBox | None = None,
+    resampling: str = "bilinear",
 ) -> RasterSource:
     """Describe a raster for the engine (opens it briefly to read its metadata).
 
@@ -104,6 +136,11 @@ def open_source(
         Extra GDAL configuration for every read of this raster.
     require_crs : bool
         Raise when the raster has no CRS (geo outputs need one); otherwise warn.
+    warp_to : GeoBox, optional
+        Read the raster aligned onto this grid (another date's, or a grid the user names):
+        any CRS, resolution or extent; reprojection happens inside each read.
+    resampling : str
+        rasterio resampling for ``warp_to`` (``bilinear``, ``nearest``, ``cubic``, ``average``).
 
     Returns
     -------
@@ -155,10 +192,22 @@ def open_source(
             crs = ds.crs.to_wkt() if ds.crs is not None else None
             if ds.crs is not None and ds.crs.to_epsg() is not None:
                 crs = f"EPSG:{ds.crs.to_epsg()}"
+            geobox = GeoBox(ds.width, ds.height, ds.transform, crs)
+            warp = None
+            if warp_to is not None:
+                from rasterio.enums import Resampling
+
+                if ds.crs is None or warp_to.crs is None:
+                    raise InputError(f"{path}: aligning onto another grid needs a CRS on both rasters; assign one")
+                if resampling not in Resampling.__members__:
+                    raise InputError(f"resampling {resampling!r} is unknown; use nearest, bilinear, cubic or average")
+                warp = (warp_to.crs, tuple(warp_to.transform)[:6], warp_to.width, warp_to.height, resampling)
+                geobox = warp_to
             return RasterSource(
                 path=path,
                 bands=bands,
-                geobox=GeoBox(ds.width, ds.height, ds.transform, crs),
+                warp=warp,
+                geobox=geobox,
                 dtype=next(iter(dtypes)),
                 band_descriptions=tuple(ds.descriptions[b - 1] for b in bands),
                 nodata=ds.nodatavals[bands[0] - 1],
@@ -209,7 +258,7 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     last: Exception | None = None
     for attempt in range(retries + 1):
         try:
-            with source.env(), rasterio.open(source.path) as ds:
+            with source.env(), source.dataset() as ds:
                 data = ds.read(list(source.bands), window=rio_win)
                 masks = ds.read_masks(list(source.mask_bands or source.bands), window=rio_win)
             break
@@ -237,6 +286,41 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     return data, valid, time.perf_counter() - t0
 
 
+def read_overview(source: RasterSource, max_side: int = 1024, exact: bool = False) -> tuple[np.ma.MaskedArray, int]:
+    """The selected bands of the whole raster, decimated to at most ``max_side`` pixels a side.
+
+    Uses the raster's overviews when it has them (unless ``exact``: then pixel ``(r, c)`` is
+    exactly raster pixel ``(r * f, c * f)``); otherwise reads full-resolution strips and
+    keeps every ``f``-th pixel (GDAL's decimated read without overviews re-decodes
+    blocks for every output row: 33 s against 0.2 s for a 2048 px tiled GeoTIFF here).
+
+    Returns
+    -------
+    data : numpy.ma.MaskedArray
+        ``(bands, ceil(h / f), ceil(w / f))``, masked where invalid.
+    f : int
+        The decimation factor (pixel ``(r, c)`` is raster pixel ``(r * f, c * f)``).
+    """
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    gb = source.geobox
+    f = max(1, int(np.ceil(max(gb.width, gb.height) / max_side)))
+    try:
+        with source.env(), source.dataset() as ds:
+            if f > 1 and source.warp is None and ds.overviews(source.bands[0]) and not exact:
+                shape = (len(source.bands), -(-gb.height // f), -(-gb.width // f))
+                return ds.read(list(source.bands), out_shape=shape, masked=True), f
+            strips = []
+            step = max(f, (16_000_000 // gb.width) // f * f)  # ~16 Mpx per band per strip
+            for r0 in range(0, gb.height, step):
+                win = RioWindow(0, r0, gb.width, min(step, gb.height - r0))
+                strips.append(ds.read(list(source.bands), window=win, masked=True)[:, ::f, ::f])
+            return np.ma.concatenate(strips, axis=1), f
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterReadError(f"{source.path}: reading a decimated copy failed ({exc}); check the file is complete") from exc
+
+
 def band_percentiles(source: RasterSource, low: tuple[float, ...], high: tuple[float, ...], max_side: int = 1024):
     """Per-band percentiles of the whole raster's valid pixels, from a decimated read.
 
@@ -249,16 +333,7 @@ def band_percentiles(source: RasterSource, low: tuple[float, ...], high: tuple[f
     low_values, high_values : numpy.ndarray
         One value per selected band.
     """
-    import rasterio
-
-    gb = source.geobox
-    f = max(1, int(np.ceil(max(gb.width, gb.height) / max_side)))
-    shape = (len(source.bands), max(1, gb.height // f), max(1, gb.width // f))
-    try:
-        with rasterio.Env(**dict(source.gdal_options)), rasterio.open(source.path) as ds:
-            data = ds.read(list(source.bands), out_shape=shape, masked=True)
-    except rasterio.errors.RasterioIOError as exc:
-        raise RasterReadError(f"{source.path}: reading an overview for percentile scaling failed ({exc})") from exc
+    data, _ = read_overview(source, max_side)
     arr = data.astype(np.float64).filled(np.nan)
     arr[~np.isfinite(arr)] = np.nan
     n = arr.shape[0]
@@ -274,3 +349,33 @@ def band_percentiles(source: RasterSource, low: tuple[float, ...], high: tuple[f
         np.array([np.nanpercentile(flat[b], lo[b]) for b in range(n)]),
         np.array([np.nanpercentile(flat[b], hi[b]) for b in range(n)]),
     )
+
+
+def raster_gsd_m(src: RasterSource) -> float | None:
+    """Ground size of the raster's pixels in metres at its centre (projection scale removed), or None without a CRS."""
+    import math
+
+    gb = src.geobox
+    if gb.crs is None:
+        return None
+    from pyproj import CRS
+
+    crs = CRS.from_user_input(gb.crs)
+    size = math.sqrt(abs(gb.transform.a * gb.transform.e - gb.transform.b * gb.transform.d))
+    if crs.is_geographic:
+        lat = (gb.bounds[1] + gb.bounds[3]) / 2
+        return size * 111_320.0 * math.sqrt(max(math.cos(math.radians(lat)), 1e-6))
+    unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+    # true ground distance: divide by the projection's scale there (Web Mercator's 10 m pixels
+    # at 33.6N are 8.3 m on the ground)
+    try:
+        from pyproj import Proj, Transformer
+
+        cx, cy = gb.transform @ (gb.width / 2, gb.height / 2)
+        lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(cx, cy)
+        scale = math.sqrt(Proj(crs).get_factors(lon, lat).areal_scale)
+        if math.isfinite(scale) and scale > 0:
+            return size * unit / scale
+    except Exception:  # a CRS pyproj cannot take factors of: the nominal size
+        pass
+    return size * unit

@@ -7,6 +7,11 @@ forests gives NDVI of about 0.6-0.9, shrub and grassland 0.2-0.3) and NDWI = (gr
 (green + nir) > 0 for open water (McFeeters 1996). They are exported once as TorchScript with
 their card embedded into a per-user cache (``$GEOSEG_CACHE``, default ``~/.cache/geoseg``).
 
+``buildings``, ``ships`` and ``tanks`` are small U-Nets trained by geoseg's own ``train`` on
+scenes the package generates (recipe: :mod:`geoseg.models.recipes`), shipped as TorchScript
+files inside the package (``geoseg/models/weights``) with cards that record the recipe and
+the validation metrics.
+
 ``clouds`` is the cloud / cloud-shadow U-Net that DLR ships inside the ``ukis-csmask`` wheel
 (Apache-2.0; ``pip install 'geoseg[clouds]'``), read from the installed package, with a card
 built from the statistics file beside it. Nothing is ever downloaded.
@@ -114,12 +119,40 @@ BUNDLED: dict[str, BundledModel] = {
         (0.0,),
     ),
     "clouds": BundledModel("clouds", {}, "package", ("4b_l2a",)),
+    # small U-Nets trained by geoseg's own `train` on its generated scenes (geoseg/models/recipes.py)
+    "buildings": BundledModel("buildings", {}, "weights", ("buildings.pt",)),
+    "ships": BundledModel("ships", {}, "weights", ("ships.pt",)),
+    "tanks": BundledModel("tanks", {}, "weights", ("tanks.pt",)),
 }
+
+
+def _weights_file(name: str) -> str:
+    import importlib.resources
+
+    from geoseg.errors import ModelError
+
+    path = str(importlib.resources.files("geoseg.models") / "weights" / BUNDLED[name].args[0])
+    if not os.path.isfile(path):
+        raise ModelError(
+            f"bundled model {name!r}: {path} is missing from this installation; reinstall geoseg, or rebuild it with "
+            "python -m geoseg.models.recipes"
+        )
+    return path
+
+
+def _embedded_card(path: str) -> dict:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        hit = [n for n in z.namelist() if n.endswith("extra/geoseg_card.json")]
+        return json.loads(z.read(hit[0]).decode()) if hit else {}
 
 
 def bundled_card(name: str) -> dict:
     """The card (a dictionary) of bundled model ``name``."""
     m = BUNDLED[name]
+    if m.builder == "weights":
+        return _embedded_card(_weights_file(name))
     return _csmask_card(m.args[0]) if m.builder == "package" else m.card
 
 
@@ -137,6 +170,8 @@ def bundled_path(name: str) -> str:
     from geoseg.models.indices import NormalizedDifference
 
     m = BUNDLED[name]
+    if m.builder == "weights":
+        return _weights_file(name)
     if m.builder == "package":
         import importlib.resources
 

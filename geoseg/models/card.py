@@ -45,6 +45,8 @@ CARD_KEYS = {
     "bands",
     "scaling",
     "gsd_m",
+    "gsd_range_m",
+    "architecture",
     "tile",
     "halo",
     "size_multiple",
@@ -53,7 +55,7 @@ CARD_KEYS = {
     "training",
 }
 CLASS_KEYS = {"id", "name", "color", "kind"}
-SCALING_KEYS = {"method", "value", "mean", "std", "low", "high"}
+SCALING_KEYS = {"method", "value", "mean", "std", "low", "high", "clip"}
 SCALING_METHODS = ("none", "divide", "meanstd", "minmax", "percentile")
 TASKS = ("area", "objects")
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
@@ -81,7 +83,8 @@ class Scaling:
     """How raw band values become model inputs.
 
     ``none``; ``divide`` by ``value``; ``meanstd`` ``(x - mean) / std`` per band;
-    ``minmax`` ``(x - low) / (high - low)`` per band, clipped to [0, 1]; ``percentile``:
+    ``minmax`` ``(x - low) / (high - low)`` per band, clipped to [0, 1] unless ``clip`` is
+    false (bright targets above ``high`` keep their contrast); ``percentile``:
     like ``minmax`` with ``low``/``high`` as percentiles of the whole raster, turned into
     values once before any tile runs (per-tile statistics would put seams into the result).
     """
@@ -92,6 +95,7 @@ class Scaling:
     std: tuple[float, ...] | None = None
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
+    clip: bool = True
 
     def validate(self, n_bands: int | None, origin: str) -> None:
         """Raise :class:`ModelError` (naming ``origin``) if the parameters do not fit the method."""
@@ -143,7 +147,7 @@ class Scaling:
             return self
         lo, hi = percentiles(self.low, self.high)
         hi = np.where(np.asarray(hi) > np.asarray(lo), hi, np.asarray(lo) + 1.0)
-        return Scaling("minmax", low=tuple(float(v) for v in lo), high=tuple(float(v) for v in hi))
+        return Scaling("minmax", low=tuple(float(v) for v in lo), high=tuple(float(v) for v in hi), clip=self.clip)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Scale a float32 ``(bands, h, w)`` or ``(n, bands, h, w)`` array (bands on axis -3)."""
@@ -160,7 +164,8 @@ class Scaling:
             return (x - per_band(self.mean)) / per_band(self.std)
         if m == "minmax":
             lo, hi = per_band(self.low), per_band(self.high)
-            return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+            y = (x - lo) / (hi - lo)
+            return np.clip(y, 0.0, 1.0) if self.clip else y
         raise ModelError("percentile scaling must be resolved on the whole raster before tiles run; this is a geoseg bug")
 
 
@@ -269,7 +274,13 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
         value = float(value) if value is not None else None
     except (TypeError, ValueError):
         raise ModelError(f"{origin}: scaling value must be a number, got {value!r}") from None
+    clip = sc.get("clip", True)
+    if not isinstance(clip, bool):
+        raise ModelError(f"{origin}: scaling clip must be true or false, got {clip!r}")
+    if "clip" in sc and sc.get("method") not in ("minmax", "percentile"):
+        raise ModelError(f"{origin}: scaling clip applies to minmax and percentile only")
     scaling = Scaling(
+        clip=clip,
         method=str(sc.get("method", "none")),
         value=value,
         mean=_floats(sc.get("mean"), "mean", origin),
@@ -293,6 +304,25 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
     gsd = d.get("gsd_m")
     if gsd is not None and (not isinstance(gsd, (int, float)) or gsd <= 0):
         raise ModelError(f"{origin}: gsd_m must be a positive number of metres per pixel, got {gsd!r}")
+    gsd_range = d.get("gsd_range_m")
+    if gsd_range is not None:
+        ok = isinstance(gsd_range, (list, tuple)) and len(gsd_range) == 2
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in gsd_range)
+        if not ok or gsd_range[0] > gsd_range[1]:
+            raise ModelError(
+                f"{origin}: gsd_range_m must be [low, high] metres per pixel with 0 < low <= high, got {gsd_range!r}"
+            )
+        gsd_range = (float(gsd_range[0]), float(gsd_range[1]))
+        if gsd is None:
+            gsd = gsd_range[0]
+    arch = d.get("architecture")
+    if arch is not None:
+        if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str):
+            raise ModelError(f"{origin}: architecture must be {{name: geoseg.unet | smp.<Architecture>, args: {{...}}}}")
+        _reject_unknown(arch, {"name", "args"}, "architecture", origin)
+        if not isinstance(arch.get("args", {}), Mapping):
+            raise ModelError(f"{origin}: architecture args must be a mapping of keyword arguments")
+        arch = json.dumps({"name": arch["name"], "args": dict(arch.get("args") or {})}, sort_keys=True)
     info = {k: d[k] for k in ("description", "license", "metrics", "training") if d.get(k) is not None}
     return ModelCard(
         name=str(d.get("name") or default_name),
@@ -306,6 +336,8 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
         bands=bands,
         scaling=scaling,
         gsd_m=float(gsd) if gsd is not None else None,
+        gsd_range_m=gsd_range,
+        architecture_json=arch or "",
         info_json=json.dumps(info, sort_keys=True, default=str),
     )
 
@@ -325,10 +357,16 @@ def card_to_dict(card) -> dict[str, Any]:
             v = getattr(card.scaling, k)
             if v is not None:
                 sc[k] = list(v) if isinstance(v, tuple) else v
+        if not card.scaling.clip:
+            sc["clip"] = False
         out["scaling"] = sc
     for k in ("gsd_m", "tile", "halo"):
         if getattr(card, k) is not None:
             out[k] = getattr(card, k)
+    if card.gsd_range_m is not None:
+        out["gsd_range_m"] = list(card.gsd_range_m)
+    if card.architecture_json:
+        out["architecture"] = json.loads(card.architecture_json)
     out["size_multiple"] = card.size_multiple
     out["activation"] = card.activation
     out.update(json.loads(card.info_json or "{}"))

@@ -26,7 +26,7 @@ import numpy as np
 from geoseg.errors import DeviceError, ModelError
 from geoseg.models.spec import _IN_MEMORY, ModelSpec, Runtime
 
-__all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe"]
+__all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe", "resample_batch"]
 
 _CACHE: dict[tuple[str, str, str, str], Predictor] = {}
 _CACHE_MAX = 4
@@ -88,6 +88,56 @@ def _set_torch_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def load_state_dict_model(spec: ModelSpec):
+    """Build the card's architecture and load a state dict into it with ``weights_only=True``.
+
+    Only tensors and plain containers are unpickled; a file holding anything else (a whole
+    pickled model, custom classes) is refused, never executed.
+    """
+    import json
+    import pickle
+
+    import torch
+
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+        raise ModelError(
+            f"{spec.path}: loading a state dict safely needs torch >= 2.6 (weights_only could run code before "
+            "CVE-2025-32434 was fixed); upgrade torch, or export the model as TorchScript/ONNX"
+        )
+
+    from geoseg.models.nets import build_architecture
+
+    card = spec.card
+    origin = spec.path or spec.id
+    arch = json.loads(card.architecture_json)
+    try:
+        state = torch.load(spec.path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"{origin}: refused: the file holds more than tensors (a pickled model or custom objects), which geoseg never "
+            "unpickles; save model.state_dict() instead, or export TorchScript/ONNX"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # Lightning-style checkpoints
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{origin}: not a state dict of tensors; save model.state_dict() with torch.save")
+    if not card.bands or not card.classes:
+        raise ModelError(f"{origin}: a state-dict model's card must list its bands and classes (they size the network)")
+    n_out = 1 if card.activation == "sigmoid" else len(card.classes)
+    model = build_architecture(arch["name"], arch.get("args", {}), len(card.bands), n_out, origin)
+    for prefix in ("model.", "module.", "net."):  # wrappers' prefixes (Lightning, DataParallel)
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+        raise ModelError(
+            f"{origin}: the state dict does not fit {arch['name']} {arch.get('args', {})} ({first}); fix the card's architecture"
+        ) from exc
+    return model
+
+
 class Predictor:
     """A loaded model on one device: numpy batch in, numpy out.
 
@@ -118,6 +168,8 @@ class Predictor:
                 model = torch.jit.load(self.spec.path, map_location="cpu")
             elif self.spec.kind == "exported":
                 model = torch.export.load(self.spec.path).module()
+            elif self.spec.kind == "statedict":
+                model = load_state_dict_model(self.spec)
             elif self.spec.sha256 in _IN_MEMORY:
                 import copy
 
@@ -127,6 +179,8 @@ class Predictor:
                 import cloudpickle
 
                 model = cloudpickle.loads(self.spec.payload)
+        except ModelError:
+            raise
         except Exception as exc:  # torch raises RuntimeError for bad archives
             raise ModelError(
                 f"{self.spec.path or self.spec.id}: could not load the model ({exc}); re-export it with torch.jit.save"
@@ -244,6 +298,10 @@ class Predictor:
             )
         y = self.session.run(None, {self._input_name: batch})[0].astype(np.float32, copy=False)
         self._check_output(y.shape, batch.shape)
+        return self._finish(y, want)
+
+    def _finish(self, y: np.ndarray, want: str) -> np.ndarray:
+        """Logits (numpy) to what was asked for."""
         if want == "classes":
             if y.shape[1] == 1:
                 return (y[:, 0] > self._binary_threshold()).astype(np.uint8)
@@ -260,13 +318,24 @@ class Predictor:
             return np.concatenate([1 - y, y], axis=1) if y.shape[1] == 1 else y
         return y
 
-    def __call__(self, batch: np.ndarray, want: str = "probs", timings: dict[str, float] | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        batch: np.ndarray,
+        want: str = "probs",
+        timings: dict[str, float] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
         """Run one batch; see the class docstring for ``want``.
 
         The forward pass runs on this process's single model thread (see the module
         docstring). ``timings``, when given, accumulates ``forward_s`` (time in the model)
-        and ``wait_s`` (time queued behind other tasks' forward passes).
+        and ``wait_s`` (time queued behind other tasks' forward passes). ``size`` other
+        than the batch's own resamples the batch to it first (the model's pixel size; see
+        :func:`resample_batch`) and the logits back to the batch's grid.
         """
+        if size is not None and tuple(size) != tuple(batch.shape[2:]):
+            logits = self(resample_batch(batch, size), want="logits", timings=timings)
+            return self._finish(resample_batch(logits, batch.shape[2:]), want)
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         t0 = time.perf_counter()
         started: list[float] = []
@@ -296,6 +365,30 @@ class Predictor:
                 t2 = time.perf_counter()
                 timings["forward_s"] = timings.get("forward_s", 0.0) + t2 - started[0]
                 timings["wait_s"] = timings.get("wait_s", 0.0) + started[0] - t0
+
+
+def resample_batch(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize ``(N, C, h, w)`` to ``(N, C, *size)`` with pixel areas aligned (no half-pixel shift).
+
+    Shrinking by a whole factor averages blocks (what ``torch`` ``area`` interpolation does,
+    so training and inference agree); other shrinks box-filter with an odd width, then
+    interpolate; growing is bilinear on pixel centres (``align_corners=False``).
+    """
+    from scipy import ndimage
+
+    h, w = batch.shape[2:]
+    big, bw = size
+    x = batch.astype(np.float32, copy=False)
+    if (big, bw) == (h, w):
+        return x
+    ky, kx = h / big, w / bw
+    if ky >= 1 and kx >= 1 and ky.is_integer() and kx.is_integer():
+        n, c = x.shape[:2]
+        return x.reshape(n, c, big, int(ky), bw, int(kx)).mean(axis=(3, 5), dtype=np.float32)
+    if ky > 1 or kx > 1:  # anti-alias before shrinking; odd widths keep the filter centred
+        box = (1, 1, 2 * int(ky / 2) + 1 if ky > 1 else 1, 2 * int(kx / 2) + 1 if kx > 1 else 1)
+        x = ndimage.uniform_filter(x, size=box, mode="nearest")
+    return ndimage.zoom(x, (1, 1, big / h, bw / w), order=1, mode="nearest", grid_mode=True, prefilter=False).astype(np.float32)
 
 
 _MALLOC_TUNED = False

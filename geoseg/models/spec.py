@@ -101,6 +101,11 @@ class ModelCard:
         How raw values become model inputs (see :class:`geoseg.models.card.Scaling`).
     gsd_m : float, optional
         Ground sample distance the model was trained at, in metres.
+    gsd_range_m : (float, float), optional
+        Pixel sizes the model was trained across (scale augmentation); rasters inside it
+        are not resampled.
+    architecture_json : str
+        ``{"name": ..., "args": {...}}`` for state-dict models (see :mod:`geoseg.models.nets`).
     info_json : str
         Description, licence, metrics and training recipe (JSON), carried for the record.
     """
@@ -116,6 +121,8 @@ class ModelCard:
     bands: tuple[str, ...] | None = None
     scaling: Scaling = field(default_factory=Scaling)
     gsd_m: float | None = None
+    gsd_range_m: tuple[float, float] | None = None
+    architecture_json: str = ""
     info_json: str = "{}"
 
     def with_classes(self, n_outputs: int) -> ModelCard:
@@ -140,12 +147,16 @@ class Runtime:
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; asking for CUDA where there is
     none is an error, never a silent CPU run. ``precision`` ``bf16``/``fp16`` enables
     autocast. ``num_threads`` sets torch/onnxruntime intra-op threads in each worker.
+    ``scale`` (model pixels per raster pixel) != 1 resamples every tile to ``model_size``
+    pixels a side (the model's pixel size) and its logits back.
     """
 
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 1
     num_threads: int | None = None
+    scale: float = 1.0
+    model_size: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -164,7 +175,8 @@ class ModelSpec:
     Parameters
     ----------
     kind : str
-        ``torchscript``, ``exported`` (a ``torch.export`` ``.pt2`` archive), ``onnx`` or ``module``.
+        ``torchscript``, ``exported`` (a ``torch.export`` ``.pt2`` archive), ``onnx``, ``statedict``
+        (``torch.save(model.state_dict())`` plus a card naming the architecture) or ``module``.
     sha256 : str
         Content hash; the worker cache key.
     card : ModelCard
@@ -215,12 +227,10 @@ def _sniff_kind(path: str) -> str:
             return "exported"
         if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
             return "torchscript"
-        if any(n.endswith("/data.pkl") for n in names) or path.lower().endswith(".pt2"):
-            raise ModelError(
-                f"{path}: a torch.save checkpoint (a pickled model or state dict), not TorchScript; geoseg never "
-                "unpickles model files (pickles can run code). Export the model with torch.jit.script(model) + "
-                "torch.jit.save, torch.export.save or torch.onnx.export"
-            )
+        if path.lower().endswith(".pt2"):
+            raise ModelError(f"{path}: not a torch.export archive; export the model again with torch.export.save")
+        if any(n.endswith("/data.pkl") for n in names):
+            return "checkpoint"  # torch.save: a state dict when its card names the architecture, else refused
         return "torchscript"
     raise ModelError(
         f"{path}: not a TorchScript archive (.pt from torch.jit.save), a torch.export archive (.pt2) or an ONNX model "
@@ -276,6 +286,15 @@ def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:
             from geoseg.models.card import find_card
 
             card = find_card(path, kind)
+        if kind == "checkpoint":
+            if card is None or not card.architecture_json:
+                raise ModelError(
+                    f"{path}: a torch.save checkpoint, not TorchScript. A state dict loads (weights_only, never unpickled "
+                    "code) when a card beside it (MODEL.card.yaml) names its architecture, e.g. architecture: {name: "
+                    "smp.Unet, args: {encoder_name: resnet34}}; a pickled whole model is refused: export it with "
+                    "torch.jit.script + torch.jit.save or torch.onnx.export"
+                )
+            kind = "statedict"
         return ModelSpec(kind, _sha256_file(path), card or ModelCard(name=name), path=os.path.abspath(path))
     if hasattr(model, "forward") and hasattr(model, "state_dict"):
         import cloudpickle

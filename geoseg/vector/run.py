@@ -64,6 +64,7 @@ class VectorParams:
     pixel_size_m: float = 1.0
     lonlat_crs: str = "EPSG:4326"
     extra: tuple[tuple[str, Any], ...] = field(default=())
+    attributes: tuple[tuple[str, str], ...] = ()
 
     @property
     def simplify_px(self) -> float:
@@ -128,6 +129,8 @@ def features_table(pieces: Pieces, src: MaskSource, params: VectorParams):
         "run_id": np.full(n, params.run_id, dtype=object),
         "area_px": pieces.count,
     }
+    for key, value in params.attributes:  # constant attributes (e.g. the dates of a change)
+        cols[key] = np.full(n, value, dtype=object)
     kind = np.array([kinds[int(c)] for c in pieces.class_id], dtype=object)
     nan = np.full(n, np.nan)
     extra = {k: nan.copy() for k in ("area_ha", "diameter_m", "circularity", "center_lon", "center_lat")}
@@ -286,6 +289,8 @@ def vectorize(
     project: bool = True,
     overwrite: bool = False,
     progress: bool = False,
+    attributes: dict[str, str] | None = None,
+    kind: str | None = None,
 ) -> dict[str, Any]:
     """Turn a class mask into styled polygon layers, one per class.
 
@@ -334,6 +339,11 @@ def vectorize(
         Replace existing outputs.
     progress : bool
         Show a progress bar.
+    attributes : dict, optional
+        Constant text attributes added to every feature (e.g. ``date_before``).
+    kind : str, optional
+        Treat every class as this kind (``area``: hectares; change transitions) instead of
+        guessing it from the class name.
 
     Returns
     -------
@@ -382,11 +392,15 @@ def vectorize(
         "connectivity": connectivity,
         "regularize": regularize,
         "crs": out_crs,
+        "attributes": dict(attributes or {}),
+        "kind": kind,
     }
+    kind_of = (lambda _name: kind) if kind else object_kind
     params = VectorParams(
         classes=tuple(ids),
         names=tuple((c.id, c.name) for c in full),
-        kinds=tuple((c.id, object_kind(c.name)) for c in full),
+        kinds=tuple((c.id, kind_of(c.name)) for c in full),
+        attributes=tuple(sorted((str(k), str(v)) for k, v in (attributes or {}).items())),
         connectivity=connectivity,
         min_area=min_area,
         simplify=simplify,
@@ -444,7 +458,8 @@ def vectorize(
         present = sorted({v for r in results for v in r["values"]})
         if not src.named and (classes is None or str(classes[0]).lower() == "all"):
             ids = [i for i in ids if i in present]
-        layers = [Layer(layer_names[i], i, object_kind(full[i].name), tuple(full[i].color)) for i in ids]
+        extra_cols = tuple(k for k, _ in params.attributes)
+        layers = [Layer(layer_names[i], i, kind_of(full[i].name), tuple(full[i].color), extra_cols) for i in ids]
         counts = _count(parts, layers)
         written, write_s = _write_outputs(staging, out_dir, parts, layers, formats, src, out_crs, precision, params, project)
         report = {

@@ -44,11 +44,12 @@ class Layer:
     class_id: int
     kind: str
     color: tuple[int, int, int]
+    attributes: tuple[str, ...] = ()  # constant text columns (e.g. date_before, date_after)
 
     @property
     def columns(self) -> tuple[str, ...]:
         """Attribute columns of this layer, in order."""
-        return BASE_COLUMNS + KIND_COLUMNS.get(self.kind, ())
+        return BASE_COLUMNS + KIND_COLUMNS.get(self.kind, ()) + self.attributes
 
 
 def layer_batches(
@@ -119,6 +120,7 @@ def schema(layer: Layer):
         "run_id": pa.string(),
         "area_px": pa.int64(),
     }
+    types.update({c: pa.string() for c in layer.attributes})
     return pa.schema([(c, types.get(c, pa.float64())) for c in layer.columns] + [("geometry", pa.binary())])
 
 

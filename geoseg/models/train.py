@@ -1,0 +1,458 @@
+"""Train (or fine-tune) a segmentation network on rasters and vector labels; export TorchScript + card.
+
+Chips are cut on the fly by :mod:`geoseg.io.chips` (windowed reads, labels rasterised on
+each image's grid, a block-wise train/validation split), scaled exactly as the engine
+scales tiles (the card's scaling, percentiles resolved per image), augmented here
+(rotations and flips, per-band gains that change band ratios, brightness and contrast,
+noise, an optional grey-scale draw, a range of ground sample distances), and fed to the
+card's architecture. After each epoch a checkpoint (``OUT.ckpt``: a plain state dict,
+read back with ``weights_only=True``) makes the run resumable; the best epoch by
+validation IoU is exported as TorchScript with the card, the training recipe and the
+validation metrics embedded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geoseg.errors import InputError, ModelError
+from geoseg.io.chips import IGNORE, ChipImage, ChipSampler, assign_split, load_labels
+from geoseg.models.card import card_to_dict, match_bands
+from geoseg.models.nets import build_architecture
+from geoseg.models.spec import ModelCard
+
+__all__ = ["TrainConfig", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (recorded in the exported card).
+
+    Parameters
+    ----------
+    images : list of str
+        Training rasters.
+    labels : list of str
+        Vector labels: one file for all images, or one per image.
+    out : str
+        Exported TorchScript model path (``.pt``); the checkpoint is ``OUT.ckpt``.
+    layers : list of str or None
+        Labels layer: one for all images, or one per image.
+    class_field, label_class
+        Which attribute holds the class, or one class for every label.
+    aois : list of str or None
+        Vector files limiting where chips and labels are taken (e.g. the training half): one
+        for all images, or one per image (None = the whole image).
+    epochs, steps, batch, chip
+        Epochs, optimiser steps per epoch, chips per step, chip side in model pixels.
+    val_fraction, block, val_chips
+        Share of blocks (``block`` px squares) kept for validation, and validation chips.
+    lr, weight_decay
+        AdamW settings (cosine decay over the run).
+    scales : (float, float)
+        Ground-sample-distance range as multiples of the images' own (1, 5 = from native to
+        five times coarser).
+    gray : float
+        Probability that a chip's bands are all replaced by their mean (models that should
+        also run on panchromatic imagery).
+    object_share : float
+        Share of chips centred on a labelled object.
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (CUDA where there is none is an error).
+    seed : int
+        Seed of every draw: the same config gives the same chips.
+    threads : int, optional
+        torch intra-op threads.
+    """
+
+    images: list[str]
+    labels: list[str]
+    out: str
+    layers: list[str | None] = field(default_factory=lambda: [None])
+    class_field: str = "class"
+    label_class: str | None = None
+    aois: list[str | None] = field(default_factory=lambda: [None])
+    band_map: dict[str, int] = field(default_factory=dict)
+    epochs: int = 10
+    steps: int = 50
+    batch: int = 16
+    chip: int = 128
+    val_fraction: float = 0.2
+    block: int = 512
+    val_chips: int = 48
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    scales: tuple[float, float] = (1.0, 1.0)
+    gray: float = 0.0
+    object_share: float = 0.6
+    device: str = "auto"
+    seed: int = 0
+    threads: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` for settings that cannot train."""
+        if not self.images:
+            raise InputError("train: give at least one --images raster")
+        for key in ("labels", "layers", "aois"):
+            n = len(getattr(self, key))
+            if n not in (1, len(self.images)):
+                raise InputError(
+                    f"train: give one --{key.rstrip('s')} for all images or one per image (got {n} for {len(self.images)})"
+                )
+        for key in ("epochs", "steps", "batch", "val_chips"):
+            if getattr(self, key) < 1:
+                raise InputError(f"train: --{key.replace('_', '-')} must be >= 1")
+        if self.chip < 32 or self.chip % 8:
+            raise InputError("train: --chip must be a multiple of 8 and >= 32")
+        if not 0 <= self.val_fraction < 1:
+            raise InputError("train: --val-fraction must be in [0, 1)")
+        if not (self.scales[0] >= 1 and self.scales[1] >= self.scales[0]):
+            raise InputError("train: --scales must be LOW,HIGH with 1 <= LOW <= HIGH (multiples of the images' pixel size)")
+        if not str(self.out).endswith(".pt"):
+            raise InputError(f"train: --out {self.out} must end in .pt (a TorchScript file)")
+        folder = os.path.dirname(os.path.abspath(self.out))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise InputError(f"train: --out {self.out}: the folder {folder} does not exist or is not writable; create it first")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError("train: --lr must be a positive number")
+        if not all(math.isfinite(v) for v in self.scales) or self.scales[1] > 16:
+            raise InputError("train: --scales must be finite, at most 16")
+        d = self.device
+        if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise InputError(f"train: --device must be auto, cpu, cuda or cuda:N, got {d!r}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from geoseg.errors import DeviceError
+
+        raise DeviceError(f"train: device {name!r} was asked for but there is no usable CUDA GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _images(cfg: TrainConfig, card: ModelCard) -> list[ChipImage]:
+    import geopandas as gpd
+    import shapely
+
+    from geoseg.io.raster import band_percentiles, open_source
+
+    classes = {c.name: c.id for c in card.classes or ()}
+    out = []
+
+    def pick(values: list, k: int):
+        return values[k if len(values) > 1 else 0]
+
+    for k, path in enumerate(cfg.images):
+        everything = open_source(path)
+        bands = (
+            match_bands(card.bands, everything.band_descriptions, cfg.band_map, origin=everything.path) if card.bands else None
+        )
+        src = open_source(path, bands)
+        if card.bands and src.count != len(card.bands):
+            raise InputError(f"{path}: the card takes {len(card.bands)} bands but {src.count} were selected; fix --bands")
+        labels = load_labels(
+            pick(cfg.labels, k),
+            src.geobox.crs,
+            classes,
+            layer=pick(cfg.layers, k),
+            class_field=cfg.class_field,
+            label_class=cfg.label_class,
+        )
+        allowed = None
+        aoi = pick(cfg.aois, k)
+        if aoi:
+            if not os.path.exists(aoi):
+                raise InputError(f"{aoi}: AOI file not found; check --aoi")
+            df = gpd.read_file(aoi)
+            if df.crs is None:
+                raise InputError(f"{aoi}: the AOI has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)")
+            allowed = shapely.make_valid(df.to_crs(src.geobox.crs).geometry.values)
+        scaling = card.scaling.resolve(lambda lo, hi, s=src: band_percentiles(s, lo, hi))
+        out.append(ChipImage(src, labels, allowed, cfg.block, scaling))
+    assign_split(out, cfg.val_fraction, cfg.seed)
+    return out
+
+
+def _prepare(sampler: ChipSampler, draws: list, split: str, chip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for draw in draws:
+        x, y, valid, k = sampler.read(draw, split)
+        x = sampler.images[k].scaling.apply(x.astype(np.float32))
+        x[:, ~valid] = 0.0  # as the engine does: invalid pixels enter the model as 0 after scaling
+        t = torch.from_numpy(np.ascontiguousarray(x))[None]
+        if t.shape[-1] != chip:
+            t = F.interpolate(t, size=(chip, chip), mode="area")
+        xs.append(t[0])
+        ys.append(torch.from_numpy(y.astype(np.int64)))
+    return torch.stack(xs), torch.stack(ys)
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, gray: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Geometric and radiometric augmentation of a scaled batch (in place where possible)."""
+    n, c = x.shape[:2]
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    x, y = torch.rot90(x, k, (2, 3)), torch.rot90(y, k, (1, 2))
+    if torch.rand(1, generator=gen) < 0.5:
+        x, y = x.flip(3), y.flip(2)
+    rnd = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    band_gain = torch.exp((rnd(n, c, 1, 1) - 0.5) * 0.3)  # band ratios +-15 %
+    gain = torch.exp((rnd(n, 1, 1, 1) - 0.5) * 0.6)  # brightness x0.74-1.35
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    contrast = 0.75 + 0.5 * rnd(n, 1, 1, 1)
+    x = (mean + (x - mean) * contrast) * gain * band_gain + (rnd(n, 1, 1, 1) - 0.5) * 0.1
+    if gray > 0:
+        g = (rnd(n, 1, 1, 1) < gray).float()
+        x = g * x.mean(dim=1, keepdim=True).expand_as(x) + (1 - g) * x
+    x = x + torch.randn(x.shape, generator=gen) * (0.03 * rnd(n, 1, 1, 1))
+    return x.contiguous(), y.contiguous()
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits, y, ignore_index=IGNORE)
+    keep = (y != IGNORE).unsqueeze(1).float()
+    prob = logits.softmax(1)[:, 1:] * keep
+    onehot = F.one_hot(y.clamp(max=logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float() * keep
+    inter = (prob * onehot).sum(dim=(0, 2, 3))
+    dice = 1 - (2 * inter + 1) / (prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + 1)
+    return ce + dice.mean()
+
+
+def _score(model: torch.nn.Module, xv: torch.Tensor, yv: torch.Tensor, n_classes: int, device: torch.device) -> dict:
+    model.eval()
+    conf = torch.zeros(n_classes, n_classes, dtype=torch.int64)
+    with torch.inference_mode():
+        for a in range(0, len(xv), 16):
+            pred = model(xv[a : a + 16].to(device)).argmax(1).cpu()
+            t = yv[a : a + 16]
+            keep = t != IGNORE
+            conf += torch.bincount(t[keep] * n_classes + pred[keep], minlength=n_classes**2).reshape(n_classes, n_classes)
+    model.train()
+    tp = conf.diag().double()
+    union = (conf.sum(0) + conf.sum(1) - conf.diag()).double()
+    iou = [round(float(t / u), 4) if u > 0 else None for t, u in zip(tp, union, strict=True)]
+    scored = [v for v in iou[1:] if v is not None]
+    return {"iou": iou, "mean_iou_objects": round(float(np.mean(scored)), 4) if scored else 0.0}
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    config: TrainConfig,
+    card: ModelCard,
+    *,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the card's architecture and export the best epoch as TorchScript with its card.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Data, schedule, augmentation, device.
+    card : ModelCard
+        Classes (ids ``0..K-1``, 0 = background), bands, scaling, tile/halo and
+        ``architecture`` (default ``geoseg.unet`` width 16, depth 3).
+    resume : bool
+        Continue from ``OUT.ckpt`` (same config and card required).
+    progress : callable, optional
+        Called after each epoch with that epoch's record.
+
+    Returns
+    -------
+    dict
+        ``model`` (path), ``checkpoint``, ``history`` (per epoch: loss, validation IoU,
+        seconds), ``best_epoch``, ``metrics``.
+
+    Raises
+    ------
+    InputError, ModelError
+        Bad settings or data; a checkpoint from another configuration.
+    """
+    config.validate()
+    ids = sorted(c.id for c in card.classes or ())
+    if not card.classes or ids != list(range(len(ids))) or len(ids) < 2:
+        raise ModelError(f"{card.name}: training needs classes with ids 0..K-1 (0 = background) and at least two")
+    if not card.bands:
+        raise ModelError(f"{card.name}: training needs the card's bands (e.g. bands: [blue, green, red, nir])")
+    arch = (
+        json.loads(card.architecture_json)
+        if card.architecture_json
+        else {"name": "geoseg.unet", "args": {"width": 16, "depth": 3}}
+    )
+    n_classes = len(ids)
+    dev = _device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model = build_architecture(arch["name"], arch.get("args", {}), len(card.bands), n_classes, card.name).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    total = config.epochs * config.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    recipe = {k: v for k, v in asdict(config).items() if k not in ("out", "device", "threads")}
+    recipe["images"] = [os.path.basename(p) for p in config.images]
+    recipe["labels"] = [os.path.basename(p) for p in config.labels]
+    recipe["aois"] = [os.path.basename(p) if p else None for p in config.aois]
+    recipe["architecture"] = arch
+    fingerprint = json.dumps({"recipe": recipe, "card": card_to_dict(card)}, sort_keys=True, default=str)
+    ckpt = config.out + ".ckpt"
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"score": -1.0, "epoch": 0, "state": None, "metrics": None}
+    start = 0
+    if resume and os.path.exists(ckpt):
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:  # damaged file, or not ours
+            raise ModelError(f"{ckpt}: cannot read the checkpoint ({exc}); delete it to start over") from exc
+        need = {
+            "fingerprint",
+            "model",
+            "optimizer",
+            "scheduler",
+            "history",
+            "best_score",
+            "best_epoch",
+            "best_model",
+            "best_metrics",
+        }
+        if not isinstance(state, dict) or not need <= set(state):
+            raise ModelError(f"{ckpt}: not a geoseg training checkpoint; delete it or choose another --out")
+        if state.get("fingerprint") != fingerprint:
+            raise ModelError(
+                f"{ckpt}: the checkpoint is from another configuration or card; delete it or train with the same settings"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = json.loads(state["history"])
+        best = {
+            "score": state["best_score"],
+            "epoch": state["best_epoch"],
+            "state": state["best_model"],
+            "metrics": json.loads(state["best_metrics"]),
+        }
+        start = len(history)
+
+    images = _images(config, card)
+    sampler = ChipSampler(images, config.chip, config.scales, config.object_share)
+    val_rng = np.random.default_rng([config.seed, 1])
+    split = "val" if config.val_fraction > 0 else "train"
+    xv, yv = _prepare(sampler, sampler.windows(val_rng, config.val_chips, split), split, config.chip)
+
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="geoseg-chips")
+
+    def fetch(epoch: int, step: int):
+        rng = np.random.default_rng([config.seed, epoch, step])
+        return pool.submit(_prepare, sampler, sampler.windows(rng, config.batch, "train"), "train", config.chip)
+
+    model.train()
+    try:
+        for epoch in range(start, config.epochs):
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            losses = []
+            nxt = fetch(epoch, 0)
+            for step in range(config.steps):
+                x, y = nxt.result()
+                if step + 1 < config.steps:
+                    nxt = fetch(epoch, step + 1)
+                x, y = _augment(x, y, gen, config.gray)
+                if not (y != IGNORE).any():  # nothing labelled in this batch: a NaN loss would poison the weights
+                    continue
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                loss = _loss(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+            metrics = _score(model, xv, yv, n_classes, dev)
+            record = {
+                "epoch": epoch + 1,
+                "loss": round(float(np.mean(losses)), 4),
+                **metrics,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            history.append(record)
+            if metrics["mean_iou_objects"] >= best["score"]:  # ties (e.g. nothing to score): the later epoch
+                best = {
+                    "score": metrics["mean_iou_objects"],
+                    "epoch": epoch + 1,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    "metrics": metrics,
+                }
+            _atomic_save(
+                {
+                    "fingerprint": fingerprint,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "history": json.dumps(history),
+                    "best_score": best["score"],
+                    "best_epoch": best["epoch"],
+                    "best_model": best["state"],
+                    "best_metrics": json.dumps(best["metrics"]),
+                },
+                ckpt,
+            )
+            if progress:
+                progress(record)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    final = build_architecture(arch["name"], arch.get("args", {}), len(card.bands), n_classes, card.name)
+    final.load_state_dict(best["state"])
+    d = card_to_dict(card)
+    d["architecture"] = arch
+    d["training"] = {**recipe, "best_epoch": best["epoch"], "device": str(dev), "torch": torch.__version__}
+    d["metrics"] = {
+        "validation": {"split": "blocks" if config.val_fraction > 0 else "training area", **best["metrics"]},
+        **(d.get("metrics") or {}),
+    }
+    export(final.eval(), d, config.out)
+    return {"model": config.out, "checkpoint": ckpt, "history": history, "best_epoch": best["epoch"], "metrics": best["metrics"]}
+
+
+def export(model: torch.nn.Module, card: dict[str, Any], path: str) -> str:
+    """Save ``model`` as TorchScript with ``card`` embedded (``geoseg_card.json``), atomically."""
+    from geoseg.models.card import card_from_dict
+
+    card_from_dict(card, f"{path} (card)")  # never write a model whose card geoseg would refuse
+    scripted = torch.jit.script(model.cpu().eval())
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.jit.save(scripted, tmp, _extra_files={"geoseg_card.json": json.dumps(card, sort_keys=True, default=str)})
+    os.replace(tmp, path)
+    return path
+
+
+def parse_scales(value: str | Sequence[float] | None) -> tuple[float, float]:
+    """``"1,5"`` -> ``(1.0, 5.0)``."""
+    if value is None:
+        return (1.0, 1.0)
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--scales {value!r}: give LOW,HIGH such as 1,4") from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2:
+        raise InputError(f"--scales {value!r}: give LOW,HIGH such as 1,4")
+    return (nums[0], nums[1])

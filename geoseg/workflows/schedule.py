@@ -1,0 +1,270 @@
+"""``geoseg schedule``: run a workflow on its cron ``schedule:``, one run at a time.
+
+The scheduler is a plain long-running loop (no daemon, no database): it waits for the next
+fire time of the workflow's cron expression, launches ``geoseg run WORKFLOW`` in a child
+process, and records every run in ``<output folder>/schedule.log`` (one JSON object a line).
+Cron times are read in the clock's time zone: UTC by default.
+
+* Runs never overlap. Fire times that pass while a run is still going (or while the
+  machine was asleep) are not caught up: they are logged as ``skipped`` with a count, and
+  the next fire is computed from the clock once the run has ended.
+* The clock is re-read at least once a minute while waiting, so a clock that is changed
+  (NTP step, daylight saving in a local clock, suspend and resume) is noticed.
+* One scheduler per output folder: an exclusive ``flock`` on
+  ``<output folder>/.geoseg-schedule.lock`` is held for the whole loop and released by the
+  OS if the process dies. A second scheduler on the same folder is refused at once.
+* A failing run (non-zero exit code) is logged and the loop goes on; Ctrl-C stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from geoseg.errors import InputError, OutputError
+
+__all__ = ["LOCK_NAME", "LOG_NAME", "next_fire", "schedule", "schedule_lock"]
+
+LOCK_NAME = ".geoseg-schedule.lock"
+LOG_NAME = "schedule.log"
+MAX_SLEEP_S = 60.0  # longest single sleep: the clock is re-read at least this often
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def next_fire(cron: str, after: datetime) -> datetime:
+    """The first fire time of ``cron`` strictly after ``after``.
+
+    Parameters
+    ----------
+    cron : str
+        A cron expression (minute hour day month weekday), e.g. ``"0 6 * * 1"``.
+    after : datetime
+        The reference time; its time zone (or lack of one) is kept in the result.
+
+    Returns
+    -------
+    datetime
+        The next fire time, always later than ``after``.
+
+    Raises
+    ------
+    InputError
+        ``cron`` is not a cron expression.
+    """
+    from croniter import croniter
+
+    if not croniter.is_valid(cron):
+        raise InputError(f"{cron!r} is not a cron expression; give minute hour day month weekday, e.g. '0 6 * * 1'")
+    return croniter(cron, after).get_next(datetime)
+
+
+def _fires_through(cron: str, after: datetime, until: datetime) -> tuple[int, datetime | None, datetime | None]:
+    """How many fire times lie in ``(after, until]``, with the first and the last of them."""
+    from croniter import croniter
+
+    it = croniter(cron, after)
+    count, first, last = 0, None, None
+    while (t := it.get_next(datetime)) <= until:
+        count, last = count + 1, t
+        first = first or t
+    return count, first, last
+
+
+def _previous_fire(cron: str, before: datetime) -> datetime:
+    """The last fire time of ``cron`` strictly before ``before``."""
+    from croniter import croniter
+
+    return croniter(cron, before).get_prev(datetime)
+
+
+@contextmanager
+def schedule_lock(folder: str) -> Iterator[str]:
+    """Hold the exclusive scheduler lock of an output folder for the ``with`` block.
+
+    Parameters
+    ----------
+    folder : str
+        The output folder (created when missing).
+
+    Yields
+    ------
+    str
+        The lock file, ``<folder>/.geoseg-schedule.lock`` (left in place afterwards; the
+        lock itself is released when the block ends or the process dies).
+
+    Raises
+    ------
+    OutputError
+        Another scheduler holds the lock, or the folder or lock file cannot be created.
+    """
+    import fcntl
+    import socket
+
+    path = os.path.join(folder, LOCK_NAME)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the scheduler lock ({exc.strerror}); choose a writable --out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+            raise OutputError(
+                f"{folder}: another geoseg schedule is already running on this output folder"
+                f"{f' ({holder})' if holder else ''}; stop it first or give this one another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat(timespec="seconds")
+
+
+def _append(log: str, record: dict[str, Any]) -> None:
+    try:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise OutputError(
+            f"{log}: cannot append to the schedule log ({exc.strerror}); check free space and permissions"
+        ) from None
+
+
+def schedule(
+    workflow: str,
+    out: str | None = None,
+    *,
+    run: Callable[[], int] | None = None,
+    now: Callable[[], datetime] = _utcnow,
+    sleep: Callable[[float], None] = time.sleep,
+    max_runs: int | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run a workflow on its cron ``schedule:`` until stopped (or for ``max_runs`` runs).
+
+    Parameters
+    ----------
+    workflow : str
+        The workflow YAML file; it must have a ``schedule:`` key.
+    out : str, optional
+        Output folder passed on to every run as ``--out`` [the workflow's
+        ``outputs.folder``]. The lock and ``schedule.log`` are kept there.
+    run : callable, optional
+        Does one run and returns its exit code [``python -m geoseg run WORKFLOW [--out OUT]``
+        in a child process].
+    now : callable, optional
+        The clock [UTC now]; cron times are read in its time zone.
+    sleep : callable, optional
+        Waits a number of seconds [``time.sleep``]; called with at most 60 s at a time.
+    max_runs : int, optional
+        Stop after this many runs [never].
+    echo : callable, optional
+        Receives one short line per event (start, run, skip, stop).
+
+    Returns
+    -------
+    list of dict
+        The records appended to ``schedule.log``: ``event`` (``"run"`` or ``"skipped"``),
+        ``scheduled``, ``started``, ``finished`` (ISO times), ``exit_code``, ``seconds``;
+        skipped records also have ``count`` and ``last`` (several missed fire times share
+        one record), and ``reason``.
+
+    Raises
+    ------
+    InputError
+        The workflow is invalid or has no ``schedule:``; ``max_runs`` is below 1.
+    OutputError
+        Another scheduler holds this output folder, or the folder or log is not writable.
+    """
+    from geoseg.workflows.spec import load_workflow
+
+    say = echo or (lambda _msg: None)
+    wf = load_workflow(workflow)
+    if wf.schedule is None:
+        raise InputError(
+            f"{wf.path}: no 'schedule:' key; add a cron expression such as schedule: \"0 6 * * *\" (daily at 06:00), "
+            "or use geoseg run for a single run"
+        )
+    if max_runs is not None and max_runs < 1:
+        raise InputError(f"max_runs is {max_runs}; give 1 or more, or leave it out to run until stopped")
+    cron = wf.schedule
+    folder = os.path.abspath(out) if out else wf.outputs.folder
+    cmd = [sys.executable, "-m", "geoseg", "run", wf.path] + (["--out", folder] if out else [])
+
+    def run_child() -> int:
+        return subprocess.run(cmd, check=False).returncode
+
+    one_run = run or run_child
+    log = os.path.join(folder, LOG_NAME)
+    records: list[dict[str, Any]] = []
+
+    def record(rec: dict[str, Any]) -> None:
+        _append(log, rec)
+        records.append(rec)
+
+    def skipped(count: int, first: datetime, last: datetime, reason: str) -> None:
+        rec = {"event": "skipped", "scheduled": _iso(first), "started": None, "finished": None, "exit_code": None}
+        record({**rec, "seconds": None, "count": count, "last": _iso(last), "reason": reason})
+        span = f"{_iso(first)} to {_iso(last)}" if count > 1 else _iso(first)
+        say(f"skipped {count} run{'s' * (count > 1)} due {span} ({reason})")
+
+    runs = 0
+    with schedule_lock(folder):
+        due = next_fire(cron, now())
+        say(f"scheduling {wf.name} ({cron}): first run {_iso(due)}; log {log}; Ctrl-C stops")
+        try:
+            while max_runs is None or runs < max_runs:
+                while (t := now()) < due:
+                    earlier = next_fire(cron, t)
+                    if earlier < due:  # the clock went back: an earlier fire is now the next one
+                        due = earlier
+                    sleep(min(MAX_SLEEP_S, (due - t).total_seconds()))
+                # woken late (suspend, clock stepped forward): run the latest missed fire, skip the older ones
+                count, _, latest = _fires_through(cron, due, t)
+                if count and latest is not None:
+                    skipped(count, due, _previous_fire(cron, latest), "the scheduler was not running then")
+                    due = latest
+                started = now()
+                rec = {"event": "run", "scheduled": _iso(due), "started": _iso(started)}
+                say(f"run {runs + 1}{f'/{max_runs}' if max_runs else ''} (due {_iso(due)}) started {_iso(started)}")
+                try:
+                    code: int | None = one_run()
+                except KeyboardInterrupt:
+                    finished = now()
+                    rec.update(finished=_iso(finished), exit_code=None, seconds=round((finished - started).total_seconds(), 3))
+                    record({**rec, "interrupted": True})
+                    raise
+                except Exception as exc:  # a launcher failure (e.g. no memory to fork) must not end the schedule
+                    code = None
+                    rec["error"] = f"{type(exc).__name__}: {exc}"
+                finished = now()
+                seconds = (finished - started).total_seconds()
+                record({**rec, "finished": _iso(finished), "exit_code": code, "seconds": round(seconds, 3)})
+                runs += 1
+                status = "ok" if code == 0 else f"FAILED ({rec.get('error') or f'exit code {code}'})"
+                say(f"run {runs} {status} in {seconds:.1f} s")
+                count, first, last = _fires_through(cron, due, finished)
+                if count and first is not None and last is not None:
+                    skipped(count, first, last, "the previous run was still going")
+                due = next_fire(cron, finished)
+                if max_runs is None or runs < max_runs:
+                    say(f"next run {_iso(due)}")
+        except KeyboardInterrupt:
+            say(f"stopped after {runs} run{'s' * (runs != 1)}")
+    return records

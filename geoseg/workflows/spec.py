@@ -1,0 +1,174 @@
+"""The workflow file: a YAML description of a run, validated before any work starts.
+
+Paths are relative to the workflow file's folder. Every error names the file, the line
+and the key. A workflow is trusted like a script (it names the files read and written and
+may name a Dask scheduler to connect to)::
+
+    name: sample_aoi
+    sample: ../sample_aoi          # generate geoseg's sample scene here when it is missing
+    aoi: ../sample_aoi/aoi.geojson
+    imagery: [../sample_aoi/scene.tif]
+    models: [forest, water, buildings, ships, tanks]
+    outputs: {folder: ../sample_out, formats: [geojson, gpkg], quicklook: true}
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from geoseg.errors import InputError
+
+__all__ = ["ModelRun", "Outputs", "Workflow", "load_workflow"]
+
+FORMATS = ("geojson", "gpkg", "fgb", "parquet")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRun(_Strict):
+    """A model and how to run and vectorise it."""
+
+    model: str
+    bands: str | None = None
+    min_area_m2: float = Field(0.0, ge=0)
+    simplify_m: float = Field(0.0, ge=0)
+    regularize: bool = False
+
+
+class Outputs(_Strict):
+    """Where results go and in which formats."""
+
+    folder: str
+    formats: list[Literal["geojson", "gpkg", "fgb", "parquet"]] = ["geojson", "gpkg"]
+    crs: str | None = None
+    quicklook: bool = True
+
+
+class Workflow(_Strict):
+    """A validated workflow (paths already resolved against the file's folder)."""
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    sample: str | None = None
+    aoi: str | None = None
+    imagery: list[str] = Field(min_length=1)
+    models: list[str | ModelRun] = Field(min_length=1)
+    outputs: Outputs
+    scheduler: str = "local"
+    workers: int | None = Field(None, ge=1)
+    schedule: str | None = None
+    path: str = ""
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from croniter import croniter
+
+        if not croniter.is_valid(v):
+            raise ValueError(f"{v!r} is not a cron expression (minute hour day month weekday, e.g. '0 6 * * 1')")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _as_runs(cls, v: list[str | ModelRun]) -> list[str | ModelRun]:
+        names = [m if isinstance(m, str) else m.model for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model {dup[0]!r} is listed twice")
+        return v
+
+    def runs(self) -> list[ModelRun]:
+        """Every model as a :class:`ModelRun`."""
+        return [ModelRun(model=m) if isinstance(m, str) else m for m in self.models]
+
+
+def _line_of(root: Any, loc: tuple) -> int | None:
+    """The 1-based YAML line of the key path ``loc`` (from a composed node tree)."""
+    import yaml
+
+    node, line = root, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, val in node.value:
+                if k.value == str(key):
+                    node, line = val, k.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def load_workflow(path: str | os.PathLike) -> Workflow:
+    """Read and validate a workflow file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The YAML file.
+
+    Returns
+    -------
+    Workflow
+        With every path made absolute against the file's folder.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, YAML errors, unknown keys, wrong types: one line naming
+        the file, the line and the key.
+    """
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: workflow file not found; give a YAML file such as workflows/sample_aoi.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text file ({exc.reason}); save the workflow as UTF-8 YAML") from None
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        raise InputError(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a workflow is a mapping of keys (name, imagery, models, outputs, ...)")
+    if "path" in data:
+        raise InputError(f"{path}: 'path' is not a workflow key")
+    try:
+        wf = Workflow.model_validate({**data, "path": os.path.abspath(path)})
+    except ValidationError as exc:
+        err = max(exc.errors(), key=lambda e: len(e["loc"]))  # in a union, the branch that got furthest
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x in ("str", "ModelRun")))
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        line = _line_of(root, loc)
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InputError(f"{path}{f':{line}' if line else ''}: {key}: {msg}") from None
+    base = os.path.dirname(os.path.abspath(path))
+
+    def resolve(p: str | None) -> str | None:
+        return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    return wf.model_copy(
+        update={
+            "sample": resolve(wf.sample),
+            "aoi": resolve(wf.aoi),
+            "imagery": [resolve(p) for p in wf.imagery],
+            "outputs": wf.outputs.model_copy(update={"folder": resolve(wf.outputs.folder)}),
+        }
+    )
