@@ -193,6 +193,7 @@ def change(
     date_after: str | None = None,
     overwrite: bool = False,
     chunk: int | None = None,
+    masks: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Detect change between two rasters with one model.
 
@@ -225,6 +226,9 @@ def change(
         Replace existing outputs.
     chunk : int, optional
         Engine chunk size.
+    masks : (str, str), optional
+        Class masks of both dates already made with ``model`` on one grid (a workflow's
+        segmentation outputs): used instead of segmenting again.
 
     Returns
     -------
@@ -259,12 +263,17 @@ def change(
         return src if same else open_source(path, idx, warp_to=target, resampling=resampling)
 
     src_b, src_a = aligned(before, bands_before), aligned(after, bands_after)
-    masks: dict[str, str] = {}
-    reports: dict[str, Any] = {}
-    for name, src in (("before", src_b), ("after", src_a)):
-        res = predict(src, spec, aoi=aoi, chunk=chunk)
-        reports[name] = write(res, os.path.join(out_dir, name), overwrite=True)
-        masks[name] = os.path.join(out_dir, name, "mask.tif")
+    made: dict[str, str] = {}
+    if masks is not None:
+        mb_, ma_ = open_mask(masks[0]), open_mask(masks[1])
+        if mb_.geobox != ma_.geobox:
+            raise InputError(f"{masks[1]}: not on the grid of {masks[0]}; give masks made on one grid, or no masks")
+        made = {"before": os.path.abspath(masks[0]), "after": os.path.abspath(masks[1])}
+    else:
+        for name, src in (("before", src_b), ("after", src_a)):
+            write(predict(src, spec, aoi=aoi, chunk=chunk), os.path.join(out_dir, name), overwrite=True)
+            made[name] = os.path.join(out_dir, name, "mask.tif")
+    masks_ = made
     cloud_masks: list[str] = []
     if mask_model is not None:
         mspec = resolve_model(mask_model)
@@ -280,7 +289,7 @@ def change(
             write(predict(src, mspec, aoi=aoi, chunk=chunk), folder, overwrite=True)
             cloud_masks.append(os.path.join(folder, "mask.tif"))
 
-    mb = open_mask(masks["before"])
+    mb = open_mask(masks_["before"])
     classes = [(c.id, c.name, tuple(c.color or (0, 0, 0))) for c in mb.classes]
     trans = transitions(classes, spec.card.task)
     lut = np.zeros(256 * 256, np.uint8)
@@ -293,7 +302,7 @@ def change(
     blocks = [
         [
             da.from_delayed(
-                dask.delayed(_code_chunk, pure=True)(masks["before"], masks["after"], w, lut, tuple(cloud_masks)),
+                dask.delayed(_code_chunk, pure=True)(masks_["before"], masks_["after"], w, lut, tuple(cloud_masks)),
                 shape=w.shape,
                 dtype=np.uint8,
             )
@@ -306,11 +315,11 @@ def change(
     table = [{"code": t.code, "name": t.name, "before": t.before, "after": t.after, "color": list(t.color)} for t in trans]
     extra = {
         "change": {
-            "before": {"path": os.path.abspath(before), "date": date_before, "mask": masks["before"]},
+            "before": {"path": os.path.abspath(before), "date": date_before, "mask": masks_["before"]},
             "after": {
                 "path": os.path.abspath(after),
                 "date": date_after,
-                "mask": masks["after"],
+                "mask": masks_["after"],
                 "aligned": src_a.warp is not None,
             },
             "model": spec.id,

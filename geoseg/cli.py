@@ -472,6 +472,41 @@ def schedule_cmd(ctx: click.Context, workflow: str, out_dir: str | None, max_run
     schedule(workflow, out_dir, max_runs=max_runs, echo=None if ctx.obj["quiet"] else click.echo)
 
 
+@main.command("runs")
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), help="Output folder [the workflow's].")
+@click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON.")
+def runs_cmd(workflow: str, out_dir: str | None, as_json: bool) -> None:
+    """Print the run ledger of WORKFLOW: every unit of work, its status and timing, and every run."""
+    import json
+
+    from geoseg.errors import InputError
+    from geoseg.workflows.ledger import LEDGER_NAME, Ledger
+    from geoseg.workflows.spec import load_workflow
+
+    wf = load_workflow(workflow)
+    folder = os.path.abspath(out_dir) if out_dir else wf.outputs.folder
+    if not os.path.exists(os.path.join(folder, LEDGER_NAME)):
+        raise InputError(f"{folder}: no {LEDGER_NAME}: the workflow has not run into this folder yet (geoseg run {workflow})")
+    ledger = Ledger(folder)
+    units, runs = ledger.units(), ledger.runs()
+    ledger.close()
+    if as_json:
+        click.echo(json.dumps({"units": units, "runs": runs}, indent=2))
+        return
+    click.echo(f"{'unit':<44} {'kind':<8} {'status':<12} {'run':>4} {'seconds':>8}  finished")
+    for u in units:
+        secs = "-" if u["seconds"] is None else f"{u['seconds']:.1f}"
+        click.echo(f"{u['id']:<44} {u['kind']:<8} {u['status']:<12} {u['run'] or '-':>4} {secs:>8}  {u['finished'] or '-'}")
+        if u["error"]:
+            click.echo(f"    error: {u['error']}")
+    for r in runs:
+        click.echo(
+            f"run {r['run']}: {r['started']} -> {r['finished'] or '-'} {r['status']}: "
+            f"{r['done']} done, {r['skipped']} skipped, {r['failed']} failed"
+        )
+
+
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--size", type=click.IntRange(min=512), default=2048, show_default=True, help="Scene size in pixels (2 m).")

@@ -115,20 +115,27 @@ def test_long_wait_is_slept_in_steps_and_clock_changes_are_noticed(tmp_path: Pat
     assert run.calls[0][0] == datetime(2024, 5, 1, 13, tzinfo=timezone.utc)
     assert len(clock.sleeps) == 60 and max(clock.sleeps) == 60  # 59.5 min in steps of at most 60 s
 
-    # the clock jumps a day forward while waiting: the latest missed fire runs, the older one is skipped
+    # the clock jumps two days forward while waiting: the latest missed fire runs at once, the older one is skipped
     clock = FakeClock(T0)
-    jumped = FakeClock(T0)
+    jumps = [timedelta(days=2)]
 
     def sleep(s: float) -> None:
-        clock.t += timedelta(days=1) if not jumped.sleeps else timedelta(seconds=s)
-        jumped.sleeps.append(s)
+        clock.t += jumps.pop() if jumps else timedelta(seconds=s)
 
     run = FakeRun(clock)
     records = schedule(str(wf), run=run, now=clock.now, sleep=sleep, max_runs=1)
-    assert run.calls[0][0] == T0 + timedelta(days=1)  # at once, not a day late
-    assert [r["event"] for r in records[-2:]] == ["skipped", "run"]
-    assert records[-1]["scheduled"] == datetime(2024, 5, 1, 13, tzinfo=timezone.utc).isoformat()
-    assert records[-2]["count"] == 1
+    assert run.calls[0][0] == T0 + timedelta(days=2)  # at once, not at the next 13:00
+    assert [r["event"] for r in records] == ["skipped", "run"]
+    assert records[1]["scheduled"] == datetime(2024, 5, 2, 13, tzinfo=timezone.utc).isoformat()
+    assert records[0]["count"] == 1 and records[0]["scheduled"] == datetime(2024, 5, 1, 13, tzinfo=timezone.utc).isoformat()
+
+    # the clock is set back an hour while waiting: an hourly fire that is now sooner is not waited past
+    hourly = _workflow(tmp_path, WORKFLOW.replace("* * * * *", "0 * * * *"))
+    clock = FakeClock(_at(30))
+    jumps = [-timedelta(hours=1)]
+    run = FakeRun(clock)
+    schedule(str(hourly), run=run, now=clock.now, sleep=sleep, max_runs=1)
+    assert run.calls[0][0] == datetime(2024, 5, 1, 12, tzinfo=timezone.utc)  # 11:30 -> 12:00, not 13:00
 
 
 def test_failed_run_is_logged_and_the_loop_goes_on(tmp_path: Path) -> None:

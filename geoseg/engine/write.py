@@ -24,6 +24,7 @@ from geoseg.engine.tasks import NODATA
 from geoseg.errors import InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
 from geoseg.io.cog import (
+    Part,
     adopt_staging,
     assemble_cog,
     atomic_path,
@@ -79,17 +80,17 @@ def _write_mask_part(block: np.ndarray, path: str, geobox: GeoBox, window: Windo
     return {"part": part, "counts": counts, "stats": stats, "write_s": time.perf_counter() - t0}
 
 
-def _finished_part(path: str) -> dict:
+def _finished_part(path: str, window: Window) -> dict:
     """A part a killed run of the same job finished: reused as it is (its class counts re-read)."""
     import rasterio
 
     with rasterio.open(path) as ds:
         block = ds.read(1)
-    return {"part": path, "counts": np.bincount(block.ravel(), minlength=256), "stats": None, "write_s": 0.0}
+    return {"part": Part(path, window), "counts": np.bincount(block.ravel(), minlength=256), "stats": None, "write_s": 0.0}
 
 
-def _finished_prob(path: str) -> dict:
-    return {"part": path, "write_s": 0.0}
+def _finished_prob(path: str, window: Window) -> dict:
+    return {"part": Part(path, window), "write_s": 0.0}
 
 
 def _write_prob_part(block: np.ndarray, path: str, geobox: GeoBox, window: Window, dtype: str) -> dict:
@@ -243,7 +244,7 @@ def write(
                 ppath = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")
                 st = stats[n] if stats is not None else None
                 if os.path.exists(path) and (probs is None or os.path.exists(ppath)):
-                    tasks.append(dask.delayed(_finished_part, pure=True)(path))  # parts are renamed into place whole
+                    tasks.append(dask.delayed(_finished_part, pure=True)(path, win))  # parts are renamed into place whole
                     resumed += 1
                 else:
                     tasks.append(dask.delayed(_write_mask_part, pure=True)(blocks[i, j], path, geobox, win, st))
@@ -257,7 +258,7 @@ def write(
                     path = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")
                     mpath = os.path.join(staging, "mask", f"r{i:04d}_c{j:04d}.tif")
                     if os.path.exists(path) and os.path.exists(mpath):
-                        tasks.append(dask.delayed(_finished_prob, pure=True)(path))
+                        tasks.append(dask.delayed(_finished_prob, pure=True)(path, win))
                     else:
                         tasks.append(
                             dask.delayed(_write_prob_part, pure=True)(pblocks[0, i, j], path, geobox, win, probabilities_dtype)

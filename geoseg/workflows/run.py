@@ -1,16 +1,23 @@
-"""Run a workflow: every model on every image, masks, polygons, a summary and a quicklook.
+"""Run a workflow: what is new, once. Masks, polygons, change maps, a summary and a quicklook.
 
-Outputs (``OUT`` is the workflow's ``outputs.folder`` or ``--out``)::
+Units of work and where they write (``OUT`` is ``outputs.folder`` or ``--out``)::
 
-    OUT/<model>/mask.tif, run.json, geoseg.gpkg, vectors/*.geojson, project.qgz, vectors.json
-    OUT/quicklook.png          the scene with every class drawn over it, and a legend
-    OUT/summary.json           objects and area per class, timings
+    OUT/<model>/...                       one scene: mask.tif, run.json, geoseg.gpkg, vectors/, project.qgz
+    OUT/<scene>/<model>/...               several scenes
+    OUT/change/<model>/<date1>_<date2>/   change.tif, run.json, polygons (one per date pair)
+    OUT/quicklook.png (OUT/<scene>/quicklook.png), OUT/summary.json, OUT/ledger.sqlite
 
-With several images each gets its own folder ``OUT/<image name>/``.
+Every unit is recorded in the ledger with a hash of what it depends on; a unit that is
+done with the same hash and whose outputs exist is skipped, so re-running a finished
+workflow does nothing and changing a parameter redoes only what it affects. A run killed
+mid-way leaves its unit "running" in the ledger (shown as interrupted next time) and the
+engine's finished chunk parts in a staging folder: the next run redoes that unit and
+reuses those chunks. One ``geoseg run`` at a time per output folder.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -18,10 +25,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from geoseg.errors import GeosegError, InputError
+from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.workflows.spec import Workflow, load_workflow
 
 __all__ = ["format_summary", "run_workflow"]
+
+RUN_LOCK = ".geoseg-run.lock"
 
 
 def _slug(text: str) -> str:
@@ -62,8 +71,45 @@ def _areas(vreport: dict[str, Any], out_dir: str) -> dict[str, float]:
     return out
 
 
+def _fingerprint(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _run_lock(folder: str):
+    """One ``geoseg run`` per output folder (a second one is refused at once)."""
+    import fcntl
+    from contextlib import contextmanager
+
+    @contextmanager
+    def hold():
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, RUN_LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise OutputError(
+                    f"{folder}: another geoseg run is working on this output folder ({holder}); wait for it to finish"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    return hold()
+
+
 def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the workflow file at ``path``.
+    """Run the workflow file at ``path``: every unit that is new or changed.
 
     Parameters
     ----------
@@ -72,117 +118,287 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
     out : str, optional
         Output folder; overrides the workflow's ``outputs.folder``.
     echo : callable, optional
-        Receives one line per finished step.
+        Receives one line per unit.
 
     Returns
     -------
     dict
-        The summary (also written to ``OUT/summary.json``).
+        The summary (also written to ``OUT/summary.json``): per scene and model, objects
+        and hectares per class; per change pair, hectares per transition; units done,
+        skipped and failed.
+
+    Raises
+    ------
+    GeosegError
+        Before any work: a bad workflow, model, band mapping or missing input. After: when
+        any unit failed (the others still ran; the ledger has each error).
     """
-    from geoseg.engine import predict, scheduler, write
     from geoseg.models.card import parse_band_option
     from geoseg.models.spec import resolve_model
-    from geoseg.vector import vectorize
-    from geoseg.workflows.quicklook import Overlay, quicklook
+    from geoseg.workflows.ledger import Ledger
+    from geoseg.workflows.sources import scenes
 
     say = echo or (lambda _line: None)
     wf: Workflow = load_workflow(path)
     folder = os.path.abspath(out) if out else wf.outputs.folder
-    # everything that can be checked is checked before any work: models, bands, output names
     base = os.path.dirname(wf.path)
+
+    def model_arg(name: str) -> str:
+        local = os.path.join(base, os.path.expanduser(name))
+        return local if os.path.exists(local) else name  # a model file relative to the workflow, else a bundled name
+
+    # everything that can be checked is checked before any work: models, bands, inputs
     runs = []
     for run in wf.runs():
-        model = run.model
-        local = os.path.join(base, os.path.expanduser(model))
-        if os.path.exists(local):
-            model = local  # a model file, relative to the workflow
         try:
-            resolve_model(model)
+            spec = resolve_model(model_arg(run.model))
             bands = parse_band_option(run.bands)
         except GeosegError as exc:
             raise InputError(f"{wf.path}: models: {run.model}: {exc}") from None
-        runs.append((run, model, bands))
-    model_dirs = _unique([_slug(r.model) for r in wf.runs()])
-    image_dirs = _unique([_slug(p) for p in wf.imagery])
-    missing = [p for p in wf.imagery if not os.path.exists(p)]
+        runs.append((run, spec, bands))
+    changes = []
+    for ch in wf.change:
+        try:
+            spec = resolve_model(model_arg(ch.model))
+            parse_band_option(ch.bands)
+        except GeosegError as exc:
+            raise InputError(f"{wf.path}: change: {ch.model}: {exc}") from None
+        changes.append((ch, spec))
+    im = wf.imagery_spec()
+    import glob as globlib
+
+    missing = [p for p in im.files or [] if not os.path.exists(p)]
+    if im.glob and not globlib.glob(im.glob) and os.path.dirname(im.glob) == wf.sample:
+        missing = [im.glob]
     if missing and wf.sample and all(os.path.dirname(p) == wf.sample for p in missing):
         from geoseg.sample import make_sample
 
         say(f"generating the sample scene into {wf.sample}")
         make_sample(wf.sample)
-        missing = [p for p in wf.imagery if not os.path.exists(p)]
-    if missing:
-        raise InputError(f"{wf.path}: imagery {missing[0]} does not exist; fix the path in 'imagery'")
+    try:
+        found = scenes(im, folder)
+    except InputError as exc:
+        raise InputError(f"{wf.path}: {exc}") from None
     if wf.aoi and not os.path.exists(wf.aoi):
         raise InputError(f"{wf.path}: aoi {wf.aoi} does not exist; fix the path in 'aoi'")
-    os.makedirs(folder, exist_ok=True)
-    for stale in ("summary.json",):  # never leave a summary of an earlier run beside new outputs
-        if os.path.exists(os.path.join(folder, stale)):
-            os.remove(os.path.join(folder, stale))
-    t0 = time.perf_counter()
-    summary: dict[str, Any] = {"workflow": wf.name, "file": wf.path, "out": folder, "images": []}
-    with scheduler(wf.scheduler, workers=wf.workers) as sched:
-        for image, image_dir in zip(wf.imagery, image_dirs, strict=True):
-            img_dir = folder if len(wf.imagery) == 1 else os.path.join(folder, image_dir)
-            entry: dict[str, Any] = {"image": image, "folder": img_dir, "models": {}}
-            overlays = []
-            for (run, model, (band_idx, band_map)), model_dir in zip(runs, model_dirs, strict=True):
-                t1 = time.perf_counter()
-                mdir = os.path.join(img_dir, model_dir)
-                result = predict(
-                    image,
-                    model,
-                    bands=band_idx,
-                    band_map=band_map,
-                    aoi=wf.aoi,
-                    num_threads=sched.num_threads,
-                    resources=sched.resources,
-                    device="cuda" if sched.gpus else "auto",
-                )
-                report = write(result, mdir, overwrite=True)
-                vrep = vectorize(
-                    os.path.join(mdir, "mask.tif"),
-                    mdir,
-                    formats=wf.outputs.formats,
-                    crs=wf.outputs.crs,
-                    min_area=run.min_area_m2,
-                    simplify=run.simplify_m,
-                    regularize=run.regularize,
-                    overwrite=True,
-                )
-                areas = _areas(vrep, mdir)
-                classes = {ly["name"]: {"objects": ly["features"], "area_ha": areas.get(ly["name"])} for ly in vrep["layers"]}
-                seconds = round(time.perf_counter() - t1, 1)
-                entry["models"][run.model] = {
-                    "folder": mdir,
-                    "classes": classes,
-                    "seconds": seconds,
-                    "warnings": report["warnings"],
-                }
-                overlays.append(Overlay(os.path.join(mdir, "mask.tif"), model_dir))
-                found = ", ".join(f"{k} {v['objects']}" for k, v in classes.items()) or "nothing found"
-                say(f"{run.model}: {found} ({seconds:.1f} s)")
-            if wf.outputs.quicklook:
-                png = os.path.join(img_dir, "quicklook.png")
-                quicklook(image, overlays, png, title=f"{wf.name}: {os.path.basename(image)}")
-                entry["quicklook"] = png
-            summary["images"].append(entry)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    if changes and len(found) < 2:
+        raise InputError(f"{wf.path}: change detection needs at least two scenes; the imagery gives {len(found)}")
+    model_dirs = _unique([_slug(r.model) for r, _, _ in runs])
+    single = len(found) == 1
+
+    with _run_lock(folder):
+        ledger = Ledger(folder)
+        ledger.start_run()
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+        failures: list[str] = []
+        t0 = time.perf_counter()
+        summary: dict[str, Any] = {"workflow": wf.name, "file": wf.path, "out": folder, "images": [], "changes": []}
+        try:
+            from geoseg.engine import scheduler
+
+            with scheduler(wf.scheduler, workers=wf.workers) as sched:
+                masks: dict[tuple[str, str], str] = {}
+                for scene in found:
+                    img_dir = folder if single else os.path.join(folder, scene.name)
+                    entry: dict[str, Any] = {"image": scene.path, "date": scene.date, "folder": img_dir, "models": {}}
+                    overlays = []
+                    done_before = counts["done"]
+                    for (run, spec, bands), mdir_name in zip(runs, model_dirs, strict=True):
+                        mdir = os.path.join(img_dir, mdir_name)
+                        params = {
+                            "scene": _fingerprint(scene.path),
+                            "model": spec.sha256,
+                            "bands": run.bands,
+                            "tile": run.tile,
+                            "halo": run.halo,
+                            "aoi": _fingerprint(wf.aoi),
+                            "min_area_m2": run.min_area_m2,
+                            "simplify_m": run.simplify_m,
+                            "regularize": run.regularize,
+                            "formats": sorted(wf.outputs.formats),
+                            "crs": wf.outputs.crs,
+                            "chunk": wf.chunk,
+                        }
+                        res = _unit(
+                            ledger, folder, mdir, "segment", scene.name, run.model, params, counts, failures, say,
+                            lambda mdir=mdir, spec=spec, bands=bands, run=run, scene=scene: _segment(
+                                scene.path, spec, bands, run, wf, mdir, sched
+                            ),
+                        )  # fmt: skip
+                        if res is not None:
+                            entry["models"][run.model] = res
+                            masks[(scene.name, spec.sha256)] = os.path.join(mdir, "mask.tif")
+                            from geoseg.workflows.quicklook import Overlay
+
+                            overlays.append(Overlay(os.path.join(mdir, "mask.tif"), mdir_name))
+                    png = os.path.join(img_dir, "quicklook.png")
+                    if wf.outputs.quicklook and overlays:
+                        if counts["done"] > done_before or not os.path.exists(png):  # nothing new: keep it as it is
+                            from geoseg.workflows.quicklook import quicklook
+
+                            title = f"{wf.name}: {scene.name} {scene.date or ''}".strip()
+                            quicklook(scene.path, overlays, png, title=title)
+                        entry["quicklook"] = png
+                    summary["images"].append(entry)
+                for ch, spec in changes:
+                    pairs = list(itertools.pairwise(found)) if ch.pairs == "consecutive" else [(found[0], s) for s in found[1:]]
+                    for a, b in pairs:
+                        cdir = os.path.join(folder, "change", _slug(ch.model), f"{a.date or a.name}_{b.date or b.name}")
+                        given = (masks.get((a.name, spec.sha256)), masks.get((b.name, spec.sha256)))
+                        params = {
+                            "before": _fingerprint(a.path),
+                            "after": _fingerprint(b.path),
+                            "masks": [_fingerprint(m) for m in given],
+                            "model": spec.sha256,
+                            "bands": ch.bands,
+                            "aoi": _fingerprint(wf.aoi),
+                            "min_area_m2": ch.min_area_m2,
+                            "clouds": ch.clouds,
+                            "resampling": ch.resampling,
+                            "formats": sorted(wf.outputs.formats),
+                        }
+                        res = _unit(
+                            ledger, folder, cdir, "change", f"{a.name}->{b.name}", ch.model, params, counts, failures, say,
+                            lambda cdir=cdir, a=a, b=b, ch=ch, spec=spec, given=given: _change(a, b, ch, spec, given, wf, cdir),
+                        )  # fmt: skip
+                        if res is not None:
+                            summary["changes"].append({"before": a.date, "after": b.date, "model": ch.model, **res})
+        finally:
+            status = "failed" if failures else "done"
+            ledger.finish_run(status, counts["done"], counts["skipped"], counts["failed"])
+            ledger.close()
+        summary["units"] = counts
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        from geoseg.io.cog import atomic_path, fsync_replace
+
+        target = os.path.join(folder, "summary.json")
+        tmp = atomic_path(target)
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        fsync_replace(tmp, target)
+    if failures:
+        raise OutputError(f"{wf.path}: {len(failures)} unit(s) failed (see `geoseg runs`); first: {failures[0]}")
+    return summary
+
+
+def _unit(ledger, root, folder, kind, scene, model, params, counts, failures, say, work) -> dict[str, Any] | None:
+    """Run one unit through the ledger: skip it when done, else do it and record the outcome."""
+    from geoseg.workflows.ledger import params_hash
+
+    unit_id = os.path.relpath(folder, root)
+    digest = params_hash(params)
+    summary_file = os.path.join(folder, ".geoseg-unit.json")
+    if ledger.is_done(unit_id, digest, root) and os.path.exists(summary_file):
+        counts["skipped"] += 1
+        say(f"{unit_id}: done earlier, skipped")
+        with open(summary_file) as f:
+            return json.load(f)
+    ledger.begin(unit_id, kind, scene, model, params, digest)
+    t = time.perf_counter()
+    try:
+        result, outputs = work()
+    except GeosegError as exc:
+        ledger.failed(unit_id, str(exc), time.perf_counter() - t)
+        counts["failed"] += 1
+        failures.append(f"{unit_id}: {exc}")
+        say(f"{unit_id}: failed: {exc}")
+        return None
+    result["seconds"] = round(time.perf_counter() - t, 1)
     from geoseg.io.cog import atomic_path, fsync_replace
 
-    target = os.path.join(folder, "summary.json")
-    tmp = atomic_path(target)
+    tmp = atomic_path(summary_file)
     with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    fsync_replace(tmp, target)
-    return summary
+        json.dump(result, f)
+    fsync_replace(tmp, summary_file)
+    ledger.done(
+        unit_id,
+        [os.path.relpath(os.path.join(folder, o), root) for o in outputs] + [os.path.relpath(summary_file, root)],
+        time.perf_counter() - t,
+    )
+    counts["done"] += 1
+    found = ", ".join(f"{k} {v.get('objects', v.get('hectares'))}" for k, v in result.get("classes", {}).items())
+    say(f"{unit_id}: {found or 'done'} ({result['seconds']:.1f} s)")
+    return result
+
+
+def _segment(image: str, spec, bands, run, wf: Workflow, mdir: str, sched) -> tuple[dict[str, Any], list[str]]:
+    from geoseg.engine import predict, write
+    from geoseg.vector import vectorize
+
+    band_idx, band_map = bands
+    result = predict(
+        image,
+        spec,
+        bands=band_idx,
+        band_map=band_map,
+        aoi=wf.aoi,
+        tile=run.tile,
+        halo=run.halo,
+        chunk=wf.chunk,
+        num_threads=sched.num_threads,
+        resources=sched.resources,
+        device="cuda" if sched.gpus else "auto",
+    )
+    report = write(result, mdir, overwrite=True)
+    vrep = vectorize(
+        os.path.join(mdir, "mask.tif"),
+        mdir,
+        formats=wf.outputs.formats,
+        crs=wf.outputs.crs,
+        min_area=run.min_area_m2,
+        simplify=run.simplify_m,
+        regularize=run.regularize,
+        overwrite=True,
+    )
+    areas = _areas(vrep, mdir)
+    classes = {ly["name"]: {"objects": ly["features"], "area_ha": areas.get(ly["name"])} for ly in vrep["layers"]}
+    outputs = [*list(report["outputs"].values()), "run.json", "vectors.json"]
+    for v in vrep["outputs"].values():
+        outputs += v if isinstance(v, list) else [v]
+    return {
+        "folder": mdir,
+        "classes": classes,
+        "warnings": report["warnings"],
+        "resumed_chunks": report.get("resumed_chunks", 0),
+    }, outputs
+
+
+def _change(a, b, ch, spec, given, wf: Workflow, cdir: str) -> tuple[dict[str, Any], list[str]]:
+    from geoseg.change import change
+
+    report = change(
+        a.path,
+        b.path,
+        spec,
+        cdir,
+        aoi=wf.aoi,
+        bands_before=ch.bands,
+        bands_after=ch.bands,
+        mask_model="clouds" if ch.clouds else None,
+        min_area=ch.min_area_m2,
+        formats=tuple(wf.outputs.formats),
+        resampling=ch.resampling,
+        date_before=a.date,
+        date_after=b.date,
+        overwrite=True,
+        chunk=wf.chunk,
+        masks=given if all(given) else None,
+    )
+    c = report["change"]
+    classes = {k: {"hectares": v, "polygons": report["vectors"].get(k, 0)} for k, v in c["hectares"].items()}
+    with open(os.path.join(cdir, "vectors.json")) as f:
+        vouts = json.load(f)["outputs"]
+    outputs = ["change.tif", "run.json", "vectors.json"]
+    for v in vouts.values():
+        outputs += v if isinstance(v, list) else [v]
+    return {"folder": cdir, "classes": classes, "valid_hectares": c["valid_hectares"]}, outputs
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as a plain-text table."""
     lines = []
     for entry in summary["images"]:
-        lines.append(f"{entry['image']} -> {entry['folder']}")
+        lines.append(f"{entry['image']} ({entry.get('date') or 'no date'}) -> {entry['folder']}")
         lines.append(f"  {'model':<12} {'class':<16} {'objects':>8} {'area (ha)':>10} {'time (s)':>9}")
         for model, m in entry["models"].items():
             for name, c in m["classes"].items() or [("-", {"objects": 0, "area_ha": 0.0})]:
@@ -190,5 +406,13 @@ def format_summary(summary: dict[str, Any]) -> str:
                 lines.append(f"  {model:<12} {name:<16} {c['objects']:>8} {area:>10} {m['seconds']:>9.1f}")
         if entry.get("quicklook"):
             lines.append(f"  quicklook: {entry['quicklook']}")
-    lines.append(f"summary: {os.path.join(summary['out'], 'summary.json')}; total {summary['seconds']:.1f} s")
+    for c in summary.get("changes", []):
+        lines.append(f"change {c['before']} -> {c['after']} ({c['model']}) -> {c['folder']}")
+        for name, v in c["classes"].items():
+            lines.append(f"  {name:<24} {v['hectares']:>10.2f} ha {v['polygons']:>7} polygons")
+    u = summary.get("units", {})
+    lines.append(
+        f"units: {u.get('done', 0)} done, {u.get('skipped', 0)} skipped, {u.get('failed', 0)} failed; "
+        f"summary: {os.path.join(summary['out'], 'summary.json')}; total {summary['seconds']:.1f} s"
+    )
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from geoseg.errors import InputError
 
-__all__ = ["ModelRun", "Outputs", "Workflow", "load_workflow"]
+__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "load_workflow"]
 
 FORMATS = ("geojson", "gpkg", "fgb", "parquet")
 
@@ -35,9 +35,40 @@ class ModelRun(_Strict):
 
     model: str
     bands: str | None = None
+    tile: int | None = Field(None, ge=8)
+    halo: int | None = Field(None, ge=0)
     min_area_m2: float = Field(0.0, ge=0)
     simplify_m: float = Field(0.0, ge=0)
     regularize: bool = False
+
+
+class Imagery(_Strict):
+    """Where the scenes come from: files, a glob, or a static STAC catalog/collection on disk."""
+
+    files: list[str] | None = None
+    glob: str | None = None
+    stac: str | None = None
+    assets: dict[str, str] | None = None  # STAC: band name -> asset key (default: eo:bands common names)
+    date_from: Literal["metadata", "filename"] = "metadata"
+
+    @field_validator("stac")
+    @classmethod
+    def _one(cls, v: str | None, info) -> str | None:
+        given = [k for k in ("files", "glob") if info.data.get(k)] + (["stac"] if v else [])
+        if len(given) != 1:
+            raise ValueError("give exactly one of files, glob or stac")
+        return v
+
+
+class Change(_Strict):
+    """Change detection between dates with one model."""
+
+    model: str
+    pairs: Literal["consecutive", "baseline"] = "consecutive"
+    bands: str | None = None
+    min_area_m2: float = Field(0.0, ge=0)
+    clouds: bool = False
+    resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
 
 
 class Outputs(_Strict):
@@ -56,11 +87,13 @@ class Workflow(_Strict):
     description: str | None = None
     sample: str | None = None
     aoi: str | None = None
-    imagery: list[str] = Field(min_length=1)
-    models: list[str | ModelRun] = Field(min_length=1)
+    imagery: list[str] | Imagery
+    models: list[str | ModelRun] = Field(default_factory=list)
+    change: list[Change] = Field(default_factory=list)
     outputs: Outputs
     scheduler: str = "local"
     workers: int | None = Field(None, ge=1)
+    chunk: int | None = Field(None, ge=16)
     schedule: str | None = None
     path: str = ""
 
@@ -75,6 +108,18 @@ class Workflow(_Strict):
             raise ValueError(f"{v!r} is not a cron expression (minute hour day month weekday, e.g. '0 6 * * 1')")
         return v
 
+    @field_validator("imagery")
+    @classmethod
+    def _some(cls, v: list[str] | Imagery) -> list[str] | Imagery:
+        if isinstance(v, list) and not v:
+            raise ValueError("List should have at least 1 item")
+        return v
+
+    @field_validator("change", mode="before")
+    @classmethod
+    def _listed(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
     @field_validator("models")
     @classmethod
     def _as_runs(cls, v: list[str | ModelRun]) -> list[str | ModelRun]:
@@ -87,6 +132,10 @@ class Workflow(_Strict):
     def runs(self) -> list[ModelRun]:
         """Every model as a :class:`ModelRun`."""
         return [ModelRun(model=m) if isinstance(m, str) else m for m in self.models]
+
+    def imagery_spec(self) -> Imagery:
+        """The imagery as an :class:`Imagery` (a plain list means files)."""
+        return Imagery(files=self.imagery) if isinstance(self.imagery, list) else self.imagery
 
 
 def _line_of(root: Any, loc: tuple) -> int | None:
@@ -154,7 +203,8 @@ def load_workflow(path: str | os.PathLike) -> Workflow:
         wf = Workflow.model_validate({**data, "path": os.path.abspath(path)})
     except ValidationError as exc:
         err = max(exc.errors(), key=lambda e: len(e["loc"]))  # in a union, the branch that got furthest
-        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x in ("str", "ModelRun")))
+        skip = ("str", "ModelRun", "list[str]", "Imagery", "function-after[_some(), union[list[str],Imagery]]")
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and (x in skip or x.startswith(("function-", "union[")))))
         key = ".".join(str(x) for x in loc) or "(top level)"
         line = _line_of(root, loc)
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
@@ -164,11 +214,17 @@ def load_workflow(path: str | os.PathLike) -> Workflow:
     def resolve(p: str | None) -> str | None:
         return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
+    im = wf.imagery_spec()
+    imagery = im.model_copy(
+        update={"files": [resolve(p) for p in im.files] if im.files else None, "glob": resolve(im.glob), "stac": resolve(im.stac)}
+    )
+    if not wf.runs() and not wf.change:
+        raise InputError(f"{path}: nothing to do; give models (segmentation) or change (change detection)")
     return wf.model_copy(
         update={
             "sample": resolve(wf.sample),
             "aoi": resolve(wf.aoi),
-            "imagery": [resolve(p) for p in wf.imagery],
+            "imagery": imagery,
             "outputs": wf.outputs.model_copy(update={"folder": resolve(wf.outputs.folder)}),
         }
     )
