@@ -89,14 +89,28 @@ def raster_date(path: str) -> str | None:
             tags = ds.tags()
     except rasterio.errors.RasterioIOError:
         tags = {}
-    for key in ("ACQUISITION_DATE", "DATE_ACQUIRED", "datetime", "TIFFTAG_DATETIME"):
-        m = _DATE.search(tags.get(key, "").replace(":", "-"))
-        if m:
-            return "-".join(m.groups())
+
+    def valid(m) -> str | None:
+        import datetime
+
+        if not m:
+            return None
+        try:
+            return datetime.date(*(int(g) for g in m.groups())).isoformat()
+        except ValueError:
+            return None
+
+    for key in ("ACQUISITION_DATE", "DATE_ACQUIRED", "datetime"):
+        hit = valid(_DATE.search(tags.get(key, "").replace(":", "-")))
+        if hit:
+            return hit
     name = os.path.basename(path)
-    m = _DATE.search(name)
-    if m:
-        return "-".join(m.groups())
+    hit = valid(_DATE.search(name))
+    if hit:
+        return hit
+    hit = valid(_DATE.search(tags.get("TIFFTAG_DATETIME", "").replace(":", "-")))  # often the processing time: last
+    if hit:
+        return hit
     year = re.search(r"(?<!\d)(19|20)\d{2}(?!\d)", name)
     return year.group(0) if year else None
 
@@ -120,16 +134,22 @@ def _pixel_areas(geobox, rows: np.ndarray, col: float) -> np.ndarray:
     return out
 
 
-def _code_chunk(before_path: str, after_path: str, window, lut: np.ndarray, masks: tuple[str, ...]) -> np.ndarray:
-    """Transition codes over one window (255 where either date, or a cloud mask, says unusable)."""
+def _code_chunk(before_path: str, after_path: str, window, lut: np.ndarray, masks: tuple[str, ...], inputs: str) -> np.ndarray:
+    """Transition codes over one window (255 where either date, or a cloud mask, says unusable).
+
+    ``inputs`` (fingerprints of the mask files) only keys the task: a resumed write never
+    reuses parts made from other masks.
+    """
     from geoseg.io.mask import open_mask, read_mask_window
 
     b = read_mask_window(open_mask(before_path), window)
     a = read_mask_window(open_mask(after_path), window)
     invalid = (b == 255) | (a == 255)
     for path in masks:  # cloud/shadow masks of either date: any non-background class is unusable
-        m = read_mask_window(open_mask(path), window)
-        invalid |= (m != 0) & (m != 255)
+        src = open_mask(path)
+        m = read_mask_window(src, window)
+        clear = [c.id for c in src.classes if c.name.lower() in BACKGROUND] or [0]
+        invalid |= ~np.isin(m, [*clear, 255])
     code = lut[b.astype(np.int32) * 256 + a.astype(np.int32)]
     code[invalid] = 255
     return code.astype(np.uint8)
@@ -194,6 +214,7 @@ def change(
     overwrite: bool = False,
     chunk: int | None = None,
     masks: tuple[str, str] | None = None,
+    crs: str | None = None,
 ) -> dict[str, Any]:
     """Detect change between two rasters with one model.
 
@@ -228,7 +249,9 @@ def change(
         Engine chunk size.
     masks : (str, str), optional
         Class masks of both dates already made with ``model`` on one grid (a workflow's
-        segmentation outputs): used instead of segmenting again.
+        segmentation outputs): used instead of segmenting again (ignored when their grids differ).
+    crs : str, optional
+        CRS of the GeoPackage/FlatGeobuf/GeoParquet polygons (default the grid's).
 
     Returns
     -------
@@ -248,7 +271,16 @@ def change(
     t0 = time.perf_counter()
     out_dir = os.path.abspath(out_dir)
     check_output_dir(out_dir, overwrite, ("change.tif", "run.json"))
+    from geoseg.vector.writers import FORMATS
+
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise InputError(f"unknown vector format(s) {bad or list(formats)}; choose from {', '.join(FORMATS)}")
+    if resampling not in ("nearest", "bilinear", "cubic", "average", "cubic_spline", "lanczos", "mode"):
+        raise InputError(f"resampling {resampling!r} is unknown; use nearest, bilinear, cubic or average")
     spec = resolve_model(model)
+    if mask_model is not None:
+        resolve_model(mask_model)  # a missing mask model fails before any work
     target = open_source(grid or before).geobox
     date_before = date_before or raster_date(before)
     date_after = date_after or raster_date(after)
@@ -264,12 +296,9 @@ def change(
 
     src_b, src_a = aligned(before, bands_before), aligned(after, bands_after)
     made: dict[str, str] = {}
-    if masks is not None:
-        mb_, ma_ = open_mask(masks[0]), open_mask(masks[1])
-        if mb_.geobox != ma_.geobox:
-            raise InputError(f"{masks[1]}: not on the grid of {masks[0]}; give masks made on one grid, or no masks")
+    if masks is not None and open_mask(masks[0]).geobox == open_mask(masks[1]).geobox:
         made = {"before": os.path.abspath(masks[0]), "after": os.path.abspath(masks[1])}
-    else:
+    else:  # no masks, or masks on different grids: segment both dates aligned on one grid
         for name, src in (("before", src_b), ("after", src_a)):
             write(predict(src, spec, aoi=aoi, chunk=chunk), os.path.join(out_dir, name), overwrite=True)
             made[name] = os.path.join(out_dir, name, "mask.tif")
@@ -299,10 +328,11 @@ def change(
     import dask.array as da
 
     wins = _grid(gb, 2048)
+    inputs = "|".join(_fingerprint(p) for p in (masks_["before"], masks_["after"], *cloud_masks))
     blocks = [
         [
             da.from_delayed(
-                dask.delayed(_code_chunk, pure=True)(masks_["before"], masks_["after"], w, lut, tuple(cloud_masks)),
+                dask.delayed(_code_chunk, pure=True)(masks_["before"], masks_["after"], w, lut, tuple(cloud_masks), inputs),
                 shape=w.shape,
                 dtype=np.uint8,
             )
@@ -338,6 +368,7 @@ def change(
         classes=[t.name for t in trans],
         min_area=min_area,
         formats=formats,
+        crs=crs,
         overwrite=True,
         attributes={"date_before": date_before or "", "date_after": date_after or ""},
         kind="area",
@@ -351,6 +382,11 @@ def change(
         json.dump(report, f, indent=2)
     fsync_replace(tmp, os.path.join(out_dir, "run.json"))
     return report
+
+
+def _fingerprint(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _as_dataarray(arr, geobox):

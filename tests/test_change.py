@@ -172,3 +172,24 @@ def test_change_command_line(sample: Path, tmp_path: Path) -> None:
     assert (out / "change.tif").exists() and (out / "before" / "mask.tif").exists()
     again = subprocess.run([*cmd, "--model", "forest", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "already exist" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_pixels_after_does_not_cover_are_not_change(sample: Path, tmp_path: Path) -> None:
+    """AFTER covers only the east half (and has no nodata value): the west half is 'not valid', not loss."""
+    from rasterio.windows import Window
+
+    half = tmp_path / "east.tif"
+    with rasterio.open(sample / "scene_after.tif") as src:
+        w = src.width // 2
+        prof = src.profile | {"width": w, "transform": src.window_transform(Window(w, 0, w, src.height)), "nodata": None}
+        with rasterio.open(half, "w", **prof) as dst:
+            dst.write(src.read(window=Window(w, 0, w, src.height)))
+            dst.descriptions = src.descriptions
+            dst.update_tags(**src.tags())
+    with dask.config.set(scheduler="threads"):
+        full = change(str(sample / "scene.tif"), str(sample / "scene_after.tif"), "forest", str(tmp_path / "f"))
+        east = change(str(sample / "scene.tif"), str(half), "forest", str(tmp_path / "e"))
+    with rasterio.open(tmp_path / "e" / "change.tif") as ds:
+        code = ds.read(1)
+    assert (code[:, : code.shape[1] // 2 - 1] == 255).all() and (code[:, code.shape[1] // 2 + 1 :] != 255).all()
+    assert east["change"]["valid_hectares"] == pytest.approx(full["change"]["valid_hectares"] / 2, rel=0.01)

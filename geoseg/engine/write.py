@@ -21,7 +21,7 @@ import numpy as np
 
 from geoseg.engine.graph import job_of
 from geoseg.engine.tasks import NODATA
-from geoseg.errors import InputError, OutputError, OutputExistsError
+from geoseg.errors import GeosegError, InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
 from geoseg.io.cog import (
     Part,
@@ -219,6 +219,7 @@ def write(
     lock = ExitStack()
     lock.enter_context(output_lock(out_dir))  # one writer per folder: a second run is refused
     staging = ""
+    keep = False
     try:
         check_output_dir(out_dir, overwrite, names)  # again, now that no other run can be writing here
         token = dask.base.tokenize(mask.data.name, probabilities_dtype, mask_name)[:16]
@@ -318,8 +319,13 @@ def write(
             json.dump(report, f, indent=2)
         fsync_replace(tmp, os.path.join(out_dir, RUN_NAME))
         return report
+    except GeosegError:
+        raise  # bad input or output: the parts are of no use
+    except BaseException:
+        keep = True  # interrupted (Ctrl-C, a lost worker): the next run of this job reuses the finished parts
+        raise
     finally:
-        if staging:
+        if staging and not keep:
             shutil.rmtree(staging, ignore_errors=True)
         lock.close()
 

@@ -97,6 +97,8 @@ class RasterSource:
             from rasterio.vrt import WarpedVRT
 
             crs, transform, width, height, resampling = self.warp
+            # without a nodata value, pixels the source does not cover would read as valid zeros:
+            # an alpha band marks them (read by coverage())
             with WarpedVRT(
                 ds,
                 crs=crs,
@@ -104,8 +106,19 @@ class RasterSource:
                 width=width,
                 height=height,
                 resampling=Resampling[resampling],
+                add_alpha=ds.nodata is None,
             ) as vrt:
                 yield vrt
+
+    @staticmethod
+    def coverage(ds, window) -> np.ndarray | None:
+        """For a WarpedVRT with an added alpha band: True where the source covers the pixel."""
+        from rasterio.enums import ColorInterp
+
+        if ds.count and ds.colorinterp[ds.count - 1] == ColorInterp.alpha and getattr(ds, "src_dataset", None) is not None:
+            if ds.src_dataset.count < ds.count:
+                return ds.read(ds.count, window=window) > 0
+        return None
 
 
 def _fingerprint(path: str) -> str:
@@ -261,6 +274,9 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
             with source.env(), source.dataset() as ds:
                 data = ds.read(list(source.bands), window=rio_win)
                 masks = ds.read_masks(list(source.mask_bands or source.bands), window=rio_win)
+                covered = RasterSource.coverage(ds, rio_win) if source.warp is not None else None
+                if covered is not None:
+                    masks = masks * covered[None]
             break
         except rasterio.errors.RasterioError as exc:  # corrupt block, dropped connection
             last = exc
@@ -315,7 +331,11 @@ def read_overview(source: RasterSource, max_side: int = 1024, exact: bool = Fals
             step = max(f, (16_000_000 // gb.width) // f * f)  # ~16 Mpx per band per strip
             for r0 in range(0, gb.height, step):
                 win = RioWindow(0, r0, gb.width, min(step, gb.height - r0))
-                strips.append(ds.read(list(source.bands), window=win, masked=True)[:, ::f, ::f])
+                strip = ds.read(list(source.bands), window=win, masked=True)
+                covered = RasterSource.coverage(ds, win) if source.warp is not None else None
+                if covered is not None:
+                    strip.mask = np.ma.getmaskarray(strip) | ~covered[None]
+                strips.append(strip[:, ::f, ::f])
             return np.ma.concatenate(strips, axis=1), f
     except rasterio.errors.RasterioIOError as exc:
         raise RasterReadError(f"{source.path}: reading a decimated copy failed ({exc}); check the file is complete") from exc

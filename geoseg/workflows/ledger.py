@@ -47,12 +47,19 @@ class Ledger:
     """Units and runs of one output folder (``OUT/ledger.sqlite``)."""
 
     def __init__(self, folder: str) -> None:
+        from geoseg.errors import OutputError
+
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, LEDGER_NAME)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise OutputError(
+                f"{self.path}: not a usable run ledger ({exc}); move it away to start a fresh ledger (every unit is redone)"
+            ) from None
         self.run: int | None = None
 
     def close(self) -> None:

@@ -145,7 +145,7 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
 
     def model_arg(name: str) -> str:
         local = os.path.join(base, os.path.expanduser(name))
-        return local if os.path.exists(local) else name  # a model file relative to the workflow, else a bundled name
+        return local if os.path.isfile(local) else name  # a model file relative to the workflow, else a bundled name
 
     # everything that can be checked is checked before any work: models, bands, inputs
     runs = []
@@ -184,7 +184,11 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
     if changes and len(found) < 2:
         raise InputError(f"{wf.path}: change detection needs at least two scenes; the imagery gives {len(found)}")
     model_dirs = _unique([_slug(r.model) for r, _, _ in runs])
-    single = len(found) == 1
+    change_dirs = _unique([_slug(ch.model) for ch, _ in changes])
+    # the layout depends on the kind of imagery, not on how many scenes a glob finds today
+    single = im.files is not None and len(found) == 1
+    dates = [s.date for s in found]
+    by_date = all(dates) and len(set(dates)) == len(dates)
 
     with _run_lock(folder):
         ledger = Ledger(folder)
@@ -193,6 +197,7 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
         failures: list[str] = []
         t0 = time.perf_counter()
         summary: dict[str, Any] = {"workflow": wf.name, "file": wf.path, "out": folder, "images": [], "changes": []}
+        interrupted = True
         try:
             from geoseg.engine import scheduler
 
@@ -208,6 +213,7 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
                         params = {
                             "scene": _fingerprint(scene.path),
                             "model": spec.sha256,
+                            "card": _card_hash(spec),
                             "bands": run.bands,
                             "tile": run.tile,
                             "halo": run.halo,
@@ -240,22 +246,25 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
                             quicklook(scene.path, overlays, png, title=title)
                         entry["quicklook"] = png
                     summary["images"].append(entry)
-                for ch, spec in changes:
+                for (ch, spec), ch_dir in zip(changes, change_dirs, strict=True):
                     pairs = list(itertools.pairwise(found)) if ch.pairs == "consecutive" else [(found[0], s) for s in found[1:]]
                     for a, b in pairs:
-                        cdir = os.path.join(folder, "change", _slug(ch.model), f"{a.date or a.name}_{b.date or b.name}")
+                        pair = f"{a.date}_{b.date}" if by_date else f"{a.name}_{b.name}"
+                        cdir = os.path.join(folder, "change", ch_dir, pair)
                         given = (masks.get((a.name, spec.sha256)), masks.get((b.name, spec.sha256)))
                         params = {
                             "before": _fingerprint(a.path),
                             "after": _fingerprint(b.path),
                             "masks": [_fingerprint(m) for m in given],
                             "model": spec.sha256,
+                            "card": _card_hash(spec),
                             "bands": ch.bands,
                             "aoi": _fingerprint(wf.aoi),
                             "min_area_m2": ch.min_area_m2,
                             "clouds": ch.clouds,
                             "resampling": ch.resampling,
                             "formats": sorted(wf.outputs.formats),
+                            "crs": wf.outputs.crs,
                         }
                         res = _unit(
                             ledger, folder, cdir, "change", f"{a.name}->{b.name}", ch.model, params, counts, failures, say,
@@ -263,8 +272,9 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
                         )  # fmt: skip
                         if res is not None:
                             summary["changes"].append({"before": a.date, "after": b.date, "model": ch.model, **res})
+            interrupted = False
         finally:
-            status = "failed" if failures else "done"
+            status = "interrupted" if interrupted else ("failed" if failures else "done")
             ledger.finish_run(status, counts["done"], counts["skipped"], counts["failed"])
             ledger.close()
         summary["units"] = counts
@@ -303,6 +313,10 @@ def _unit(ledger, root, folder, kind, scene, model, params, counts, failures, sa
         failures.append(f"{unit_id}: {exc}")
         say(f"{unit_id}: failed: {exc}")
         return None
+    except Exception as exc:  # a bug or an environment failure: recorded, then raised
+        ledger.failed(unit_id, f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
+        counts["failed"] += 1
+        raise
     result["seconds"] = round(time.perf_counter() - t, 1)
     from geoseg.io.cog import atomic_path, fsync_replace
 
@@ -319,6 +333,13 @@ def _unit(ledger, root, folder, kind, scene, model, params, counts, failures, sa
     found = ", ".join(f"{k} {v.get('objects', v.get('hectares'))}" for k, v in result.get("classes", {}).items())
     say(f"{unit_id}: {found or 'done'} ({result['seconds']:.1f} s)")
     return result
+
+
+def _card_hash(spec) -> str:
+    from geoseg.models.card import card_to_dict
+    from geoseg.workflows.ledger import params_hash
+
+    return params_hash(card_to_dict(spec.card))
 
 
 def _segment(image: str, spec, bands, run, wf: Workflow, mdir: str, sched) -> tuple[dict[str, Any], list[str]]:
@@ -383,6 +404,7 @@ def _change(a, b, ch, spec, given, wf: Workflow, cdir: str) -> tuple[dict[str, A
         overwrite=True,
         chunk=wf.chunk,
         masks=given if all(given) else None,
+        crs=wf.outputs.crs,
     )
     c = report["change"]
     classes = {k: {"hectares": v, "polygons": report["vectors"].get(k, 0)} for k, v in c["hectares"].items()}

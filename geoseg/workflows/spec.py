@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from geoseg.errors import InputError
 
@@ -51,13 +51,11 @@ class Imagery(_Strict):
     assets: dict[str, str] | None = None  # STAC: band name -> asset key (default: eo:bands common names)
     date_from: Literal["metadata", "filename"] = "metadata"
 
-    @field_validator("stac")
-    @classmethod
-    def _one(cls, v: str | None, info) -> str | None:
-        given = [k for k in ("files", "glob") if info.data.get(k)] + (["stac"] if v else [])
-        if len(given) != 1:
+    @model_validator(mode="after")
+    def _one(self) -> Imagery:
+        if sum(bool(v) for v in (self.files, self.glob, self.stac)) != 1:
             raise ValueError("give exactly one of files, glob or stac")
-        return v
+        return self
 
 
 class Change(_Strict):
