@@ -134,25 +134,42 @@ def _pixel_areas(geobox, rows: np.ndarray, col: float) -> np.ndarray:
     return out
 
 
-def _code_chunk(before_path: str, after_path: str, window, lut: np.ndarray, masks: tuple[str, ...], inputs: str) -> np.ndarray:
+def _code_chunk(
+    before_path: str, after_path: str, window, lut: np.ndarray, masks: tuple[str, ...], inputs: str, sieve_px: int = 0
+) -> np.ndarray:
     """Transition codes over one window (255 where either date, or a cloud mask, says unusable).
 
-    ``inputs`` (fingerprints of the mask files) only keys the task: a resumed write never
-    reuses parts made from other masks.
+    With ``sieve_px`` > 1, patches smaller than that (4-connected) take the value of their
+    largest neighbour (the minimum mapping unit), computed over the window grown by a halo
+    so a patch cut by a chunk edge is judged whole. ``inputs`` (fingerprints of the mask
+    files) only keys the task: a resumed write never reuses parts made from other masks.
     """
+    from geoseg.grid import Window
     from geoseg.io.mask import open_mask, read_mask_window
 
-    b = read_mask_window(open_mask(before_path), window)
-    a = read_mask_window(open_mask(after_path), window)
+    src_b = open_mask(before_path)
+    gb = src_b.geobox
+    halo = 2 * int(np.ceil(np.sqrt(sieve_px))) + 2 if sieve_px > 1 else 0
+    r0, c0 = max(0, window.row_off - halo), max(0, window.col_off - halo)
+    r1, c1 = min(gb.height, window.row_stop + halo), min(gb.width, window.col_stop + halo)
+    grown = Window(r0, c0, r1 - r0, c1 - c0)
+    b = read_mask_window(src_b, grown)
+    a = read_mask_window(open_mask(after_path), grown)
     invalid = (b == 255) | (a == 255)
     for path in masks:  # cloud/shadow masks of either date: any non-background class is unusable
         src = open_mask(path)
-        m = read_mask_window(src, window)
+        m = read_mask_window(src, grown)
         clear = [c.id for c in src.classes if c.name.lower() in BACKGROUND] or [0]
         invalid |= ~np.isin(m, [*clear, 255])
     code = lut[b.astype(np.int32) * 256 + a.astype(np.int32)]
     code[invalid] = 255
-    return code.astype(np.uint8)
+    code = code.astype(np.uint8)
+    if sieve_px > 1:
+        from rasterio.features import sieve
+
+        code = sieve(code, size=sieve_px, connectivity=4)
+        code[invalid] = 255  # unusable pixels stay unusable (and never grow into a patch)
+    return code[window.row_off - r0 : window.row_stop - r0, window.col_off - c0 : window.col_stop - c0]
 
 
 def _hectares_chunk(path: str, window) -> np.ndarray:
@@ -236,7 +253,8 @@ def change(
         A model whose non-background classes (clouds, shadows) make pixels unusable on either
         date (e.g. ``clouds``).
     min_area : float
-        Minimum mapping unit in m²: smaller change polygons are dropped (the raster keeps them).
+        Minimum mapping unit in m²: smaller patches of any code in ``change.tif`` take their
+        largest neighbour's code (GDAL's sieve), and smaller polygons are dropped.
     formats : tuple of str
         Vector formats.
     resampling : str
@@ -329,10 +347,16 @@ def change(
 
     wins = _grid(gb, 2048)
     inputs = "|".join(_fingerprint(p) for p in (masks_["before"], masks_["after"], *cloud_masks))
+    sieve_px = 0
+    if min_area > 0 and gb.crs is not None:  # the minimum mapping unit, in pixels at the grid's centre
+        px_m2 = float(_pixel_areas(gb, np.array([gb.height / 2]), gb.width / 2)[0])
+        sieve_px = int(np.ceil(min_area / px_m2))
     blocks = [
         [
             da.from_delayed(
-                dask.delayed(_code_chunk, pure=True)(masks_["before"], masks_["after"], w, lut, tuple(cloud_masks), inputs),
+                dask.delayed(_code_chunk, pure=True)(
+                    masks_["before"], masks_["after"], w, lut, tuple(cloud_masks), inputs, sieve_px
+                ),
                 shape=w.shape,
                 dtype=np.uint8,
             )

@@ -47,3 +47,16 @@ def test_bundled_networks_are_small_and_carry_their_recipe() -> None:
         assert card["metrics"]["validation"]["iou"][1] > 0.7
         assert {"epochs", "steps", "scales", "gray", "images", "best_epoch"} <= set(card["training"])
         assert card["scaling"] == {"method": "percentile", "low": [2.0], "high": [98.0], "clip": False}
+
+
+def test_new_buildings_found_by_change_detection(sample: Path, tmp_path: Path) -> None:
+    from geoseg.change import change
+
+    with geoseg.scheduler("threads"):
+        r = change(str(sample / "scene.tif"), str(sample / "scene_after.tif"), "buildings", str(tmp_path / "c"), min_area=20)
+    assert "new_building" in r["change"]["hectares"]
+    ev = evaluate(str(tmp_path / "c" / "change.tif"), str(sample / "labels.gpkg"), layer="new_building")
+    row = ev["classes"]["new_building"]
+    print("new_building", json.dumps(row))
+    assert row["objects_true"] == 14
+    assert row["object_f1"] >= 0.8, row

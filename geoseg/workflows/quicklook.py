@@ -108,6 +108,7 @@ def quicklook(
     img = rgb.astype(np.float32)
     h, w = rgb.shape[:2]
     legend: list[tuple[str, tuple[int, int, int]]] = []
+    analysed = np.zeros((h, w), bool)  # pixels some mask covers (inside the AOI)
     for ov in overlays:
         src = open_mask(ov.mask)
         mgb = src.geobox
@@ -125,6 +126,7 @@ def quicklook(
             continue
         sub = np.full((h, w), 255, np.uint8)
         sub[np.ix_(rin, cin)] = _sampled(src.path, rows[rin], cols[cin])
+        analysed |= sub != 255
         edge = np.zeros((h, w), bool)
         edge[:-1] |= sub[:-1] != sub[1:]
         edge[1:] |= sub[:-1] != sub[1:]
@@ -140,6 +142,8 @@ def quicklook(
             img[sel] = img[sel] * (1 - alpha) + color * alpha
             img[sel & edge] = color
             legend.append((f"{c.name} ({ov.label})" if ov.label and ov.label != c.name else c.name, tuple(c.color)))
+    if overlays and analysed.any():
+        img[~analysed] *= 0.55  # outside the AOI / nodata: dimmed
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     font = ImageFont.load_default()
     line = 16
