@@ -28,12 +28,22 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a bad option value is a bad input too: one line, exit 1
+            if ctx.obj and ctx.obj.get("verbose", 0) > 0:
+                raise
+            where = exc.ctx.command_path if exc.ctx else ctx.command_path
+            fix = f"fix {exc.param.get_error_hint(exc.ctx)}; " if isinstance(exc, click.BadParameter) and exc.param else ""
+            click.echo(f"geoseg: error: {exc.format_message().rstrip('.')}; {fix}see '{where} --help'", err=True)
+            ctx.exit(1)
         except Exception as exc:
             from geoseg.errors import GeosegError
 
             if not isinstance(exc, GeosegError) or (ctx.obj and ctx.obj.get("verbose", 0) > 0):
                 raise
-            click.echo(f"geoseg: error: {exc}", err=True)
+            # one line: drop indented traceback text a message may embed (TorchScript errors carry one)
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln[:1].isspace()]
+            lines = [ln for ln in lines if not ln.startswith("Traceback ")]
+            click.echo(f"geoseg: error: {' '.join(lines)}", err=True)
             ctx.exit(1)
 
 
@@ -484,7 +494,7 @@ def runs_cmd(workflow: str, out_dir: str | None, as_json: bool) -> None:
     from geoseg.workflows.ledger import LEDGER_NAME, Ledger
     from geoseg.workflows.spec import load_workflow
 
-    wf = load_workflow(workflow)
+    wf = load_workflow(workflow, out=out_dir)
     folder = os.path.abspath(out_dir) if out_dir else wf.outputs.folder
     if not os.path.exists(os.path.join(folder, LEDGER_NAME)):
         raise InputError(f"{folder}: no {LEDGER_NAME}: the workflow has not run into this folder yet (geoseg run {workflow})")

@@ -24,10 +24,12 @@ from geoseg.engine.tasks import NODATA
 from geoseg.errors import GeosegError, InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
 from geoseg.io.cog import (
+    DiskFullError,
     Part,
     adopt_staging,
     assemble_cog,
     atomic_path,
+    disk_full_reason,
     fsync_replace,
     make_staging,
     output_lock,
@@ -57,6 +59,15 @@ def check_output_dir(out_dir: str, overwrite: bool, names: tuple[str, ...] = (MA
         parent = os.path.dirname(parent)
     if parent and not os.access(parent, os.W_OK):
         raise OutputError(f"{out_dir}: not writable; choose a folder you can write to")
+    # os.access says yes to root even on read-only filesystems and /sys: try it
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write here ({exc.strerror}); choose a folder you can write to") from None
 
 
 def _geobox_of(da) -> GeoBox:
@@ -319,8 +330,17 @@ def write(
             json.dump(report, f, indent=2)
         fsync_replace(tmp, os.path.join(out_dir, RUN_NAME))
         return report
+    except DiskFullError as exc:  # name the folder the user chose, not a staging file that is removed now
+        reason = str(exc).rsplit(": the disk is full (", 1)[-1].split(")", 1)[0]
+        raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another --out") from exc
     except GeosegError:
         raise  # bad input or output: the parts are of no use
+    except OSError as exc:
+        reason = disk_full_reason(exc)
+        if reason is None:
+            keep = True  # e.g. a lost worker: the next run of this job reuses the finished parts
+            raise
+        raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another --out") from exc
     except BaseException:
         keep = True  # interrupted (Ctrl-C, a lost worker): the next run of this job reuses the finished parts
         raise

@@ -78,12 +78,13 @@ def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
         raise InputError(f"{path}: the AOI file has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)")
     # Densify before reprojecting so long straight edges follow the curvature they have
     # in the raster's CRS (a lon/lat box edge is not straight in UTM).
-    src = gdf.geometry.values
+    # Repair first: densifying a self-intersecting ring (a bow-tie) before make_valid loses one of its lobes.
+    src = shapely.make_valid(gdf.geometry.values)
     minx, miny, maxx, maxy = gdf.total_bounds
     step = max(maxx - minx, maxy - miny) / 256
     if step > 0:
         src = shapely.segmentize(src, step)
-    geoms = shapely.make_valid(gpd.GeoSeries(src, crs=gdf.crs).to_crs(geobox.crs).values)
+    geoms = shapely.make_valid(gpd.GeoSeries(src, crs=gdf.crs).to_crs(geobox.crs).values)  # reprojection can fold rings
     union = shapely.union_all(geoms)
     if union.is_empty:
         raise InputError(f"{path}: the AOI polygons are empty after reprojection")

@@ -9,7 +9,9 @@ complete: a reader never sees a half-written COG.
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +23,62 @@ import numpy as np
 from geoseg.errors import OutputError
 from geoseg.grid import GeoBox, Window
 
-__all__ = ["Part", "assemble_cog", "atomic_path", "fsync_replace", "write_part"]
+__all__ = ["DiskFullError", "Part", "assemble_cog", "atomic_path", "disk_full_reason", "fsync_replace", "write_part"]
+
+
+class DiskFullError(OutputError):
+    """An output could not be written because the disk (or the file size limit or quota) is full."""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "Free disk space available")
+
+
+def disk_full_reason(exc: BaseException | None, text: str = "") -> str | None:
+    """Why ``exc`` (or its causes, or GDAL's ``text`` on stderr) means the disk is full; None otherwise."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return os.strerror(exc.errno)
+        for needle in _FULL_TEXT:
+            if needle in str(exc):
+                return needle
+        exc = exc.__cause__ or exc.__context__
+    for needle in _FULL_TEXT:
+        if needle in text:
+            return needle
+    return None
+
+
+def _full_error(path: str, reason: str) -> DiskFullError:
+    return DiskFullError(f"{path}: the disk is full ({reason}); free space or choose another --out")
+
+
+@contextmanager
+def _native_stderr() -> Iterator[dict[str, str]]:
+    """Capture what C libraries (libtiff) print to file descriptor 2; the caller replays or drops it."""
+    import tempfile
+
+    got = {"text": ""}
+    try:
+        cap = tempfile.TemporaryFile()
+    except OSError:
+        yield got
+        return
+    saved = os.dup(2)
+    try:
+        sys.stderr.flush()
+        os.dup2(cap.fileno(), 2)
+        try:
+            yield got
+        finally:
+            os.dup2(saved, 2)
+            cap.seek(0)
+            got["text"] = cap.read().decode(errors="replace")
+    finally:
+        os.close(saved)
+        cap.close()
 
 
 @dataclass(frozen=True)
@@ -90,15 +147,26 @@ def write_part(
         "compress": "deflate",
         "zlevel": 1,
     }
-    try:
-        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(tmp, "w", **profile) as dst:
+    from rasterio.io import MemoryFile
+
+    # Encoded in memory, written to disk by Python: a full disk is then a clean OSError (ENOSPC/EFBIG)
+    # instead of libtiff printing to stderr from inside a worker.
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as mem:
+        with mem.open(**profile) as dst:
             dst.write(arr)
             if valid is not None:
                 dst.write_mask(valid.astype(np.uint8) * 255)
+        blob = mem.read()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
         os.replace(tmp, path)
-    except (OSError, rasterio.errors.RasterioError) as exc:
+    except OSError as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        reason = disk_full_reason(exc)
+        if reason:
+            raise _full_error(path, reason) from exc
         raise OutputError(
             f"{path}: could not write a chunk ({exc}); check free space, and that every Dask worker sees the output "
             "folder at this path (a shared filesystem)"
@@ -118,8 +186,13 @@ def output_lock(out_dir: str) -> Iterator[None]:
     """
     import fcntl
 
-    os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise OutputError(
+            f"{out_dir}: cannot create or open the output folder ({exc.strerror}); choose a folder you can write to"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -345,6 +418,7 @@ def assemble_cog(
         raise OutputError(f"{path}: chunk parts cover {covered} of {geobox.width * geobox.height} pixels; this is a geoseg bug")
     vrt = atomic_path(path) + ".vrt"
     tmp = atomic_path(path)
+    native = {"text": ""}  # what libtiff printed (it says "No space left on device" where GDAL's error does not)
     try:
         with open(vrt, "w") as f:
             f.write(_vrt_xml(parts, geobox, dtype, count, nodata, colormap, descriptions, mask, metadata))
@@ -359,10 +433,18 @@ def assemble_cog(
         }
         if dtype.startswith("float"):
             options["PREDICTOR"] = "YES"
-        with rasterio.Env(GDAL_CACHEMAX=64, GDAL_TIFF_INTERNAL_MASK=True):
+        with _native_stderr() as native, rasterio.Env(GDAL_CACHEMAX=64, GDAL_TIFF_INTERNAL_MASK=True):
             rio_copy(vrt, tmp, driver="COG", **options)
+        reason = disk_full_reason(None, native["text"])
+        if reason:  # GDAL's COG driver can finish "successfully" after libtiff's writes failed: a torn file
+            raise _full_error(path, reason)
+        if native["text"]:
+            sys.stderr.write(native["text"])  # a successful write's GDAL notes are kept
         fsync_replace(tmp, path)
     except (OSError, rasterio.errors.RasterioError) as exc:
+        reason = disk_full_reason(exc, native["text"])
+        if reason:
+            raise _full_error(path, reason) from exc
         raise OutputError(f"{path}: could not write the COG ({exc}); check free disk space and permissions") from exc
     finally:
         for p in (vrt, tmp):

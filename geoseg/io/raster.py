@@ -86,9 +86,7 @@ class RasterSource:
     @contextlib.contextmanager
     def dataset(self):
         """Open the raster (aligned through a WarpedVRT when ``warp`` is set); use inside ``env()``."""
-        import rasterio
-
-        with rasterio.open(self.path) as ds:
+        with _open_quiet(self.path) as ds:
             if self.warp is None:
                 yield ds
                 return
@@ -119,6 +117,19 @@ class RasterSource:
             if ds.src_dataset.count < ds.count:
                 return ds.read(ds.count, window=window) > 0
         return None
+
+
+@contextlib.contextmanager
+def _open_quiet(path: str):
+    """``rasterio.open`` without rasterio's NotGeoreferencedWarning (geoseg raises or warns on its own)."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning as RioNotGeoreferenced
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RioNotGeoreferenced)
+        ds = rasterio.open(path)
+    with ds:
+        yield ds
 
 
 def _fingerprint(path: str) -> str:
@@ -177,7 +188,7 @@ def open_source(
     opts = dict(DEFAULT_GDAL_OPTIONS)
     opts.update(gdal_options or {})
     try:
-        with rasterio.Env(**opts), rasterio.open(path) as ds:
+        with rasterio.Env(**opts), _open_quiet(path) as ds:
             count = ds.count
             from rasterio.enums import ColorInterp
 
@@ -190,6 +201,11 @@ def open_source(
             if bad:
                 raise InputError(f"{path}: band(s) {bad} do not exist (the raster has {count}); fix --bands")
             dtypes = {ds.dtypes[b - 1] for b in bands}
+            if any(str(d).startswith("complex") for d in dtypes):
+                raise InputError(
+                    f"{path}: complex bands ({sorted(dtypes)}) are not model inputs; convert them first, e.g. to amplitude "
+                    "with gdal_calc.py --calc='abs(A)' --type=Float32"
+                )
             if len(dtypes) > 1:
                 raise InputError(f"{path}: selected bands mix data types {sorted(dtypes)}; choose bands of one type with --bands")
             georeferenced = ds.crs is not None and not ds.transform.is_identity

@@ -13,6 +13,7 @@ No torch here: TorchScript archives are zip files, read with :mod:`zipfile`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -124,9 +125,9 @@ class Scaling:
         if extra:
             raise ModelError(f"{origin}: scaling {m!r} does not use {', '.join(extra)}; give the method that does")
         if m in ("minmax", "percentile"):
-            lo, hi = np.broadcast_arrays(np.asarray(self.low), np.asarray(self.high))
             if len(self.low) != len(self.high) and 1 not in (len(self.low), len(self.high)):
                 raise ModelError(f"{origin}: scaling low and high need the same number of values")
+            lo, hi = np.broadcast_arrays(np.asarray(self.low), np.asarray(self.high))
             if not np.all(hi > lo):
                 raise ModelError(f"{origin}: scaling needs high > low for every band")
         for key in ("mean", "std", "low", "high"):
@@ -174,9 +175,31 @@ def _floats(v: Any, key: str, origin: str) -> tuple[float, ...] | None:
         return None
     seq = v if isinstance(v, (list, tuple)) else [v]
     try:
+        if not seq or any(isinstance(x, bool) for x in seq):
+            raise ValueError(key)
         return tuple(float(x) for x in seq)
-    except (TypeError, ValueError):
-        raise ModelError(f"{origin}: scaling {key} must be a number or a list of numbers, got {v!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ModelError(f"{origin}: scaling {key} must be a number or a non-empty list of numbers, got {v!r}") from None
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, or None when it is not a finite number (bools, strings, NaN, huge ints)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _json(v: Any, what: str, origin: str, **kwargs: Any) -> str:
+    """``v`` as sorted JSON; :class:`ModelError` when it cannot be written (odd keys, cycles, too deep)."""
+    try:
+        return json.dumps(v, sort_keys=True, **kwargs)
+    except (TypeError, ValueError, RecursionError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+        raise ModelError(f"{origin}: {what} cannot be stored as JSON ({reason}); use string keys and plain values") from None
 
 
 def _color(v: Any, origin: str, name: str) -> tuple[int, int, int]:
@@ -194,7 +217,7 @@ def _color(v: Any, origin: str, name: str) -> tuple[int, int, int]:
 
 
 def _reject_unknown(d: Mapping[str, Any], allowed: set[str], what: str, origin: str) -> None:
-    unknown = sorted(set(d) - allowed)
+    unknown = sorted(set(d) - allowed, key=repr)
     if unknown:
         names = ", ".join(map(repr, unknown))
         raise ModelError(f"{origin}: unknown {what} key(s) {names}; allowed: {', '.join(sorted(allowed))}")
@@ -271,8 +294,10 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
     _reject_unknown(sc, SCALING_KEYS, "scaling", origin)
     value = sc.get("value")
     try:
+        if isinstance(value, bool):
+            raise TypeError(value)
         value = float(value) if value is not None else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ModelError(f"{origin}: scaling value must be a number, got {value!r}") from None
     clip = sc.get("clip", True)
     if not isinstance(clip, bool):
@@ -297,22 +322,24 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
         v = d.get(key)
         if v is None:
             return None
-        if not isinstance(v, int) or v < minimum:
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
             raise ModelError(f"{origin}: {key} must be an integer >= {minimum}, got {v!r}")
         return v
 
     gsd = d.get("gsd_m")
-    if gsd is not None and (not isinstance(gsd, (int, float)) or gsd <= 0):
-        raise ModelError(f"{origin}: gsd_m must be a positive number of metres per pixel, got {gsd!r}")
+    if gsd is not None:
+        gsd_f = _number(gsd)
+        if gsd_f is None or gsd_f <= 0:
+            raise ModelError(f"{origin}: gsd_m must be a positive number of metres per pixel, got {gsd!r}")
+        gsd = gsd_f
     gsd_range = d.get("gsd_range_m")
     if gsd_range is not None:
-        ok = isinstance(gsd_range, (list, tuple)) and len(gsd_range) == 2
-        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in gsd_range)
-        if not ok or gsd_range[0] > gsd_range[1]:
+        pair = [_number(v) for v in gsd_range] if isinstance(gsd_range, (list, tuple)) else []
+        if len(pair) != 2 or None in pair or not 0 < pair[0] <= pair[1]:
             raise ModelError(
                 f"{origin}: gsd_range_m must be [low, high] metres per pixel with 0 < low <= high, got {gsd_range!r}"
             )
-        gsd_range = (float(gsd_range[0]), float(gsd_range[1]))
+        gsd_range = (pair[0], pair[1])
         if gsd is None:
             gsd = gsd_range[0]
     arch = d.get("architecture")
@@ -322,8 +349,9 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
         _reject_unknown(arch, {"name", "args"}, "architecture", origin)
         if not isinstance(arch.get("args", {}), Mapping):
             raise ModelError(f"{origin}: architecture args must be a mapping of keyword arguments")
-        arch = json.dumps({"name": arch["name"], "args": dict(arch.get("args") or {})}, sort_keys=True)
+        arch = _json({"name": arch["name"], "args": dict(arch.get("args") or {})}, "architecture", origin)
     info = {k: d[k] for k in ("description", "license", "metrics", "training") if d.get(k) is not None}
+    info_json = _json(info, "description, license, metrics or training", origin, default=str)
     return ModelCard(
         name=str(d.get("name") or default_name),
         classes=classes,
@@ -338,7 +366,7 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
         gsd_m=float(gsd) if gsd is not None else None,
         gsd_range_m=gsd_range,
         architecture_json=arch or "",
-        info_json=json.dumps(info, sort_keys=True, default=str),
+        info_json=info_json,
     )
 
 
@@ -382,12 +410,41 @@ def _load_text(text: str, origin: str) -> Any:
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ModelError(f"{origin}: not valid YAML{at} ({problem})") from exc
+            problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{origin}: not valid YAML{at} ({_flat(problem)}); fix the card's syntax") from exc
+        except RecursionError:
+            raise ModelError(f"{origin}: not valid YAML (nested too deeply); flatten the card") from None
+        except Exception as exc:  # PyYAML's constructors raise ValueError, OverflowError, ... on odd scalars
+            reason = _flat((str(exc).splitlines() or [""])[0]) or type(exc).__name__
+            raise ModelError(f"{origin}: not valid YAML (a value cannot be read: {reason}); fix or quote the value") from None
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise ModelError(f"{origin}: not valid JSON ({exc})") from exc
+        raise ModelError(f"{origin}: not valid JSON ({_flat(str(exc))}); fix the card's syntax") from exc
+    except RecursionError:
+        raise ModelError(f"{origin}: not valid JSON (nested too deeply); flatten the card") from None
+
+
+def _flat(text: str) -> str:
+    """``text`` on one line: line breaks and other control characters written as Python escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _read_text(path: str, origin: str) -> str:
+    """A card file's text (UTF-8); :class:`ModelError` naming ``origin`` when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ModelError(f"{origin}: cannot read the card ({exc.strerror or exc}); check the file and its permissions") from None
+    return _decode(raw, origin)
+
+
+def _decode(raw: bytes, origin: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{origin}: the card is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
 
 
 def _sidecars(path: str) -> list[str]:
@@ -471,14 +528,14 @@ def find_card(path: str, kind: str):
     name = os.path.splitext(os.path.basename(path))[0]
     for side in _sidecars(path):
         if os.path.exists(side):
-            with open(side) as f:
-                return card_from_dict(_load_text(f.read(), side), side, name)
+            return card_from_dict(_load_text(_read_text(side, side), side), side, name)
     if kind in ("torchscript", "exported"):
         try:
             with zipfile.ZipFile(path) as z:
                 hit = [n for n in z.namelist() if n.endswith("extra/geoseg_card.json")]
                 if hit:
-                    return card_from_dict(_load_text(z.read(hit[0]).decode(), path), f"{path} (embedded card)", name)
+                    origin = f"{path} (embedded card)"
+                    return card_from_dict(_load_text(_decode(z.read(hit[0]), origin), path), origin, name)
         except zipfile.BadZipFile as exc:
             raise ModelError(f"{path}: not a valid TorchScript archive ({exc}); re-export the model") from exc
     elif kind == "onnx":
@@ -487,8 +544,9 @@ def find_card(path: str, kind: str):
             return card_from_dict(_load_text(meta["geoseg_card"], path), f"{path} (geoseg_card metadata)", name)
         try:
             d = _deepness(meta, path)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise ModelError(f"{path}: unreadable Deepness/GeoDeep metadata ({exc}); fix the model's metadata_props") from exc
+        except (TypeError, ValueError, AttributeError, ArithmeticError, RecursionError, MemoryError) as exc:
+            reason = _flat((str(exc).splitlines() or [""])[0]) or type(exc).__name__
+            raise ModelError(f"{path}: unreadable Deepness/GeoDeep metadata ({reason}); fix the model's metadata_props") from None
         if d is not None:
             return card_from_dict(d, f"{path} (Deepness/GeoDeep metadata)", name)
     return None

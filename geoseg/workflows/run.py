@@ -139,7 +139,7 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
     from geoseg.workflows.sources import scenes
 
     say = echo or (lambda _line: None)
-    wf: Workflow = load_workflow(path)
+    wf: Workflow = load_workflow(path, out=out)
     folder = os.path.abspath(out) if out else wf.outputs.folder
     base = os.path.dirname(wf.path)
 

@@ -195,7 +195,7 @@ def schedule(
     from geoseg.workflows.spec import load_workflow
 
     say = echo or (lambda _msg: None)
-    wf = load_workflow(workflow)
+    wf = load_workflow(workflow, out=out)
     if wf.schedule is None:
         raise InputError(
             f"{wf.path}: no 'schedule:' key; add a cron expression such as schedule: \"0 6 * * *\" (daily at 06:00), "

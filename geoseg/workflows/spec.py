@@ -1,8 +1,10 @@
 """The workflow file: a YAML description of a run, validated before any work starts.
 
 Paths are relative to the workflow file's folder. Every error names the file, the line
-and the key. A workflow is trusted like a script (it names the files read and written and
-may name a Dask scheduler to connect to)::
+and the key. ``outputs.folder`` must stay inside the project folder (the file's folder, or its
+parent when the file sits in ``workflows/``); ``--out`` on the command line may go anywhere.
+A workflow is trusted like a script (it names the files read and written and may name a
+Dask scheduler to connect to)::
 
     name: sample_aoi
     sample: ../sample_aoi          # generate geoseg's sample scene here when it is missing
@@ -102,7 +104,11 @@ class Workflow(_Strict):
             return v
         from croniter import croniter
 
-        if not croniter.is_valid(v):
+        try:
+            valid = croniter.is_valid(v)
+        except Exception:  # croniter raises more than CroniterError on odd fields (e.g. huge numbers)
+            valid = False
+        if not valid:
             raise ValueError(f"{v!r} is not a cron expression (minute hour day month weekday, e.g. '0 6 * * 1')")
         return v
 
@@ -136,6 +142,37 @@ class Workflow(_Strict):
         return Imagery(files=self.imagery) if isinstance(self.imagery, list) else self.imagery
 
 
+def _flat(text: str) -> str:
+    """``text`` on one line: line breaks and other control characters written as Python escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _project_folder(path: str) -> str:
+    """The project folder of a workflow file: its folder, or that folder's parent when it is ``workflows``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == "workflows":
+        folder = os.path.dirname(folder)
+    return os.path.realpath(folder)
+
+
+def _parse(path: str, text: str) -> tuple[Any, Any]:
+    """The loaded data and the composed node tree of ``text``; :class:`InputError` when it is not YAML."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}{at}: not valid YAML ({_flat(problem)}); fix the syntax") from exc
+    except RecursionError:
+        raise InputError(f"{path}: not valid YAML (nested too deeply); flatten the structure") from None
+    except Exception as exc:  # PyYAML's constructors raise ValueError, OverflowError, ... on odd scalars
+        reason = _flat((str(exc).splitlines() or [""])[0]) or type(exc).__name__
+        raise InputError(f"{path}: not valid YAML (a value cannot be read: {reason}); fix or quote the value") from None
+
+
 def _line_of(root: Any, loc: tuple) -> int | None:
     """The 1-based YAML line of the key path ``loc`` (from a composed node tree)."""
     import yaml
@@ -157,13 +194,16 @@ def _line_of(root: Any, loc: tuple) -> int | None:
     return line
 
 
-def load_workflow(path: str | os.PathLike) -> Workflow:
+def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Workflow:
     """Read and validate a workflow file.
 
     Parameters
     ----------
     path : str or os.PathLike
         The YAML file.
+    out : str or os.PathLike, optional
+        The command line's ``--out``: replaces ``outputs.folder`` (absolute against the
+        current folder) and, being the user's own choice, may lie anywhere.
 
     Returns
     -------
@@ -173,11 +213,16 @@ def load_workflow(path: str | os.PathLike) -> Workflow:
     Raises
     ------
     InputError
-        Missing or unreadable file, YAML errors, unknown keys, wrong types: one line naming
-        the file, the line and the key.
-    """
-    import yaml
+        Missing or unreadable file, YAML errors, unknown keys, wrong types, an
+        ``outputs.folder`` outside the project folder: one line naming the file, the line
+        and the key.
 
+    Notes
+    -----
+    ``outputs.folder`` must lie inside the project folder (the workflow file's folder, or
+    its parent when that folder is named ``workflows``), compared after resolving ``..`` and
+    symbolic links. The command line's ``--out`` (``out``) is not subject to this rule.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"{path}: workflow file not found; give a YAML file such as workflows/sample_aoi.yaml")
@@ -186,15 +231,15 @@ def load_workflow(path: str | os.PathLike) -> Workflow:
             text = f.read()
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not a UTF-8 text file ({exc.reason}); save the workflow as UTF-8 YAML") from None
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark else ""
-        raise InputError(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the syntax") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the workflow file ({exc.strerror or exc}); check its permissions") from None
+    data, root = _parse(path, text)
     if not isinstance(data, dict):
         raise InputError(f"{path}: a workflow is a mapping of keys (name, imagery, models, outputs, ...)")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        line = _line_of(root, (str(odd[0]),))
+        raise InputError(f"{path}{f':{line}' if line else ''}: {_flat(repr(odd[0]))}: unknown key (keys are names)")
     if "path" in data:
         raise InputError(f"{path}: 'path' is not a workflow key")
     try:
@@ -203,26 +248,50 @@ def load_workflow(path: str | os.PathLike) -> Workflow:
         err = max(exc.errors(), key=lambda e: len(e["loc"]))  # in a union, the branch that got furthest
         skip = ("str", "ModelRun", "list[str]", "Imagery", "function-after[_some(), union[list[str],Imagery]]")
         loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and (x in skip or x.startswith(("function-", "union[")))))
-        key = ".".join(str(x) for x in loc) or "(top level)"
+        key = _flat(".".join(str(x) for x in loc)) or "(top level)"
         line = _line_of(root, loc)
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else _flat(err["msg"])
         raise InputError(f"{path}{f':{line}' if line else ''}: {key}: {msg}") from None
     base = os.path.dirname(os.path.abspath(path))
 
-    def resolve(p: str | None) -> str | None:
-        return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+    def at(loc: tuple) -> str:
+        line = _line_of(root, loc)
+        return f"{path}{f':{line}' if line else ''}"
+
+    def resolve(p: str | None, loc: tuple) -> str | None:
+        if p is None:
+            return None
+        if "\x00" in p:
+            raise InputError(f"{at(loc)}: {'.'.join(map(str, loc))}: a path cannot contain a NUL character; fix the path")
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
     im = wf.imagery_spec()
+    listed = isinstance(wf.imagery, list)
+    files = [resolve(p, ("imagery", i) if listed else ("imagery", "files", i)) for i, p in enumerate(im.files or [])]
     imagery = im.model_copy(
-        update={"files": [resolve(p) for p in im.files] if im.files else None, "glob": resolve(im.glob), "stac": resolve(im.stac)}
+        update={
+            "files": files or None,
+            "glob": resolve(im.glob, ("imagery", "glob")),
+            "stac": resolve(im.stac, ("imagery", "stac")),
+        }
     )
     if not wf.runs() and not wf.change:
         raise InputError(f"{path}: nothing to do; give models (segmentation) or change (change detection)")
+    folder = resolve(wf.outputs.folder, ("outputs", "folder"))
+    project = _project_folder(path)
+    real = os.path.realpath(folder)
+    if out is not None:
+        folder = os.path.abspath(os.fspath(out))
+    elif os.path.commonpath([real, project]) != project:
+        raise InputError(
+            f"{at(('outputs', 'folder'))}: outputs.folder {_flat(repr(wf.outputs.folder))} is outside the project folder "
+            f"{project} (it resolves to {real}); give a folder inside {project}, or pass --out on the command line"
+        )
     return wf.model_copy(
         update={
-            "sample": resolve(wf.sample),
-            "aoi": resolve(wf.aoi),
+            "sample": resolve(wf.sample, ("sample",)),
+            "aoi": resolve(wf.aoi, ("aoi",)),
             "imagery": imagery,
-            "outputs": wf.outputs.model_copy(update={"folder": resolve(wf.outputs.folder)}),
+            "outputs": wf.outputs.model_copy(update={"folder": folder}),
         }
     )
