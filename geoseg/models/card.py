@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from geoseg._yaml import flat as _flat
+from geoseg._yaml import load_yaml
 from geoseg.errors import ModelError
 
 __all__ = [
@@ -403,31 +405,13 @@ def card_to_dict(card) -> dict[str, Any]:
 
 def _load_text(text: str, origin: str) -> Any:
     if origin.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"{origin}: not valid YAML{at} ({_flat(problem)}); fix the card's syntax") from exc
-        except RecursionError:
-            raise ModelError(f"{origin}: not valid YAML (nested too deeply); flatten the card") from None
-        except Exception as exc:  # PyYAML's constructors raise ValueError, OverflowError, ... on odd scalars
-            reason = _flat((str(exc).splitlines() or [""])[0]) or type(exc).__name__
-            raise ModelError(f"{origin}: not valid YAML (a value cannot be read: {reason}); fix or quote the value") from None
+        return load_yaml(text, origin, ModelError, "fix the card's syntax")
     try:
         return json.loads(text)
     except ValueError as exc:
         raise ModelError(f"{origin}: not valid JSON ({_flat(str(exc))}); fix the card's syntax") from exc
     except RecursionError:
         raise ModelError(f"{origin}: not valid JSON (nested too deeply); flatten the card") from None
-
-
-def _flat(text: str) -> str:
-    """``text`` on one line: line breaks and other control characters written as Python escapes."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _read_text(path: str, origin: str) -> str:

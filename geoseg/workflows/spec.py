@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from geoseg._yaml import flat as _flat
+from geoseg._yaml import load_yaml
 from geoseg.errors import InputError
 
 __all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "load_workflow"]
@@ -142,11 +144,6 @@ class Workflow(_Strict):
         return Imagery(files=self.imagery) if isinstance(self.imagery, list) else self.imagery
 
 
-def _flat(text: str) -> str:
-    """``text`` on one line: line breaks and other control characters written as Python escapes."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def _project_folder(path: str) -> str:
     """The project folder of a workflow file: its folder, or that folder's parent when it is ``workflows``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -157,20 +154,7 @@ def _project_folder(path: str) -> str:
 
 def _parse(path: str, text: str) -> tuple[Any, Any]:
     """The loaded data and the composed node tree of ``text``; :class:`InputError` when it is not YAML."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text), yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{path}{at}: not valid YAML ({_flat(problem)}); fix the syntax") from exc
-    except RecursionError:
-        raise InputError(f"{path}: not valid YAML (nested too deeply); flatten the structure") from None
-    except Exception as exc:  # PyYAML's constructors raise ValueError, OverflowError, ... on odd scalars
-        reason = _flat((str(exc).splitlines() or [""])[0]) or type(exc).__name__
-        raise InputError(f"{path}: not valid YAML (a value cannot be read: {reason}); fix or quote the value") from None
+    return load_yaml(text, path, InputError, "fix the syntax", compose=True)
 
 
 def _line_of(root: Any, loc: tuple) -> int | None:
