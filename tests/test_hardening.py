@@ -79,7 +79,7 @@ BAD_INPUTS = {
     "out_read_only_fs": ("choose a folder you can write to", "out"),
     "empty_file": ("not a raster GDAL can open", "src"),
     "complex_dtype": ("complex bands", "src"),
-    "model_bands": ("bands", "model"),
+    "model_bands": ("the model takes 4 bands but 3 were selected", "model"),
     "model_zip_not_ts": ("could not load the model", "model"),
     "onnx_fixed_size": ("use --tile 16", "model"),
     "disk_full": ("the disk is full (File too large); free space or choose another --out", "out"),

@@ -188,6 +188,13 @@ class Predictor:
         self.model = model.to(self.device)
         if self.spec.kind != "exported":  # exported programs are already in inference form
             self.model = self.model.eval()
+        # input channels of the first convolution, for a clear message when the band count is wrong
+        self._in_channels = None
+        try:
+            first = next((p for p in self.model.parameters() if p.dim() == 4), None)
+            self._in_channels = int(first.shape[1]) if first is not None else None
+        except (AttributeError, RuntimeError, TypeError):  # exported programs and odd modules
+            pass
         self.backend = f"torch {torch.__version__}"
         self.fixed_size = None
         p = self.runtime.precision
@@ -355,6 +362,12 @@ class Predictor:
                 raise DeviceError(
                     f"{self.spec.path or self.spec.id}: out of memory on {self.device_name} for a batch of shape "
                     f"{batch.shape}; lower --batch-size or --tile"
+                ) from exc
+            need = getattr(self, "_in_channels", None)
+            if need is not None and need != batch.shape[1]:
+                raise ModelError(
+                    f"{self.spec.path or self.spec.id}: the model takes {need} bands but {batch.shape[1]} were selected; "
+                    "choose them with --bands (or fix the card's bands)"
                 ) from exc
             raise ModelError(
                 f"{self.spec.path or self.spec.id}: the model failed on a batch of shape {batch.shape} ({exc}); "
