@@ -22,6 +22,24 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logger.setLevel(level)
 
 
+def _one_line_warnings(quiet: bool) -> None:
+    """Geoseg's own warnings (a plain image in pixel coordinates, ...) as one ``geoseg: warning:`` line each."""
+    import warnings
+
+    from geoseg.errors import NotGeoreferencedWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, NotGeoreferencedWarning):
+            if not quiet:
+                click.echo(f"geoseg: warning: {message}", err=True)
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 class _Group(click.Group):
     """Turns geoseg errors into one clear line and exit status 1 (traceback with -v)."""
 
@@ -57,6 +75,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj.update(verbose=verbose, quiet=quiet)
     _setup_logging(verbose, quiet)
+    _one_line_warnings(quiet)
 
 
 def _parse_bands(value: str | None) -> tuple[tuple[int, ...] | None, dict[str, int]]:

@@ -49,3 +49,21 @@ class DeviceError(GeosegError, RuntimeError):
 
 class NotGeoreferencedWarning(UserWarning):
     """The input has no CRS or geotransform; outputs are in pixel coordinates."""
+
+
+_warned_not_georeferenced = False
+
+
+def warn_not_georeferenced(path: str) -> None:
+    """Say once per process that outputs are in pixel coordinates (a plain image: no CRS)."""
+    global _warned_not_georeferenced
+    if _warned_not_georeferenced:
+        return
+    _warned_not_georeferenced = True
+    import warnings
+
+    warnings.warn(
+        f"{path} is not georeferenced: geoseg works in pixel coordinates (outputs have no CRS)",
+        NotGeoreferencedWarning,
+        stacklevel=3,
+    )

@@ -166,3 +166,34 @@ def test_verbose_shows_traceback(tmp_path, torchscript_model) -> None:
         "-v", "predict", str(tmp_path / "nope.tif"), "-m", str(torchscript_model), "-o", str(tmp_path / "o"), check=False
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_plain_image_runs_in_pixel_coordinates(tmp_path) -> None:
+    """A PNG without georeference: the same engine, a mask of exactly its size, pixel-space polygons, one warning."""
+    import json
+
+    import rasterio
+    import torch
+
+    from tests.conftest import conv_net, whole_image_reference
+
+    rng = np.random.default_rng(5)
+    img = (rng.random((3, 70, 90)) * 255).astype(np.uint8)
+    src = tmp_path / "photo.png"
+    with rasterio.open(src, "w", driver="PNG", width=90, height=70, count=3, dtype="uint8") as ds:
+        ds.write(img)
+    net = conv_net(3, 3, depth=2)
+    model = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(net), str(model))
+    out = tmp_path / "o"
+    args = ["-m", str(model), "-o", str(out), "--tile", "32", "--halo", "4", "--scheduler", "synchronous", "--vectorize"]
+    proc = run_cli("predict", str(src), *args, check=False)
+    assert proc.returncode == 0, proc.stderr
+    warnings_ = [ln for ln in proc.stderr.splitlines() if "warning" in ln.lower()]
+    assert len(warnings_) == 1 and "pixel coordinates" in warnings_[0], proc.stderr
+    with rasterio.open(out / "mask.tif") as ds:
+        assert (ds.width, ds.height) == (90, 70) and ds.crs is None
+        mask = ds.read(1)
+    np.testing.assert_array_equal(mask, whole_image_reference(net, img.astype(np.float32), 4))
+    vec = json.loads((out / "vectors.json").read_text())
+    assert vec["crs"]["mask"] is None and vec["features"] > 0

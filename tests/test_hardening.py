@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import shapely
 import torch
 
 from tests.conftest import read, write_raster
@@ -68,7 +69,7 @@ BAD_INPUTS = {
     # case: (text the one error line must contain, "file" whose name it must contain: src/aoi/model/out)
     "truncated": ("failed after 3 attempts", "src"),
     "corrupt_block": ("failed after 3 attempts", "src"),
-    "no_crs": ("no CRS", "src"),
+    "no_crs_with_aoi": ("the raster has no CRS or geotransform", "src"),
     "all_nan": ("every pixel is nodata", "src"),
     "all_nodata": ("every pixel is nodata", "src"),
     "aoi_misses": ("does not overlap the raster", "aoi"),
@@ -103,8 +104,10 @@ def test_bad_input_is_one_clear_line(case, make_raster, torchscript_model, tmp_p
         else:
             mid = len(raw) // 2
             src.write_bytes(raw[:mid] + os.urandom(2048) + raw[mid + 2048 :])
-    elif case == "no_crs":
+    elif case == "no_crs_with_aoi":  # a plain image runs in pixel coordinates; a geographic AOI cannot apply to it
         src = make_raster(40, 40, crs=None)
+        box = shapely.box(500000, 3999900, 500060, 4000000)
+        extra = ["--aoi", str(_write_vector(tmp_path / "aoi.gpkg", [box], "EPSG:32633"))]
     elif case == "all_nan":
         src = make_raster(40, 40, dtype="float32")
         with rasterio.open(src, "r+") as ds:

@@ -89,7 +89,7 @@ def _probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int):
     return dask.delayed(probe, pure=True)(spec, runtime, bands, size).compute()
 
 
-def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int]) -> RasterSource:
+def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int], require_crs: bool = False) -> RasterSource:
     """Open the source with the bands the model's card asks for, in its order; scaling resolved."""
     from geoseg.models.card import match_bands
 
@@ -97,12 +97,16 @@ def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int]) -> Raste
     if isinstance(source, RasterSource):
         src = source
     elif card.bands and bands is None:
-        everything = open_source(source)
-        src = open_source(source, match_bands(card.bands, everything.band_descriptions, band_map, origin=everything.path))
+        everything = open_source(source, require_crs=require_crs)
+        src = open_source(
+            source,
+            match_bands(card.bands, everything.band_descriptions, band_map, origin=everything.path),
+            require_crs=require_crs,
+        )
     else:
         if band_map:
             raise InputError("--bands NAME=N needs a model card that names its bands; give band numbers (e.g. 3,2,1) instead")
-        src = open_source(source, bands)
+        src = open_source(source, bands, require_crs=require_crs)
     card.scaling.validate(src.count, f"{spec.path or card.name} (card scaling)")
     if card.bands and src.count != len(card.bands):
         raise InputError(
@@ -250,7 +254,7 @@ def predict(
     if blend not in ("crop", "cosine"):
         raise InputError(f"blend must be 'crop' or 'cosine', got {blend!r}")
     spec = resolve_model(model, card)
-    src = _open_for(source, spec, bands, band_map or {})
+    src = _open_for(source, spec, bands, band_map or {}, require_crs=aoi is not None)  # plain images: pixel space
     spec = _resolve_scaling(spec, src)
     if num_threads is None:
         from geoseg.engine.cluster import active_scheduling

@@ -147,11 +147,14 @@ def write_part(
         "compress": "deflate",
         "zlevel": 1,
     }
-    from rasterio.io import MemoryFile
-
     # Encoded in memory, written to disk by Python: a full disk is then a clean OSError (ENOSPC/EFBIG)
     # instead of libtiff printing to stderr from inside a worker.
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as mem:
+    import warnings
+
+    from rasterio.io import MemoryFile
+
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as mem, warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # pixel-space parts: geoseg already said so
         with mem.open(**profile) as dst:
             dst.write(arr)
             if valid is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg.errors import InputError, NotGeoreferencedWarning, RasterReadError
+from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window
 
 __all__ = ["CLASSES_TAG", "MaskClass", "MaskSource", "open_mask", "read_mask_window", "read_prob_window"]
@@ -141,9 +141,7 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
             classes, class_source = _classes_from(ds, path)
             st = os.stat(path) if os.path.exists(path) else None
             if crs is None:
-                warnings.warn(
-                    f"{path} is not georeferenced; polygons are in pixel coordinates", NotGeoreferencedWarning, stacklevel=2
-                )
+                warn_not_georeferenced(path)
     except rasterio.errors.RasterioIOError as exc:
         raise RasterReadError(f"{path}: not a readable raster ({exc}); check the file") from exc
     prob_bands: tuple[tuple[int, int], ...] = ()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from geoseg.errors import InputError, NotGeoreferencedWarning, RasterReadError
+from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window, reflect_index
 
 __all__ = ["DEFAULT_GDAL_OPTIONS", "RasterSource", "open_source", "raster_gsd_m", "read_overview", "read_window"]
@@ -215,9 +215,7 @@ def open_source(
                         f"{path}: the raster has no CRS or geotransform; assign one (e.g. gdal_edit.py -a_srs EPSG:32633) "
                         "or use a command that works in pixel coordinates"
                     )
-                warnings.warn(
-                    f"{path} is not georeferenced; outputs are in pixel coordinates", NotGeoreferencedWarning, stacklevel=2
-                )
+                warn_not_georeferenced(path)
             crs = ds.crs.to_wkt() if ds.crs is not None else None
             if ds.crs is not None and ds.crs.to_epsg() is not None:
                 crs = f"EPSG:{ds.crs.to_epsg()}"
