@@ -281,7 +281,7 @@ def change(
     from geoseg.engine import predict, write
     from geoseg.engine.write import check_output_dir
     from geoseg.io.mask import open_mask
-    from geoseg.io.raster import open_source
+    from geoseg.io.raster import file_fingerprint, open_source
     from geoseg.models.card import match_bands, parse_band_option
     from geoseg.models.spec import ClassInfo, resolve_model
     from geoseg.vector import vectorize
@@ -303,16 +303,17 @@ def change(
     date_before = date_before or raster_date(before)
     date_after = date_after or raster_date(after)
 
-    def aligned(path: str, bands: str | None):
+    def aligned(path: str, bands: str | None, model_spec):
+        """``path`` with the bands ``model_spec``'s card names, read on the target grid."""
         idx, mapping = parse_band_option(bands)
-        if idx is None and spec.card.bands:
+        if idx is None and model_spec.card.bands:
             everything = open_source(path)
-            idx = match_bands(spec.card.bands, everything.band_descriptions, mapping, origin=everything.path)
+            idx = match_bands(model_spec.card.bands, everything.band_descriptions, mapping, origin=everything.path)
         src = open_source(path, idx)
         same = src.geobox == target
         return src if same else open_source(path, idx, warp_to=target, resampling=resampling)
 
-    src_b, src_a = aligned(before, bands_before), aligned(after, bands_after)
+    src_b, src_a = aligned(before, bands_before, spec), aligned(after, bands_after, spec)
     made: dict[str, str] = {}
     if masks is not None and open_mask(masks[0]).geobox == open_mask(masks[1]).geobox:
         made = {"before": os.path.abspath(masks[0]), "after": os.path.abspath(masks[1])}
@@ -325,13 +326,7 @@ def change(
     if mask_model is not None:
         mspec = resolve_model(mask_model)
         for name, path in (("before", before), ("after", after)):
-            idx = None
-            if mspec.card.bands:
-                everything = open_source(path)
-                idx = match_bands(mspec.card.bands, everything.band_descriptions, {}, origin=everything.path)
-            src = open_source(path, idx)
-            if src.geobox != target:
-                src = open_source(path, idx, warp_to=target, resampling=resampling)
+            src = aligned(path, None, mspec)
             folder = os.path.join(out_dir, f"mask_{name}")
             write(predict(src, mspec, aoi=aoi, chunk=chunk), folder, overwrite=True)
             cloud_masks.append(os.path.join(folder, "mask.tif"))
@@ -346,7 +341,7 @@ def change(
     import dask.array as da
 
     wins = _grid(gb, 2048)
-    inputs = "|".join(_fingerprint(p) for p in (masks_["before"], masks_["after"], *cloud_masks))
+    inputs = "|".join(file_fingerprint(p) for p in (masks_["before"], masks_["after"], *cloud_masks))
     sieve_px = 0
     if min_area > 0 and gb.crs is not None:  # the minimum mapping unit, in pixels at the grid's centre
         px_m2 = float(_pixel_areas(gb, np.array([gb.height / 2]), gb.width / 2)[0])
@@ -406,11 +401,6 @@ def change(
         json.dump(report, f, indent=2)
     fsync_replace(tmp, os.path.join(out_dir, "run.json"))
     return report
-
-
-def _fingerprint(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _as_dataarray(arr, geobox):

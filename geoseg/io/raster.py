@@ -20,7 +20,15 @@ import numpy as np
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window, reflect_index
 
-__all__ = ["DEFAULT_GDAL_OPTIONS", "RasterSource", "open_source", "raster_gsd_m", "read_overview", "read_window"]
+__all__ = [
+    "DEFAULT_GDAL_OPTIONS",
+    "RasterSource",
+    "file_fingerprint",
+    "open_source",
+    "raster_gsd_m",
+    "read_overview",
+    "read_window",
+]
 
 #: GDAL configuration every read runs under (the source may add or override keys).
 DEFAULT_GDAL_OPTIONS: dict[str, str | int] = {
@@ -138,6 +146,17 @@ def _fingerprint(path: str) -> str:
     except OSError:  # /vsi paths, URLs
         return ""
     return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def file_fingerprint(path: str) -> str:
+    """``absolute path:size:mtime_ns`` of a file (the path alone when it cannot be stat'ed: /vsi, URLs).
+
+    Keys that must change when a file is rewritten (resumable writes, the workflow ledger).
+    """
+    size_mtime = _fingerprint(path)
+    if not size_mtime:
+        return path
+    return f"{os.path.abspath(path)}:{size_mtime.replace('-', ':')}"
 
 
 def open_source(

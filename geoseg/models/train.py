@@ -133,16 +133,6 @@ class TrainConfig:
             raise InputError(f"train: --device must be auto, cpu, cuda or cuda:N, got {d!r}")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from geoseg.errors import DeviceError
-
-        raise DeviceError(f"train: device {name!r} was asked for but there is no usable CUDA GPU; use --device cpu or auto")
-    return torch.device(name)
-
-
 def _images(cfg: TrainConfig, card: ModelCard) -> list[ChipImage]:
     import geopandas as gpd
     import shapely
@@ -297,7 +287,9 @@ def train(
         else {"name": "geoseg.unet", "args": {"width": 16, "depth": 3}}
     )
     n_classes = len(ids)
-    dev = _device(config.device)
+    from geoseg.models.runtime import _resolve_device
+
+    dev = _resolve_device(config.device)  # CUDA asked for where there is none: a DeviceError
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

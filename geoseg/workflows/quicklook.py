@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg.errors import InputError
+from geoseg.errors import InputError, ModelError
 
 __all__ = ["Overlay", "quicklook"]
 
@@ -31,15 +31,12 @@ class Overlay:
 
 def _true_colour(path: str, max_side: int) -> tuple[np.ndarray, int, object]:
     from geoseg.io.raster import open_source, read_overview
-    from geoseg.models.card import BAND_ALIASES
+    from geoseg.models.card import match_bands
 
     src = open_source(path)
-    desc = [(d or "").strip().lower() for d in src.band_descriptions]
-    bands = []
-    for name in ("red", "green", "blue"):
-        hit = [i + 1 for i, d in enumerate(desc) if d and (d == name or d in BAND_ALIASES[name])]
-        bands.append(hit[0] if hit else None)
-    if None in bands:  # no described RGB: the first three bands (or one grey band)
+    try:  # described red/green/blue (B04, SR_B4, ...); else the first three bands, or one grey band
+        bands = list(match_bands(["red", "green", "blue"], src.band_descriptions, origin=path))
+    except ModelError:
         bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
     data, f = read_overview(open_source(path, bands), max_side, exact=True)  # overlays sit on exact pixels
     arr = data.astype(np.float64).filled(np.nan)

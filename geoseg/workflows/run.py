@@ -72,13 +72,9 @@ def _areas(vreport: dict[str, Any], out_dir: str) -> dict[str, float]:
 
 
 def _fingerprint(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return path
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    from geoseg.io.raster import file_fingerprint
+
+    return None if path is None else file_fingerprint(path)
 
 
 def _run_lock(folder: str):
