@@ -163,30 +163,59 @@ def predict(
     from geoseg.engine import scheduler as use_scheduler
     from geoseg.engine import write
     from geoseg.engine.write import check_output_dir
+    from geoseg.io.frames import list_frames
 
     check_output_dir(out_dir, overwrite)  # fail before starting a cluster
     band_idx, band_map = _parse_bands(bands)
     quiet = ctx.obj["quiet"]
     progress = sys.stderr.isatty() and not quiet
+    frames = None if src.startswith("/vsi") or "://" in src else list_frames(src)
+
+    def engine_options(sched) -> dict:
+        return {
+            "bands": band_idx,
+            "band_map": band_map,
+            "aoi": aoi,
+            "tile": tile,
+            "halo": halo,
+            "chunk": chunk,
+            "blend": blend,
+            "batch_size": batch_size,
+            "device": "cuda" if sched.gpus and device == "auto" else device,
+            "precision": precision,
+            "num_threads": threads or sched.num_threads,
+            "resources": sched.resources,
+            "resample": resample,
+        }
+
+    if frames:  # a folder of frames, a video, a multi-page TIFF: one engine run per frame
+        from geoseg.sequences import predict_frames
+
+        def on_frame(frame, row) -> None:
+            if not quiet:
+                objects = f", {sum(row['objects'].values())} objects" if "objects" in row else ""
+                click.echo(f"frame {frame.index + 1}/{len(frames)} {frame.name}: {row['seconds']:.1f} s{objects}")
+
+        with use_scheduler(scheduler, workers=workers, device=device) as sched:
+            seq = predict_frames(
+                src,
+                model,
+                out_dir,
+                vectorize=vectorize_,
+                overwrite=overwrite,
+                progress=progress,
+                on_frame=on_frame,
+                **engine_options(sched),
+            )
+        if not quiet:
+            tracks = f", {seq['objects']} objects in {seq['tracks']} tracks ({out_dir}/coco.json)" if "coco" in seq else ""
+            click.echo(
+                f"wrote {len(seq['frames'])} frames to {out_dir} ({seq['reused_frames']} already done){tracks} "
+                f"in {seq['seconds']:.1f} s"
+            )
+        return
     with use_scheduler(scheduler, workers=workers, device=device) as sched:
-        result = run_predict(
-            src,
-            model,
-            bands=band_idx,
-            band_map=band_map,
-            aoi=aoi,
-            tile=tile,
-            halo=halo,
-            chunk=chunk,
-            blend=blend,
-            batch_size=batch_size,
-            device="cuda" if sched.gpus and device == "auto" else device,
-            precision=precision,
-            num_threads=threads or sched.num_threads,
-            probabilities=probabilities,
-            resources=sched.resources,
-            resample=resample,
-        )
+        result = run_predict(src, model, probabilities=probabilities, **engine_options(sched))
         report = write(
             result,
             out_dir,
@@ -205,8 +234,9 @@ def predict(
     if not quiet:
         t = report["timings"]
         px = report["output_grid"]["width"] * report["output_grid"]["height"]
+        png = f" and {report['outputs']['mask_png']}" if "mask_png" in report["outputs"] else ""
         click.echo(
-            f"wrote {out_dir}/mask.tif ({report['output_grid']['width']}x{report['output_grid']['height']}, "
+            f"wrote {out_dir}/mask.tif{png} ({report['output_grid']['width']}x{report['output_grid']['height']}, "
             f"{px / max(t['total_s'], 1e-9) / 1e6:.2f} MP/s, {report['tiles']['total']} tiles, "
             f"{report['tiles']['skipped_empty']} skipped as empty) in {t['total_s']:.1f} s"
         )
@@ -244,7 +274,13 @@ def _echo_vectors(out_dir: str, report: dict) -> None:
     help="4 joins pixels through edges only (GDAL's default); 8 also through corners.",
 )
 @click.option("--crs", default=None, help="CRS of GeoPackage/FlatGeobuf/GeoParquet [the mask's]; GeoJSON is always EPSG:4326.")
-@click.option("--format", "formats", default="geojson,gpkg", show_default=True, help="Any of geojson,gpkg,fgb,parquet.")
+@click.option(
+    "--format",
+    "formats",
+    default="geojson,gpkg",
+    show_default=True,
+    help="Any of geojson,gpkg,fgb,parquet,coco (COCO instances in pixel coordinates; added by default for plain images).",
+)
 @click.option("--precision", type=click.IntRange(1, 15), default=None, help="GeoJSON decimals [7 ~ 1 cm; more for finer pixels].")
 @click.option("--regularize", is_flag=True, help="Right-angled building footprints.")
 @click.option("--no-project", is_flag=True, help="Skip the QGIS project (project.qgz).")
@@ -301,22 +337,38 @@ def vectorize(
 
 @main.command()
 @click.argument("pred", type=click.Path(dir_okay=False))
-@click.option("--labels", required=True, type=click.Path(dir_okay=False), help="Vector labels (any format and CRS).")
+@click.option(
+    "--labels",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Vector labels (any format and CRS) or a label raster (.png/.tif).",
+)
+@click.option("--label-values", default=None, help="Label raster values to classes, e.g. 0=membrane,255=cell (or 255=ignore).")
 @click.option("--layer", default=None, help="Layer of the labels file [first].")
 @click.option("--class-field", default="class", show_default=True, help="Label attribute with the class name or id.")
 @click.option("--label-class", default=None, help="Class of every label when they carry none (e.g. building).")
 @click.option("--iou", "iou_threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Object match IoU.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the scores as JSON here.")
 @click.pass_context
-def evaluate(ctx: click.Context, pred, labels, layer, class_field, label_class, iou_threshold, json_out) -> None:
-    """Score the class mask PRED against vector labels: per-class IoU, precision, recall, F1 and object F1."""
+def evaluate(ctx: click.Context, pred, labels, label_values, layer, class_field, label_class, iou_threshold, json_out) -> None:
+    """Score the class mask PRED against labels: per-class IoU, precision, recall, F1 (= Dice) and object F1.
+
+    Vector labels, or a label raster of class values (scored pixel by pixel, every class).
+    """
     import json
 
     from geoseg.evaluate import evaluate as run_evaluate
     from geoseg.evaluate import format_table
+    from geoseg.io.labels import parse_label_values
 
     result = run_evaluate(
-        pred, labels, layer=layer, class_field=class_field, label_class=label_class, iou_threshold=iou_threshold
+        pred,
+        labels,
+        layer=layer,
+        class_field=class_field,
+        label_class=label_class,
+        iou_threshold=iou_threshold,
+        label_values=parse_label_values(label_values),
     )
     if json_out:
         from geoseg.io.cog import atomic_path, fsync_replace
@@ -358,7 +410,10 @@ def models(as_json: bool) -> None:
 
 @main.command()
 @click.option("--images", "-i", multiple=True, required=True, help="Training raster (repeat for several).")
-@click.option("--labels", "-l", multiple=True, required=True, help="Vector labels: one file for all images or one per image.")
+@click.option(
+    "--labels", "-l", multiple=True, required=True, help="Vector labels or label rasters: one for all images or one per image."
+)
+@click.option("--label-values", default=None, help="Label raster values to classes, e.g. 0=membrane,255=cell (or 255=ignore).")
 @click.option("--layer", multiple=True, help="Labels layer: one for all images or one per image.")
 @click.option("--class-field", default="class", show_default=True, help="Label attribute with the class name or id.")
 @click.option("--label-class", default=None, help="Class of every label when they have no class attribute.")
@@ -372,16 +427,20 @@ def models(as_json: bool) -> None:
 @click.option("--chip", type=click.IntRange(min=32), default=128, show_default=True, help="Chip side in model pixels.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of blocks kept for validation.")
 @click.option("--block", type=click.IntRange(min=32), default=512, show_default=True, help="Split block side in pixels.")
+@click.option("--val-chips", type=click.IntRange(min=1), default=48, show_default=True, help="Validation chips per epoch.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine decay).")
 @click.option("--scales", default="1,1", show_default=True, help="Pixel-size range as multiples of the images' (e.g. 1,4).")
 @click.option("--gray", type=float, default=0.0, show_default=True, help="Share of chips turned grey (for pan imagery).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [all cores].")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt.")
 @click.pass_context
-def train(ctx: click.Context, images, labels, layer, class_field, label_class, card_path, out, aoi, bands, epochs, steps, batch,
-          chip, val_fraction, block, lr, scales, gray, device, seed, resume) -> None:  # fmt: skip
-    """Train the card's network on rasters and vector labels; write TorchScript with the card embedded."""
+def train(ctx: click.Context, images, labels, label_values, layer, class_field, label_class, card_path, out, aoi, bands,
+          epochs, steps, batch, chip, val_fraction, block, val_chips, lr, scales, gray, device, seed, threads,
+          resume) -> None:  # fmt: skip
+    """Train the card's network on rasters and labels (vector or raster); write TorchScript with the card embedded."""
+    from geoseg.io.labels import parse_label_values
     from geoseg.models.card import _load_text, card_from_dict
     from geoseg.models.train import TrainConfig, parse_scales
     from geoseg.models.train import train as run_train
@@ -398,6 +457,7 @@ def train(ctx: click.Context, images, labels, layer, class_field, label_class, c
         layers=list(layer) or [None],
         class_field=class_field,
         label_class=label_class,
+        label_values=parse_label_values(label_values),
         aois=list(aoi) or [None],
         band_map=band_map,
         epochs=epochs,
@@ -406,11 +466,13 @@ def train(ctx: click.Context, images, labels, layer, class_field, label_class, c
         chip=chip,
         val_fraction=val_fraction,
         block=block,
+        val_chips=val_chips,
         lr=lr,
         scales=parse_scales(scales),
         gray=gray,
         device=device,
         seed=seed,
+        threads=threads,
     )
 
     def show(rec: dict) -> None:
@@ -547,6 +609,46 @@ def sample(out_dir: str, size: int, seed: int) -> None:
     paths = make_sample(out_dir, size=size, seed=seed)
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")
+
+
+@main.group()
+def effects() -> None:
+    """Photo effects driven by a segmentation model (plain images: PNG, JPEG)."""
+
+
+@effects.command("portrait-blur")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Image to write (.png, .jpg, ...).")
+@click.option(
+    "--model",
+    default="mediapipe",
+    show_default=True,
+    help="mediapipe (selfie model from the mediapipe wheel: $GEOSEG_MEDIAPIPE_WHEEL), a mediapipe .whl, a .tflite, "
+    "or a person TorchScript .pt / ONNX .onnx (RGB in [0, 1]).",
+)
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True), help="Background blur in pixels [1.5% of the longer side].")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Pixels with at least this person probability are left unchanged.",
+)
+@click.option("--feather", type=click.FloatRange(min=0), default=None, help="Soft edge on the background side, pixels [sigma/3].")
+@click.option("--mask-out", default=None, type=click.Path(dir_okay=False), help="Also write the matte (255 = person) here.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an error).")
+@click.pass_context
+def portrait_blur_cmd(ctx: click.Context, image, out, model, sigma, threshold, feather, mask_out, overwrite) -> None:
+    """Blur the background of the portrait IMAGE, leaving the person pixels unchanged ("portrait mode")."""
+    from geoseg.effects import portrait_blur
+
+    r = portrait_blur(
+        image, out, model, sigma=sigma, threshold=threshold, feather=feather, mask_out=mask_out, overwrite=overwrite
+    )
+    if not ctx.obj["quiet"]:
+        also = f" and {r['mask']}" if r["mask"] else ""
+        share = f"person {100 * r['person_fraction']:.1f}% of {r['width']}x{r['height']} px"
+        click.echo(f"wrote {r['out']}{also}: {share} in {r['seconds']:.2f} s")
 
 
 if __name__ == "__main__":  # pragma: no cover

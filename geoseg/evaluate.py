@@ -1,16 +1,20 @@
-"""Score a class mask against vector labels: pixel IoU/precision/recall/F1 and object F1.
+"""Score a class mask against labels: pixel IoU/precision/recall/F1 (= Dice) and object F1.
 
 Labels (any vector format and CRS) are reprojected to the mask's CRS and rasterised on its
 grid; pixels that are nodata in the mask are left out. Object scores match predicted
 objects (connected components, as ``geoseg vectorize`` draws them) one-to-one with label
 polygons at IoU >= 0.5, best pairs first, inside the mask's valid area: labels are clipped
 to it, and labels mostly outside it (with the predictions lying on them) are not scored.
+
+A label raster (class values the size of the mask, or on its georeferenced grid;
+:mod:`geoseg.io.labels`) is scored pixel by pixel on every class, background included, where
+both are valid; it has no object scores.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +23,7 @@ import shapely
 from geoseg.errors import InputError
 from geoseg.io.mask import NODATA, open_mask
 
-__all__ = ["evaluate", "format_table", "match_objects"]
+__all__ = ["evaluate", "evaluate_raster", "format_table", "match_objects"]
 
 
 def match_objects(pred: Sequence, truth: Sequence, threshold: float = 0.5) -> tuple[int, int, int]:
@@ -76,15 +80,18 @@ def evaluate(
     label_class: str | None = None,
     object_classes: Sequence[str] | None = None,
     iou_threshold: float = 0.5,
+    label_values: Mapping[int | float, str] | None = None,
 ) -> dict[str, Any]:
-    """Compare a predicted class mask with vector labels.
+    """Compare a predicted class mask with vector labels or a label raster.
 
     Parameters
     ----------
     pred : str
         Class mask (``mask.tif``; class names from its metadata or run.json).
     labels : str
-        Vector labels (GeoPackage, GeoJSON, ...), any CRS.
+        Vector labels (GeoPackage, GeoJSON, ...), any CRS; or a label raster (``.png``,
+        ``.tif``, ...; :func:`geoseg.io.labels.is_raster_labels`), scored by
+        :func:`evaluate_raster`.
     layer : str, optional
         Layer of ``labels`` (default the first).
     class_field : str
@@ -96,6 +103,8 @@ def evaluate(
         tank or vessel).
     iou_threshold : float
         Object match threshold.
+    label_values : mapping, optional
+        Label rasters only: pixel value -> class name, id or ``ignore``.
 
     Returns
     -------
@@ -104,6 +113,12 @@ def evaluate(
         for object classes, ``objects_true, objects_pred, object_tp, object_precision,
         object_recall, object_f1``; plus ``mask``, ``labels``, ``valid_pixels``.
     """
+    from geoseg.io.labels import is_raster_labels
+
+    if is_raster_labels(labels):
+        return evaluate_raster(pred, labels, label_values=label_values)
+    if label_values:
+        raise InputError(f"{labels}: --label-values applies to label rasters, this is a vector file; drop it")
     import geopandas as gpd
     from rasterio import features
 
@@ -175,20 +190,7 @@ def evaluate(
     valid_area = None
     for k in classes:
         name = names.get(k, f"class_{k}")
-        t = (truth == k) & valid
-        p = (mask == k) & valid
-        tp = int((t & p).sum())
-        fp = int((~t & p).sum())
-        fn = int((t & ~p).sum())
-        prec, rec = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-        row: dict[str, Any] = {
-            "iou": _ratio(tp, tp + fp + fn),
-            "precision": prec,
-            "recall": rec,
-            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-            "pixels_true": int(t.sum()),
-            "pixels_pred": int(p.sum()),
-        }
+        row = _pixel_scores((truth == k) & valid, (mask == k) & valid)
         is_object = name in wanted_objects if wanted_objects is not None else object_kind(name) in ("building", "ship", "tank")
         if is_object:
             if pieces is None:
@@ -222,6 +224,70 @@ def evaluate(
                 object_f1=_ratio(2 * otp, 2 * otp + ofp + ofn),
             )
         result["classes"][name] = row
+    return result
+
+
+def _pixel_scores(t: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """Pixel scores of one class: ``t``/``p`` are its true/predicted pixels on the valid area."""
+    tp = int((t & p).sum())
+    fp = int((~t & p).sum())
+    fn = int((t & ~p).sum())
+    return {
+        "iou": _ratio(tp, tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "pixels_true": int(t.sum()),
+        "pixels_pred": int(p.sum()),
+    }
+
+
+def evaluate_raster(pred: str, labels: str, *, label_values: Mapping[int | float, str] | None = None) -> dict[str, Any]:
+    """Compare a predicted class mask with a label raster, pixel by pixel.
+
+    Parameters
+    ----------
+    pred : str
+        Class mask (``mask.tif``; class names from its metadata or run.json).
+    labels : str
+        Label raster of class values, the size of the mask or on its georeferenced grid.
+    label_values : mapping, optional
+        Pixel value -> class name (of the mask), class id or ``ignore``; unlisted values are
+        class ids (:func:`geoseg.io.labels.parse_label_values`).
+
+    Returns
+    -------
+    dict
+        As :func:`evaluate` without object scores: ``classes`` (every class of the mask or the
+        labels, background included: ``iou, precision, recall, f1`` (= Dice),
+        ``pixels_true, pixels_pred``), ``mask``, ``labels``, ``label_values``,
+        ``valid_pixels`` (valid in the mask and labelled, not ignored),
+        ``ignored_label_classes`` (empty: every value maps to a class or to ignore).
+    """
+    from geoseg.io.labels import IGNORE, open_raster_labels
+    from geoseg.io.mask import read_mask_window
+
+    src = open_mask(pred)
+    gb = src.geobox
+    names = {v: f"class_{v}" for v in range(NODATA)}  # values the mask does not name are ids
+    names.update({c.id: c.name for c in src.classes})
+    classes = {name: cid for cid, name in names.items()}
+    lab = open_raster_labels(labels, gb, classes, label_values, image=pred, require_foreground=False)
+    mask = read_mask_window(src, gb.window)
+    truth = lab.read(gb.window)
+    valid = (mask != NODATA) & (truth != IGNORE)
+    present = {int(v) for v in np.unique(truth[valid])} | {int(v) for v in np.unique(mask[valid])}
+    present |= {classes[n] for n, c in lab.counts.items() if c}
+    result: dict[str, Any] = {
+        "ignored_label_classes": [],
+        "mask": src.path,
+        "labels": os.path.abspath(labels),
+        "label_values": {str(k): v for k, v in (label_values or {}).items()},
+        "valid_pixels": int(valid.sum()),
+        "classes": {},
+    }
+    for k in sorted(present):
+        result["classes"][names.get(k, f"class_{k}")] = _pixel_scores((truth == k) & valid, (mask == k) & valid)
     return result
 
 

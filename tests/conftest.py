@@ -145,3 +145,12 @@ def whole_image_reference(net, data: np.ndarray, halo: int, probabilities: bool 
 def read(path: os.PathLike | str, band: int | None = 1) -> np.ndarray:
     with rasterio.open(path) as ds:
         return ds.read(band) if band else ds.read()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_not_georeferenced_warning():
+    """geoseg says "not georeferenced" once per process; give every test a fresh process's view."""
+    import geoseg.errors
+
+    geoseg.errors._warned_not_georeferenced = False
+    yield

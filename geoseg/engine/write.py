@@ -36,7 +36,7 @@ from geoseg.io.cog import (
     sweep_staging,
     write_part,
 )
-from geoseg.io.mask import CLASSES_TAG
+from geoseg.io.mask import CLASSES_TAG, PNG_MAX_PIXELS, write_mask_png
 
 __all__ = ["check_output_dir", "write"]
 
@@ -225,7 +225,9 @@ def write(
     mask = result["mask"] if is_ds else result
     probs = result["probabilities"] if is_ds and "probabilities" in result else None
     out_dir = os.path.abspath(out_dir)  # workers may run in another folder
-    names = (mask_name, PROB_NAME, RUN_NAME)
+    plain = mask.rio.crs is None and mask.sizes["x"] * mask.sizes["y"] <= PNG_MAX_PIXELS
+    png_name = os.path.splitext(mask_name)[0] + ".png"
+    names = (mask_name, PROB_NAME, RUN_NAME, *((png_name,) if plain else ()))
     check_output_dir(out_dir, overwrite, names)
     lock = ExitStack()
     lock.enter_context(output_lock(out_dir))  # one writer per folder: a second run is refused
@@ -299,6 +301,10 @@ def write(
             [r["part"] for r in mask_res], final_mask, geobox, dtype="uint8", nodata=NODATA, colormap=colormap, metadata=tags
         )
         outputs = {"mask": mask_name}
+        if plain:  # a plain image's mask also as an indexed PNG of the same size (class ids, class colours)
+            final_png = os.path.join(staging, png_name)
+            write_mask_png(final_mask, final_png, {c.id: tuple(c.color) for c in table})
+            outputs["mask_png"] = png_name
         if probs is not None:
             names = [str(c) for c in probs["class"].values]
             final_prob = os.path.join(staging, PROB_NAME)
@@ -320,6 +326,8 @@ def write(
         report["resumed_chunks"] = resumed
         # Move finished files into place (same filesystem: atomic renames), run.json last.
         os.replace(final_mask, os.path.join(out_dir, mask_name))
+        if plain:
+            os.replace(final_png, os.path.join(out_dir, png_name))
         if probs is not None:
             os.replace(final_prob, os.path.join(out_dir, PROB_NAME))
         elif overwrite and os.path.exists(os.path.join(out_dir, PROB_NAME)):

@@ -25,16 +25,14 @@ class AOI:
 
     def mask(self, geobox: GeoBox, window: Window):
         """Bool array, True for pixels of ``window`` whose centre lies inside the AOI."""
-        import warnings
-
         import shapely
-        from rasterio.errors import NotGeoreferencedWarning
         from rasterio.features import geometry_mask
 
+        from geoseg.io.raster import quiet_rasterio_georeference
+
         geoms = shapely.from_wkb(list(self.wkb))
-        with warnings.catch_warnings():  # GDAL's scratch dataset inside rasterize has no georeference
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return geometry_mask(geoms, out_shape=window.shape, transform=geobox.crop(window).transform, invert=True)
+        quiet_rasterio_georeference()  # GDAL's scratch dataset inside rasterize has no georeference
+        return geometry_mask(geoms, out_shape=window.shape, transform=geobox.crop(window).transform, invert=True)
 
 
 def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:

@@ -5,6 +5,9 @@ No chip files are written. Each training image is a :class:`~geoseg.io.raster.Ra
 image's CRS, and every chip is a :class:`~geoseg.grid.Window` read with
 :func:`~geoseg.io.raster.read_window` (mirrored past the raster edge like engine tiles)
 and labels burnt onto exactly that window with :func:`rasterio.features.rasterize`.
+Raster labels (:class:`~geoseg.io.labels.RasterLabels`) are read over the same window
+instead and sampled at the chip's pixel centres (nearest), so both kinds feed one sampler.
+Plain images (no CRS) work in pixel coordinates: their blocks are pixel squares.
 
 Validation is split by area: the CRS is cut into square blocks shared by every image (two
 dates of one place get the same split) and a seeded share of them is validation; every
@@ -26,12 +29,10 @@ from affine import Affine
 
 from geoseg.errors import InputError
 from geoseg.grid import Window
+from geoseg.io.labels import IGNORE, RasterLabels
 from geoseg.io.raster import RasterSource, read_window
 
 __all__ = ["IGNORE", "ChipImage", "ChipSampler", "assign_split", "load_labels"]
-
-#: label value the loss ignores (nodata, other split, outside the training AOI)
-IGNORE = 255
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class ChipImage:
     """
 
     source: RasterSource
-    labels: Labels
+    labels: Labels | RasterLabels
     allowed: np.ndarray | None = None  # shapely polygons (raster CRS) training is limited to
     block: int = 512
     scaling: Any = None  # the model card's scaling, resolved for this image (set by the trainer)
@@ -162,8 +163,15 @@ class ChipImage:
         self.usable_keys = np.unique(_keys(gx[usable], gy[usable]))
         # object centres (pixel coordinates) and their blocks
         self._rc = np.zeros((0, 2))
-        fg = self.labels.class_ids > 0
-        if fg.any():
+        self._tree = None
+        if isinstance(self.labels, RasterLabels):
+            rc = self.labels.centres
+            if self._allowed_union is not None and len(rc):
+                x, y = gb.transform @ (rc[:, 1], rc[:, 0])
+                rc = rc[shapely.contains_xy(self._allowed_union, x, y)]
+            self._rc = rc
+        elif (self.labels.class_ids > 0).any():
+            fg = self.labels.class_ids > 0
             pts = shapely.point_on_surface(self.labels.geoms[fg])
             if self._allowed_union is not None:
                 pts = pts[shapely.contains(self._allowed_union, pts)]
@@ -174,7 +182,8 @@ class ChipImage:
         self.object_keys = np.unique(self.keys(self._rc[:, 0], self._rc[:, 1]))
         self.val_keys = np.zeros(0, np.int64)
         self.centres: dict[str, np.ndarray] = {"train": self._rc, "val": self._rc[:0]}
-        self._tree = shapely.STRtree(self.labels.geoms)
+        if isinstance(self.labels, Labels):
+            self._tree = shapely.STRtree(self.labels.geoms)
 
     def keys(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """World block keys of pixel positions (fractional rows/cols on this image's grid)."""
@@ -231,12 +240,16 @@ class ChipImage:
         keep &= valid[fine_r[:, None], fine_r[None, :]]
         import shapely
 
-        box = shapely.box(*_bounds(transform, out))
-        hits = self._tree.query(box)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             if self._allowed_union is not None:
                 keep &= geometry_mask([self._allowed_union], out_shape=(out, out), transform=transform, invert=True)
+            if isinstance(self.labels, RasterLabels):  # the label window, sampled at the chip's pixel centres
+                y = self.labels.read(window)[fine_r[:, None], fine_r[None, :]]
+                y[~keep] = IGNORE
+                return x, y, valid
+            box = shapely.box(*_bounds(transform, out))
+            hits = self._tree.query(box)
             y = np.zeros((out, out), np.uint8)
             if len(hits):
                 geoms, ids = self.labels.geoms[hits], self.labels.class_ids[hits]

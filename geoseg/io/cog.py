@@ -149,12 +149,12 @@ def write_part(
     }
     # Encoded in memory, written to disk by Python: a full disk is then a clean OSError (ENOSPC/EFBIG)
     # instead of libtiff printing to stderr from inside a worker.
-    import warnings
-
     from rasterio.io import MemoryFile
 
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as mem, warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # pixel-space parts: geoseg already said so
+    from geoseg.io.raster import quiet_rasterio_georeference
+
+    quiet_rasterio_georeference()  # pixel-space parts: geoseg already said so
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as mem:
         with mem.open(**profile) as dst:
             dst.write(arr)
             if valid is not None:

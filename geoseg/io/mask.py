@@ -8,20 +8,34 @@ A ``probabilities.tif`` (one band per class, named by class) may accompany it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window
+from geoseg.io.raster import quiet_rasterio_georeference
 
-__all__ = ["CLASSES_TAG", "MaskClass", "MaskSource", "open_mask", "read_mask_window", "read_prob_window"]
+__all__ = [
+    "CLASSES_TAG",
+    "PNG_MAX_PIXELS",
+    "MaskClass",
+    "MaskSource",
+    "mask_reader",
+    "open_mask",
+    "read_mask_window",
+    "read_prob_window",
+    "write_mask_png",
+]
 
 CLASSES_TAG = "GEOSEG_CLASSES"
 NODATA = 255
+#: Plain images up to this many pixels also get their mask as a PNG (larger ones: the tiled TIFF only).
+PNG_MAX_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -124,9 +138,8 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
     if not os.path.exists(path) and not path.startswith("/vsi"):
         raise RasterReadError(f"{path}: no such file; give the mask.tif that geoseg predict wrote")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            ds = rasterio.open(path)
+        quiet_rasterio_georeference()
+        ds = rasterio.open(path)
         with ds:
             if ds.count != 1 or ds.dtypes[0] != "uint8":
                 raise InputError(
@@ -173,25 +186,41 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
     )
 
 
-def read_mask_window(source: MaskSource, window: Window) -> np.ndarray:
-    """Read a window of the mask (inside a task); pixels masked in the file become 255."""
+@contextlib.contextmanager
+def mask_reader(source: MaskSource) -> Iterator[Callable[[Window], np.ndarray]]:
+    """Keep the mask open for many window reads (inside one task): yields ``read(window) -> array``.
+
+    Pixels masked in the file become 255, as in :func:`read_mask_window`.
+    """
     import rasterio
     import rasterio.errors
     from rasterio.windows import Window as RioWindow
 
-    w = RioWindow(window.col_off, window.row_off, window.width, window.height)
+    quiet_rasterio_georeference()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            ds = rasterio.open(source.path)
-        with ds:
+        ds = rasterio.open(source.path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterReadError(f"{source.path}: cannot open the mask ({exc}); check the file is complete") from exc
+
+    def read(window: Window) -> np.ndarray:
+        w = RioWindow(window.col_off, window.row_off, window.width, window.height)
+        try:
             data = ds.read(1, window=w)
             if ds.nodata is None or int(ds.nodata) != NODATA:
                 valid = ds.read_masks(1, window=w)
                 data[valid == 0] = NODATA
-    except rasterio.errors.RasterioIOError as exc:
-        raise RasterReadError(f"{source.path}: reading window {window} failed ({exc})") from exc
-    return data
+        except rasterio.errors.RasterioIOError as exc:
+            raise RasterReadError(f"{source.path}: reading window {window} failed ({exc})") from exc
+        return data
+
+    with ds:
+        yield read
+
+
+def read_mask_window(source: MaskSource, window: Window) -> np.ndarray:
+    """Read a window of the mask (inside a task); pixels masked in the file become 255."""
+    with mask_reader(source) as read:
+        return read(window)
 
 
 def read_prob_window(source: MaskSource, window: Window) -> np.ndarray | None:
@@ -209,3 +238,44 @@ def read_prob_window(source: MaskSource, window: Window) -> np.ndarray | None:
         raise RasterReadError(f"{source.prob_path}: reading window {window} failed ({exc})") from exc
     out = data.astype(np.float32).filled(np.nan) * np.float32(source.prob_scale)
     return out
+
+
+def write_mask_png(mask_tif: str, png: str, colors: dict[int, tuple[int, int, int]] | None = None) -> None:
+    """Write a class mask as an indexed PNG of the same size: pixel values are the class ids.
+
+    The palette carries the class colours (nodata 255 is transparent), so the PNG shows the
+    classes in any viewer and reads back as class ids (``PIL.Image.open(png)`` in mode ``P``,
+    or any reader that returns palette indices).
+
+    Parameters
+    ----------
+    mask_tif : str
+        The class mask (single band, uint8).
+    png : str
+        PNG to write (written to a temporary name, then renamed).
+    colors : dict, optional
+        RGB per class id; default grey levels.
+    """
+    import rasterio
+    from PIL import Image
+
+    quiet_rasterio_georeference()
+    with rasterio.open(mask_tif) as ds:
+        if ds.width * ds.height > PNG_MAX_PIXELS:
+            raise InputError(f"{mask_tif}: {ds.width}x{ds.height} is too large for a PNG mask; use the tiled TIFF")
+        data = ds.read(1)
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[:, :] = np.arange(256, dtype=np.uint8)[:, None]
+    for k, rgb in (colors or {}).items():
+        if 0 <= int(k) < NODATA:
+            palette[int(k)] = rgb[:3]
+    palette[NODATA] = (0, 0, 0)
+    img = Image.frombytes("P", (data.shape[1], data.shape[0]), np.ascontiguousarray(data).tobytes())
+    img.putpalette(palette.ravel().tolist())
+    tmp = f"{png}.tmp-{os.getpid()}.png"
+    try:
+        img.save(tmp, format="PNG", transparency=NODATA, optimize=False)
+        os.replace(tmp, png)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -19,12 +19,14 @@ import numpy as np
 
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window, reflect_index
+from geoseg.io.frames import local_file, read_video_frame, video_frame
 
 __all__ = [
     "DEFAULT_GDAL_OPTIONS",
     "RasterSource",
     "file_fingerprint",
     "open_source",
+    "quiet_rasterio_georeference",
     "raster_gsd_m",
     "read_overview",
     "read_window",
@@ -127,22 +129,45 @@ class RasterSource:
         return None
 
 
+def quiet_rasterio_georeference() -> None:
+    """Never show rasterio's own NotGeoreferencedWarning in this process (geoseg warns once, itself).
+
+    A process-wide filter, installed once, rather than ``warnings.catch_warnings`` around each
+    open: ``catch_warnings`` saves and restores the filters of the whole process, so in a Dask
+    worker's threads one task's restore can land while another task is inside ``rasterio.open``
+    and let the warning through.
+    """
+    from rasterio.errors import NotGeoreferencedWarning as RioNotGeoreferenced
+
+    if not any(f[0] == "ignore" and f[2] is RioNotGeoreferenced for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=RioNotGeoreferenced)
+
+
 @contextlib.contextmanager
 def _open_quiet(path: str):
     """``rasterio.open`` without rasterio's NotGeoreferencedWarning (geoseg raises or warns on its own)."""
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning as RioNotGeoreferenced
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RioNotGeoreferenced)
-        ds = rasterio.open(path)
-    with ds:
+    quiet_rasterio_georeference()
+    ref = video_frame(path)
+    if ref is not None:  # one frame of a video, decoded here (inside the task) into an in-memory GeoTIFF
+        from rasterio.io import MemoryFile
+
+        rgb = read_video_frame(*ref)
+        height, width, count = rgb.shape
+        with MemoryFile() as mem:
+            with mem.open(driver="GTiff", width=width, height=height, count=count, dtype="uint8") as tmp:
+                tmp.write(np.moveaxis(rgb, 2, 0))
+            with mem.open() as ds:
+                yield ds
+        return
+    with rasterio.open(path) as ds:
         yield ds
 
 
 def _fingerprint(path: str) -> str:
     try:
-        st = os.stat(path)
+        st = os.stat(local_file(path))
     except OSError:  # /vsi paths, URLs
         return ""
     return f"{st.st_size}-{st.st_mtime_ns}"
@@ -200,9 +225,9 @@ def open_source(
     from rasterio.errors import RasterioIOError
 
     path = os.fspath(path)
-    if not path.startswith("/vsi") and "://" not in path:
+    if not path.startswith(("/vsi", "GTIFF_DIR:")) and "://" not in path:
         path = os.path.abspath(path)  # workers may run in another folder (or on another host)
-    if not path.startswith("/vsi") and "://" not in path and not os.path.exists(path):
+    if not path.startswith("/vsi") and "://" not in path and not os.path.exists(local_file(path)):
         raise RasterReadError(f"{path}: no such file; check the path (GDAL virtual paths start with /vsi)")
     opts = dict(DEFAULT_GDAL_OPTIONS)
     opts.update(gdal_options or {})

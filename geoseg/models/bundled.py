@@ -12,6 +12,9 @@ scenes the package generates (recipe: :mod:`geoseg.models.recipes`), shipped as 
 files inside the package (``geoseg/models/weights``) with cards that record the recipe and
 the validation metrics.
 
+``vessels`` finds blood vessels in colour fundus photographs (plain RGB images) from the
+physics of haemoglobin's green absorption: a local-contrast rule, also a torch module.
+
 ``clouds`` is the cloud / cloud-shadow U-Net that DLR ships inside the ``ukis-csmask`` wheel
 (Apache-2.0; ``pip install 'geoseg[clouds]'``), read from the installed package, with a card
 built from the statistics file beside it. Nothing is ever downloaded.
@@ -118,6 +121,29 @@ BUNDLED: dict[str, BundledModel] = {
         "nd",
         (0.0,),
     ),
+    "vessels": BundledModel(
+        "vessels",
+        {
+            "name": "vessels",
+            "version": "1",
+            "task": "area",
+            "description": "Blood vessels in colour fundus photographs: green darker than its 23 px surroundings by > 7 %.",
+            "license": "MIT (geoseg)",
+            "classes": [{"id": 0, "name": "background", "color": [0, 0, 0]}, {"id": 1, "name": "vessel", "color": [220, 30, 30]}],
+            "bands": ["red", "green", "blue"],
+            "scaling": {"method": "none"},
+            "tile": 512,
+            "halo": 16,
+            "size_multiple": 1,
+            "activation": "softmax",
+            "training": {
+                "method": "physics: haemoglobin absorbs green light; local contrast threshold (receptive radius 11 px)",
+                "source": "geoseg (no training data)",
+            },
+        },
+        "darklines",
+        (11, 0.07),
+    ),
     "clouds": BundledModel("clouds", {}, "package", ("4b_l2a",)),
     # small U-Nets trained by geoseg's own `train` on its generated scenes (geoseg/models/recipes.py)
     "buildings": BundledModel("buildings", {}, "weights", ("buildings.pt",)),
@@ -167,7 +193,7 @@ def bundled_path(name: str) -> str:
 
     import torch
 
-    from geoseg.models.indices import NormalizedDifference
+    from geoseg.models.indices import DarkLines, NormalizedDifference
 
     m = BUNDLED[name]
     if m.builder == "weights":
@@ -185,7 +211,7 @@ def bundled_path(name: str) -> str:
     if os.path.exists(path):
         return path
     os.makedirs(folder, exist_ok=True)
-    module = NormalizedDifference(*m.args) if m.builder == "nd" else None
+    module = NormalizedDifference(*m.args) if m.builder == "nd" else DarkLines(*m.args) if m.builder == "darklines" else None
     if module is None:  # pragma: no cover - registry and builders are defined together
         raise KeyError(m.builder)
     scripted = torch.jit.script(module.eval())

@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["IndexLandcover", "NormalizedDifference", "export_index_landcover"]
+__all__ = ["DarkLines", "IndexLandcover", "NormalizedDifference", "export_index_landcover"]
 
 
 class IndexLandcover(nn.Module):
@@ -81,3 +81,33 @@ class NormalizedDifference(nn.Module):
         nd = (a - b) / (a + b + 1e-6)
         positive = self.sharpness * (nd - self.threshold)
         return torch.stack([torch.zeros_like(nd), positive], dim=1)
+
+
+class DarkLines(nn.Module):
+    """Two classes: 1 where a band is darker than its neighbourhood by more than ``threshold`` (relative).
+
+    For blood vessels in colour fundus photographs: haemoglobin absorbs green light (its
+    absorption peaks at 542 and 577 nm), so vessels are the pixels whose green value lies
+    well below the mean of the surrounding ``(2 * radius + 1)``-pixel square. Pixels darker
+    than ``fov_level`` on average (outside the camera's circular field of view) are never
+    vessels. Receptive-field radius: ``radius`` (give the engine a halo of at least that).
+
+    The input is ``(N, 3, H, W)`` red, green, blue (0-255); the output two logits.
+    """
+
+    def __init__(self, radius: int = 11, threshold: float = 0.07, fov_level: float = 25.0, sharpness: float = 50.0) -> None:
+        super().__init__()
+        self.radius = radius
+        self.threshold = threshold
+        self.fov_level = fov_level
+        self.sharpness = sharpness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, 2, H, W)``."""
+        g = x[:, 1:2]
+        r = self.radius
+        local = nn.functional.avg_pool2d(nn.functional.pad(g, (r, r, r, r), mode="reflect"), 2 * r + 1, stride=1)
+        contrast = (local - g) / (local + 1.0)
+        fov = (x.mean(dim=1, keepdim=True) > self.fov_level).to(x.dtype)
+        vessel = self.sharpness * (contrast - self.threshold) * fov - 10.0 * (1.0 - fov)
+        return torch.cat([torch.zeros_like(vessel), vessel], dim=1)

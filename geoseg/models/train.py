@@ -1,5 +1,7 @@
-"""Train (or fine-tune) a segmentation network on rasters and vector labels; export TorchScript + card.
+"""Train (or fine-tune) a segmentation network on rasters and labels; export TorchScript + card.
 
+Labels are vector polygons (any CRS) or label rasters of class values on the image's
+grid (:mod:`geoseg.io.labels`); plain images without a CRS train in pixel coordinates.
 Chips are cut on the fly by :mod:`geoseg.io.chips` (windowed reads, labels rasterised on
 each image's grid, a block-wise train/validation split), scaled exactly as the engine
 scales tiles (the card's scaling, percentiles resolved per image), augmented here
@@ -44,13 +46,19 @@ class TrainConfig:
     images : list of str
         Training rasters.
     labels : list of str
-        Vector labels: one file for all images, or one per image.
+        Labels: one file for all images, or one per image. Vector files (polygons with a
+        class attribute), or label rasters (``.png``, ``.tif``, ...) the size of the image
+        or on its georeferenced grid, whose pixel values are class ids or mapped by
+        ``label_values``.
     out : str
         Exported TorchScript model path (``.pt``); the checkpoint is ``OUT.ckpt``.
     layers : list of str or None
         Labels layer: one for all images, or one per image.
     class_field, label_class
-        Which attribute holds the class, or one class for every label.
+        Which attribute holds the class, or one class for every label (vector labels).
+    label_values : dict
+        Raster labels: pixel value -> class name, class id or ``ignore``
+        (:func:`geoseg.io.labels.parse_label_values`); unlisted values are class ids.
     aois : list of str or None
         Vector files limiting where chips and labels are taken (e.g. the training half): one
         for all images, or one per image (None = the whole image).
@@ -82,6 +90,7 @@ class TrainConfig:
     layers: list[str | None] = field(default_factory=lambda: [None])
     class_field: str = "class"
     label_class: str | None = None
+    label_values: dict[int | float, str] = field(default_factory=dict)
     aois: list[str | None] = field(default_factory=lambda: [None])
     band_map: dict[str, int] = field(default_factory=dict)
     epochs: int = 10
@@ -137,6 +146,7 @@ def _images(cfg: TrainConfig, card: ModelCard) -> list[ChipImage]:
     import geopandas as gpd
     import shapely
 
+    from geoseg.io.labels import is_raster_labels, open_raster_labels
     from geoseg.io.raster import band_percentiles, open_source
 
     classes = {c.name: c.id for c in card.classes or ()}
@@ -146,33 +156,48 @@ def _images(cfg: TrainConfig, card: ModelCard) -> list[ChipImage]:
         return values[k if len(values) > 1 else 0]
 
     for k, path in enumerate(cfg.images):
-        everything = open_source(path)
+        everything = open_source(path, require_crs=False)  # plain images train in pixel coordinates
         bands = (
             match_bands(card.bands, everything.band_descriptions, cfg.band_map, origin=everything.path) if card.bands else None
         )
-        src = open_source(path, bands)
+        src = open_source(path, bands, require_crs=False)
         if card.bands and src.count != len(card.bands):
             raise InputError(f"{path}: the card takes {len(card.bands)} bands but {src.count} were selected; fix --bands")
-        labels = load_labels(
-            pick(cfg.labels, k),
-            src.geobox.crs,
-            classes,
-            layer=pick(cfg.layers, k),
-            class_field=cfg.class_field,
-            label_class=cfg.label_class,
-        )
+        label_path = pick(cfg.labels, k)
+        if is_raster_labels(label_path):
+            labels = open_raster_labels(label_path, src.geobox, classes, cfg.label_values, image=path)
+        else:
+            if cfg.label_values:
+                raise InputError(f"{label_path}: --label-values applies to label rasters, this is a vector file; drop it")
+            labels = load_labels(
+                label_path,
+                src.geobox.crs,
+                classes,
+                layer=pick(cfg.layers, k),
+                class_field=cfg.class_field,
+                label_class=cfg.label_class,
+            )
         allowed = None
         aoi = pick(cfg.aois, k)
         if aoi:
             if not os.path.exists(aoi):
                 raise InputError(f"{aoi}: AOI file not found; check --aoi")
             df = gpd.read_file(aoi)
-            if df.crs is None:
+            if src.geobox.crs is None:  # a plain image: the AOI is in its pixel coordinates
+                allowed = shapely.make_valid(df.geometry.values)
+            elif df.crs is None:
                 raise InputError(f"{aoi}: the AOI has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)")
-            allowed = shapely.make_valid(df.to_crs(src.geobox.crs).geometry.values)
+            else:
+                allowed = shapely.make_valid(df.to_crs(src.geobox.crs).geometry.values)
         scaling = card.scaling.resolve(lambda lo, hi, s=src: band_percentiles(s, lo, hi))
         out.append(ChipImage(src, labels, allowed, cfg.block, scaling))
-    assign_split(out, cfg.val_fraction, cfg.seed)
+    keys = assign_split(out, cfg.val_fraction, cfg.seed)
+    if cfg.val_fraction > 0 and not len(keys):  # e.g. one plain 512 px image in 512 px blocks
+        n = len(np.unique(np.concatenate([im.usable_keys for im in out])))
+        raise InputError(
+            f"train: --val-fraction {cfg.val_fraction} leaves no validation block: the images cover {n} block(s) of "
+            f"--block {cfg.block} px; give a smaller --block (e.g. {max(32, cfg.block // 4)}) or --val-fraction 0"
+        )
     return out
 
 
@@ -302,6 +327,10 @@ def train(
     recipe["images"] = [os.path.basename(p) for p in config.images]
     recipe["labels"] = [os.path.basename(p) for p in config.labels]
     recipe["aois"] = [os.path.basename(p) if p else None for p in config.aois]
+    if not recipe["label_values"]:  # vector labels: the recipe (and a checkpoint's fingerprint) as before
+        del recipe["label_values"]
+    else:
+        recipe["label_values"] = {str(k): v for k, v in config.label_values.items()}
     recipe["architecture"] = arch
     fingerprint = json.dumps({"recipe": recipe, "card": card_to_dict(card)}, sort_keys=True, default=str)
     ckpt = config.out + ".ckpt"

@@ -8,7 +8,6 @@ the merged result equals polygonising the whole raster at once.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,9 +172,10 @@ def polygonize_block(
     Pieces
     """
     from rasterio import features
-    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.transform import Affine
     from scipy import ndimage
+
+    from geoseg.io.raster import quiet_rasterio_georeference
 
     h, w = block.shape
     height, width = raster_shape
@@ -199,11 +199,10 @@ def polygonize_block(
     n_labels = len(label_class)
 
     transform = Affine(1.0, 0.0, float(col_off), 0.0, 1.0, float(row_off))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # rasterio's in-memory copy of the array
-        geoms, values = _shapes_to_geometries(
-            features.shapes(labels, mask=labels > 0, connectivity=connectivity, transform=transform)
-        )
+    quiet_rasterio_georeference()  # rasterio's in-memory copy of the array has no georeference
+    geoms, values = _shapes_to_geometries(
+        features.shapes(labels, mask=labels > 0, connectivity=connectivity, transform=transform)
+    )
     geoms = make_valid(geoms)
     if simplify > 0 and len(geoms):
         geoms = shapely.coverage_simplify(geoms, simplify, simplify_boundary=False)

@@ -32,6 +32,7 @@ from geoseg.grid import Window
 from geoseg.io.cog import atomic_path, fsync_replace, make_staging, output_lock, sweep_staging
 from geoseg.io.mask import NODATA, MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
 from geoseg.models.spec import default_palette
+from geoseg.vector.coco import annotate_part, write_coco_stream
 from geoseg.vector.geometry import metric_crs, object_kind, oriented_box, pixel_to_world, regularize, reproject, to_metric
 from geoseg.vector.polygonize import Pieces, merge_seams, polygonize_block
 from geoseg.vector.writers import EXTENSIONS, FORMATS, Layer, layer_batches, write_layer
@@ -41,6 +42,7 @@ __all__ = ["VectorParams", "features_table", "vectorize"]
 GPKG_NAME = "geoseg.gpkg"
 PROJECT_NAME = "project.qgz"
 REPORT_NAME = "vectors.json"
+COCO_NAME = "coco.json"
 VECTOR_DIR = "vectors"
 STYLE_DIR = "styles"
 DEFAULT_FORMATS = ("geojson", "gpkg")
@@ -356,9 +358,9 @@ def vectorize(
 
     t_start = time.perf_counter()
     formats = tuple(dict.fromkeys(f.strip().lower() for f in formats))
-    bad = [f for f in formats if f not in FORMATS]
+    bad = [f for f in formats if f not in (*FORMATS, "coco")]
     if bad or not formats:
-        raise InputError(f"unknown vector format(s) {bad or formats}; choose from {', '.join(FORMATS)}")
+        raise InputError(f"unknown vector format(s) {bad or formats}; choose from {', '.join(FORMATS)}, coco")
     if connectivity not in (4, 8):
         raise InputError(f"--connectivity must be 4 or 8, got {connectivity}")
     if min_area < 0 or simplify < 0:
@@ -371,6 +373,8 @@ def vectorize(
     if gb.crs is None and crs:
         raise InputError(f"{mask}: has no CRS, so it cannot be reprojected to {crs}; leave out --crs")
     out_crs = crs or gb.crs
+    if gb.crs is None and formats == DEFAULT_FORMATS:
+        formats = (*formats, "coco")  # a plain image: objects also as COCO instances (pixel coordinates)
     if crs:
         from pyproj import CRS
         from pyproj.exceptions import CRSError
@@ -524,8 +528,10 @@ def _planned_outputs(formats: Sequence[str], layer_names: Sequence[str], project
         out.append(GPKG_NAME)
         if project:
             out.append(PROJECT_NAME)
+    if "coco" in formats:
+        out.append(COCO_NAME)
     for f in formats:
-        if f != "gpkg":
+        if f not in ("gpkg", "coco"):
             out += [os.path.join(VECTOR_DIR, n + EXTENSIONS[f]) for n in layer_names]
     return out
 
@@ -591,7 +597,12 @@ def _write_outputs(
 
     for fmt in formats:
         t = time.perf_counter()
-        if fmt == "gpkg":
+        if fmt == "coco":
+            path = os.path.join(staging, "out", COCO_NAME)
+            _coco(src, parts, layers, params.connectivity, staging, path)
+            staged[COCO_NAME] = path
+            written["coco"] = COCO_NAME
+        elif fmt == "gpkg":
             path = os.path.join(staging, "out", GPKG_NAME)
             for ly in layers:
                 write_layer("gpkg", path, ly, batches(ly, out_crs), crs=out_crs, geometry_type=gtype)
@@ -646,6 +657,34 @@ def _write_outputs(
         written["project"] = PROJECT_NAME
     _publish(out_dir, staged)
     return written, timings
+
+
+def _source_image(src: MaskSource) -> str:
+    """The image a mask was predicted from (its run.json's input), else the mask itself."""
+    try:
+        with open(os.path.join(os.path.dirname(src.path), "run.json")) as f:
+            return str(json.load(f)["input"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return src.path
+
+
+def _coco(src: MaskSource, parts: list[str], layers: list[Layer], connectivity: int, staging: str, path: str) -> int:
+    """The COCO file of one mask: one image, a category per layer, an instance per polygon (one task per part)."""
+    import dask
+
+    from geoseg.engine.write import compute_tasks
+
+    gb = src.geobox
+    folder = os.path.join(staging, "coco-parts")
+    os.makedirs(folder, exist_ok=True)
+    ids = [ly.class_id for ly in layers]
+    outs = [os.path.join(folder, f"{k:05d}.jsonl") for k in range(len(parts))]
+    tasks = [
+        dask.delayed(annotate_part, pure=True)(src, part, ids, connectivity, out) for part, out in zip(parts, outs, strict=True)
+    ]
+    compute_tasks(tasks, False)
+    image = {"file_name": os.path.basename(_source_image(src)), "width": gb.width, "height": gb.height}
+    return write_coco_stream(path, image, [(ly.class_id, ly.name) for ly in layers], outs)
 
 
 def _old_outputs(out_dir: str) -> set[str]:

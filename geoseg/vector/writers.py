@@ -19,11 +19,16 @@ import shapely
 from geoseg.errors import OutputError
 from geoseg.vector.geometry import reproject
 
-__all__ = ["FORMATS", "Layer", "layer_batches", "write_layer"]
+__all__ = ["FORMATS", "PIXEL_SPACE_MEMBER", "Layer", "layer_batches", "write_layer"]
 
 FORMATS = ("geojson", "gpkg", "fgb", "parquet")
 EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "fgb": ".fgb", "parquet": ".parquet"}
 _DRIVERS = {"geojson": "GeoJSON", "gpkg": "GPKG", "fgb": "FlatGeobuf"}
+#: Top-level member of a pixel-space GeoJSON (a plain image): its coordinates are not lon/lat.
+PIXEL_SPACE_MEMBER = {
+    "geoseg:coordinate_space": "pixel",
+    "geoseg:coordinates": "x = column, y = row, in pixels from the top-left corner of the image (y down); no CRS",
+}
 
 #: columns every layer has, then the extra columns per kind of class
 BASE_COLUMNS = ("id", "class", "class_id", "run_id", "area_px", "area_m2", "perimeter_m", "score")
@@ -167,8 +172,8 @@ def write_layer(
         options: dict[str, object] = {}
         if fmt == "geojson" and crs:
             options = {"RFC7946": "YES", "COORDINATE_PRECISION": precision, "WRITE_NAME": "NO"}
-        elif fmt == "geojson":  # pixel space: plain GeoJSON, no CRS
-            options = {"WRITE_NAME": "NO"}
+        elif fmt == "geojson":  # pixel space: plain GeoJSON, no CRS, and the file says so
+            options = {"WRITE_NAME": "NO", "FOREIGN_MEMBERS_COLLECTION": json.dumps(PIXEL_SPACE_MEMBER)}
         elif fmt == "gpkg":
             options = {"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": "geom"}
         elif fmt == "fgb":

@@ -116,6 +116,22 @@ def _stac(im: Imagery, folder: str) -> list[Scene]:
     return out
 
 
+def _has_crs(path: str) -> bool:
+    """Whether GDAL finds a CRS on ``path`` (True for files it cannot open: the reader reports those)."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                return ds.crs is not None
+    except RasterioIOError:
+        return True
+
+
 def scenes(im: Imagery, work_folder: str) -> list[Scene]:
     """The workflow's scenes, sorted by date (then name); dates from metadata or file names.
 
@@ -133,6 +149,12 @@ def scenes(im: Imagery, work_folder: str) -> list[Scene]:
         for p in paths:
             if not os.path.exists(p):
                 raise InputError(f"imagery {p} does not exist; fix the path in 'imagery'")
+            # workflows map places: a plain image (no CRS) is refused before any work, with the way out
+            if not _has_crs(p):
+                raise InputError(
+                    f"{p}: has no CRS, and workflows map georeferenced imagery; assign one (gdal_edit.py -a_srs EPSG:...) "
+                    "or run plain images with geoseg predict IMAGE|FOLDER|VIDEO"
+                )
         dated = [(p, _filename_date(p) if im.date_from == "filename" else raster_date(p)) for p in paths]
         found = [Scene(p, d, _slug(os.path.splitext(os.path.basename(p))[0])) for p, d in dated]
     names = [s.name for s in found]

@@ -1,0 +1,171 @@
+"""Several images through the engine: a folder of frames, a video, a multi-page TIFF stack.
+
+Each frame is an ordinary engine run on a path (:func:`geoseg.io.frames.list_frames` makes
+the paths; a video frame is decoded inside its read task), written to ``OUT/<frame>/`` like
+a single image: ``mask.tif`` and ``mask.png`` (small frames), ``run.json`` and, with
+``vectorize``, the polygon layers and a per-frame ``coco.json``. Then ``OUT/coco.json``
+gathers every frame's instances in one COCO document, with a ``track_id`` per object across
+consecutive frames, and ``OUT/frames.json`` lists the frames with their class pixel counts.
+
+A frame whose ``run.json`` records the same input and model is not computed again, so an
+interrupted sequence resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from geoseg.errors import InputError, OutputExistsError
+from geoseg.io.cog import atomic_path, fsync_replace
+from geoseg.io.frames import Frame, list_frames
+from geoseg.io.raster import file_fingerprint
+
+__all__ = ["predict_frames"]
+
+FRAMES_REPORT = "frames.json"
+
+
+def _done(frame_dir: str, frame: Frame, model_id: str | None) -> dict[str, Any] | None:
+    """The frame's run.json when it already holds this input's result with this model (None: unknown model)."""
+    try:
+        with open(os.path.join(frame_dir, "run.json")) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same_input = report.get("input", {}).get("path") == frame.path
+    same_model = model_id is not None and report.get("model", {}).get("id") == model_id
+    return report if same_input and same_model and os.path.exists(os.path.join(frame_dir, "mask.tif")) else None
+
+
+def predict_frames(
+    src: str | os.PathLike,
+    model: Any,
+    out_dir: str | os.PathLike,
+    *,
+    vectorize: bool = False,
+    track: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_frame: Callable[[Frame, dict[str, Any]], None] | None = None,
+    **predict_kwargs: Any,
+) -> dict[str, Any]:
+    """Segment every frame of a multi-image input, one engine run per frame.
+
+    Runs on the active Dask scheduler (see :func:`geoseg.scheduler`); each worker loads the
+    model once and keeps it for every frame.
+
+    Parameters
+    ----------
+    src : str or os.PathLike
+        A folder of images, a video (imageio/PyAV), or a multi-page TIFF stack.
+    model : str or torch.nn.Module
+        As for :func:`geoseg.predict`.
+    out_dir : str or os.PathLike
+        Output folder: ``<frame>/`` per frame, ``frames.json`` and, with ``vectorize``, ``coco.json``.
+    vectorize : bool
+        Also write each frame's polygon layers and COCO instances, and the sequence's COCO file.
+    track : bool
+        Give objects a ``track_id`` across consecutive frames (mask IoU matching).
+    overwrite : bool
+        Recompute frames that are done and replace their outputs.
+    progress : bool
+        Progress bars.
+    on_frame : callable, optional
+        Called with each frame and its run report (e.g. to print progress).
+    **predict_kwargs
+        Passed to :func:`geoseg.predict` (``tile``, ``halo``, ``bands``, ``device``, ...).
+
+    Returns
+    -------
+    dict
+        The report also written to ``frames.json``.
+
+    Raises
+    ------
+    InputError
+        ``src`` is a single image (use :func:`geoseg.predict`).
+    OutputExistsError
+        ``frames.json`` exists from another input and ``overwrite`` is False.
+    """
+    from geoseg.engine import predict, write
+    from geoseg.engine.graph import job_of
+    from geoseg.vector import vectorize as run_vectorize
+    from geoseg.vector.coco import coco_document, track_instances, write_coco
+
+    t0 = time.perf_counter()
+    src = os.path.abspath(os.fspath(src))
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    frames = list_frames(src)
+    if not frames:
+        raise InputError(f"{src}: a single image, not a folder, video or multi-page TIFF; run geoseg predict on it")
+    report_path = os.path.join(out_dir, FRAMES_REPORT)
+    if os.path.exists(report_path) and not overwrite:
+        try:
+            with open(report_path) as f:
+                previous = json.load(f).get("input")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous != src:
+            raise OutputExistsError(f"{out_dir}: holds the frames of {previous}; pass --overwrite or choose another --out")
+    os.makedirs(out_dir, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    coco_images: list[dict[str, Any]] = []
+    coco_anns: list[list[dict[str, Any]]] = []
+    categories: dict[int, str] = {}
+    model_id: str | None = None
+    reused = 0
+    for frame in frames:
+        frame_dir = os.path.join(out_dir, frame.name)
+        tf = time.perf_counter()
+        result = predict(frame.path, model, **predict_kwargs)  # lazy: nothing computed yet
+        job = job_of(result)
+        model_id = job.spec.id if job is not None else None
+        report = None if overwrite else _done(frame_dir, frame, model_id)
+        if report is None:
+            report = write(result, frame_dir, overwrite=True, progress=progress)
+        else:
+            reused += 1
+        row: dict[str, Any] = {
+            "frame": frame.index,
+            "name": frame.name,
+            "path": frame.path,
+            "mask": os.path.join(frame.name, report["outputs"]["mask"]),
+            "pixels": report.get("pixels", {}),
+        }
+        if vectorize:
+            vrep = run_vectorize(os.path.join(frame_dir, "mask.tif"), frame_dir, overwrite=True, formats=("geojson", "coco"))
+            row["objects"] = {ly["name"]: ly["features"] for ly in vrep["layers"]}
+            with open(os.path.join(frame_dir, vrep["outputs"]["coco"])) as f:
+                doc = json.load(f)
+            categories.update({c["id"]: c["name"] for c in doc["categories"]})
+            coco_images.append({**doc["images"][0], "file_name": frame.name, "frame_index": frame.index})
+            coco_anns.append([{k: v for k, v in a.items() if k not in ("id", "image_id")} for a in doc["annotations"]])
+        row["seconds"] = round(time.perf_counter() - tf, 3)
+        rows.append(row)
+        if on_frame is not None:
+            on_frame(frame, row)
+    out: dict[str, Any] = {
+        "geoseg_frames": 1,
+        "input": src,
+        "fingerprint": file_fingerprint(src) if os.path.isfile(src) else None,
+        "model": model_id,
+        "frames": rows,
+        "reused_frames": reused,
+    }
+    if vectorize:
+        tracks = track_instances(coco_anns) if track else None
+        doc = coco_document(coco_images, sorted(categories.items()), coco_anns, description=f"geoseg predictions for {src}")
+        write_coco(os.path.join(out_dir, "coco.json"), doc)
+        out["coco"] = "coco.json"
+        out["objects"] = sum(len(a) for a in coco_anns)
+        out["tracks"] = tracks
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    tmp = atomic_path(report_path)
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2)
+    fsync_replace(tmp, report_path)
+    return out
