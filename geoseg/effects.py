@@ -66,14 +66,14 @@ def _check_out(path: str, overwrite: bool) -> None:
 
 def _write(im, path: str, fmt: str, params: dict[str, Any]) -> None:
     """Save through a temporary sibling and an atomic rename (a reader never sees half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    from geoseg.io.cog import atomic_path, fsync_replace
+
+    full = os.path.abspath(path)
+    tmp = atomic_path(full)
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
         im.save(tmp, format=fmt, **params)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fsync_replace(tmp, full)
     except OSError as exc:
         if os.path.exists(tmp):
             os.remove(tmp)

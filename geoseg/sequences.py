@@ -29,15 +29,15 @@ __all__ = ["predict_frames"]
 FRAMES_REPORT = "frames.json"
 
 
-def _done(frame_dir: str, frame: Frame, model_id: str | None) -> dict[str, Any] | None:
-    """The frame's run.json when it already holds this input's result with this model (None: unknown model)."""
+def _done(frame_dir: str, frame: Frame, model_id: str) -> dict[str, Any] | None:
+    """The frame's run.json when it already holds this input's result with this model."""
     try:
         with open(os.path.join(frame_dir, "run.json")) as f:
             report = json.load(f)
     except (OSError, ValueError):
         return None
     same_input = report.get("input", {}).get("path") == frame.path
-    same_model = model_id is not None and report.get("model", {}).get("id") == model_id
+    same_model = report.get("model", {}).get("id") == model_id
     return report if same_input and same_model and os.path.exists(os.path.join(frame_dir, "mask.tif")) else None
 
 
@@ -92,7 +92,7 @@ def predict_frames(
         ``frames.json`` exists from another input and ``overwrite`` is False.
     """
     from geoseg.engine import predict, write
-    from geoseg.engine.graph import job_of
+    from geoseg.models.spec import resolve_model
     from geoseg.vector import vectorize as run_vectorize
     from geoseg.vector.coco import coco_document, track_instances, write_coco
 
@@ -116,16 +116,15 @@ def predict_frames(
     coco_images: list[dict[str, Any]] = []
     coco_anns: list[list[dict[str, Any]]] = []
     categories: dict[int, str] = {}
-    model_id: str | None = None
+    # resolved once: the file is hashed once, and frames already done need no graph at all
+    spec = resolve_model(model, predict_kwargs.pop("card", None))
     reused = 0
     for frame in frames:
         frame_dir = os.path.join(out_dir, frame.name)
         tf = time.perf_counter()
-        result = predict(frame.path, model, **predict_kwargs)  # lazy: nothing computed yet
-        job = job_of(result)
-        model_id = job.spec.id if job is not None else None
-        report = None if overwrite else _done(frame_dir, frame, model_id)
+        report = None if overwrite else _done(frame_dir, frame, spec.id)
         if report is None:
+            result = predict(frame.path, spec, **predict_kwargs)
             report = write(result, frame_dir, overwrite=True, progress=progress)
         else:
             reused += 1
@@ -152,7 +151,7 @@ def predict_frames(
         "geoseg_frames": 1,
         "input": src,
         "fingerprint": file_fingerprint(src) if os.path.isfile(src) else None,
-        "model": model_id,
+        "model": spec.id,
         "frames": rows,
         "reused_frames": reused,
     }

@@ -272,10 +272,12 @@ def write_mask_png(mask_tif: str, png: str, colors: dict[int, tuple[int, int, in
     palette[NODATA] = (0, 0, 0)
     img = Image.frombytes("P", (data.shape[1], data.shape[0]), np.ascontiguousarray(data).tobytes())
     img.putpalette(palette.ravel().tolist())
-    tmp = f"{png}.tmp-{os.getpid()}.png"
+    from geoseg.io.cog import atomic_path, fsync_replace
+
+    tmp = atomic_path(png)
     try:
         img.save(tmp, format="PNG", transparency=NODATA, optimize=False)
-        os.replace(tmp, png)
+        fsync_replace(tmp, png)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -22,6 +22,7 @@ import numpy as np
 import shapely
 
 from geoseg.grid import Window
+from geoseg.io.cog import atomic_path, fsync_replace
 from geoseg.io.mask import MaskSource, mask_reader
 
 __all__ = [
@@ -143,7 +144,7 @@ def annotate_part(
     keep = np.flatnonzero(np.isin(cls, [int(c) for c in class_ids]))
     keep = keep[np.argsort(ids[keep], kind="stable")]
     gb = src.geobox
-    tmp = f"{out}.tmp-{os.getpid()}"
+    tmp = atomic_path(out)
     with mask_reader(src) as read, open(tmp, "w") as f:
         for k in keep:
             inst, r0, c0 = _instance(read, gb, int(cls[k]), int(ids[k]), bounds[k], connectivity, pad)
@@ -158,7 +159,7 @@ def annotate_part(
             if np.isfinite(score[k]):
                 ann["score"] = round(float(score[k]), 4)
             f.write(json.dumps(ann, separators=(",", ":")) + "\n")
-    os.replace(tmp, out)
+    os.replace(tmp, out)  # a staging file: no fsync needed
     return len(keep)
 
 
@@ -184,7 +185,7 @@ def write_coco_stream(
     head = coco_document([image], categories, [[]], description=description)
     del head["annotations"]  # written last, streamed
     head_text = json.dumps(head, separators=(",", ":"))[:-1] + ',"annotations":['
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = atomic_path(path)
     n = 0
     with contextlib.ExitStack() as stack:
         streams = [
@@ -197,7 +198,7 @@ def write_coco_stream(
                 n += 1
                 f.write(("," if n > 1 else "") + json.dumps({"id": n, "image_id": 1, **ann}, separators=(",", ":")))
             f.write("]}")
-    os.replace(tmp, path)
+    fsync_replace(tmp, path)
     return n
 
 
@@ -294,11 +295,11 @@ def coco_document(
 
 def write_coco(path: str, doc: dict[str, Any]) -> None:
     """Write a COCO document atomically (temporary name, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = atomic_path(path)
     try:
         with open(tmp, "w") as f:
             json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, path)
+        fsync_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
