@@ -232,6 +232,7 @@ def change(
     chunk: int | None = None,
     masks: tuple[str, str] | None = None,
     crs: str | None = None,
+    radiometry: str | None = None,
 ) -> dict[str, Any]:
     """Detect change between two rasters with one model.
 
@@ -270,6 +271,8 @@ def change(
         segmentation outputs): used instead of segmenting again (ignored when their grids differ).
     crs : str, optional
         CRS of the GeoPackage/FlatGeobuf/GeoParquet polygons (default the grid's).
+    radiometry : str, optional
+        How both dates store reflectance, for models that take it (see :func:`geoseg.predict`).
 
     Returns
     -------
@@ -319,7 +322,8 @@ def change(
         made = {"before": os.path.abspath(masks[0]), "after": os.path.abspath(masks[1])}
     else:  # no masks, or masks on different grids: segment both dates aligned on one grid
         for name, src in (("before", src_b), ("after", src_a)):
-            write(predict(src, spec, aoi=aoi, chunk=chunk), os.path.join(out_dir, name), overwrite=True)
+            result = predict(src, spec, aoi=aoi, chunk=chunk, radiometry=radiometry)
+            write(result, os.path.join(out_dir, name), overwrite=True)
             made[name] = os.path.join(out_dir, name, "mask.tif")
     masks_ = made
     cloud_masks: list[str] = []

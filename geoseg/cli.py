@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import click
 
@@ -40,12 +43,107 @@ def _one_line_warnings(quiet: bool) -> None:
     warnings.showwarning = show
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) raised as an exception in the main thread, as Ctrl-C is.
+
+    Every ``with`` block then unwinds as it does on Ctrl-C: the local cluster is closed, locks
+    are released, a child run of ``geoseg schedule`` is stopped and logged.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _signum(exc: KeyboardInterrupt) -> int:
+    import signal
+
+    return getattr(exc, "signum", int(signal.SIGINT))
+
+
+@contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` (where their handler is the default: nohup is respected).
+
+    The first signal raises; later ones are ignored while the command closes down, and a third
+    one ends the process at once.
+    """
+    import _thread
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if not received and _in_finaliser(frame):
+            # an exception raised inside a garbage-collector callback or __del__ is printed and dropped:
+            # deliver the signal again a moment later, outside it
+            threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
+            return
+        received.append(signum)
+        if len(received) == 1:
+            _quiet_shutdown()
+            raise Interrupted(signum)
+        if len(received) >= 3:  # a third signal while closing down: the user insists
+            os._exit(128 + signum)
+
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+            previous[s] = signal.signal(s, interrupt)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _in_finaliser(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` or a garbage-collector callback (where exceptions are dropped)."""
+    import gc
+
+    callbacks = {getattr(getattr(cb, "__func__", cb), "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code in callbacks:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _quiet_shutdown() -> None:
+    """On a stop signal: Dask's event-loop thread and its nannies report the cancelled work (``AllExit``,
+    ``CancelledError``, a worker killed after the close timeout) as tracebacks; they are not news to whoever
+    stopped the command. Shown with -vv.
+    """
+    if logging.getLogger("distributed").getEffectiveLevel() <= logging.DEBUG:
+        return
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 class _Group(click.Group):
-    """Turns geoseg errors into one clear line and exit status 1 (traceback with -v)."""
+    """Turns geoseg errors into one clear line and exit status 1 (traceback with -v).
+
+    A stop signal becomes one line and the shell's status for it (130 for Ctrl-C, 143 for SIGTERM).
+    """
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _stop_signals():
+                return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            import signal
+
+            _quiet_shutdown()  # a KeyboardInterrupt that did not come through the handler (another thread's)
+            signum = _signum(exc)
+            click.echo(f"geoseg: {'interrupted (Ctrl-C)' if signum == signal.SIGINT else f'stopped by {exc}'}", err=True)
+            ctx.exit(128 + signum)
         except click.UsageError as exc:  # a bad option value is a bad input too: one line, exit 1
             if ctx.obj and ctx.obj.get("verbose", 0) > 0:
                 raise
@@ -78,6 +176,17 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     _one_line_warnings(quiet)
 
 
+def _check_threads(value: int | None) -> int | None:
+    """``--threads`` within what this machine can run (OpenMP crashes on absurd thread counts)."""
+    if value is None:
+        return None
+    from geoseg.engine.graph import max_threads
+
+    if value > max_threads():
+        raise click.BadParameter(f"{value} is more than {max_threads()} ({os.cpu_count() or 1} core(s) here)")
+    return value
+
+
 def _parse_bands(value: str | None) -> tuple[tuple[int, ...] | None, dict[str, int]]:
     from geoseg.errors import ModelError
     from geoseg.models.card import parse_band_option
@@ -90,8 +199,25 @@ def _parse_bands(value: str | None) -> tuple[tuple[int, ...] | None, dict[str, i
 
 @main.command()
 @click.argument("src")
-@click.option("--model", "-m", required=True, help="TorchScript .pt / ONNX .onnx file, or a bundled model (geoseg models).")
+@click.option("--model", "-m", required=True, help="A bundled model (geoseg models), or an ONNX / .pt2 / TorchScript file.")
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--radiometry",
+    default=None,
+    help="Reflectance models: how SRC stores reflectance: s2-l2a (ESA, baseline >= 04.00), s2-l2a-harmonized, "
+    "sentinelhub-raw16, reflectance, landsat-c2-l2 or scale=S,offset=O [metadata, else guessed and logged].",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default=None,
+    help="Test-time augmentation: dihedral views per tile, logits averaged [the card's, else 1].",
+)
+@click.option(
+    "--trust-model",
+    is_flag=True,
+    help="Load a TorchScript file whose code runs at load or touches files (refused otherwise). Only for files you made.",
+)
 @click.option("--tile", type=click.IntRange(min=8), default=None, help="Model input size in pixels [card, else 512].")
 @click.option("--halo", type=click.IntRange(min=0), default=None, help="Context pixels at each tile edge [card, else 32].")
 @click.option(
@@ -113,7 +239,13 @@ def _parse_bands(value: str | None) -> tuple[tuple[int, ...] | None, dict[str, i
 @click.option(
     "--workers", type=click.IntRange(min=1), default=None, help="Worker processes for the local cluster [1 on CPU; one per GPU]."
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Model threads per worker [cores / workers].")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    callback=lambda _ctx, _param, v: _check_threads(v),
+    help="Model threads per worker [cores / workers].",
+)
 @click.option(
     "--aoi", type=click.Path(dir_okay=False), default=None, help="Vector file (any CRS): segment only inside its polygons."
 )
@@ -140,6 +272,9 @@ def predict(
     src: str,
     model: str,
     out_dir: str,
+    radiometry,
+    tta,
+    trust_model,
     tile,
     halo,
     blend,
@@ -186,6 +321,9 @@ def predict(
             "num_threads": threads or sched.num_threads,
             "resources": sched.resources,
             "resample": resample,
+            "radiometry": radiometry,
+            "trust_model": trust_model,
+            "tta": int(tta) if tta else None,
         }
 
     if frames:  # a folder of frames, a video, a multi-page TIFF: one engine run per frame
@@ -240,8 +378,6 @@ def predict(
             f"{px / max(t['total_s'], 1e-9) / 1e6:.2f} MP/s, {report['tiles']['total']} tiles, "
             f"{report['tiles']['skipped_empty']} skipped as empty) in {t['total_s']:.1f} s"
         )
-        for w in report["warnings"]:
-            click.echo(f"warning: {w}", err=True)
         if vreport:
             _echo_vectors(out_dir, vreport)
 
@@ -258,7 +394,12 @@ def _echo_vectors(out_dir: str, report: dict) -> None:
     "--probabilities", default=None, type=click.Path(dir_okay=False), help="Scores from [probabilities.tif beside MASK]."
 )
 @click.option("--classes", default=None, help="Class names or values, comma-separated, or 'all' [all but background].")
-@click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Drop polygons below this (m²).")
+@click.option(
+    "--min-area",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Drop polygons below this (m²) [the model's object rules carried by the mask, else 0].",
+)
 @click.option(
     "--simplify",
     type=click.FloatRange(min=0),
@@ -347,10 +488,24 @@ def vectorize(
 @click.option("--layer", default=None, help="Layer of the labels file [first].")
 @click.option("--class-field", default="class", show_default=True, help="Label attribute with the class name or id.")
 @click.option("--label-class", default=None, help="Class of every label when they carry none (e.g. building).")
-@click.option("--iou", "iou_threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Object match IoU.")
+@click.option(
+    "--iou",
+    "iou_threshold",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Object match IoU (0: any overlap, the rule for ships at 10 m).",
+)
+@click.option(
+    "--min-area",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Leave out predicted objects smaller than this (m2) [the model's object rules carried by the mask, else 0].",
+)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the scores as JSON here.")
 @click.pass_context
-def evaluate(ctx: click.Context, pred, labels, label_values, layer, class_field, label_class, iou_threshold, json_out) -> None:
+def evaluate(ctx: click.Context, pred, labels, label_values, layer, class_field, label_class, iou_threshold, min_area,
+             json_out) -> None:  # fmt: skip
     """Score the class mask PRED against labels: per-class IoU, precision, recall, F1 (= Dice) and object F1.
 
     Vector labels, or a label raster of class values (scored pixel by pixel, every class).
@@ -369,6 +524,7 @@ def evaluate(ctx: click.Context, pred, labels, label_values, layer, class_field,
         label_class=label_class,
         iou_threshold=iou_threshold,
         label_values=parse_label_values(label_values),
+        min_area=min_area,
     )
     if json_out:
         from geoseg.io.cog import atomic_path, fsync_replace
@@ -418,7 +574,7 @@ def models(as_json: bool) -> None:
 @click.option("--class-field", default="class", show_default=True, help="Label attribute with the class name or id.")
 @click.option("--label-class", default=None, help="Class of every label when they have no class attribute.")
 @click.option("--card", "card_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Model card (YAML/JSON).")
-@click.option("--out", "-o", required=True, help="TorchScript model to write (.pt); the checkpoint is OUT.ckpt.")
+@click.option("--out", "-o", required=True, help="ONNX model to write (.onnx, card inside); the checkpoint is OUT.ckpt.")
 @click.option("--aoi", multiple=True, help="Vector file limiting where training looks: one for all images or one per image.")
 @click.option("--bands", default=None, help="Card band names to raster bands, e.g. nir=4,red=3 (default: band descriptions).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
@@ -433,13 +589,41 @@ def models(as_json: bool) -> None:
 @click.option("--gray", type=float, default=0.0, show_default=True, help="Share of chips turned grey (for pan imagery).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [all cores].")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    callback=lambda _ctx, _param, v: _check_threads(v),
+    help="torch threads [all cores].",
+)
+@click.option(
+    "--radiometry",
+    multiple=True,
+    help="Reflectance cards: how the images store reflectance (s2-l2a, s2-l2a-harmonized, sentinelhub-raw16, reflectance "
+    "or scale=S,offset=O); one for all images or one per image [from metadata, else the value range].",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(["default", "reflectance"]),
+    default=None,
+    help="Radiometric augmentation [reflectance for reflectance cards, else default].",
+)
+@click.option("--select", type=click.Choice(["best", "last"]), default="best", show_default=True, help="Epoch to export.")
+@click.option(
+    "--hard-negatives",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Share of chips centred on mined false positives (mined at 40 % and 70 % of the epochs).",
+)
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Binary models: class 1 from this probability on (baked into the exported model).")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt.")
 @click.pass_context
 def train(ctx: click.Context, images, labels, label_values, layer, class_field, label_class, card_path, out, aoi, bands,
           epochs, steps, batch, chip, val_fraction, block, val_chips, lr, scales, gray, device, seed, threads,
-          resume) -> None:  # fmt: skip
-    """Train the card's network on rasters and labels (vector or raster); write TorchScript with the card embedded."""
+          radiometry, augment, select, hard_negatives, threshold, resume) -> None:  # fmt: skip
+    """Train the card's network on rasters and labels (vector or raster); write ONNX with the card embedded."""
     from geoseg.io.labels import parse_label_values
     from geoseg.models.card import _load_text, card_from_dict
     from geoseg.models.train import TrainConfig, parse_scales
@@ -473,6 +657,11 @@ def train(ctx: click.Context, images, labels, label_values, layer, class_field, 
         device=device,
         seed=seed,
         threads=threads,
+        radiometry=list(radiometry) or [None],
+        augment=augment or ("reflectance" if card.scaling.method == "reflectance" else "default"),
+        select=select,
+        hard_negatives=hard_negatives,
+        threshold=threshold,
     )
 
     def show(rec: dict) -> None:
@@ -603,7 +792,7 @@ def runs_cmd(workflow: str, out_dir: str | None, as_json: bool) -> None:
 @click.option("--size", type=click.IntRange(min=512), default=2048, show_default=True, help="Scene size in pixels (2 m).")
 @click.option("--seed", type=int, default=42, show_default=True)
 def sample(out_dir: str, size: int, seed: int) -> None:
-    """Generate the sample AOI into OUT_DIR: two dates, labels.gpkg, the landcover.pt index model, aoi.geojson."""
+    """Generate the sample AOI into OUT_DIR: two dates, labels.gpkg, the landcover.onnx index model, aoi.geojson."""
     from geoseg.sample import make_sample
 
     paths = make_sample(out_dir, size=size, seed=seed)

@@ -27,7 +27,10 @@ __all__ = ["evaluate", "evaluate_raster", "format_table", "match_objects"]
 
 
 def match_objects(pred: Sequence, truth: Sequence, threshold: float = 0.5) -> tuple[int, int, int]:
-    """One-to-one matches between predicted and true polygons at IoU >= ``threshold``.
+    """One-to-one matches between predicted and true polygons at IoU >= ``threshold``, best pairs first.
+
+    ``threshold`` 0 matches any pair that overlaps with some area (the rule for small
+    objects such as ships at 10 m, whose outlines are a few pixels wide).
 
     Returns
     -------
@@ -48,7 +51,7 @@ def match_objects(pred: Sequence, truth: Sequence, threshold: float = 0.5) -> tu
     used_p, used_t = set(), set()
     tp = 0
     for k in order:
-        if iou[k] < threshold:
+        if iou[k] < threshold or iou[k] <= 0:
             break
         if i[k] in used_p or j[k] in used_t:
             continue
@@ -81,6 +84,8 @@ def evaluate(
     object_classes: Sequence[str] | None = None,
     iou_threshold: float = 0.5,
     label_values: Mapping[int | float, str] | None = None,
+    min_area: float | None = None,
+    max_length: float | None = None,
 ) -> dict[str, Any]:
     """Compare a predicted class mask with vector labels or a label raster.
 
@@ -102,9 +107,14 @@ def evaluate(
         Classes scored as objects too (default: classes whose name says building, ship,
         tank or vessel).
     iou_threshold : float
-        Object match threshold.
+        Object match threshold (0: any overlap matches).
     label_values : mapping, optional
         Label rasters only: pixel value -> class name, id or ``ignore``.
+    min_area, max_length : float, optional
+        Predicted objects smaller than ``min_area`` (square metres, or pixels without a CRS)
+        or longer than ``max_length`` (metres) are not counted, as vectorize leaves them out
+        of the layers; default the model's object rules the mask carries. Pixel scores are
+        unchanged.
 
     Returns
     -------
@@ -196,6 +206,17 @@ def evaluate(
             if pieces is None:
                 pieces = polygonize_block(mask, 0, 0, (gb.height, gb.width), classes=set(classes))
             pred_polys = pixel_to_world(pieces.geometry[pieces.class_id == k], gb.transform)
+            rules = dict(src.object_rules)
+            lo = rules.get("min_area_m2", 0.0) if min_area is None else min_area
+            hi = rules.get("max_length_m", 0.0) if max_length is None else max_length
+            if (lo > 0 or hi > 0) and len(pred_polys):  # true metres, as vectorize measures them
+                from geoseg.vector.geometry import metric_crs, oriented_box, to_metric
+
+                sized = to_metric(pred_polys, gb.crs, metric_crs(gb.crs, gb.bounds))[0] if gb.crs else pred_polys
+                keep = shapely.area(sized) >= lo
+                if hi > 0:
+                    keep &= oriented_box(sized)[0] <= hi
+                pred_polys = pred_polys[keep]
             # each part is an object; labels with no valid mask pixel (outside, nodata) are not scored
             true_polys = shapely.get_parts(geoms[ids == k])
             if valid_area is None:

@@ -210,7 +210,7 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
     """Write the sample AOI into ``out_dir``: two dates, labels, a physics model and an AOI.
 
     Files: ``scene.tif`` (first date), ``scene_after.tif`` (second date), ``labels.gpkg``
-    (layers ``truth``, ``truth_after``, ``forest_loss``, ``new_building``), ``landcover.pt``,
+    (layers ``truth``, ``truth_after``, ``forest_loss``, ``new_building``), ``landcover.onnx``,
     ``aoi.geojson``.
 
     Parameters
@@ -265,6 +265,8 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
             dst.write(data)
             for b, band in enumerate(("blue", "green", "red", "nir"), start=1):
                 dst.set_band_description(b, band)
+            dst.scales = (1e-4,) * 4  # reflectance = value x 0.0001 (what a STAC raster:bands entry says)
+            dst.offsets = (0.0,) * 4
             dst.update_tags(ACQUISITION_DATE=DATES[date], TIFFTAG_DATETIME=DATES[date].replace("-", ":") + " 10:30:00")
         paths["scene" if date == 0 else "scene_after"] = path
         _labels(lay, truth, date, transform, labels, "truth" if date == 0 else "truth_after")
@@ -278,7 +280,7 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
             labels, layer=layer, driver="GPKG"
         )
     paths["labels"] = labels
-    paths["model"] = export_index_landcover(os.path.join(out_dir, "landcover.pt"))
+    paths["model"] = export_index_landcover(os.path.join(out_dir, "landcover.onnx"))
     # AOI: a pentagon inside the scene, in lon/lat (EPSG:4326)
     to_ll = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True)
     x0, y0 = ORIGIN

@@ -117,7 +117,7 @@ def predict_frames(
     coco_anns: list[list[dict[str, Any]]] = []
     categories: dict[int, str] = {}
     # resolved once: the file is hashed once, and frames already done need no graph at all
-    spec = resolve_model(model, predict_kwargs.pop("card", None))
+    spec = resolve_model(model, predict_kwargs.pop("card", None), trust=predict_kwargs.get("trust_model", False))
     reused = 0
     for frame in frames:
         frame_dir = os.path.join(out_dir, frame.name)

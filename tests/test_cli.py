@@ -57,6 +57,7 @@ def test_predict_on_local_process_cluster(make_raster, torchscript_model, tmp_pa
     np.testing.assert_array_equal(mask, whole_image_reference(net, read(src, None), 8))
     run = json.loads((out / "run.json").read_text())
     assert run["scheduler"]["kind"] == "local" and run["scheduler"]["workers"] == 2
+    assert run["scheduler"]["address"].startswith("tls://127.0.0.1:")  # only this process could connect
     assert run["parameters"]["num_threads"] >= 1
     # --vectorize: one styled layer per class but the background class_0, equal to the whole-mask polygons
     import pyogrio
@@ -125,7 +126,7 @@ def test_bands_option_reorders(make_raster, tmp_path) -> None:
         ("cuda", "no usable CUDA"),
         ("bad_band", "do not exist"),
         ("exists", "--overwrite"),
-        ("bad_model", "not a TorchScript archive"),
+        ("bad_model", "not an ONNX model"),
     ],
 )
 def test_errors_are_one_clear_line(case, needle, make_raster, torchscript_model, tmp_path) -> None:

@@ -81,6 +81,9 @@ def _check_workflow(path: Path, name: str) -> None:
     project = os.path.realpath(path.parent.parent if path.parent.name == "workflows" else path.parent)
     real = os.path.realpath(wf.outputs.folder)
     assert os.path.commonpath([real, project]) == project, (real, project)
+    if wf.sample is not None:  # geoseg writes the sample scene there: never outside the project either
+        sample = os.path.realpath(wf.sample)
+        assert os.path.commonpath([sample, project]) == project, (sample, project)
     tally["accepted"] += 1
 
 
@@ -465,7 +468,7 @@ def test_find_card_deepness_metadata(folder: Path, meta: dict[str, str]) -> None
     (folder / "onnx").mkdir(exist_ok=True)
     model = folder / "onnx" / "model.onnx"
     model.write_bytes(b"")
-    with mock.patch.object(card_mod, "_onnx_metadata", return_value=meta):
+    with mock.patch.object(card_mod, "onnx_metadata", return_value=meta):
         _check_card(lambda: find_card(str(model), "onnx"), str(model), "find_card deepness")
 
 

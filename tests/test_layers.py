@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "geoseg"
-ORDER = ["grid", "io", "models", "engine", "vector", "evaluate", "effects", "sequences", "change", "workflows", "cli"]
+ORDER = ["grid", "io", "models", "engine", "vector", "evaluate", "recipes", "effects", "sequences", "change", "workflows", "cli"]
 # third-party imports each layer must not make (anywhere in the module, lazy or not)
 FORBIDDEN = {
     "grid": {"rasterio", "torch", "dask", "distributed", "onnxruntime", "xarray", "geopandas"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from geoseg.cli import main
 from geoseg.errors import InputError, OutputError
-from geoseg.workflows.schedule import LOCK_NAME, LOG_NAME, next_fire, schedule, schedule_lock
+from geoseg.workflows.schedule import LOCK_NAME, LOG_NAME, check_cron, next_fire, schedule, schedule_lock
 
 WORKFLOW = """name: t
 imagery: [scene.tif]
@@ -228,3 +229,181 @@ def test_default_clock_and_sleep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     records = schedule(str(_workflow(tmp_path)), run=lambda: calls.append(datetime.now(timezone.utc)) or 0, max_runs=2)
     assert len(calls) == 2 and calls[1] - calls[0] >= timedelta(seconds=0.29)
     assert [r["event"] for r in records] == ["run", "run"] and records[0]["started"].endswith("+00:00")
+
+
+# ------------------------------------------------------------------- cron that cannot work (issue 14)
+
+
+@pytest.mark.parametrize(
+    ("cron", "needle"),
+    [
+        ("0 0 30 2 *", "never fires"),  # 30 February
+        ("0 0 31 4,6 *", "never fires"),
+        ("* * * * * *", "five fields (it has 6)"),  # croniter would read the sixth as seconds
+        ("0 6 * * 1 2030", "not a cron expression"),
+        ("@reboot", "not a cron expression"),
+    ],
+)
+def test_cron_that_cannot_work_is_refused_at_validation(cron: str, needle: str, tmp_path: Path) -> None:
+    wf = _workflow(tmp_path, WORKFLOW.replace("* * * * *", cron))
+    with pytest.raises(InputError) as err:
+        schedule(str(wf), run=lambda: 0, max_runs=1)
+    msg = str(err.value)
+    assert msg.startswith(f"{wf}:5: schedule: ") and needle in msg and "\n" not in msg, msg
+    assert not (tmp_path / "out").exists()  # refused before any lock or log
+    result = CliRunner().invoke(main, ["schedule", str(wf), "--max-runs", "1"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and needle in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_rare_but_real_cron_is_accepted(tmp_path: Path) -> None:
+    assert check_cron("0 0 29 2 *") == "0 0 29 2 *"  # leap days
+    assert check_cron("@daily") == "@daily" and check_cron(" 0 6 * * 1 ") == " 0 6 * * 1 "
+    assert next_fire("0 0 29 2 *", T0) == datetime(2028, 2, 29, tzinfo=timezone.utc)
+
+
+# ------------------------------------------------------------------- stopping the child run (issue 14)
+
+CHILD = """
+import os, signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # a Dask worker stand-in
+mode = sys.argv[2]
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+else:
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: sys.exit(128 + signum))  # leaves its worker behind
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {worker.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(0 if mode == "quick" else 300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _signal_main_when(ready: Path, signum: int) -> threading.Thread:
+    """Send ``signum`` to the main thread (where Python runs handlers) once ``ready`` exists."""
+    import signal
+
+    main_id = threading.main_thread().ident
+
+    def fire() -> None:
+        for _ in range(300):
+            if ready.exists():
+                signal.pthread_kill(main_id, signum)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=fire, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize(("mode", "signum_name", "code"), [("polite", "SIGINT", 130), ("stubborn", "SIGTERM", -9)])
+def test_run_child_passes_the_stop_on_and_leaves_nothing(mode: str, signum_name: str, code: int, tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    import geoseg.cli as cli
+    from geoseg.workflows.schedule import run_child
+
+    signum = getattr(signal, signum_name)
+    ready = tmp_path / "pids"
+    t0 = time.monotonic()
+    with cli._stop_signals(), pytest.raises(KeyboardInterrupt) as err:  # as the geoseg command does: SIGTERM raises too
+        _signal_main_when(ready, signum)
+        run_child([sys.executable, "-c", CHILD, str(ready), mode], grace=1.0)
+    child, worker = map(int, ready.read_text().split())
+    assert getattr(err.value, "signum", signal.SIGINT) == signum
+    assert err.value.child_exit_code == code  # stopped by the same signal, or killed after the grace time
+    time.sleep(0.3)
+    assert _gone(child) and _gone(worker)  # the child's whole process group is gone
+    assert time.monotonic() - t0 < 30
+    _restore_logging()
+
+
+def _restore_logging() -> None:
+    import logging
+
+    for name in ("distributed", "tornado", "asyncio"):  # the geoseg command quiets them on a stop signal
+        logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+def test_run_child_kills_what_a_finished_run_left(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from geoseg.workflows.schedule import run_child
+
+    ready = tmp_path / "pids"
+    assert run_child([sys.executable, "-c", CHILD, str(ready), "quick"]) == 0
+    child, worker = map(int, ready.read_text().split())
+    time.sleep(0.3)
+    assert _gone(worker) and child != os.getpid()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+def test_sigterm_stops_the_real_geoseg_run_and_logs_it(make_raster, tmp_path: Path) -> None:
+    """The scheduler's own child, ``geoseg run`` on a local cluster, stopped mid-compute like ``systemctl stop`` does."""
+    import signal
+
+    import torch
+
+    import geoseg.cli as cli
+    from tests.conftest import conv_net
+
+    src = make_raster(2000, 2000, seed=9)
+    torch.jit.save(torch.jit.script(conv_net(depth=12)), str(tmp_path / "deep.pt"))
+    wf = _workflow(
+        tmp_path,
+        f"name: t\nimagery: [{src.name}]\nmodels: [{{model: deep.pt, tile: 128, halo: 8}}]\n"
+        'outputs: {folder: out, formats: [gpkg], quicklook: false}\nchunk: 256\nschedule: "* * * * *"\n',
+    )
+    before = set(_children())
+    clock = FakeClock(T0)
+    started = threading.Event()
+
+    def watch() -> None:  # once the run computes (a chunk part is staged), stop the scheduler with SIGTERM
+        for _ in range(1800):
+            if any((tmp_path / "out").glob("**/.geoseg-staging-*/**/*.tif")):
+                started.set()
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    lines: list[str] = []
+    try:
+        with cli._stop_signals():
+            records = schedule(str(wf), now=clock.now, sleep=clock.sleep, max_runs=1, echo=lines.append)
+    finally:
+        _restore_logging()
+    assert started.is_set(), lines
+    (rec,) = records
+    assert rec["event"] == "run" and rec["interrupted"] is True and rec["signal"] == "SIGTERM", rec
+    assert rec["exit_code"] == 143, rec  # the child stopped on the SIGTERM it was passed (and said so in one line)
+    assert _log(tmp_path) == records
+    assert any("stopped by SIGTERM" in line for line in lines), lines
+    time.sleep(0.5)
+    assert not [p for p in set(_children()) - before if not _gone(p)]  # geoseg run and its Dask worker are gone
+    assert not list((tmp_path / "out").glob("**/mask.tif"))
+
+
+def _children() -> list[int]:
+    import os
+
+    out = []
+    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out

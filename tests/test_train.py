@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import geopandas as gpd
@@ -120,7 +119,7 @@ def test_labels_errors(tmp_path: Path) -> None:
 
 
 def _cfg(tmp: Path, path: Path, labels: Path, **kw) -> TrainConfig:
-    base = dict(images=[str(path)], labels=[str(labels)], out=str(tmp / "m.pt"), epochs=2, steps=6, batch=8, chip=64,
+    base = dict(images=[str(path)], labels=[str(labels)], out=str(tmp / "m.onnx"), epochs=2, steps=6, batch=8, chip=64,
                 block=64, val_chips=16, lr=1e-2, seed=1, threads=2)  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
@@ -134,10 +133,12 @@ def test_train_learns_exports_and_resumes_identically(tmp_path: Path) -> None:
     res = train(_cfg(tmp_path, path, labels, epochs=6, steps=15), card)
     assert len(res["history"]) == 6 and res["history"][-1]["iou"][1] > 0.8, res["history"]
     # the exported model runs through the engine with its embedded card, and finds the squares
-    with zipfile.ZipFile(res["model"]) as z:
-        embedded = json.loads(z.read(next(n for n in z.namelist() if n.endswith("geoseg_card.json"))))
+    from geoseg.models.card import onnx_metadata
+
+    assert res["model"].endswith(".onnx")
+    embedded = json.loads(onnx_metadata(res["model"])["geoseg_card"])
     assert embedded["training"]["epochs"] == 6 and embedded["metrics"]["validation"]["iou"][1] > 0.8
-    assert embedded["architecture"]["name"] == "geoseg.unet"
+    assert embedded["training"]["architecture"]["name"] == "geoseg.unet" and "architecture" not in embedded
     path2, _, boxes2 = _scene(tmp_path, 192, seed=5)  # unseen scene
     mask = geoseg.predict(str(path2), res["model"]).compute().values
     truth = np.zeros_like(mask)
@@ -158,12 +159,12 @@ def test_train_learns_exports_and_resumes_identically(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(b, path, labels, epochs=2), card, progress=crash)
-    state1 = torch.load(str(b / "m.pt.ckpt"), weights_only=True)
-    assert len(json.loads(state1["history"])) == 1 and not (b / "m.pt").exists()
+    state1 = torch.load(str(b / "m.onnx.ckpt"), weights_only=True)
+    assert len(json.loads(state1["history"])) == 1 and not (b / "m.onnx").exists()
     res_b = train(_cfg(b, path, labels, epochs=2), card, resume=True)
     assert [h["epoch"] for h in res_b["history"]] == [1, 2]
-    sa = torch.load(str(a / "m.pt.ckpt"), weights_only=True)["model"]
-    sb = torch.load(str(b / "m.pt.ckpt"), weights_only=True)["model"]
+    sa = torch.load(str(a / "m.onnx.ckpt"), weights_only=True)["model"]
+    sb = torch.load(str(b / "m.onnx.ckpt"), weights_only=True)["model"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
     # a checkpoint from other settings is refused
@@ -176,8 +177,8 @@ def test_train_refuses_bad_cards_and_settings(tmp_path: Path) -> None:
     bad = {**CARD, "classes": [{"id": 0, "name": "background"}, {"id": 2, "name": "building"}]}
     with pytest.raises(ModelError, match=r"ids 0\.\.K-1"):
         train(_cfg(tmp_path, path, labels), card_from_dict(bad, "c"))
-    with pytest.raises(InputError, match=r"must end in \.pt"):
-        train(_cfg(tmp_path, path, labels, out=str(tmp_path / "m.onnx")), card_from_dict(CARD, "c"))
+    with pytest.raises(InputError, match=r"must end in \.onnx"):
+        train(_cfg(tmp_path, path, labels, out=str(tmp_path / "m.pt")), card_from_dict(CARD, "c"))
     with pytest.raises(InputError, match="one per image"):
         cfg = _cfg(tmp_path, path, labels)
         cfg.images, cfg.labels = [str(path)] * 3, [str(labels)] * 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from geoseg.grid import Window
 from geoseg.io.chips import IGNORE, ChipImage, assign_split, load_labels
 from geoseg.io.labels import is_raster_labels, open_raster_labels, parse_label_values
 from geoseg.io.raster import open_source
-from geoseg.models.card import card_from_dict
+from geoseg.models.card import card_from_dict, onnx_metadata
 from geoseg.models.train import TrainConfig, train
 from tests.test_train import T, _scene
 from tests.test_vector import write_mask
@@ -81,15 +80,14 @@ def test_train_on_a_plain_png_with_a_label_png_then_predict_and_evaluate_dice(tm
     image, label, _ = _discs(tmp_path, seed=0)
     card = tmp_path / "card.json"
     card.write_text(json.dumps(CARD))
-    model = tmp_path / "discs.pt"
+    model = tmp_path / "discs.onnx"
     runner = CliRunner()
     args = ["-i", str(image), "-l", str(label), "--label-values", "0=background,255=disc", "--card", str(card),
             "-o", str(model), "--epochs", "5", "--steps", "12", "--batch", "8", "--chip", "64", "--block", "64",
             "--val-chips", "16", "--lr", "1e-2", "--seed", "1", "--threads", "1", "--device", "cpu"]  # fmt: skip
     res = runner.invoke(main, ["train", *args])
     assert res.exit_code == 0, res.output
-    with zipfile.ZipFile(model) as z:
-        embedded = json.loads(z.read(next(n for n in z.namelist() if n.endswith("geoseg_card.json"))))
+    embedded = json.loads(onnx_metadata(str(model))["geoseg_card"])
     val = embedded["metrics"]["validation"]
     assert val["split"] == "blocks" and val["iou"][1] > 0.8, (val, res.output)
     assert embedded["training"]["label_values"] == {"0": "background", "255": "disc"}
@@ -190,7 +188,7 @@ def test_raster_label_errors(tmp_path: Path) -> None:
         open_raster_labels(rgb, src.geobox, classes)
     # through train() and the CLI: one line naming the file and the fix
     card = card_from_dict(CARD, "c")
-    cfg = dict(images=[str(image)], out=str(tmp_path / "m.pt"), chip=64, block=64, epochs=1, steps=1)
+    cfg = dict(images=[str(image)], out=str(tmp_path / "m.onnx"), chip=64, block=64, epochs=1, steps=1)
     with pytest.raises(InputError, match=r"small_label\.png: the label raster is 100x100"):
         train(TrainConfig(labels=[str(small)], **cfg), card)
     ok_labels = dict(labels=[str(label)], label_values={255: "disc", 7: "ignore"})
@@ -200,7 +198,7 @@ def test_raster_label_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--label-values applies to label rasters"):
         train(TrainConfig(labels=[str(vector_labels)], label_values={255: "disc"}, **cfg), card)
     (tmp_path / "card.json").write_text(json.dumps(CARD))
-    base = ["train", "-i", str(image), "--card", str(tmp_path / "card.json"), "-o", str(tmp_path / "m.pt")]
+    base = ["train", "-i", str(image), "--card", str(tmp_path / "card.json"), "-o", str(tmp_path / "m.onnx")]
     res = CliRunner().invoke(main, [*base, "-l", str(small)])
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "small_label.png: the label raster is 100x100" in res.output
     res = CliRunner().invoke(main, [*base, "-l", str(label), "--label-values", "255:disc"])
@@ -248,7 +246,7 @@ def test_em_membrane_short_training_scores_on_the_other_slice(shared_data: Path,
         images=[str(data / "train_0.png")],
         labels=[str(data / "train_0_label.png")],
         label_values=parse_label_values("0=membrane,255=cell"),
-        out=str(tmp_path / "em.pt"),
+        out=str(tmp_path / "em.onnx"),
         epochs=5,
         steps=10,
         batch=8,

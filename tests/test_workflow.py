@@ -248,6 +248,7 @@ def test_static_stac_catalog_of_single_band_assets(shared_data: Path, tmp_path: 
     for key, band in (("B03", "green"), ("B08", "nir"), ("B04", "red")):
         asset = pystac.Asset(str(d / f"casablanca_2023-04-26_S2L2A_{key}.tif"), media_type=pystac.MediaType.GEOTIFF)
         asset.extra_fields["eo:bands"] = [{"name": key, "common_name": band}]
+        asset.extra_fields["raster:bands"] = [{"scale": 1 / 65535, "offset": 0.0}]  # how the export stores reflectance
         item.add_asset(key, asset)
     cat.add_item(item)
     cat.normalize_and_save(str(tmp_path / "stac"), catalog_type=pystac.CatalogType.SELF_CONTAINED)
@@ -262,3 +263,11 @@ def test_static_stac_catalog_of_single_band_assets(shared_data: Path, tmp_path: 
     entry = s["images"][0]
     assert entry["date"] == "2023-04-26" and entry["image"].endswith("casablanca-2023-04-26.vrt")
     assert entry["models"]["water"]["classes"]["water"]["area_ha"] > 100  # the Atlantic and the port basins
+    # raster:bands scale/offset reach the VRT, where models that take reflectance find them
+    from geoseg.io.radiometry import resolve_radiometry
+    from geoseg.io.raster import open_source
+
+    with rasterio.open(entry["image"]) as ds:
+        assert ds.scales == pytest.approx((1 / 65535,) * 3) and ds.offsets == (0.0, 0.0, 0.0)
+    rad = resolve_radiometry(open_source(entry["image"]))
+    assert (rad.name, rad.source) == ("sentinelhub-raw16", "band scale/offset")

@@ -30,10 +30,10 @@ start=$(date +%s)
 # train_1 is the held-out slice, so all of train_0 trains (--val-fraction 0: the epoch kept is the best on
 # train_0's own chips); 600 steps of 8 chips of 128 px, flips/rotations and brightness/contrast augmentation
 geoseg train --images "$data/train_0.png" --labels "$data/train_0_label.png" --label-values "$values" \
-    --card "$here/em_membrane.card.yaml" --out "$out/em_membrane.pt" --device cpu --threads "$threads" \
+    --card "$here/em_membrane.card.yaml" --out "$out/em_membrane.onnx" --device cpu --threads "$threads" \
     --epochs 20 --steps 30 --batch 8 --chip 128 --val-fraction 0 --seed 0
 trained=$(date +%s)
-geoseg predict "$data/train_1.png" --model "$out/em_membrane.pt" --out "$out/train_1" --device cpu \
+geoseg predict "$data/train_1.png" --model "$out/em_membrane.onnx" --out "$out/train_1" --device cpu \
     --threads "$threads" --scheduler threads --overwrite
 geoseg evaluate "$out/train_1/mask.tif" --labels "$data/train_1_label.png" --label-values "$values" \
     --json "$out/train_1_scores.json"

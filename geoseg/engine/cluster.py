@@ -1,28 +1,44 @@
-"""Where the graph runs: a local Dask cluster, an existing scheduler, or in-process."""
+"""Where the graph runs: a local Dask cluster, an existing scheduler, or in-process.
+
+The local cluster is its owner's alone: every connection (client, scheduler, workers,
+nannies) is TLS with mutual certificate checks against a key pair made in memory for this
+cluster (``distributed``'s ``Security.temporary()``), every listener is on 127.0.0.1, and
+the HTTP server Dask always starts serves nothing unless the dashboard is asked for
+(``GEOSEG_DASHBOARD``), and then only on 127.0.0.1. Another local user who finds the ports
+cannot connect: a client without the cluster's certificate is refused during the handshake.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from geoseg.errors import InputError
+from geoseg.errors import GeosegError, InputError
 
-__all__ = ["Scheduling", "scheduler", "visible_gpus"]
+__all__ = ["Scheduling", "WorkerLostError", "check_address", "dashboard_address", "scheduler", "visible_gpus"]
 
 log = logging.getLogger(__name__)
 
 _ACTIVE: contextvars.ContextVar[Scheduling | None] = contextvars.ContextVar("geoseg_scheduling", default=None)
 
+#: environment variable that turns the Dask dashboard on (``on`` or a port); it only ever listens on 127.0.0.1
+DASHBOARD_ENV = "GEOSEG_DASHBOARD"
+#: most worker processes a local cluster may start per core (or one per GPU, when there are more GPUs)
+WORKERS_PER_CORE = 4
 
-def active_scheduling() -> Scheduling | None:
-    """The :class:`Scheduling` of the innermost :func:`scheduler` block, if any."""
-    return _ACTIVE.get()
+
+class WorkerLostError(GeosegError, RuntimeError):
+    """A Dask worker died every time it ran a task (usually out of memory)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,12 @@ class Scheduling:
     num_threads: int | None
     resources: dict[str, float] | None
     gpus: tuple[str, ...] = ()
+    dashboard: str | None = None
+
+
+def active_scheduling() -> Scheduling | None:
+    """The :class:`Scheduling` of the innermost :func:`scheduler` block, if any."""
+    return _ACTIVE.get()
 
 
 def visible_gpus() -> tuple[str, ...]:
@@ -59,6 +81,149 @@ def visible_gpus() -> tuple[str, ...]:
     return tuple(str(i) for i, _ in enumerate(x for x in out.splitlines() if x.startswith("GPU ")))
 
 
+_ADDRESS = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?"
+)
+
+
+def check_address(address: str) -> tuple[str, str, int]:
+    """Validate the address of a running Dask scheduler.
+
+    Parameters
+    ----------
+    address : str
+        ``tcp://HOST[:PORT]`` or ``tls://HOST[:PORT]`` (IPv6 hosts in brackets; port 8786 by default).
+
+    Returns
+    -------
+    tuple of (str, str, int)
+        Scheme, host and port.
+
+    Raises
+    ------
+    InputError
+        Another scheme, no host, a port outside 1-65535, unbalanced brackets.
+    """
+    shown = address if len(address) <= 80 else address[:77] + "..."
+    scheme = address.partition("://")[0]
+    if scheme not in ("tcp", "tls"):
+        raise InputError(
+            f"--scheduler {shown!r}: {scheme or '(no scheme)'}:// is not supported; give tcp://HOST:PORT "
+            "(or tls://HOST:PORT) of a running Dask scheduler, or local, threads or synchronous"
+        )
+    m = _ADDRESS.fullmatch(address)
+    port = int(m["port"]) if m and m["port"] else 8786
+    if not m or not 1 <= port <= 65535:
+        raise InputError(
+            f"--scheduler {shown!r} is not a scheduler address; give {scheme}://HOST:PORT, e.g. {scheme}://10.0.0.5:8786 "
+            f"or {scheme}://[::1]:8786 (port 1-65535)"
+        )
+    return scheme, m["v6"] or m["host"], port
+
+
+def _remote_security(address: str, scheme: str):
+    """TLS settings for a user's scheduler: ``tls://`` takes them from the Dask config (or its environment variables)."""
+    from distributed.security import Security
+
+    try:
+        security = Security()
+        if scheme == "tls" and security.get_connection_args("client").get("ssl_context") is None:
+            raise InputError(
+                f"--scheduler {address}: tls:// needs the cluster's certificates in the Dask config: set "
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (or distributed.comm.tls.* in ~/.config/dask)"
+            )
+    except (OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, GeosegError):
+            raise
+        raise InputError(
+            f"--scheduler {address}: the Dask TLS settings cannot be used ({_one_line(exc)}); fix distributed.comm.tls.*"
+        ) from None
+    return security
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def dashboard_address(value: str | None = None) -> str | None:
+    """Where the Dask dashboard of a local cluster listens: ``None`` (off, the default) or ``127.0.0.1:PORT``.
+
+    Parameters
+    ----------
+    value : str, optional
+        ``off``/``0``/empty, ``on`` (a free port) or a port number 1024-65535 [the
+        ``GEOSEG_DASHBOARD`` environment variable].
+
+    Returns
+    -------
+    str or None
+
+    Raises
+    ------
+    InputError
+        Any other value (a host is not accepted: the dashboard is never reachable from other machines).
+    """
+    raw = os.environ.get(DASHBOARD_ENV, "") if value is None else value
+    v = raw.strip().lower()
+    if v in ("", "0", "off", "no", "false"):
+        return None
+    if v in ("on", "1", "yes", "true", "auto"):
+        return "127.0.0.1:0"
+    if v.isdigit() and 1024 <= int(v) <= 65535:
+        return f"127.0.0.1:{int(v)}"
+    raise InputError(
+        f"{DASHBOARD_ENV}={raw[:40]!r}: give on, off or a port number 1024-65535 (the dashboard listens on 127.0.0.1 only)"
+    )
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload of the local cluster's worker processes: Ctrl-C is for the geoseg process, not its workers.
+
+    A terminal sends SIGINT to every process of the foreground group; the workers would
+    abort their tasks with tracebacks while geoseg closes the cluster in order anyway, and
+    tasks cancelled by that close would each log a warning.
+
+    Parameters
+    ----------
+    worker : distributed.Worker
+        The worker being started (unused).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tasks cancelled because the cluster closes (a stopped command) are not warnings
+    logging.getLogger("distributed.worker.state_machine").addFilter(
+        lambda record: "ended with CancelledError" not in record.getMessage()
+    )
+
+
+def _local_security():
+    try:
+        from distributed.security import Security
+
+        return Security.temporary()
+    except ImportError:
+        raise InputError(
+            "the local cluster needs the 'cryptography' package for its TLS credentials; "
+            "pip install cryptography (or use --scheduler threads)"
+        ) from None
+
+
+def _killed_worker(exc: BaseException) -> WorkerLostError:
+    key = getattr(exc, "task", "?")
+    name = key[0] if isinstance(key, tuple) and key else key
+    stage = re.sub(r"-[0-9a-f]{32}.*$", "", str(name))  # geoseg-predict-<token>-i-j -> geoseg-predict
+    tries = getattr(exc, "allowed_failures", 0) + 1
+    return WorkerLostError(
+        f"a Dask worker died {tries} time{'s' * (tries > 1)} running {stage} (usually out of memory); "
+        "lower --chunk or --tile (or --batch-size, --workers), or give the workers more memory"
+    )
+
+
 @contextmanager
 def scheduler(kind: str = "local", workers: int | None = None, device: str = "auto") -> Iterator[Scheduling]:
     """Run the enclosed Dask work on the chosen scheduler.
@@ -66,13 +231,14 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
     Parameters
     ----------
     kind : str
-        ``local`` (a local cluster of worker processes; the default), ``threads`` or
-        ``synchronous`` (in-process, for debugging), or a scheduler address
-        ``tcp://HOST:PORT`` of a running cluster.
+        ``local`` (a local cluster of worker processes, only usable by this process; the
+        default), ``threads`` or ``synchronous`` (in-process, for debugging), or the address
+        ``tcp://HOST:PORT`` of a running cluster (``tls://HOST:PORT`` with certificates from
+        the Dask config).
     workers : int, optional
         Worker processes for ``local``. On CPU the default is one worker that uses every
         core (forward passes are serialised per process, so more workers only split the
-        cores); with CUDA, one worker per visible GPU.
+        cores); with CUDA, one worker per visible GPU. At most 4 per core (or one per GPU).
     device : str
         The device asked for; ``cuda``/``auto`` with GPUs present starts one worker per GPU,
         each seeing only its own GPU and holding a ``GPU`` resource of 1.
@@ -80,6 +246,20 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
     Yields
     ------
     Scheduling
+
+    Raises
+    ------
+    InputError
+        An unknown kind, a malformed address, no scheduler or worker answering, more
+        workers than the machine can hold.
+    WorkerLostError
+        Inside the block: a task killed its worker every time it ran (Dask's ``KilledWorker``).
+
+    Notes
+    -----
+    The local cluster talks TLS with a key pair made in memory for it, so other users of
+    the machine cannot connect to it; everything listens on 127.0.0.1, and the Dask
+    dashboard is off unless ``GEOSEG_DASHBOARD`` is ``on`` or a port.
     """
     import dask
 
@@ -89,66 +269,179 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
             yield from _activate(Scheduling(kind, None, 1, None, None))
         return
     if "://" in kind:
-        from distributed import Client
-
-        try:
-            client = Client(kind, timeout="20s")
-        except OSError as exc:
-            raise InputError(
-                f"no Dask scheduler answers at {kind} ({exc}); start one with `dask scheduler` or use --scheduler local"
-            ) from exc
-        with client:
-            if not client.scheduler_info().get("workers"):
-                try:
-                    client.wait_for_workers(1, timeout=60)
-                except (TimeoutError, OSError) as exc:
-                    raise InputError(f"no Dask worker joined {kind} within 60 s; start one with `dask worker {kind}`") from exc
-            yield from _activate(Scheduling(kind, kind, len(client.scheduler_info()["workers"]), None, None))
+        yield from _remote(kind)
         return
     if kind != "local":
-        raise InputError(f"unknown scheduler {kind!r}; use local, threads, synchronous or tcp://HOST:PORT")
+        shown = kind if len(kind) <= 80 else kind[:77] + "..."
+        raise InputError(f"unknown scheduler {shown!r}; use local, threads, synchronous or tcp://HOST:PORT")
+    gpus = visible_gpus() if device in ("auto", "cuda") else ()
+    limit = max(WORKERS_PER_CORE * cores, len(gpus))
+    if workers is not None and not 1 <= workers <= limit:
+        raise InputError(
+            f"--workers {workers}: give 1 to {limit} ({WORKERS_PER_CORE} per core on this machine of {cores} core(s)"
+            f"{', or one per GPU' if gpus else ''}); each worker is a process holding its own copy of the model"
+        )
+    yield from _local(workers, gpus, cores)
 
+
+def _remote(kind: str) -> Iterator[Scheduling]:
+    from distributed import Client
+
+    scheme, _, _ = check_address(kind)
+    security = _remote_security(kind, scheme)
+    try:
+        client = Client(kind, timeout="20s", security=security)
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(
+            f"no Dask scheduler answers at {kind} ({_one_line(exc)}); start one with `dask scheduler` or use --scheduler local"
+        ) from None
+    with client:
+        if not client.scheduler_info().get("workers"):
+            try:
+                client.wait_for_workers(1, timeout=60)
+            except (TimeoutError, OSError) as exc:
+                raise InputError(f"no Dask worker joined {kind} within 60 s; start one with `dask worker {kind}`") from exc
+        n = len(client.scheduler_info()["workers"])
+        yield from _guarded(Scheduling(kind, kind, n, None, None))
+
+
+def _local(workers: int | None, gpus: tuple[str, ...], cores: int) -> Iterator[Scheduling]:
+    import importlib.util
+
+    import dask
     from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
-    gpus = visible_gpus() if device in ("auto", "cuda") else ()
-    worker_opts = {"silence_logs": logging.WARNING}
-    if gpus:
-        n = workers or len(gpus)
-        per_gpu = max(1, cores // n)
-        specs = {
-            f"gpu-{k}": {
-                "cls": Nanny,
-                "options": {
-                    "nthreads": 2,
-                    "resources": {"GPU": 1},
-                    "env": {"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)], "OMP_NUM_THREADS": str(per_gpu)},
-                    **worker_opts,
-                },
-            }
-            for k in range(n)
-        }
-        cluster = SpecCluster(
-            workers=specs,
-            scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}},
-            silence_logs=logging.WARNING,
+    security = _local_security()
+    dashboard = dashboard_address()
+    # Dask starts an HTTP server on every scheduler and worker even without a dashboard; with
+    # no routes it serves nothing (not the scheduler's logs, not metrics)
+    quiet_http = {} if dashboard else {"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}
+    http = {"dashboard": dashboard is not None, "dashboard_address": dashboard or "127.0.0.1:0"}
+    worker_opts: dict[str, Any] = {"silence_logs": logging.WARNING, "preload": [__name__]}  # see dask_setup
+
+    def start() -> tuple[Any, Scheduling]:
+        with dask.config.set(quiet_http):
+            if gpus:
+                n = workers or len(gpus)
+                per_gpu = max(1, cores // n)
+                specs = {
+                    f"gpu-{k}": {
+                        "cls": Nanny,
+                        "options": {
+                            "nthreads": 2,
+                            "resources": {"GPU": 1},
+                            "env": {"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)], "OMP_NUM_THREADS": str(per_gpu)},
+                            "host": "127.0.0.1",
+                            "protocol": "tls://",
+                            "security": security,
+                            "dashboard": False,
+                            **worker_opts,
+                        },
+                    }
+                    for k in range(n)
+                }
+                scheduler_opts = {"host": "127.0.0.1", "protocol": "tls://", "security": security, **http}
+                cluster = SpecCluster(
+                    workers=specs,
+                    scheduler={"cls": Scheduler, "options": scheduler_opts},
+                    security=security,
+                    silence_logs=logging.WARNING,
+                )
+                return cluster, Scheduling("local", None, n, per_gpu, {"GPU": 1}, gpus)
+            n = workers or 1
+            per_worker = max(1, cores // n)
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=max(2, per_worker),
+                processes=True,
+                host="127.0.0.1",
+                protocol="tls://",
+                security=security,
+                dashboard_address=dashboard,
+                scheduler_kwargs=http,  # a free port: never 8787, which another cluster may hold
+                **worker_opts,
+            )
+            return cluster, Scheduling("local", None, n, per_worker, None)
+
+    with ExitStack() as stack:
+        held = stack.enter_context(_held_signals())
+        cluster, sched = start()
+        stack.enter_context(cluster)
+        client = stack.enter_context(Client(cluster))
+        held.release()  # a stop signal that came while the cluster started is acted on now, inside the `with`
+        link = None
+        if dashboard is None:
+            where = f"no dashboard ({DASHBOARD_ENV}=on for one on 127.0.0.1)"
+        elif importlib.util.find_spec("bokeh") is None:
+            where = "no dashboard (it needs bokeh: pip install bokeh)"
+        else:
+            port = client.scheduler_info().get("services", {}).get("dashboard")
+            link = f"http://127.0.0.1:{port}/status" if port else None
+            where = f"dashboard {link} (any local user can view it)" if link else "no dashboard (it did not start)"
+        sched = Scheduling(
+            sched.kind, client.scheduler.address, sched.workers, sched.num_threads, sched.resources, sched.gpus, link
         )
-        sched = Scheduling("local", None, n, per_gpu, {"GPU": 1}, gpus)
-    else:
-        n = workers or 1
-        threads = max(1, cores // n)
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=max(2, threads),
-            processes=True,
-            dashboard_address=":0",  # a free port: never collides with another cluster's 8787
-            host="127.0.0.1",
-            silence_logs=logging.WARNING,
-        )
-        sched = Scheduling("local", None, n, threads, None)
-    with cluster, Client(cluster) as client:
-        sched = Scheduling(sched.kind, client.scheduler.address, sched.workers, sched.num_threads, sched.resources, sched.gpus)
-        log.info("local Dask cluster at %s with %d worker(s)", sched.address, sched.workers)
+        log.info("local Dask cluster at %s (TLS, this process only) with %d worker(s); %s", sched.address, sched.workers, where)
+        yield from _guarded(sched)
+
+
+class _HeldSignals:
+    """Stop signals held back while a local cluster starts; see :func:`_held_signals`."""
+
+    HELD = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def hold(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGINT, *self.HELD):
+            handler = signal.getsignal(s)
+            if handler in (signal.SIG_IGN, None):  # ignored (nohup) or not Python's to change
+                continue
+            if s == signal.SIGINT:
+                # ignored, not caught: the worker processes started now inherit SIG_IGN, so a terminal's Ctrl-C
+                # (sent to the whole foreground group) reaches only this process, which closes them in order
+                self.previous[s] = signal.signal(s, signal.SIG_IGN)
+            else:
+                self.previous[s] = signal.signal(s, lambda signum, _frame: self.held.append(signum))
+
+    def release(self, act: bool = True) -> None:
+        previous, self.previous = self.previous, {}
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if act and self.held:
+            signal.raise_signal(self.held[0])
+
+
+@contextmanager
+def _held_signals() -> Iterator[_HeldSignals]:
+    """Hold stop signals back while the block starts a local cluster; ``release()`` acts on them.
+
+    A signal in the middle of ``LocalCluster()`` leaves a half-started cluster that Dask
+    cannot close (an ``AssertionError`` traceback at exit) and workers interrupted while
+    importing. SIGTERM and SIGHUP are held and raised again once the cluster and its client
+    are entered (they then close in order); Ctrl-C is ignored for the second or so the
+    workers take to start (so that they ignore it too). Only in the main thread.
+    """
+    held = _HeldSignals()
+    held.hold()
+    try:
+        yield held
+    finally:
+        held.release(act=False)
+
+
+def _guarded(sched: Scheduling) -> Iterator[Scheduling]:
+    """:func:`_activate`, with Dask's ``KilledWorker`` from the block turned into a one-line :class:`WorkerLostError`."""
+    from distributed.scheduler import KilledWorker
+
+    try:
         yield from _activate(sched)
+    except KilledWorker as exc:
+        raise _killed_worker(exc) from None
 
 
 def _activate(sched: Scheduling) -> Iterator[Scheduling]:

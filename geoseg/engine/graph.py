@@ -48,6 +48,7 @@ class Job:
     stats: list = field(default_factory=list)  # one Delayed per chunk, row-major
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    radiometry: dict[str, Any] | None = None  # how raw values became reflectance (reflectance-scaled cards)
 
     def params(self) -> dict[str, Any]:
         """Every parameter of the job, JSON-ready."""
@@ -65,6 +66,8 @@ class Job:
             "batch_size": self.runtime.batch_size,
             "num_threads": self.runtime.num_threads,
             "resample_scale": self.runtime.scale,
+            "tta": self.runtime.tta,
+            "radiometry": self.radiometry,
         }
 
 
@@ -86,7 +89,12 @@ def _probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int):
 
     from geoseg.models.runtime import probe
 
-    return dask.delayed(probe, pure=True)(spec, runtime, bands, size).compute()
+    try:
+        return dask.delayed(probe, pure=True)(spec, runtime, bands, size).compute()
+    except MemoryError:
+        raise InputError(
+            f"the model ran out of memory on one {size}x{size} px probe tile; lower --tile (or --halo, --batch-size)"
+        ) from None
 
 
 def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int], require_crs: bool = False) -> RasterSource:
@@ -149,24 +157,123 @@ def gsd_plan(src: RasterSource, card: ModelCard, allow: bool = True) -> tuple[fl
     scale = gsd / target
     if abs(scale * MAX_RESAMPLE - 1) < 0.02 or abs(scale / MAX_RESAMPLE - 1) < 0.02:
         scale = 1 / MAX_RESAMPLE if scale < 1 else MAX_RESAMPLE  # a nominal 4x stays a whole factor
-    units = target / gsd * math.sqrt(abs(src.geobox.transform.a * src.geobox.transform.e))  # in the CRS's units
-    fix = f"gdalwarp -tr {units:.6g} {units:.6g} -r average"
     if not allow or not 1 / MAX_RESAMPLE <= scale <= MAX_RESAMPLE:
+        made = f"{lo:.3g}-{hi:.3g} m" if card.gsd_range_m else f"{target:.3g} m"
+        if gsd > target:  # coarser: upsampling adds no detail, so no gdalwarp advice
+            fix = f"use imagery of about {made} per pixel; at {gsd:.3g} m what it looks for spans too few pixels"
+        else:
+            units = target / gsd * math.sqrt(abs(src.geobox.transform.a * src.geobox.transform.e))  # in the CRS's units
+            fix = f"resample to the model's pixel size with gdalwarp -tr {units:.6g} {units:.6g} -r average"
+            if not allow:
+                fix += ", or drop --no-resample"
         why = "resampling is off" if not allow else f"more than {MAX_RESAMPLE:g}x away"
-        return 1.0, (
-            f"{src.path}: pixels are {gsd:.3g} m but the model {card.name!r} was made for {target:.3g} m ({why}); "
-            f"results may degrade (resample with {fix})"
-        )
+        return 1.0, f"{src.path}: pixels are {gsd:.3g} m but the model {card.name!r} was made for {made} ({why}); {fix}"
     return scale, f"{src.path}: pixels are {gsd:.3g} m; tiles resampled on the fly to the model's {target:.3g} m (x{scale:.3g})"
 
 
-def _resolve_scaling(spec: ModelSpec, src: RasterSource) -> ModelSpec:
-    if spec.card.scaling.method != "percentile":
-        return spec
+#: most model threads per worker, per core (at least :data:`MIN_MAX_THREADS`): far past any speed-up, and
+#: well below the thread counts that crash OpenMP (100000 segfaults)
+THREADS_PER_CORE = 8
+MIN_MAX_THREADS = 64
+#: float32 values per pixel allowed for a model's own activations when sizes are checked against the machine's
+#: memory (a small U-Net holds more): only tile sizes that cannot fit are refused before the probe tries one
+ACTIVATION_FLOATS = 32
+#: most chunk tasks one prediction may have (each is a few graph keys; millions take minutes to build)
+MAX_CHUNKS = 250_000
+
+
+def max_threads() -> int:
+    """The largest ``num_threads`` (``--threads``) accepted on this machine."""
+    return max(MIN_MAX_THREADS, THREADS_PER_CORE * (os.cpu_count() or 1))
+
+
+def _machine_memory() -> int | None:
+    """Physical memory of this machine in bytes (None when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover (not POSIX)
+        return None
+
+
+def _round_up(n: int, mult: int) -> int:
+    return -(-n // mult) * mult
+
+
+def _largest_square(src: RasterSource, card: ModelCard, halo: int | None, mult: int) -> int:
+    """Side of the largest square tile input the raster holds: its shorter side plus the halo on both ends."""
+    h = halo if halo is not None else (card.halo if card.halo is not None else DEFAULT_HALO)
+    return _round_up(min(src.geobox.height, src.geobox.width) + 2 * h, mult)
+
+
+def _check_forward(rows: int, cols: int, batch: int, bands: int, n_classes: int, tile: int, halo: int | None) -> None:
+    """Refuse a forward pass whose arrays cannot fit in this machine's memory (see :data:`ACTIVATION_FLOATS`)."""
+    memory = _machine_memory()
+    need = batch * rows * cols * 4 * (bands + 2 * n_classes + ACTIVATION_FLOATS)
+    if memory and need > memory:
+        what = f"{batch} tiles" if batch > 1 else "one tile"
+        fix = "lower --tile" + (" or --batch-size" if batch > 1 else "")
+        fix += " or --halo" if halo and 4 * halo >= min(rows, cols) else ""
+        raise InputError(
+            f"--tile {tile}: a forward pass of {what} of {cols}x{rows} px needs at least {_gib(need)}, more than this "
+            f"machine's {_gib(memory)}; {fix}"
+        )
+
+
+def _gib(n: float) -> str:
+    g = n / 2**30
+    return f"{g:,.0f} GiB" if g >= 100 else f"{g:.3g} GiB"
+
+
+def _check_costs(plan: TilePlan, runtime: Runtime, bands: int, n_classes: int, chunk: int | None) -> None:
+    """Refuse tile, chunk and batch sizes this machine cannot hold, and graphs too large to build.
+
+    Bytes are the float32 arrays geoseg holds (input, logits, probabilities) and a small
+    allowance for the model's activations, so only sizes that cannot work are refused.
+    """
+    region = plan.region
+    n_chunks = -(-region.height // plan.chunk_px) * -(-region.width // plan.chunk_px)
+    if n_chunks > MAX_CHUNKS:
+        raise InputError(
+            f"--chunk {chunk or DEFAULT_CHUNK}: the {region.width}x{region.height} px region would be {n_chunks:,} tasks "
+            f"(at most {MAX_CHUNKS:,}); raise --chunk (it is rounded to whole tile cores of {plan.core} px)"
+        )
+    if plan.fixed_size:  # every tile is whole (and resampled ones are model_size px)
+        rows = cols = max(plan.tile, runtime.model_size or 0)
+    else:  # tiles shrink to the raster at its edges
+        rows = min(plan.tile, _round_up(region.height + 2 * plan.halo, plan.size_multiple))
+        cols = min(plan.tile, _round_up(region.width + 2 * plan.halo, plan.size_multiple))
+    per_chunk = -(-min(plan.chunk_px, region.height) // plan.core) * -(-min(plan.chunk_px, region.width) // plan.core)
+    _check_forward(rows, cols, max(1, min(runtime.batch_size, per_chunk)), bands, n_classes, plan.tile, plan.halo)
+    memory = _machine_memory()
+    rows = min(plan.chunk_px, region.height) + 2 * plan.halo
+    cols = min(plan.chunk_px, region.width) + 2 * plan.halo
+    held = rows * cols * (4 * bands + 4 * n_classes + 2)
+    if memory and held > memory:
+        raise InputError(
+            f"--chunk {chunk or DEFAULT_CHUNK}: one task holds {cols}x{rows} px (chunk and halo, {bands} bands, "
+            f"{n_classes} classes): {_gib(held)}, more than this machine's {_gib(memory)}; lower --chunk"
+            + (" or --halo" if plan.halo > plan.chunk_px else "")
+        )
+
+
+def _resolve_scaling(spec: ModelSpec, src: RasterSource, radiometry: Any = None) -> tuple[ModelSpec, Any]:
+    """The spec with its scaling resolved for ``src`` (fixed values for every tile), and the
+    radiometry used (reflectance cards; None otherwise).
+    """
+    method = spec.card.scaling.method
+    if method == "reflectance":
+        from geoseg.io.radiometry import resolve_radiometry
+        from geoseg.io.raster import band_percentiles
+
+        rad = resolve_radiometry(src, radiometry)
+        scaling = spec.card.scaling.resolve(lambda lo, hi: band_percentiles(src, lo, hi), radiometry=rad, n_bands=src.count)
+        return replace(spec, card=replace(spec.card, scaling=scaling)), rad
+    if method != "percentile":
+        return spec, None
     from geoseg.io.raster import band_percentiles
 
     scaling = spec.card.scaling.resolve(lambda lo, hi: band_percentiles(src, lo, hi))
-    return replace(spec, card=replace(spec.card, scaling=scaling))
+    return replace(spec, card=replace(spec.card, scaling=scaling)), None
 
 
 def predict(
@@ -188,6 +295,9 @@ def predict(
     card: ModelCard | None = None,
     resources: dict[str, float] | None = None,
     resample: bool = True,
+    radiometry: Any = None,
+    trust_model: bool = False,
+    tta: int | None = None,
 ):
     """Segment a raster lazily with a model, tile by tile, without seams.
 
@@ -233,6 +343,18 @@ def predict(
     resample : bool
         Resample tiles on the fly to the card's pixel size when the raster's differs by
         up to 4x (see :func:`gsd_plan`); the mask is still on the raster's grid.
+    radiometry : str, optional
+        For models that take reflectance (card scaling ``reflectance``): how the raster
+        stores it, a :data:`geoseg.io.radiometry.PRESETS` name (``s2-l2a``,
+        ``s2-l2a-harmonized``, ``sentinelhub-raw16``, ``reflectance``, ...) or
+        ``scale=S,offset=O``. Default: from the raster's metadata, else guessed from its
+        value range (logged, and recorded in run.json).
+    trust_model : bool
+        Load a TorchScript file whose code runs at load or touches files (refused
+        otherwise; see :mod:`geoseg.models.safety`). Only for files you made.
+    tta : int, optional
+        Test-time augmentation: 1, 2, 4 or 8 dihedral views of every tile, logits averaged
+        (default: the card's ``tta``, else 1). Costs that many forward passes.
 
     Returns
     -------
@@ -253,21 +375,36 @@ def predict(
     t0 = time.perf_counter()
     if blend not in ("crop", "cosine"):
         raise InputError(f"blend must be 'crop' or 'cosine', got {blend!r}")
-    spec = resolve_model(model, card)
+    spec = resolve_model(model, card, trust=trust_model)
     src = _open_for(source, spec, bands, band_map or {}, require_crs=aoi is not None)  # plain images: pixel space
-    spec = _resolve_scaling(spec, src)
+    spec, rad = _resolve_scaling(spec, src, radiometry)
+    if num_threads is not None and not 1 <= num_threads <= max_threads():
+        raise InputError(
+            f"--threads {num_threads}: give 1 to {max_threads()} (model threads per worker; this machine has "
+            f"{os.cpu_count() or 1} core(s))"
+        )
     if num_threads is None:
         from geoseg.engine.cluster import active_scheduling
 
         active = active_scheduling()
         num_threads = active.num_threads if active else None
     scale, gsd_note = gsd_plan(src, spec.card, resample)
-    runtime = Runtime(device=device, precision=precision, batch_size=batch_size or 1, num_threads=num_threads, scale=scale)
+    runtime = Runtime(
+        device=device,
+        precision=precision,
+        batch_size=batch_size or 1,
+        num_threads=num_threads,
+        scale=scale,
+        tta=spec.card.tta if tta is None else tta,
+    )
 
     mult = spec.card.size_multiple
     probe_size = max(mult, -(-64 // mult) * mult)
+    if tile is not None:  # tiles shrink at the raster's edges: probe no larger than a square the raster holds
+        probe_size = max(mult, min(tile, _largest_square(src, spec.card, halo, mult)))
+        _check_forward(probe_size, probe_size, 1, src.count, 0, tile, halo)
     tp = time.perf_counter()
-    info = _probe(spec, runtime, src.count, probe_size if tile is None else tile)
+    info = _probe(spec, runtime, src.count, probe_size)
     probe_s = time.perf_counter() - tp
     if batch_size is None and info.device.startswith("cuda"):
         runtime = replace(runtime, batch_size=8)  # GPUs want batches; on a CPU batch 1 was fastest here
@@ -312,6 +449,7 @@ def predict(
         size_multiple=mult,
         fixed_size=info.fixed_size is not None or scale != 1.0,  # resampled tiles are always full tiles
     )
+    _check_costs(plan, runtime, src.count, n_classes, chunk)
     out_box = src.geobox.crop(region)
 
     from geoseg.engine import tasks
@@ -360,11 +498,19 @@ def predict(
         for i in range(ny)
     ]
     mask = da.block(mask_blocks)
-    job = Job(src, spec, card_, runtime, plan, blend, aoi_, info)
+    job = Job(src, spec, card_, runtime, plan, blend, aoi_, info, radiometry=rad.record() if rad else None)
+    if rad is not None and rad.source.endswith("(assumed)"):
+        note = (
+            f"{src.path}: no radiometric metadata (band scale/offset, Sentinel-2 processing baseline); from its value range "
+            f"geoseg assumes {rad.describe()}; if that is wrong pass radiometry= (--radiometry) one of "
+            "s2-l2a, s2-l2a-harmonized, sentinelhub-raw16, reflectance or scale=S,offset=O"
+        )
+        job.warnings.append(note)  # reported once, by the writer (run.json and the log)
+    elif rad is not None:
+        log.info("%s: radiometry %s", src.path, rad.describe())
     if gsd_note and scale != 1.0:
         log.info(gsd_note)
-    elif gsd_note:
-        log.warning(gsd_note)
+    elif gsd_note:  # reported once, by the writer (run.json and the log)
         job.warnings.append(gsd_note)
     job.stats = [final[i, j]["stats"] for i, j in plan.iter_chunks()]
     job.timings["probe_s"] = probe_s

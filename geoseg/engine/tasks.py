@@ -66,6 +66,34 @@ def _stack(data: np.ndarray, origin: Window, tiles: list) -> np.ndarray:
     return np.stack([data[(slice(None), *t.input.slices(origin))] for t in tiles]).astype(np.float32, copy=False)
 
 
+def _model_inputs(
+    data: np.ndarray, origin: Window, valid: np.ndarray, valid_input: np.ndarray, spec: ModelSpec, cw: Window
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The chunk's model inputs (float32, the card's scaling applied once, invalid pixels 0).
+
+    Pixels whose values do not fit float32 after scaling (float64 data near 1e300, a scaling
+    that overflows) are never fed to the model as inf: they become invalid (nodata) and are
+    counted. Returns ``(data, valid, overflow)``, ``valid`` over the chunk window ``cw``.
+    """
+    wide = data.dtype == np.float64
+    scaled = spec.card.scaling.method != "none"
+    if scaled:
+        data = spec.card.scaling.apply(data)  # a new float32 array
+    elif data.dtype != np.float32:
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = data.astype(np.float32)  # a new array
+    overflow = 0
+    if scaled or wide:  # only these turn valid, finite values into +-inf or NaN
+        bad = valid_input & ~np.isfinite(data).all(axis=0)
+        if bad.any():
+            valid_input = valid_input & ~bad
+            in_chunk = bad[cw.slices(origin)]
+            overflow = int((valid & in_chunk).sum())
+            valid = valid & ~in_chunk
+        data[:, ~valid_input] = 0.0  # invalid pixels enter the model as 0 (scaling moved them)
+    return data, valid, overflow
+
+
 def _model_size(runtime: Runtime) -> tuple[int, int] | None:
     return (runtime.model_size, runtime.model_size) if runtime.scale != 1.0 else None
 
@@ -93,21 +121,28 @@ def predict_chunk(
     t0 = time.perf_counter()
     predictor = get_predictor(spec, runtime)
     data, origin, valid = chunk["data"], chunk["window"], chunk["valid"]
-    if spec.card.scaling.method != "none":  # the card's scaling, once per chunk; invalid pixels stay 0
-        data = spec.card.scaling.apply(data.astype(np.float32, copy=False))
-        data[:, ~chunk["valid_input"]] = 0.0
     cw = plan.chunk_window(i, j)
+    data, valid, overflow = _model_inputs(data, origin, valid, chunk["valid_input"], spec, cw)
     batches, n_tiles, skipped = _batches(plan, i, j, valid, runtime.batch_size)
-    stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"]}
+    stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"], "overflow": overflow, "nonfinite": 0}
     model_t: dict[str, float] = {"forward_s": 0.0, "wait_s": 0.0}
 
     if blend == "crop":
         mask = np.full(cw.shape, NODATA, dtype=np.uint8)
         probs = np.full((n_classes, *cw.shape), np.nan, dtype=np.float32) if probabilities else None
-        want = "probs" if probabilities else "classes"
+        # classes come from the logits here (not from the device's argmax) so NaN/Inf outputs are seen:
+        # an argmax would silently make them a class
+        bad = np.zeros(cw.shape, dtype=bool)
+        want = "probs" if probabilities else "logits"
         for batch in batches:
             x = _stack(data, origin, batch)
-            y = predictor(x, want=want, timings=model_t, size=_model_size(runtime))
+            y = predictor(x, want=want, timings=model_t, size=_model_size(runtime), tta=runtime.tta)
+            if not probabilities:
+                finite = np.isfinite(y).all(axis=1)
+                if finite.all():
+                    y = predictor._finish(y, "classes")
+                else:
+                    y = np.where(finite, predictor._finish(np.nan_to_num(y), "classes"), NODATA).astype(np.uint8)
             for t, out in zip(batch, y, strict=True):
                 rs, cs = t.core.slices(t.input)
                 dst = t.core.slices(cw)
@@ -116,11 +151,14 @@ def predict_chunk(
                 else:
                     mask[dst] = out[rs, cs]
         if probabilities:
-            valid = valid & np.isfinite(probs).all(axis=0)  # a model that outputs NaN gives nodata, in both files
+            bad = valid & ~np.isfinite(probs).all(axis=0)
+            valid = valid & ~bad  # a model that outputs NaN gives nodata, in both files (counted, reported)
             mask = np.where(valid, np.nan_to_num(probs, nan=-1.0).argmax(0), NODATA).astype(np.uint8)
             probs[:, ~valid] = np.nan
         else:
+            bad = valid & (mask == NODATA)
             mask[~valid] = NODATA
+        stats["nonfinite"] = int(bad.sum())
         stats.update(predict_s=model_t["forward_s"], wait_s=model_t["wait_s"], blend_s=0.0, total_s=time.perf_counter() - t0)
         return {"mask": mask, "probs": probs, "stats": stats}
 
@@ -130,7 +168,7 @@ def predict_chunk(
     blend_s = 0.0
     for batch in batches:
         x = _stack(data, origin, batch)
-        y = predictor(x, want="probs", timings=model_t, size=_model_size(runtime))
+        y = predictor(x, want="probs", timings=model_t, size=_model_size(runtime), tta=runtime.tta)
         tb = time.perf_counter()
         for t, out in zip(batch, y, strict=True):
             part = t.input.intersection(acc_win)
@@ -164,9 +202,14 @@ def blend_chunk(
         acc[(slice(None), *dst)] += part["acc"][(slice(None), *src)]
         wsum[dst] += part["wsum"][src]
     probs = acc / np.where(wsum > 0, wsum, 1.0)
-    valid = own["valid"] & (wsum > 0) & np.isfinite(probs).all(axis=0)
-    mask = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
+    finite = np.isfinite(probs).all(axis=0)
+    valid = own["valid"] & (wsum > 0)
+    bad = valid & ~finite  # NaN/Inf from the model: nodata, counted and reported, never a class
+    valid &= finite
+    scores = probs if not bad.any() else np.nan_to_num(probs, nan=-1.0)
+    mask = np.where(valid, scores.argmax(0), NODATA).astype(np.uint8)
     stats = dict(own["stats"])
+    stats["nonfinite"] = int(bad.sum())
     stats["blend_s"] += time.perf_counter() - t0
     if probabilities:
         probs[:, ~valid] = np.nan

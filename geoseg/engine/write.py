@@ -9,6 +9,7 @@ at most the hidden staging folder, which the next run replaces.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -21,28 +22,36 @@ import numpy as np
 
 from geoseg.engine.graph import job_of
 from geoseg.engine.tasks import NODATA
-from geoseg.errors import GeosegError, InputError, OutputError, OutputExistsError
+from geoseg.errors import GeosegError, InputError, ModelError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
 from geoseg.io.cog import (
     DiskFullError,
     Part,
     adopt_staging,
     assemble_cog,
-    atomic_path,
     disk_full_reason,
-    fsync_replace,
     make_staging,
     output_lock,
+    read_part,
     sweep_staging,
     write_part,
+    write_text_atomic,
 )
-from geoseg.io.mask import CLASSES_TAG, PNG_MAX_PIXELS, write_mask_png
+from geoseg.io.mask import CLASSES_TAG, OBJECTS_TAG, PNG_MAX_PIXELS, write_mask_png
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_output_dir", "write"]
 
 MASK_NAME = "mask.tif"
 PROB_NAME = "probabilities.tif"
 RUN_NAME = "run.json"
+#: Largest share of valid pixels that may be lost to NaN/Inf model outputs (or to values that
+#: overflow float32 after scaling) before the run is an error; below it, a warning in run.json.
+MAX_NONFINITE_FRACTION = 0.01
+#: Tag in each staged mask part holding its chunk's statistics (tiles, NaN counts), for resumes.
+STATS_TAG = "GEOSEG_CHUNK_STATS"
+_STATS_KEYS = ("tiles", "tiles_skipped", "nonfinite", "overflow")
 
 
 def check_output_dir(out_dir: str, overwrite: bool, names: tuple[str, ...] = (MASK_NAME, PROB_NAME, RUN_NAME)) -> None:
@@ -86,22 +95,36 @@ def _windows(chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> list[list[Windo
 
 def _write_mask_part(block: np.ndarray, path: str, geobox: GeoBox, window: Window, stats: dict | None) -> dict:
     t0 = time.perf_counter()
-    part = write_part(path, block, geobox, window, nodata=NODATA)
+    tags = {STATS_TAG: json.dumps({k: stats[k] for k in _STATS_KEYS if k in stats})} if stats else None
+    part = write_part(path, block, geobox, window, nodata=NODATA, tags=tags)
     counts = np.bincount(block.ravel(), minlength=256)
     return {"part": part, "counts": counts, "stats": stats, "write_s": time.perf_counter() - t0}
 
 
-def _finished_part(path: str, window: Window) -> dict:
-    """A part a killed run of the same job finished: reused as it is (its class counts re-read)."""
-    import rasterio
+def _finished_part(path: str, window: Window, prob_path: str | None, n_probs: int, prob_dtype: str) -> dict | None:
+    """A part a killed run of the same job finished, checked block by block; None when it must be redone.
 
-    with rasterio.open(path) as ds:
-        block = ds.read(1)
-    return {"part": Part(path, window), "counts": np.bincount(block.ravel(), minlength=256), "stats": None, "write_s": 0.0}
-
-
-def _finished_prob(path: str, window: Window) -> dict:
-    return {"part": Part(path, window), "write_s": 0.0}
+    Its class counts and chunk statistics (tiles, NaN counts: a tag in the part) are read
+    back, so run.json describes the whole job after a resume. A part (or its probabilities
+    part) that is empty, truncated or of the wrong shape is removed and redone.
+    """
+    got = read_part(path, window, 1, "uint8")
+    prob_ok = prob_path is None or read_part(prob_path, window, n_probs, prob_dtype) is not None
+    if got is None or not prob_ok:
+        for p in (path, prob_path):
+            if p is not None and os.path.lexists(p):
+                try:
+                    os.remove(p)
+                except OSError:
+                    pass
+        return None
+    block, tags = got
+    try:
+        stats = json.loads(tags.get(STATS_TAG, "null"))
+    except ValueError:
+        stats = None
+    stats = stats if isinstance(stats, dict) else None
+    return {"part": Part(path, window), "counts": np.bincount(block[0].ravel(), minlength=256), "stats": stats, "write_s": 0.0}
 
 
 def _write_prob_part(block: np.ndarray, path: str, geobox: GeoBox, window: Window, dtype: str) -> dict:
@@ -213,7 +236,19 @@ def write(
     OutputExistsError
         Outputs exist and ``overwrite`` is False.
     InputError
-        Every pixel is nodata: nothing is written.
+        Every pixel is nodata: nothing is written. Or more than
+        :data:`MAX_NONFINITE_FRACTION` of the valid pixels do not fit float32 once the
+        card's scaling is applied.
+    ModelError
+        The model returned NaN or Inf for more than :data:`MAX_NONFINITE_FRACTION` of the
+        valid pixels (fewer are nodata in the mask, counted in run.json's ``nonfinite`` and
+        ``warnings``).
+
+    Notes
+    -----
+    A run that finds the staging folder of a killed run of the same job reuses its chunk
+    parts after reading each one whole (an empty or torn part is redone); their chunk
+    statistics travel in the parts, so run.json counts every tile of the job.
     """
     import dask
 
@@ -238,6 +273,7 @@ def write(
         token = dask.base.tokenize(mask.data.name, probabilities_dtype, mask_name)[:16]
         # a killed run of this very job left finished chunk parts: reuse them (resume)
         staging = adopt_staging(out_dir, ".geoseg-staging-", token) or ""
+        adopted = staging
         sweep_staging(out_dir, ".geoseg-staging-")  # left by killed runs of other jobs (never a live one)
         if overwrite and os.path.exists(os.path.join(out_dir, RUN_NAME)):
             # run.json describes the outputs beside it: never leave an old one next to new files
@@ -245,45 +281,73 @@ def write(
         job = job_of(result)
         geobox = _geobox_of(mask)
         staging = staging or make_staging(out_dir, ".geoseg-staging-", token)
-        os.makedirs(os.path.join(staging, "mask"), exist_ok=True)
+        try:
+            for sub in ("mask", *(("probabilities",) if probs is not None else ())):
+                os.makedirs(os.path.join(staging, sub), exist_ok=True)
+        except OSError:
+            if not adopted:
+                raise
+            # the killed run's folder is damaged beyond its parts (a file where a folder belongs): start afresh
+            shutil.rmtree(staging, ignore_errors=True)
+            staging, adopted = make_staging(out_dir, ".geoseg-staging-", token), ""
+            for sub in ("mask", *(("probabilities",) if probs is not None else ())):
+                os.makedirs(os.path.join(staging, sub), exist_ok=True)
         windows = _windows(mask.data.chunks)
+        cells = [(i, j, win) for i, row in enumerate(windows) for j, win in enumerate(row)]
+
+        def part_path(kind: str, i: int, j: int) -> str:
+            return os.path.join(staging, kind, f"r{i:04d}_c{j:04d}.tif")
+
+        n_probs = int(probs.sizes["class"]) if probs is not None else 0
+        reused: dict[tuple[int, int], dict] = {}
+        if adopted:  # check every part the killed run finished (on the workers); unusable ones are redone
+            found = [
+                (i, j, win)
+                for i, j, win in cells
+                if os.path.exists(part_path("mask", i, j)) and (probs is None or os.path.exists(part_path("probabilities", i, j)))
+            ]
+            checks = [
+                dask.delayed(_finished_part, pure=False)(
+                    part_path("mask", i, j), win, part_path("probabilities", i, j) if probs is not None else None,
+                    n_probs, probabilities_dtype,
+                )
+                for i, j, win in found
+            ]  # fmt: skip
+            for (i, j, _), got in zip(found, compute_tasks(checks, False) if checks else [], strict=True):
+                if got is not None:
+                    reused[i, j] = got
         blocks = mask.data.to_delayed(optimize_graph=False)  # keep keys shared with the stats tasks
+        pblocks = probs.data.to_delayed(optimize_graph=False) if probs is not None else None
         stats = job.stats if job is not None and mask.data.chunks == job.plan.chunks else None
         tasks = []
-        n = 0
-        resumed = 0
-        for i, row in enumerate(windows):
-            for j, win in enumerate(row):
-                path = os.path.join(staging, "mask", f"r{i:04d}_c{j:04d}.tif")
-                ppath = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")
+        for n, (i, j, win) in enumerate(cells):
+            if (i, j) not in reused:
                 st = stats[n] if stats is not None else None
-                if os.path.exists(path) and (probs is None or os.path.exists(ppath)):
-                    tasks.append(dask.delayed(_finished_part, pure=True)(path, win))  # parts are renamed into place whole
-                    resumed += 1
-                else:
-                    tasks.append(dask.delayed(_write_mask_part, pure=True)(blocks[i, j], path, geobox, win, st))
-                n += 1
+                tasks.append(dask.delayed(_write_mask_part, pure=True)(blocks[i, j], part_path("mask", i, j), geobox, win, st))
         n_mask = len(tasks)
-        if probs is not None:
-            os.makedirs(os.path.join(staging, "probabilities"), exist_ok=True)
-            pblocks = probs.data.to_delayed(optimize_graph=False)
-            for i, row in enumerate(windows):
-                for j, win in enumerate(row):
-                    path = os.path.join(staging, "probabilities", f"r{i:04d}_c{j:04d}.tif")
-                    mpath = os.path.join(staging, "mask", f"r{i:04d}_c{j:04d}.tif")
-                    if os.path.exists(path) and os.path.exists(mpath):
-                        tasks.append(dask.delayed(_finished_prob, pure=True)(path, win))
-                    else:
-                        tasks.append(
-                            dask.delayed(_write_prob_part, pure=True)(pblocks[0, i, j], path, geobox, win, probabilities_dtype)
+        if pblocks is not None:
+            for i, j, win in cells:
+                if (i, j) not in reused:
+                    tasks.append(
+                        dask.delayed(_write_prob_part, pure=True)(
+                            pblocks[0, i, j], part_path("probabilities", i, j), geobox, win, probabilities_dtype
                         )
+                    )
         tc = time.perf_counter()
-        results = compute_tasks(tasks, progress)
+        results = compute_tasks(tasks, progress) if tasks else []
         compute_s = time.perf_counter() - tc
+        new_mask, new_prob = iter(results[:n_mask]), iter(results[n_mask:])
+        mask_res = [reused[i, j] if (i, j) in reused else next(new_mask) for i, j, _ in cells]
+        prob_parts = (
+            [Part(part_path("probabilities", i, j), win) if (i, j) in reused else next(new_prob)["part"] for i, j, win in cells]
+            if probs is not None
+            else []
+        )
+        resumed = len(reused)
 
-        mask_res = results[:n_mask]
         counts = np.sum([r["counts"] for r in mask_res], axis=0)
         valid_px = int(counts[:NODATA].sum())
+        lost = _check_nonfinite(job, mask_res, valid_px)
         if valid_px == 0:
             raise InputError(
                 f"{job.source.path if job else 'input'}: every pixel is nodata (or outside the AOI) in the processed window; "
@@ -297,33 +361,49 @@ def write(
         tags = None
         if table:
             tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": list(c.color)} for c in table])}
-        assemble_cog(
-            [r["part"] for r in mask_res], final_mask, geobox, dtype="uint8", nodata=NODATA, colormap=colormap, metadata=tags
-        )
-        outputs = {"mask": mask_name}
-        if plain:  # a plain image's mask also as an indexed PNG of the same size (class ids, class colours)
-            final_png = os.path.join(staging, png_name)
-            write_mask_png(final_mask, final_png, {c.id: tuple(c.color) for c in table})
-            outputs["mask_png"] = png_name
-        if probs is not None:
-            names = [str(c) for c in probs["class"].values]
-            final_prob = os.path.join(staging, PROB_NAME)
+            rules = {k: getattr(card, k) for k in ("min_area_m2", "max_length_m") if card and getattr(card, k) is not None}
+            if rules and card.task == "objects":  # the model's object rules travel with its mask
+                tags[OBJECTS_TAG] = json.dumps(rules)
+        try:
             assemble_cog(
-                [r["part"] for r in results[n_mask:]],
-                final_prob,
-                geobox,
-                dtype=probabilities_dtype,
-                count=len(names),
-                nodata=None if probabilities_dtype == "uint8" else float("nan"),
-                descriptions=names,
-                mask=probabilities_dtype == "uint8",
-                overview_resampling="average",
+                [r["part"] for r in mask_res], final_mask, geobox, dtype="uint8", nodata=NODATA, colormap=colormap, metadata=tags
             )
-            outputs["probabilities"] = PROB_NAME
+            outputs = {"mask": mask_name}
+            if plain:  # a plain image's mask also as an indexed PNG of the same size (class ids, class colours)
+                final_png = os.path.join(staging, png_name)
+                write_mask_png(final_mask, final_png, {c.id: tuple(c.color) for c in table})
+                outputs["mask_png"] = png_name
+            if probs is not None:
+                names = [str(c) for c in probs["class"].values]
+                final_prob = os.path.join(staging, PROB_NAME)
+                assemble_cog(
+                    prob_parts,
+                    final_prob,
+                    geobox,
+                    dtype=probabilities_dtype,
+                    count=len(names),
+                    nodata=None if probabilities_dtype == "uint8" else float("nan"),
+                    descriptions=names,
+                    mask=probabilities_dtype == "uint8",
+                    overview_resampling="average",
+                )
+                outputs["probabilities"] = PROB_NAME
+        except OutputError as exc:
+            if not adopted or isinstance(exc, DiskFullError):
+                raise
+            # parts a killed run left could not be assembled: say where they are (the folder is removed now)
+            raise OutputError(
+                f"{out_dir}: the chunk parts resumed from the hidden folder {os.path.basename(staging)} could not be "
+                f"assembled ({exc}); it is removed now: run again (with --overwrite) to redo every chunk"
+            ) from exc
         assemble_s = time.perf_counter() - ta
 
         report = _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, probabilities_dtype, extra, table)
         report["resumed_chunks"] = resumed
+        if lost is not None:
+            report["nonfinite"] = lost["counts"]
+            if lost["warning"]:
+                report["warnings"].append(lost["warning"])
         # Move finished files into place (same filesystem: atomic renames), run.json last.
         os.replace(final_mask, os.path.join(out_dir, mask_name))
         if plain:
@@ -333,10 +413,9 @@ def write(
         elif overwrite and os.path.exists(os.path.join(out_dir, PROB_NAME)):
             os.remove(os.path.join(out_dir, PROB_NAME))  # a stale file from an earlier run would mislead
         report["timings"]["total_s"] = round(report["timings"].get("predict_call_s", 0.0) + time.perf_counter() - t0, 3)
-        tmp = atomic_path(os.path.join(out_dir, RUN_NAME))
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        fsync_replace(tmp, os.path.join(out_dir, RUN_NAME))
+        write_text_atomic(os.path.join(out_dir, RUN_NAME), json.dumps(report, indent=2))
+        for w in report["warnings"]:  # each once, here (run.json keeps them too)
+            log.warning(w)
         return report
     except DiskFullError as exc:  # name the folder the user chose, not a staging file that is removed now
         reason = str(exc).rsplit(": the disk is full (", 1)[-1].split(")", 1)[0]
@@ -356,6 +435,41 @@ def write(
         if staging and not keep:
             shutil.rmtree(staging, ignore_errors=True)
         lock.close()
+
+
+def _check_nonfinite(job, mask_res: list[dict], valid_px: int, limit: float | None = None) -> dict[str, Any] | None:
+    """Pixels lost to NaN/Inf model outputs or to float32 overflow of scaled inputs: an error past
+    ``limit`` (a share of the pixels that would have been valid; default :data:`MAX_NONFINITE_FRACTION`),
+    else the counts and a warning for run.json (None when nothing was lost).
+    """
+    limit = MAX_NONFINITE_FRACTION if limit is None else limit
+    stats = [r["stats"] for r in mask_res if r.get("stats")]
+    nonfinite = int(sum(s.get("nonfinite", 0) for s in stats))
+    overflow = int(sum(s.get("overflow", 0) for s in stats))
+    if not nonfinite and not overflow:
+        return None
+    total = valid_px + nonfinite + overflow
+    what = job.spec.path or job.spec.id if job is not None else "model"
+    src = job.source.path if job is not None else "input"
+    scaling = job.spec.card.scaling if job is not None else None
+    how = f"scaling {scaling.method}" if scaling is not None and scaling.method != "none" else "no scaling"
+    if overflow and (valid_px == 0 or overflow / total > limit):
+        raise InputError(
+            f"{src}: {overflow} of {total} valid pixels ({overflow / total:.1%}) do not fit float32 once scaled ({how}); "
+            "rescale the raster (e.g. gdal_translate -scale -ot Float32) or fix the card's scaling"
+        )
+    if nonfinite and (valid_px == 0 or nonfinite / total > limit):
+        raise ModelError(
+            f"{what}: the model returned NaN or Inf for {nonfinite} of {total} valid pixels ({nonfinite / total:.1%}); "
+            f"check the card's scaling ({how}: inputs it was not trained on) and the model itself"
+        )
+    parts = []
+    if nonfinite:
+        parts.append(f"the model returned NaN or Inf for {nonfinite} pixels")
+    if overflow:
+        parts.append(f"{overflow} pixels do not fit float32 once scaled ({how})")
+    warning = f"{' and '.join(parts)} of {total}; they are nodata in the mask"
+    return {"counts": {"model_output_pixels": nonfinite, "input_overflow_pixels": overflow}, "warning": warning}
 
 
 def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_dtype, extra, table=()) -> dict[str, Any]:
@@ -409,8 +523,8 @@ def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_
         report["parameters"] = job.params()
         report["device"] = {"requested": job.runtime.device, "used": job.info.device, "name": job.info.device_name}
         report["tiles"] = {
-            "total": int(sum(s["tiles"] for s in stats)),
-            "skipped_empty": int(sum(s["tiles_skipped"] for s in stats)),
+            "total": int(sum(s.get("tiles", 0) for s in stats)),
+            "skipped_empty": int(sum(s.get("tiles_skipped", 0) for s in stats)),
             "chunks": len(mask_res),
         }
     report["output_grid"] = {

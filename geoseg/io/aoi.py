@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from geoseg.errors import InputError
 from geoseg.grid import GeoBox, Window
 
-__all__ = ["AOI", "read_aoi"]
+__all__ = ["AOI", "check_aoi", "read_aoi"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,57 @@ class AOI:
         return geometry_mask(geoms, out_shape=window.shape, transform=geobox.crop(window).transform, invert=True)
 
 
+def _read_polygons(path: str):
+    """The AOI file's polygons (a GeoDataFrame with a CRS), checked; :class:`InputError` otherwise."""
+    import geopandas as gpd
+    import numpy as np
+
+    if not os.path.exists(path) and not path.startswith("/vsi"):
+        raise InputError(f"{path}: AOI file not found; check the --aoi path")
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as exc:  # pyogrio raises its own DataSourceError family
+        reason = " ".join(str(exc).split())[:200]
+        raise InputError(
+            f"{path}: not a vector file pyogrio can read ({reason}); give a GeoPackage, GeoJSON or Shapefile"
+        ) from None
+    try:
+        if not isinstance(gdf, gpd.GeoDataFrame):
+            raise AttributeError("no geometry")
+        gdf.geometry  # noqa: B018  (raises when the table has no active geometry)
+    except AttributeError:
+        raise InputError(f"{path}: the AOI has no geometry column; give a file with Polygon or MultiPolygon features") from None
+    gdf = gdf[~gdf.geometry.is_empty & gdf.geometry.notna()]
+    gdf = gdf[gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if gdf.empty:
+        raise InputError(f"{path}: the AOI has no polygons; give a file with Polygon or MultiPolygon features")
+    if gdf.crs is None:
+        raise InputError(f"{path}: the AOI file has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)")
+    bounds = gdf.total_bounds
+    if not np.isfinite(bounds).all():
+        raise InputError(f"{path}: the AOI has coordinates that are not finite numbers; fix its geometry")
+    if gdf.crs.is_geographic:
+        minx, miny, maxx, maxy = (float(v) for v in bounds)
+        if miny < -90 or maxy > 90 or minx < -540 or maxx > 540:
+            worst = miny if abs(miny) > abs(maxy) else maxy
+            raise InputError(
+                f"{path}: the AOI has latitudes up to {worst:g} in a lon/lat CRS ({gdf.crs.to_string()}), past +-90; "
+                "its coordinates are in another CRS (or x and y are swapped): set the file's real CRS"
+            )
+    return gdf
+
+
+def check_aoi(path: str | os.PathLike) -> None:
+    """Check an AOI file on its own (readable, polygons, a CRS, coordinates that exist), before any work.
+
+    Raises
+    ------
+    InputError
+        What :func:`read_aoi` would refuse about the file itself (not its overlap with a raster).
+    """
+    _read_polygons(os.fspath(path))
+
+
 def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
     """Read an AOI from any vector file (any CRS) and find its window on ``geobox``.
 
@@ -57,23 +108,13 @@ def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
         Unreadable file, no polygons, no CRS on either side, or no overlap with the raster.
     """
     import geopandas as gpd
+    import numpy as np
     import shapely
 
     path = os.fspath(path)
-    if not os.path.exists(path) and not path.startswith("/vsi"):
-        raise InputError(f"{path}: AOI file not found; check the --aoi path")
-    try:
-        gdf = gpd.read_file(path)
-    except Exception as exc:  # pyogrio raises its own DataSourceError family
-        raise InputError(f"{path}: not a vector file pyogrio can read ({exc}); give a GeoPackage, GeoJSON or Shapefile") from exc
-    gdf = gdf[~gdf.geometry.is_empty & gdf.geometry.notna()]
-    gdf = gdf[gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
-    if gdf.empty:
-        raise InputError(f"{path}: the AOI has no polygons; give a file with Polygon or MultiPolygon features")
+    gdf = _read_polygons(path)
     if geobox.crs is None:
         raise InputError(f"{path}: the raster has no CRS, so a geographic AOI cannot be placed on it")
-    if gdf.crs is None:
-        raise InputError(f"{path}: the AOI file has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)")
     # Densify before reprojecting so long straight edges follow the curvature they have
     # in the raster's CRS (a lon/lat box edge is not straight in UTM).
     # Repair first: densifying a self-intersecting ring (a bow-tie) before make_valid loses one of its lobes.
@@ -82,7 +123,17 @@ def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
     step = max(maxx - minx, maxy - miny) / 256
     if step > 0:
         src = shapely.segmentize(src, step)
-    geoms = shapely.make_valid(gpd.GeoSeries(src, crs=gdf.crs).to_crs(geobox.crs).values)  # reprojection can fold rings
+    try:
+        moved = gpd.GeoSeries(src, crs=gdf.crs).to_crs(geobox.crs).values
+    except Exception as exc:  # pyproj errors for CRSs it cannot relate
+        reason = " ".join(str(exc).split())[:200]
+        raise InputError(f"{path}: the AOI cannot be reprojected to the raster's CRS {geobox.crs} ({reason})") from None
+    if not np.isfinite(shapely.get_coordinates(moved)).all():
+        raise InputError(
+            f"{path}: the AOI reaches places the raster's CRS {geobox.crs} cannot show (coordinates become infinite); "
+            "clip the AOI to the raster's area"
+        )
+    geoms = shapely.make_valid(moved)  # reprojection can fold rings
     union = shapely.union_all(geoms)
     if union.is_empty:
         raise InputError(f"{path}: the AOI polygons are empty after reprojection")

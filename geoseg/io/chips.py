@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -145,6 +145,8 @@ class ChipImage:
     allowed: np.ndarray | None = None  # shapely polygons (raster CRS) training is limited to
     block: int = 512
     scaling: Any = None  # the model card's scaling, resolved for this image (set by the trainer)
+    radiometry: dict | None = None  # reflectance cards: the image's radiometry record (set by the trainer)
+    hard: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # mined false positives (rows, cols)
 
     def __post_init__(self) -> None:
         import shapely
@@ -301,10 +303,18 @@ class ChipSampler:
         twice the ground distance per pixel, i.e. a coarser GSD). Drawn log-uniformly.
     object_share : float
         Share of chips centred on a labelled object (the rest are uniform over the split).
+    hard_share : float
+        Share of training chips centred on mined false positives (``ChipImage.hard``: where
+        the model being trained saw objects that are not there), once some are mined.
     """
 
     def __init__(
-        self, images: Sequence[ChipImage], chip: int, scales: tuple[float, float] = (1.0, 1.0), object_share: float = 0.6
+        self,
+        images: Sequence[ChipImage],
+        chip: int,
+        scales: tuple[float, float] = (1.0, 1.0),
+        object_share: float = 0.6,
+        hard_share: float = 0.0,
     ) -> None:
         if not images:
             raise InputError("training needs at least one image")
@@ -312,6 +322,7 @@ class ChipSampler:
         self.chip = chip
         self.scales = scales
         self.object_share = object_share
+        self.hard_share = hard_share
 
     def windows(self, rng: np.random.Generator, n: int, split: str) -> list[tuple[int, Window, int]]:
         """``n`` chip draws: (image index, read window, output size)."""
@@ -328,8 +339,13 @@ class ChipSampler:
             f = float(np.exp(rng.uniform(lo, hi)))
             side = max(self.chip, round(self.chip * f))
             centres = im.centres[split]
+            hard = im.hard if split == "train" else im.hard[:0]
             if len(centres) and rng.random() < self.object_share:
                 r, c = centres[rng.integers(len(centres))]
+                r += rng.uniform(-0.35, 0.35) * side
+                c += rng.uniform(-0.35, 0.35) * side
+            elif len(hard) and rng.random() < self.hard_share / max(1e-9, 1.0 - self.object_share):
+                r, c = hard[rng.integers(len(hard))]
                 r += rng.uniform(-0.35, 0.35) * side
                 c += rng.uniform(-0.35, 0.35) * side
             else:

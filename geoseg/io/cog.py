@@ -23,7 +23,19 @@ import numpy as np
 from geoseg.errors import OutputError
 from geoseg.grid import GeoBox, Window
 
-__all__ = ["DiskFullError", "Part", "assemble_cog", "atomic_path", "disk_full_reason", "fsync_replace", "write_part"]
+__all__ = [
+    "DiskFullError",
+    "Part",
+    "assemble_cog",
+    "atomic_path",
+    "disk_full_now",
+    "disk_full_reason",
+    "fsync_replace",
+    "open_lock_file",
+    "read_part",
+    "write_part",
+    "write_text_atomic",
+]
 
 
 class DiskFullError(OutputError):
@@ -31,7 +43,7 @@ class DiskFullError(OutputError):
 
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "Free disk space available")
+_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "Free disk space available", "disk is full")
 
 
 def disk_full_reason(exc: BaseException | None, text: str = "") -> str | None:
@@ -43,11 +55,41 @@ def disk_full_reason(exc: BaseException | None, text: str = "") -> str | None:
             return os.strerror(exc.errno)
         for needle in _FULL_TEXT:
             if needle in str(exc):
-                return needle
+                return _CANONICAL.get(needle, needle)
         exc = exc.__cause__ or exc.__context__
     for needle in _FULL_TEXT:
         if needle in text:
-            return needle
+            return _CANONICAL.get(needle, needle)
+    return None
+
+
+_CANONICAL = {"disk is full": "No space left on device"}  # SQLite's "database or disk is full"
+
+
+def disk_full_now(path: str, written: str | None = None) -> str | None:
+    """Why writing under ``path`` fails for lack of room right now, or None.
+
+    For libraries that report a failed write without its cause (GDAL's "Cannot write
+    feature"): the filesystem has (almost) no free space left, or ``written`` has reached
+    the process's file size limit (``RLIMIT_FSIZE``).
+    """
+    import resource
+
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        for p in [written, f"{written}-journal", f"{written}-wal"] if written else []:
+            try:
+                if os.path.getsize(p) >= soft - (1 << 16):
+                    return os.strerror(errno.EFBIG)
+            except OSError:
+                pass
     return None
 
 
@@ -102,6 +144,7 @@ def write_part(
     window: Window,
     nodata: float | None = None,
     valid: np.ndarray | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Part:
     """Write one chunk of an output raster to its own GeoTIFF (inside a task).
 
@@ -120,10 +163,18 @@ def write_part(
         Nodata value recorded in the part.
     valid : numpy.ndarray, optional
         Bool ``(height, width)``; written as the part's dataset mask when given.
+    tags : dict, optional
+        Metadata stored in the part (a resumed run reads its chunk statistics back).
 
     Returns
     -------
     Part
+
+    Notes
+    -----
+    The part is flushed to disk (``fsync``) before it is renamed into place, so after a
+    power loss a part that exists under its final name is complete; :func:`read_part`
+    checks it anyway before a resumed run reuses it.
     """
     import rasterio
 
@@ -159,11 +210,16 @@ def write_part(
             dst.write(arr)
             if valid is not None:
                 dst.write_mask(valid.astype(np.uint8) * 255)
+            if tags:
+                dst.update_tags(**tags)
         blob = mem.read()
     try:
         with open(tmp, "wb") as f:
             f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())  # complete on disk before its final name exists
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
     except OSError as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -175,6 +231,102 @@ def write_part(
             "folder at this path (a shared filesystem)"
         ) from exc
     return Part(path, window)
+
+
+def read_part(path: str, window: Window, count: int, dtype: str) -> tuple[np.ndarray, dict[str, str]] | None:
+    """A finished part's pixels and tags, or None when it is unusable (empty, truncated, wrong shape).
+
+    Used before a resumed run reuses a part: every block is decoded, so a part torn by a
+    power loss or emptied by hand is redone rather than failing the run later.
+    """
+    import rasterio
+
+    try:
+        if not os.path.isfile(path) or os.path.islink(path) or os.path.getsize(path) == 0:
+            return None
+        with rasterio.open(path) as ds:
+            if (ds.height, ds.width) != window.shape or ds.count != count or ds.dtypes[0] != dtype:
+                return None
+            data = ds.read()
+            if ds.read_masks(1).shape != window.shape:
+                return None
+            return data, dict(ds.tags())
+    except (OSError, ValueError, rasterio.errors.RasterioError):
+        return None
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_lock_file(path: str, what: str = "lock file") -> int:
+    """Open (create) a lock file for reading and writing, never through a symbolic link.
+
+    ``O_NOFOLLOW``: a link planted under the lock's name (to a file the user can write) is
+    refused instead of being truncated; anything but a regular file is refused too.
+
+    Returns
+    -------
+    int
+        The file descriptor (the caller locks and closes it).
+
+    Raises
+    ------
+    OutputError
+        The lock is a link or not a regular file, or cannot be created.
+    """
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(
+                f"{path}: the {what} is a symbolic link; remove the link (geoseg creates the file itself)"
+            ) from None
+        raise OutputError(f"{path}: cannot create the {what} ({exc.strerror}); choose a folder you can write to") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError(f"{path}: the {what} is not a regular file; remove it (geoseg creates the file itself)")
+    return fd
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary sibling, fsync, rename).
+
+    Nothing is left behind on failure; a full disk (or file size limit or quota) is a
+    :class:`DiskFullError` naming ``path``, any other failure an :class:`OutputError`.
+    """
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        fsync_replace(tmp, path)
+    except OSError as exc:
+        with _suppress_oserror():
+            os.remove(tmp)
+        reason = disk_full_reason(exc)
+        if reason:
+            raise _full_error(path, reason) from None
+        raise OutputError(f"{path}: could not write it ({exc.strerror or exc}); check the folder and its permissions") from None
+
+
+@contextmanager
+def _suppress_oserror() -> Iterator[None]:
+    try:
+        yield
+    except OSError:
+        pass
 
 
 _OWNER = "owner.json"
@@ -191,8 +343,13 @@ def output_lock(out_dir: str) -> Iterator[None]:
 
     try:
         os.makedirs(out_dir, exist_ok=True)
-        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(out_dir):
+            raise OutputError(
+                f"{out_dir}: the output folder is a symbolic link; give the folder it points to "
+                f"({os.path.realpath(out_dir)}) instead"
+            ) from None
         raise OutputError(
             f"{out_dir}: cannot create or open the output folder ({exc.strerror}); choose a folder you can write to"
         ) from None
@@ -233,7 +390,9 @@ def adopt_staging(out_dir: str, prefix: str, token: str) -> str | None:
     import socket
 
     host = socket.gethostname()
-    for path in sorted(glob.glob(os.path.join(out_dir, f"{prefix}{token}-*"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), glob.escape(f"{prefix}{token}-") + "*"))):
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
         try:
             with open(os.path.join(path, _OWNER)) as f:
                 owner = json.load(f)
@@ -262,7 +421,9 @@ def sweep_staging(out_dir: str, prefix: str, max_age_s: float = 86400.0) -> None
     import time
 
     host = socket.gethostname()
-    for path in glob.glob(os.path.join(out_dir, prefix + "*")):
+    for path in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(prefix) + "*")):
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue  # only geoseg's own staging folders, never through a link
         try:
             with open(os.path.join(path, _OWNER)) as f:
                 owner = json.load(f)

@@ -18,10 +18,11 @@ import numpy as np
 
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window
-from geoseg.io.raster import quiet_rasterio_georeference
+from geoseg.io.raster import check_declared_size, dataset_files, quiet_rasterio_georeference
 
 __all__ = [
     "CLASSES_TAG",
+    "OBJECTS_TAG",
     "PNG_MAX_PIXELS",
     "MaskClass",
     "MaskSource",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 CLASSES_TAG = "GEOSEG_CLASSES"
+#: the model's object rules (``min_area_m2``, ``max_length_m``: JSON), applied by vectorize and evaluate
+OBJECTS_TAG = "GEOSEG_OBJECTS"
 NODATA = 255
 #: Plain images up to this many pixels also get their mask as a PNG (larger ones: the tiled TIFF only).
 PNG_MAX_PIXELS = 64_000_000
@@ -71,6 +74,8 @@ class MaskSource:
         Size and modification time of the mask.
     class_source : str
         Where ``classes`` came from: ``tag``, ``run.json``, ``colormap`` or ``none``.
+    object_rules : tuple of (str, float)
+        The model's object rules from :data:`OBJECTS_TAG` (``min_area_m2``, ``max_length_m``).
     """
 
     path: str
@@ -82,6 +87,7 @@ class MaskSource:
     block: int = 512
     fingerprint: str = ""
     class_source: str = "none"
+    object_rules: tuple[tuple[str, float], ...] = ()
 
     @property
     def named(self) -> bool:
@@ -149,9 +155,11 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
             crs = ds.crs.to_wkt() if ds.crs is not None else None
             if ds.crs is not None and ds.crs.to_epsg() is not None:
                 crs = f"EPSG:{ds.crs.to_epsg()}"
+            check_declared_size(path, ds, dataset_files(path))  # a forged 10^6 x 10^6 header: refused before planning
             geobox = GeoBox(ds.width, ds.height, ds.transform, crs)
             block = ds.block_shapes[0][0] if ds.block_shapes else 512
             classes, class_source = _classes_from(ds, path)
+            object_rules = _rules_from(ds.tags().get(OBJECTS_TAG))
             st = os.stat(path) if os.path.exists(path) else None
             if crs is None:
                 warn_not_georeferenced(path)
@@ -183,7 +191,24 @@ def open_mask(path: str, probabilities: str | None = None) -> MaskSource:
         block=int(block),
         fingerprint=f"{st.st_size}-{st.st_mtime_ns}" if st else "",
         class_source=class_source,
+        object_rules=object_rules,
     )
+
+
+def _rules_from(tag: str | None) -> tuple[tuple[str, float], ...]:
+    """The object rules of a mask's :data:`OBJECTS_TAG` (unknown keys and bad values ignored)."""
+    if not tag:
+        return ()
+    try:
+        d = json.loads(tag)
+    except ValueError:
+        return ()
+    out = []
+    for key in ("min_area_m2", "max_length_m"):
+        v = d.get(key) if isinstance(d, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v >= 0:
+            out.append((key, float(v)))
+    return tuple(out)
 
 
 @contextlib.contextmanager

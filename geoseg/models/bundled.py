@@ -1,23 +1,22 @@
-"""Models that ship with geoseg, built offline from the package's own code.
+"""Models that ship with geoseg: ONNX files inside the package, made by the project (no torch here).
 
-``forest`` and ``water`` are spectral-index rules written as torch modules (so they run
-through the same engine, on CPU or GPU): NDVI = (nir - red) / (nir + red) > 0.5 for forest
-(dense, closed canopy; NASA Earth Observatory: dense vegetation such as temperate and tropical
-forests gives NDVI of about 0.6-0.9, shrub and grassland 0.2-0.3) and NDWI = (green - nir) /
-(green + nir) > 0 for open water (McFeeters 1996). They are exported once as TorchScript with
-their card embedded into a per-user cache (``$GEOSEG_CACHE``, default ``~/.cache/geoseg``).
+Each bundled model is an ONNX file in ``geoseg/models/weights`` with its card in the ONNX
+metadata; :mod:`geoseg.recipes` rebuilds every one of them from the project's own
+code and data (``python -m geoseg.recipes``):
 
-``buildings``, ``ships`` and ``tanks`` are small U-Nets trained by geoseg's own ``train`` on
-scenes the package generates (recipe: :mod:`geoseg.models.recipes`), shipped as TorchScript
-files inside the package (``geoseg/models/weights``) with cards that record the recipe and
-the validation metrics.
+- ``ships``: a U-Net trained by ``geoseg train`` on Sentinel-2 L2A ports (10 m, green, red
+  and nir reflectance; Copernicus Sentinel data via the sen2ships labels);
+- ``buildings``: a U-Net trained on 0.3 m aerial RGB of four African and Asian places
+  (OpenAerialMap imagery, OpenStreetMap footprints), carried to 0.3-0.6 m;
+- ``tanks``: storage tanks as a geometric rule (bright roof circles 10-100 m across found
+  by gradient voting on concentric rings), no training data;
+- ``forest`` and ``water``: NDVI > 0.5 and NDWI > 0 (McFeeters 1996) spectral-index rules;
+- ``vessels``: blood vessels in colour fundus photographs (haemoglobin absorbs green: a
+  local-contrast rule);
+- ``clouds``: DLR's ukis-csmask cloud/shadow network, read from that package's wheel
+  (``pip install 'geoseg[clouds]'``), with a card built from its statistics file.
 
-``vessels`` finds blood vessels in colour fundus photographs (plain RGB images) from the
-physics of haemoglobin's green absorption: a local-contrast rule, also a torch module.
-
-``clouds`` is the cloud / cloud-shadow U-Net that DLR ships inside the ``ukis-csmask`` wheel
-(Apache-2.0; ``pip install 'geoseg[clouds]'``), read from the installed package, with a card
-built from the statistics file beside it. Nothing is ever downloaded.
+Nothing is ever downloaded and nothing in a bundled file is code.
 """
 
 from __future__ import annotations
@@ -31,12 +30,22 @@ __all__ = ["BUNDLED", "BundledModel", "bundled_card", "bundled_path"]
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A bundled model: its card (as a dictionary) and how to build it (or which package file it is)."""
+    """A bundled model: its name and where it comes from (``weights`` file or a ``package``)."""
 
     name: str
-    card: dict
-    builder: str
-    args: tuple
+    source: str
+    file: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "forest": BundledModel("forest", "weights", "forest.onnx"),
+    "water": BundledModel("water", "weights", "water.onnx"),
+    "vessels": BundledModel("vessels", "weights", "vessels.onnx"),
+    "clouds": BundledModel("clouds", "package", "4b_l2a"),
+    "buildings": BundledModel("buildings", "weights", "buildings.onnx"),
+    "ships": BundledModel("ships", "weights", "ships.onnx"),
+    "tanks": BundledModel("tanks", "weights", "tanks.onnx"),
+}
 
 
 def _csmask_card(variant: str) -> dict:
@@ -75,149 +84,46 @@ def _csmask_card(variant: str) -> dict:
     }
 
 
-def _index_card(name: str, description: str, label: str, color: list[int], bands: list[str], source: str) -> dict:
-    """The card of a two-class spectral-index model (ratios: any common band scale works)."""
-    return {
-        "name": name,
-        "version": "1",
-        "task": "area",
-        "description": description,
-        "license": "MIT (geoseg)",
-        "classes": [{"id": 0, "name": "other", "color": [200, 200, 200]}, {"id": 1, "name": label, "color": color}],
-        "bands": bands,
-        "scaling": {"method": "none"},
-        "tile": 512,
-        "halo": 0,
-        "size_multiple": 1,
-        "activation": "softmax",
-        "training": {"method": "physics: spectral index threshold", "source": source},
-    }
+def weights_dir() -> str:
+    """The folder of the bundled ONNX files inside the installed package."""
+    import importlib.resources
 
-
-BUNDLED: dict[str, BundledModel] = {
-    "forest": BundledModel(
-        "forest",
-        _index_card(
-            "forest",
-            "Forest as NDVI = (nir - red) / (nir + red) > 0.5 (dense closed canopy).",
-            "forest",
-            [34, 139, 34],
-            ["nir", "red"],
-            "NASA Earth Observatory, Measuring Vegetation (NDVI)",
-        ),
-        "nd",
-        (0.5,),
-    ),
-    "water": BundledModel(
-        "water",
-        _index_card(
-            "water",
-            "Open water as NDWI = (green - nir) / (green + nir) > 0 (McFeeters 1996).",
-            "water",
-            [0, 110, 200],
-            ["green", "nir"],
-            "McFeeters (1996), Int. J. Remote Sensing 17(7)",
-        ),
-        "nd",
-        (0.0,),
-    ),
-    "vessels": BundledModel(
-        "vessels",
-        {
-            "name": "vessels",
-            "version": "1",
-            "task": "area",
-            "description": "Blood vessels in colour fundus photographs: green darker than its 23 px surroundings by > 7 %.",
-            "license": "MIT (geoseg)",
-            "classes": [{"id": 0, "name": "background", "color": [0, 0, 0]}, {"id": 1, "name": "vessel", "color": [220, 30, 30]}],
-            "bands": ["red", "green", "blue"],
-            "scaling": {"method": "none"},
-            "tile": 512,
-            "halo": 16,
-            "size_multiple": 1,
-            "activation": "softmax",
-            "training": {
-                "method": "physics: haemoglobin absorbs green light; local contrast threshold (receptive radius 11 px)",
-                "source": "geoseg (no training data)",
-            },
-        },
-        "darklines",
-        (11, 0.07),
-    ),
-    "clouds": BundledModel("clouds", {}, "package", ("4b_l2a",)),
-    # small U-Nets trained by geoseg's own `train` on its generated scenes (geoseg/models/recipes.py)
-    "buildings": BundledModel("buildings", {}, "weights", ("buildings.pt",)),
-    "ships": BundledModel("ships", {}, "weights", ("ships.pt",)),
-    "tanks": BundledModel("tanks", {}, "weights", ("tanks.pt",)),
-}
+    return str(importlib.resources.files("geoseg.models") / "weights")
 
 
 def _weights_file(name: str) -> str:
-    import importlib.resources
-
     from geoseg.errors import ModelError
 
-    path = str(importlib.resources.files("geoseg.models") / "weights" / BUNDLED[name].args[0])
+    path = os.path.join(weights_dir(), BUNDLED[name].file)
     if not os.path.isfile(path):
         raise ModelError(
             f"bundled model {name!r}: {path} is missing from this installation; reinstall geoseg, or rebuild it with "
-            "python -m geoseg.models.recipes"
+            "python -m geoseg.recipes"
         )
     return path
 
 
-def _embedded_card(path: str) -> dict:
-    import zipfile
-
-    with zipfile.ZipFile(path) as z:
-        hit = [n for n in z.namelist() if n.endswith("extra/geoseg_card.json")]
-        return json.loads(z.read(hit[0]).decode()) if hit else {}
-
-
 def bundled_card(name: str) -> dict:
-    """The card (a dictionary) of bundled model ``name``."""
+    """The card (a dictionary) of bundled model ``name``, as stored in its ONNX metadata."""
+    from geoseg.errors import ModelError
+
     m = BUNDLED[name]
-    if m.builder == "weights":
-        return _embedded_card(_weights_file(name))
-    return _csmask_card(m.args[0]) if m.builder == "package" else m.card
+    if m.source == "package":
+        return _csmask_card(m.file)
+    from geoseg.models.card import onnx_metadata
 
-
-def _cache_dir() -> str:
-    root = os.environ.get("GEOSEG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "geoseg")
-    return os.path.join(root, "models")
+    meta = onnx_metadata(_weights_file(name))
+    if "geoseg_card" not in meta:
+        raise ModelError(f"bundled model {name!r}: its file carries no card; rebuild it with python -m geoseg.recipes")
+    return json.loads(meta["geoseg_card"])
 
 
 def bundled_path(name: str) -> str:
-    """Path of bundled model ``name`` as TorchScript with its card embedded (built on first use)."""
-    import tempfile
-
-    import torch
-
-    from geoseg.models.indices import DarkLines, NormalizedDifference
-
+    """Path of bundled model ``name`` (an ONNX file)."""
     m = BUNDLED[name]
-    if m.builder == "weights":
-        return _weights_file(name)
-    if m.builder == "package":
+    if m.source == "package":
         import importlib.resources
 
         bundled_card(name)  # a clear error when the extra is missing
-        return str(importlib.resources.files("ukis_csmask") / f"model_{m.args[0]}.onnx")
-    folder = _cache_dir()
-    import hashlib
-
-    key = hashlib.sha256(json.dumps([m.card, m.builder, m.args], sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(folder, f"{name}-v{m.card['version']}-{key}-torch{torch.__version__.split('+')[0]}.pt")
-    if os.path.exists(path):
-        return path
-    os.makedirs(folder, exist_ok=True)
-    module = NormalizedDifference(*m.args) if m.builder == "nd" else DarkLines(*m.args) if m.builder == "darklines" else None
-    if module is None:  # pragma: no cover - registry and builders are defined together
-        raise KeyError(m.builder)
-    scripted = torch.jit.script(module.eval())
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".pt.tmp")
-    os.close(fd)
-    torch.jit.save(scripted, tmp, _extra_files={"geoseg_card.json": json.dumps(m.card)})
-    os.chmod(tmp, 0o644)  # a shared cache stays readable for others
-    os.replace(tmp, path)
-    return path
+        return str(importlib.resources.files("ukis_csmask") / f"model_{m.file}.onnx")
+    return _weights_file(name)

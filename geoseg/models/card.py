@@ -34,6 +34,7 @@ __all__ = [
     "card_to_dict",
     "find_card",
     "match_bands",
+    "onnx_metadata",
     "parse_band_option",
 ]
 
@@ -56,10 +57,12 @@ CARD_KEYS = {
     "activation",
     "metrics",
     "training",
+    "tta",
+    "objects",
 }
 CLASS_KEYS = {"id", "name", "color", "kind"}
-SCALING_KEYS = {"method", "value", "mean", "std", "low", "high", "clip"}
-SCALING_METHODS = ("none", "divide", "meanstd", "minmax", "percentile")
+SCALING_KEYS = {"method", "value", "mean", "std", "low", "high", "clip", "dark_percentile"}
+SCALING_METHODS = ("none", "divide", "meanstd", "minmax", "percentile", "reflectance")
 TASKS = ("area", "objects")
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
@@ -89,7 +92,13 @@ class Scaling:
     ``minmax`` ``(x - low) / (high - low)`` per band, clipped to [0, 1] unless ``clip`` is
     false (bright targets above ``high`` keep their contrast); ``percentile``:
     like ``minmax`` with ``low``/``high`` as percentiles of the whole raster, turned into
-    values once before any tile runs (per-tile statistics would put seams into the result).
+    values once before any tile runs (per-tile statistics would put seams into the result);
+    ``reflectance``: surface reflectance (0-1), optionally ``(reflectance - mean) / std``,
+    whatever convention the raster stores it in (:mod:`geoseg.io.radiometry` finds it per
+    raster; resolved into ``meanstd`` on raw values before any tile runs); with
+    ``dark_percentile`` each band's darkest reflectance over the whole raster (that
+    percentile: water, shadow) is subtracted first (dark-object subtraction: haze and sun
+    glint that lift a whole scene are taken out, and the storage offset cancels).
     """
 
     method: str = "none"
@@ -99,6 +108,7 @@ class Scaling:
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
     clip: bool = True
+    dark_percentile: float | None = None
 
     def validate(self, n_bands: int | None, origin: str) -> None:
         """Raise :class:`ModelError` (naming ``origin``) if the parameters do not fit the method."""
@@ -116,14 +126,31 @@ class Scaling:
             values += list(getattr(self, key) or ())
         if not all(np.isfinite(values)):
             raise ModelError(f"{origin}: scaling values must be finite numbers")
+        # inputs reach the model as float32: a factor past its range makes every pixel inf or 0
+        big = float(np.finfo(np.float32).max)
+        tiny = float(np.finfo(np.float32).tiny)
+        if any(abs(v) > big for v in values):
+            raise ModelError(f"{origin}: scaling values must lie within float32's range (|v| <= {big:.3g}); fix the card")
+        divisors = [self.value] if m == "divide" else list(self.std or ()) if m in ("meanstd", "reflectance") else []
+        if m == "minmax" and self.low and self.high and (len(self.low) == len(self.high) or 1 in (len(self.low), len(self.high))):
+            lo_, hi_ = np.broadcast_arrays(np.asarray(self.low, np.float64), np.asarray(self.high, np.float64))
+            divisors += [float(d) for d in hi_ - lo_]
+        if any(d is not None and 0 < abs(d) < tiny for d in divisors):
+            raise ModelError(
+                f"{origin}: scaling divides by {min(abs(d) for d in divisors if d):.3g}, which overflows float32 "
+                f"(divisors must be at least {tiny:.3g}); fix the card's scaling"
+            )
         used = {
             "none": (),
             "divide": ("value",),
             "meanstd": ("mean", "std"),
             "minmax": ("low", "high"),
             "percentile": ("low", "high"),
+            "reflectance": ("mean", "std"),
         }
-        extra = [k for k in ("value", "mean", "std", "low", "high") if getattr(self, k) is not None and k not in used[m]]
+        used["reflectance"] = ("mean", "std", "dark_percentile")
+        keys = ("value", "mean", "std", "low", "high", "dark_percentile")
+        extra = [k for k in keys if getattr(self, k) is not None and k not in used[m]]
         if extra:
             raise ModelError(f"{origin}: scaling {m!r} does not use {', '.join(extra)}; give the method that does")
         if m in ("minmax", "percentile"):
@@ -136,16 +163,43 @@ class Scaling:
             v = getattr(self, key)
             if v is not None and n_bands is not None and len(v) not in (1, n_bands):
                 raise ModelError(f"{origin}: scaling {key} has {len(v)} values for {n_bands} bands; give one or one per band")
-        if m == "meanstd" and any(s <= 0 for s in self.std or ()):
+        dp = self.dark_percentile
+        if dp is not None and not (isinstance(dp, (int, float)) and 0 <= dp <= 50):
+            raise ModelError(f"{origin}: scaling dark_percentile must be a percentile from 0 to 50, got {dp!r}")
+        if m == "reflectance" and (self.mean is None) != (self.std is None):
+            raise ModelError(f"{origin}: scaling 'reflectance' takes both mean and std (of reflectance), or neither")
+        if m in ("meanstd", "reflectance") and any(s <= 0 for s in self.std or ()):
             raise ModelError(f"{origin}: scaling std must be positive")
         if m == "percentile" and not (min(self.low or (0,)) >= 0 and max(self.high or (100,)) <= 100):
             raise ModelError(f"{origin}: percentile scaling needs 0 <= low < high <= 100")
 
-    def resolve(self, percentiles: Any) -> Scaling:
-        """Turn ``percentile`` scaling into ``minmax`` with values from ``percentiles(low, high)``.
+    def resolve(self, percentiles: Any = None, radiometry: Any = None, n_bands: int = 1) -> Scaling:
+        """The scaling one raster's tiles get: no method left that needs the whole raster.
 
-        ``percentiles`` returns two per-band arrays (computed on the whole raster).
+        ``percentile`` becomes ``minmax`` with values from ``percentiles(low, high)`` (two
+        per-band arrays computed on the whole raster). ``reflectance`` becomes ``meanstd`` on
+        the raw values: with the raster's ``radiometry`` (``reflectance = value * scale +
+        offset``, a :class:`geoseg.io.radiometry.Radiometry`) and the card's ``mean``/``std``,
+        ``(value * scale + offset - mean) / std = (value - (mean - offset) / scale) / (std / scale)``.
         """
+        if self.method == "reflectance":
+            if radiometry is None:
+                raise ModelError("reflectance scaling needs the raster's radiometry resolved first; this is a geoseg bug")
+            scale, offset = radiometry.per_band(n_bands)
+            mean = np.broadcast_to(np.asarray(self.mean or (0.0,), np.float64), (n_bands,))
+            std = np.broadcast_to(np.asarray(self.std or (1.0,), np.float64), (n_bands,))
+            if self.dark_percentile is not None:  # (value - dark) x scale: the storage offset cancels
+                if percentiles is None:
+                    raise ModelError("dark-object subtraction needs the raster's percentiles; this is a geoseg bug")
+                dark, _ = percentiles((self.dark_percentile,), (self.dark_percentile,))
+                raw_mean = np.asarray(dark, np.float64) + mean / scale
+            else:
+                raw_mean = (mean - offset) / scale
+            return Scaling(
+                "meanstd",
+                mean=tuple(float(v) for v in raw_mean),
+                std=tuple(float(v) for v in std / np.abs(scale)),
+            )
         if self.method != "percentile":
             return self
         lo, hi = percentiles(self.low, self.high)
@@ -158,18 +212,29 @@ class Scaling:
         if m == "none":
             return x
 
-        def per_band(v: tuple[float, ...]) -> np.ndarray:
-            return np.asarray(v, np.float32).reshape(-1, 1, 1)
+        # float64 inputs (or parameters beyond float32's range, e.g. resolved percentiles of float64
+        # data) are scaled in float64; values that do not fit float32 afterwards come back as +-inf
+        # (never silently wrapped) for the caller to count and mask
+        params = [self.value or 0.0, *(self.mean or ()), *(self.std or ()), *(self.low or ()), *(self.high or ())]
+        wide = x.dtype == np.float64 or any(abs(v) > 1e30 or 0 < abs(v) < 1e-30 for v in params)
+        dt = np.float64 if wide else np.float32
 
-        if m == "divide":
-            return x / np.float32(self.value)
-        if m == "meanstd":
-            return (x - per_band(self.mean)) / per_band(self.std)
-        if m == "minmax":
-            lo, hi = per_band(self.low), per_band(self.high)
-            y = (x - lo) / (hi - lo)
-            return np.clip(y, 0.0, 1.0) if self.clip else y
-        raise ModelError("percentile scaling must be resolved on the whole raster before tiles run; this is a geoseg bug")
+        def per_band(v: tuple[float, ...]) -> np.ndarray:
+            return np.asarray(v, dt).reshape(-1, 1, 1)
+
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            x = x.astype(dt, copy=False)
+            if m == "divide":
+                y = x / dt(self.value)
+            elif m == "meanstd":
+                y = (x - per_band(self.mean)) / per_band(self.std)
+            elif m == "minmax":
+                lo, hi = per_band(self.low), per_band(self.high)
+                y = (x - lo) / (hi - lo)
+                y = np.clip(y, 0.0, 1.0) if self.clip else y
+            else:
+                raise ModelError(f"{m} scaling must be resolved for the raster before tiles run; this is a geoseg bug")
+            return y.astype(np.float32, copy=False)
 
 
 def _floats(v: Any, key: str, origin: str) -> tuple[float, ...] | None:
@@ -314,7 +379,10 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
         std=_floats(sc.get("std"), "std", origin),
         low=_floats(sc.get("low"), "low", origin),
         high=_floats(sc.get("high"), "high", origin),
+        dark_percentile=_number(sc["dark_percentile"]) if sc.get("dark_percentile") is not None else None,
     )
+    if sc.get("dark_percentile") is not None and scaling.dark_percentile is None:
+        raise ModelError(f"{origin}: scaling dark_percentile must be a number, got {sc['dark_percentile']!r}")
     scaling.validate(len(bands) if bands else None, origin)
     activation = d.get("activation", "auto")
     if activation not in ACTIVATIONS:
@@ -352,6 +420,20 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
         if not isinstance(arch.get("args", {}), Mapping):
             raise ModelError(f"{origin}: architecture args must be a mapping of keyword arguments")
         arch = _json({"name": arch["name"], "args": dict(arch.get("args") or {})}, "architecture", origin)
+    tta = d.get("tta", 1)
+    if tta not in (1, 2, 4, 8) or isinstance(tta, bool):
+        raise ModelError(f"{origin}: tta must be 1, 2, 4 or 8 (dihedral views per tile), got {tta!r}")
+    objects = d.get("objects") or {}
+    if not isinstance(objects, Mapping):
+        raise ModelError(f"{origin}: objects must be a mapping such as {{min_area_m2: 1000, max_length_m: 500}}")
+    _reject_unknown(objects, {"min_area_m2", "max_length_m"}, "objects", origin)
+    rules: dict[str, float | None] = {}
+    for key in ("min_area_m2", "max_length_m"):
+        v = objects.get(key)
+        f = _number(v) if v is not None else None
+        if v is not None and (f is None or f < 0):
+            raise ModelError(f"{origin}: objects {key} must be a number >= 0, got {v!r}")
+        rules[key] = f
     info = {k: d[k] for k in ("description", "license", "metrics", "training") if d.get(k) is not None}
     info_json = _json(info, "description, license, metrics or training", origin, default=str)
     return ModelCard(
@@ -369,6 +451,9 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
         gsd_range_m=gsd_range,
         architecture_json=arch or "",
         info_json=info_json,
+        tta=int(tta),
+        min_area_m2=rules["min_area_m2"],
+        max_length_m=rules["max_length_m"],
     )
 
 
@@ -389,6 +474,8 @@ def card_to_dict(card) -> dict[str, Any]:
                 sc[k] = list(v) if isinstance(v, tuple) else v
         if not card.scaling.clip:
             sc["clip"] = False
+        if card.scaling.dark_percentile is not None:
+            sc["dark_percentile"] = card.scaling.dark_percentile
         out["scaling"] = sc
     for k in ("gsd_m", "tile", "halo"):
         if getattr(card, k) is not None:
@@ -399,6 +486,11 @@ def card_to_dict(card) -> dict[str, Any]:
         out["architecture"] = json.loads(card.architecture_json)
     out["size_multiple"] = card.size_multiple
     out["activation"] = card.activation
+    if card.tta != 1:
+        out["tta"] = card.tta
+    rules = {k: getattr(card, k) for k in ("min_area_m2", "max_length_m") if getattr(card, k) is not None}
+    if rules:
+        out["objects"] = rules
     out.update(json.loads(card.info_json or "{}"))
     return out
 
@@ -415,13 +507,10 @@ def _load_text(text: str, origin: str) -> Any:
 
 
 def _read_text(path: str, origin: str) -> str:
-    """A card file's text (UTF-8); :class:`ModelError` naming ``origin`` when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ModelError(f"{origin}: cannot read the card ({exc.strerror or exc}); check the file and its permissions") from None
-    return _decode(raw, origin)
+    """A card file's text (UTF-8, a regular file of at most 1 MiB); :class:`ModelError` naming ``origin`` otherwise."""
+    from geoseg._yaml import read_text_file
+
+    return read_text_file(path, origin, ModelError, "card")
 
 
 def _decode(raw: bytes, origin: str) -> str:
@@ -478,21 +567,31 @@ def _deepness(meta: Mapping[str, str], origin: str) -> dict[str, Any] | None:
     return card
 
 
-def _onnx_metadata(path: str) -> dict[str, str]:
+def onnx_metadata(path: str) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` (where geoseg keeps the card), read without running it.
+
+    Raises
+    ------
+    ModelError
+        The file is not a readable ONNX model (truncated, corrupt, not ONNX).
+    """
     try:
         import onnx
-
-        model = onnx.load(path, load_external_data=False)
-        return {p.key: p.value for p in model.metadata_props}
     except ImportError:
-        pass
+        onnx = None
     try:
+        if onnx is not None:
+            model = onnx.load(path, load_external_data=False)
+            return {p.key: p.value for p in model.metadata_props}
         import onnxruntime as ort
 
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         return dict(sess.get_modelmeta().custom_metadata_map)
     except ImportError:
         return {}
+    except Exception as exc:  # onnx's DecodeError, onnxruntime's Fail/InvalidProtobuf
+        reason = _flat((str(exc).splitlines() or [""])[0])[:200] or type(exc).__name__
+        raise ModelError(f"{path}: not a readable ONNX model ({reason}); the file may be truncated: export it again") from None
 
 
 def find_card(path: str, kind: str):
@@ -519,11 +618,13 @@ def find_card(path: str, kind: str):
                 hit = [n for n in z.namelist() if n.endswith("extra/geoseg_card.json")]
                 if hit:
                     origin = f"{path} (embedded card)"
+                    if z.getinfo(hit[0]).file_size > 1 << 20:
+                        raise ModelError(f"{origin}: the card is larger than 1 MiB; a card is a few kilobytes of text")
                     return card_from_dict(_load_text(_decode(z.read(hit[0]), origin), path), origin, name)
         except zipfile.BadZipFile as exc:
             raise ModelError(f"{path}: not a valid TorchScript archive ({exc}); re-export the model") from exc
     elif kind == "onnx":
-        meta = _onnx_metadata(path)
+        meta = onnx_metadata(path)
         if "geoseg_card" in meta:
             return card_from_dict(_load_text(meta["geoseg_card"], path), f"{path} (geoseg_card metadata)", name)
         try:
@@ -608,6 +709,12 @@ def match_bands(
         if not any(desc) and count == len(wanted) and not mapping:
             return tuple(range(1, count + 1))
         shown = ", ".join(f"{i + 1}={d or '?'}" for i, d in enumerate(desc))
+        if count == 1 and set(wanted) <= {"red", "green", "blue"} and not mapping:
+            pan = ",".join(f"{b}=1" for b in wanted)
+            raise ModelError(
+                f"{origin}: one band (panchromatic?) but the model takes {', '.join(wanted)}; run it in pan mode with "
+                f"--bands {pan} (band_map={{{', '.join(repr(b) + ': 1' for b in wanted)}}})"
+            )
         raise ModelError(
             f"{origin}: the model needs band {name!r} (bands {', '.join(wanted)}) but no raster band is described as it "
             f"(bands: {shown}); map it with --bands {name}=N"

@@ -42,8 +42,8 @@ class IndexLandcover(nn.Module):
 
 
 def export_index_landcover(path: str | os.PathLike) -> str:
-    """Save :class:`IndexLandcover` as TorchScript at ``path``; returns the path."""
-    import json
+    """Save :class:`IndexLandcover` as ONNX (card inside) at ``path``; returns the path."""
+    from geoseg.models.export import export_onnx
 
     path = os.fspath(path)
     card = {
@@ -59,8 +59,7 @@ def export_index_landcover(path: str | os.PathLike) -> str:
         "bands": ["blue", "green", "red", "nir"],
         "size_multiple": 1,
     }
-    torch.jit.save(torch.jit.script(IndexLandcover()), path, _extra_files={"geoseg_card.json": json.dumps(card)})
-    return path
+    return export_onnx(IndexLandcover(), card, path, 4, example_size=32)
 
 
 class NormalizedDifference(nn.Module):

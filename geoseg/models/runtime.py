@@ -29,6 +29,8 @@ from geoseg.models.spec import _IN_MEMORY, ModelSpec, Runtime
 __all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe", "resample_batch"]
 
 _CACHE: dict[tuple[str, str, str, str], Predictor] = {}
+#: test-time augmentation views (rot90 count, horizontal flip first): 2 = a flip, 4 = and a half turn, 8 = all
+DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((k, f) for k in (0, 2, 1, 3) for f in (False, True))
 _CACHE_MAX = 4
 _LOADS: dict[str, int] = {}  # model sha256 -> times loaded in this process
 _CACHE_LOCK = threading.Lock()
@@ -138,6 +140,54 @@ def load_state_dict_model(spec: ModelSpec):
     return model
 
 
+def _verify_unchanged(spec: ModelSpec) -> None:
+    """Refuse a model file whose content changed since :func:`geoseg.models.spec.resolve_model` checked it."""
+    from geoseg.models.spec import _sha256_file
+
+    try:
+        now = _sha256_file(spec.path)
+    except OSError as exc:
+        raise ModelError(f"{spec.path}: cannot read the model ({exc.strerror or exc}); check the file") from None
+    if now != spec.sha256:
+        raise ModelError(f"{spec.path}: the model file changed after it was checked; run the command again")
+
+
+def _check_sample_inputs(path: str) -> None:
+    """torch.export.load unpickles an archive's sample inputs without ``weights_only`` when the
+    safe load fails: refuse such an archive before torch gets there.
+    """
+    import io
+    import zipfile
+
+    import torch
+
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if "/data/sample_inputs/" in f"/{name}" and name.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                except Exception as exc:  # the restricted unpickler's own errors
+                    raise ModelError(
+                        f"{path}: refused: its sample inputs ({name}) hold more than tensors, and torch would unpickle them "
+                        "unrestricted; export the model again with plain tensor inputs, or as ONNX"
+                    ) from exc
+
+
+_JIT_QUIET = False
+
+
+def _quiet_jit_deprecation() -> None:
+    """Silence torch's ``torch.jit.load is deprecated`` once per process (a process-wide filter:
+    ``catch_warnings`` is not thread-safe).
+    """
+    global _JIT_QUIET
+    if not _JIT_QUIET:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning)
+        _JIT_QUIET = True
+
+
 class Predictor:
     """A loaded model on one device: numpy batch in, numpy out.
 
@@ -163,10 +213,14 @@ class Predictor:
         _tune_malloc()  # torch allocates activations through malloc; onnxruntime keeps its own arena
         self.threads = self.runtime.num_threads or _default_threads()
         self.device = _resolve_device(self.runtime.device)
+        if self.spec.path is not None:
+            _verify_unchanged(self.spec)
         try:
             if self.spec.kind == "torchscript":
+                _quiet_jit_deprecation()  # users' TorchScript files keep working; geoseg itself writes ONNX
                 model = torch.jit.load(self.spec.path, map_location="cpu")
             elif self.spec.kind == "exported":
+                _check_sample_inputs(self.spec.path)
                 model = torch.export.load(self.spec.path).module()
             elif self.spec.kind == "statedict":
                 model = load_state_dict_model(self.spec)
@@ -183,7 +237,7 @@ class Predictor:
             raise
         except Exception as exc:  # torch raises RuntimeError for bad archives
             raise ModelError(
-                f"{self.spec.path or self.spec.id}: could not load the model ({exc}); re-export it with torch.jit.save"
+                f"{self.spec.path or self.spec.id}: could not load the model ({exc}); export it again (ONNX: torch.onnx.export)"
             ) from exc
         self.model = model.to(self.device)
         if self.spec.kind != "exported":  # exported programs are already in inference form
@@ -331,6 +385,8 @@ class Predictor:
         want: str = "probs",
         timings: dict[str, float] | None = None,
         size: tuple[int, int] | None = None,
+        tta: int = 1,
+        _tta_view: bool = False,
     ) -> np.ndarray:
         """Run one batch; see the class docstring for ``want``.
 
@@ -338,10 +394,21 @@ class Predictor:
         docstring). ``timings``, when given, accumulates ``forward_s`` (time in the model)
         and ``wait_s`` (time queued behind other tasks' forward passes). ``size`` other
         than the batch's own resamples the batch to it first (the model's pixel size; see
-        :func:`resample_batch`) and the logits back to the batch's grid.
+        :func:`resample_batch`) and the logits back to the batch's grid. ``tta`` > 1 runs the
+        batch in that many of the :data:`DIHEDRAL` views and averages the logits, turned back
+        (a call's own setting: one cached predictor serves runs with and without it).
         """
+        if tta > 1 and not _tta_view:
+            acc = None
+            for k, flip in DIHEDRAL[:tta]:
+                view = np.rot90(batch[..., ::-1] if flip else batch, k, axes=(2, 3))
+                y = self(np.ascontiguousarray(view), "logits", timings, size, _tta_view=True)
+                y = np.rot90(y, -k, axes=(2, 3))
+                y = y[..., ::-1] if flip else y
+                acc = y.astype(np.float32) if acc is None else acc + y
+            return self._finish(np.ascontiguousarray(acc / tta), want)
         if size is not None and tuple(size) != tuple(batch.shape[2:]):
-            logits = self(resample_batch(batch, size), want="logits", timings=timings)
+            logits = self(resample_batch(batch, size), want="logits", timings=timings, _tta_view=True)
             return self._finish(resample_batch(logits, batch.shape[2:]), want)
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         t0 = time.perf_counter()

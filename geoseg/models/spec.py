@@ -106,6 +106,13 @@ class ModelCard:
         are not resampled.
     architecture_json : str
         ``{"name": ..., "args": {...}}`` for state-dict models (see :mod:`geoseg.models.nets`).
+    tta : int
+        Test-time augmentation the model is run with by default: 1 (none), 2, 4 or 8
+        dihedral views of every tile (flips and rotations), logits averaged.
+    min_area_m2, max_length_m : float, optional
+        Object rules for ``task: objects`` models: polygons smaller than ``min_area_m2`` or
+        longer than ``max_length_m`` are not objects of the model's kind (a ship model's
+        breakwaters, a speck); vectorize and evaluate apply them by default.
     info_json : str
         Description, licence, metrics and training recipe (JSON), carried for the record.
     """
@@ -124,6 +131,9 @@ class ModelCard:
     gsd_range_m: tuple[float, float] | None = None
     architecture_json: str = ""
     info_json: str = "{}"
+    tta: int = 1
+    min_area_m2: float | None = None
+    max_length_m: float | None = None
 
     def with_classes(self, n_outputs: int) -> ModelCard:
         """The card with default classes for a model with ``n_outputs`` channels."""
@@ -148,7 +158,8 @@ class Runtime:
     none is an error, never a silent CPU run. ``precision`` ``bf16``/``fp16`` enables
     autocast. ``num_threads`` sets torch/onnxruntime intra-op threads in each worker.
     ``scale`` (model pixels per raster pixel) != 1 resamples every tile to ``model_size``
-    pixels a side (the model's pixel size) and its logits back.
+    pixels a side (the model's pixel size) and its logits back. ``tta`` > 1 runs every
+    batch in that many dihedral views (flips, then rotations) and averages the logits.
     """
 
     device: str = "auto"
@@ -157,8 +168,11 @@ class Runtime:
     num_threads: int | None = None
     scale: float = 1.0
     model_size: int = 0
+    tta: int = 1
 
     def __post_init__(self) -> None:
+        if self.tta not in (1, 2, 4, 8):
+            raise ModelError(f"tta must be 1, 2, 4 or 8 views, got {self.tta!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ModelError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.batch_size < 1:
@@ -233,8 +247,8 @@ def _sniff_kind(path: str) -> str:
             return "checkpoint"  # torch.save: a state dict when its card names the architecture, else refused
         return "torchscript"
     raise ModelError(
-        f"{path}: not a TorchScript archive (.pt from torch.jit.save), a torch.export archive (.pt2) or an ONNX model "
-        "(.onnx); export the model with torch.jit.script, torch.export.save or torch.onnx.export"
+        f"{path}: not an ONNX model (.onnx), a torch.export archive (.pt2) or a TorchScript archive (.pt); export the "
+        "model with torch.onnx.export"
     )
 
 
@@ -243,15 +257,21 @@ def _sniff_kind(path: str) -> str:
 _IN_MEMORY: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
-def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:
+def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False) -> ModelSpec:
     """Turn what a user passed as ``model`` into a :class:`ModelSpec`.
 
     Parameters
     ----------
     model : str, os.PathLike, ModelSpec or torch.nn.Module
-        A TorchScript or ONNX file, a spec, or an in-memory module.
+        A bundled model name (``geoseg models``), an ONNX, TorchScript, ``torch.export`` or
+        state-dict file, a spec, or an in-memory module. A bare bundled name always means the
+        bundled model, even when a file of that name is in the current folder (write
+        ``./name`` for the file).
     card : ModelCard, optional
         Overrides the default card.
+    trust : bool
+        Load a TorchScript file whose code defines ``__setstate__`` or calls file or
+        serialisation operators (refused otherwise; see :mod:`geoseg.models.safety`).
 
     Returns
     -------
@@ -260,14 +280,14 @@ def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:
     Raises
     ------
     ModelError
-        The file is missing or is neither TorchScript nor ONNX.
+        The file is missing, of no known kind, or refused by the safety checks.
     """
     if isinstance(model, ModelSpec):
         return model if card is None else replace(model, card=card)
-    if isinstance(model, str) and not os.path.exists(model):
+    if isinstance(model, str):
         from geoseg.models.bundled import BUNDLED, bundled_card, bundled_path
 
-        if model in BUNDLED:
+        if model in BUNDLED:  # a bare bundled name, never a file in the current folder
             from geoseg.models.card import card_from_dict
 
             name = model
@@ -277,10 +297,13 @@ def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:
         path = os.fspath(model)
         if not os.path.isfile(path):
             raise ModelError(
-                f"{path}: model file not found; give a TorchScript .pt or an ONNX .onnx file, or a bundled model name "
-                "(see `geoseg models`)"
+                f"{path}: model file not found; give an ONNX .onnx (or TorchScript .pt, torch.export .pt2) file, or a bundled "
+                "model name (see `geoseg models`)"
             )
         kind = _sniff_kind(path)
+        from geoseg.models.safety import scan_model
+
+        scan_model(path, kind, trust)
         name = os.path.splitext(os.path.basename(path))[0]
         if card is None:
             from geoseg.models.card import find_card
@@ -292,7 +315,7 @@ def resolve_model(model: Any, card: ModelCard | None = None) -> ModelSpec:
                     f"{path}: a torch.save checkpoint, not TorchScript. A state dict loads (weights_only, never unpickled "
                     "code) when a card beside it (MODEL.card.yaml) names its architecture, e.g. architecture: {name: "
                     "smp.Unet, args: {encoder_name: resnet34}}; a pickled whole model is refused: export it with "
-                    "torch.jit.script + torch.jit.save or torch.onnx.export"
+                    "torch.onnx.export"
                 )
             kind = "statedict"
         return ModelSpec(kind, _sha256_file(path), card or ModelCard(name=name), path=os.path.abspath(path))

@@ -40,9 +40,9 @@ _WHEEL_KEYS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> s
 
 
 def _cache_dir() -> str:
-    from geoseg.models.bundled import _cache_dir as bundled_cache
-
-    return bundled_cache()
+    """Where extracted models are kept (``$GEOSEG_CACHE/models``, default ``~/.cache/geoseg/models``)."""
+    root = os.environ.get("GEOSEG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "geoseg")
+    return os.path.join(root, "models")
 
 
 def _check_tflite(path: str) -> str:

@@ -9,19 +9,25 @@ scales tiles (the card's scaling, percentiles resolved per image), augmented her
 noise, an optional grey-scale draw, a range of ground sample distances), and fed to the
 card's architecture. After each epoch a checkpoint (``OUT.ckpt``: a plain state dict,
 read back with ``weights_only=True``) makes the run resumable; the best epoch by
-validation IoU is exported as TorchScript with the card, the training recipe and the
-validation metrics embedded.
+validation IoU (or the last epoch) is exported as ONNX with the card, the training recipe
+and the validation metrics embedded (:func:`geoseg.models.export.export_onnx`).
+
+Cards that take reflectance (``scaling: {method: reflectance}``) are trained on the
+physical quantity: each image's radiometry (:mod:`geoseg.io.radiometry`) turns its raw
+values into reflectance, the augmentation works in reflectance (haze offsets, gains), and
+the card's mean/std come last, exactly as the engine scales tiles.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,11 +36,44 @@ import torch.nn.functional as F
 
 from geoseg.errors import InputError, ModelError
 from geoseg.io.chips import IGNORE, ChipImage, ChipSampler, assign_split, load_labels
-from geoseg.models.card import card_to_dict, match_bands
+from geoseg.models.card import Scaling, card_to_dict, match_bands
 from geoseg.models.nets import build_architecture
 from geoseg.models.spec import ModelCard
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["Augment", "TrainConfig", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Radiometric augmentation of a batch (geometric: rotations by 90 degrees and flips, always).
+
+    Each chip draws a brightness gain ``exp(U(-gain, gain))``, per-band gains
+    ``exp(U(-band_gain, band_gain))`` (band ratios change), a contrast factor in
+    ``1 +- contrast`` around the chip mean, an additive offset ``U(offset_low, offset_high)``
+    (plus ``U(-band_offset, band_offset)`` per band: haze, glint, a different atmospheric
+    correction) and Gaussian noise of standard deviation up to ``noise``. Values are in
+    the units the augmentation sees: scaled model inputs, or reflectance for cards that
+    take reflectance.
+    """
+
+    gain: float = 0.3
+    band_gain: float = 0.15
+    contrast: float = 0.25
+    offset_low: float = -0.05
+    offset_high: float = 0.05
+    band_offset: float = 0.0
+    noise: float = 0.03
+
+
+#: augmentation presets: ``default`` for scaled inputs, ``reflectance`` for reflectance (0-1)
+AUGMENTS = {
+    "default": Augment(),
+    "reflectance": Augment(
+        gain=0.35, band_gain=0.1, contrast=0.0, offset_low=-0.012, offset_high=0.028, band_offset=0.005, noise=0.003
+    ),
+}
 
 
 @dataclass
@@ -51,7 +90,7 @@ class TrainConfig:
         or on its georeferenced grid, whose pixel values are class ids or mapped by
         ``label_values``.
     out : str
-        Exported TorchScript model path (``.pt``); the checkpoint is ``OUT.ckpt``.
+        Exported ONNX model path (``.onnx``); the checkpoint is ``OUT.ckpt``.
     layers : list of str or None
         Labels layer: one for all images, or one per image.
     class_field, label_class
@@ -82,6 +121,23 @@ class TrainConfig:
         Seed of every draw: the same config gives the same chips.
     threads : int, optional
         torch intra-op threads.
+    radiometry : list of str or None
+        Cards that take reflectance: each image's convention (one for all images or one per
+        image; :data:`geoseg.io.radiometry.PRESETS` names or ``scale=S,offset=O``); None
+        finds it from the file (metadata, else its value range).
+    augment : str, Augment or dict
+        Radiometric augmentation: a preset name (``default``, ``reflectance``), values, or a
+        preset with some values changed (``{"preset": "reflectance", "offset_high": 0.01}``).
+    select : str
+        ``best`` exports the epoch with the best validation IoU, ``last`` the last epoch.
+    threshold : float, optional
+        Binary models: the probability of class 1 from which a pixel is class 1, baked
+        into the exported model as a logit bias (see :class:`geoseg.models.export.LogitBias`).
+    hard_negatives : float
+        Share of training chips centred on mined false positives: at 40 % and 70 % of the
+        epochs the model segments the training split of every image and each object it
+        finds where the labels have none becomes a chip centre (quays and piers for ships,
+        say). 0 turns mining off. A resumed run mines again at its next mining epoch.
     """
 
     images: list[str]
@@ -108,12 +164,26 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     threads: int | None = None
+    radiometry: list[str | None] = field(default_factory=lambda: [None])
+    augment: str | Augment | dict = "default"
+    select: str = "best"
+    threshold: float | None = None
+    hard_negatives: float = 0.0
+
+    def augmentation(self) -> Augment:
+        """The :class:`Augment` values this run uses."""
+        if isinstance(self.augment, Augment):
+            return self.augment
+        if isinstance(self.augment, dict):  # a preset's values, some overridden: {"preset": "reflectance", "noise": 0.01}
+            values = dict(self.augment)
+            return replace(AUGMENTS[values.pop("preset", "default")], **values)
+        return AUGMENTS[self.augment]
 
     def validate(self) -> None:
         """Raise :class:`InputError` for settings that cannot train."""
         if not self.images:
             raise InputError("train: give at least one --images raster")
-        for key in ("labels", "layers", "aois"):
+        for key in ("labels", "layers", "aois", "radiometry"):
             n = len(getattr(self, key))
             if n not in (1, len(self.images)):
                 raise InputError(
@@ -128,8 +198,24 @@ class TrainConfig:
             raise InputError("train: --val-fraction must be in [0, 1)")
         if not (self.scales[0] >= 1 and self.scales[1] >= self.scales[0]):
             raise InputError("train: --scales must be LOW,HIGH with 1 <= LOW <= HIGH (multiples of the images' pixel size)")
-        if not str(self.out).endswith(".pt"):
-            raise InputError(f"train: --out {self.out} must end in .pt (a TorchScript file)")
+        if not str(self.out).endswith(".onnx"):
+            raise InputError(
+                f"train: --out {self.out} must end in .onnx (geoseg exports ONNX with the card inside; TorchScript is "
+                "deprecated in torch)"
+            )
+        if isinstance(self.augment, str) and self.augment not in AUGMENTS:
+            raise InputError(f"train: augment {self.augment!r} is unknown; use {' or '.join(AUGMENTS)}")
+        if isinstance(self.augment, dict):
+            try:
+                self.augmentation()
+            except (KeyError, TypeError) as exc:
+                raise InputError(f"train: augment {self.augment!r}: {exc}; give a preset and Augment fields") from None
+        if self.select not in ("best", "last"):
+            raise InputError(f"train: select must be best or last, got {self.select!r}")
+        if not 0 <= self.hard_negatives < 1 or self.hard_negatives + self.object_share > 1:
+            raise InputError("train: hard_negatives must be in [0, 1) and, with object_share, at most 1")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise InputError(f"train: threshold must be a probability strictly between 0 and 1, got {self.threshold}")
         folder = os.path.dirname(os.path.abspath(self.out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise InputError(f"train: --out {self.out}: the folder {folder} does not exist or is not writable; create it first")
@@ -189,8 +275,19 @@ def _images(cfg: TrainConfig, card: ModelCard) -> list[ChipImage]:
                 raise InputError(f"{aoi}: the AOI has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)")
             else:
                 allowed = shapely.make_valid(df.to_crs(src.geobox.crs).geometry.values)
-        scaling = card.scaling.resolve(lambda lo, hi, s=src: band_percentiles(s, lo, hi))
-        out.append(ChipImage(src, labels, allowed, cfg.block, scaling))
+        if card.scaling.method == "reflectance":  # chips in reflectance; the card's mean/std after augmenting
+            from geoseg.io.radiometry import resolve_radiometry
+
+            rad = resolve_radiometry(src, pick(cfg.radiometry, k))
+            # chips in (dark-object subtracted) reflectance: the card's mean/std come after augmenting
+            scaling = Scaling("reflectance", dark_percentile=card.scaling.dark_percentile).resolve(
+                lambda lo, hi, s=src: band_percentiles(s, lo, hi), radiometry=rad, n_bands=src.count
+            )
+            record = rad.record()
+        else:
+            scaling = card.scaling.resolve(lambda lo, hi, s=src: band_percentiles(s, lo, hi))
+            record = None
+        out.append(ChipImage(src, labels, allowed, cfg.block, scaling, radiometry=record))
     keys = assign_split(out, cfg.val_fraction, cfg.seed)
     if cfg.val_fraction > 0 and not len(keys):  # e.g. one plain 512 px image in 512 px blocks
         n = len(np.unique(np.concatenate([im.usable_keys for im in out])))
@@ -201,38 +298,103 @@ def _images(cfg: TrainConfig, card: ModelCard) -> list[ChipImage]:
     return out
 
 
-def _prepare(sampler: ChipSampler, draws: list, split: str, chip: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
+def _prepare(sampler: ChipSampler, draws: list, split: str, chip: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Read and scale chips: ``x`` in the augmentation's units, labels, and input validity."""
+    xs, ys, vs = [], [], []
     for draw in draws:
         x, y, valid, k = sampler.read(draw, split)
         x = sampler.images[k].scaling.apply(x.astype(np.float32))
-        x[:, ~valid] = 0.0  # as the engine does: invalid pixels enter the model as 0 after scaling
+        x[:, ~valid] = 0.0
         t = torch.from_numpy(np.ascontiguousarray(x))[None]
+        v = torch.from_numpy(valid.astype(np.float32))[None, None]
         if t.shape[-1] != chip:
             t = F.interpolate(t, size=(chip, chip), mode="area")
+            v = F.interpolate(v, size=(chip, chip), mode="area")
         xs.append(t[0])
         ys.append(torch.from_numpy(y.astype(np.int64)))
-    return torch.stack(xs), torch.stack(ys)
+        vs.append(v[0, 0] > 0.999)
+    return torch.stack(xs), torch.stack(ys), torch.stack(vs)
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, gray: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Geometric and radiometric augmentation of a scaled batch (in place where possible)."""
+def _finish_inputs(x: torch.Tensor, valid: torch.Tensor, post: Any) -> torch.Tensor:
+    """The card's last normalisation (reflectance cards), then invalid pixels to 0 as the engine does."""
+    if post is not None:
+        x = torch.from_numpy(post.apply(x.numpy()))
+    return x.masked_fill(~valid[:, None], 0.0)
+
+
+def _augment(
+    x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, gen: torch.Generator, gray: float, aug: Augment
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Geometric and radiometric augmentation of a batch (see :class:`Augment`)."""
     n, c = x.shape[:2]
     k = int(torch.randint(0, 4, (1,), generator=gen))
-    x, y = torch.rot90(x, k, (2, 3)), torch.rot90(y, k, (1, 2))
+    x, y, valid = torch.rot90(x, k, (2, 3)), torch.rot90(y, k, (1, 2)), torch.rot90(valid, k, (1, 2))
     if torch.rand(1, generator=gen) < 0.5:
-        x, y = x.flip(3), y.flip(2)
+        x, y, valid = x.flip(3), y.flip(2), valid.flip(2)
     rnd = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
-    band_gain = torch.exp((rnd(n, c, 1, 1) - 0.5) * 0.3)  # band ratios +-15 %
-    gain = torch.exp((rnd(n, 1, 1, 1) - 0.5) * 0.6)  # brightness x0.74-1.35
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    contrast = 0.75 + 0.5 * rnd(n, 1, 1, 1)
-    x = (mean + (x - mean) * contrast) * gain * band_gain + (rnd(n, 1, 1, 1) - 0.5) * 0.1
+    band_gain = torch.exp((rnd(n, c, 1, 1) - 0.5) * 2 * aug.band_gain)
+    gain = torch.exp((rnd(n, 1, 1, 1) - 0.5) * 2 * aug.gain)
+    if aug.contrast:
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        contrast = 1 - aug.contrast + 2 * aug.contrast * rnd(n, 1, 1, 1)
+        x = mean + (x - mean) * contrast
+    offset = aug.offset_low + (aug.offset_high - aug.offset_low) * rnd(n, 1, 1, 1)
+    if aug.band_offset:
+        offset = offset + (rnd(n, c, 1, 1) - 0.5) * 2 * aug.band_offset
+    x = x * gain * band_gain + offset
     if gray > 0:
         g = (rnd(n, 1, 1, 1) < gray).float()
         x = g * x.mean(dim=1, keepdim=True).expand_as(x) + (1 - g) * x
-    x = x + torch.randn(x.shape, generator=gen) * (0.03 * rnd(n, 1, 1, 1))
-    return x.contiguous(), y.contiguous()
+    x = x + torch.randn(x.shape, generator=gen) * (aug.noise * rnd(n, 1, 1, 1))
+    return x.contiguous(), y.contiguous(), valid.contiguous()
+
+
+def _mining_epochs(epochs: int) -> set[int]:
+    """Epochs (0-based) before which false positives are mined: at 40 % and 70 % of the run."""
+    return {e for e in (round(0.4 * epochs), round(0.7 * epochs)) if 0 < e < epochs}
+
+
+def _mine(model: torch.nn.Module, images: Sequence, post: Any, dev, tile: int = 512, max_px: int = 16_000_000) -> int:
+    """Segment each image's training split with the current model; add the centres of objects
+    found where the labels have none to ``image.hard``. Returns how many were found.
+    """
+    from scipy import ndimage
+
+    from geoseg.grid import Window
+
+    model.eval()
+    found = 0
+    with torch.inference_mode():
+        for im in images:
+            gb = im.source.geobox
+            step = tile - 64
+            rows = list(range(0, max(1, gb.height - 64), step))
+            cols = list(range(0, max(1, gb.width - 64), step))
+            windows = [Window(r - 32, c - 32, tile, tile) for r in rows for c in cols]
+            if len(windows) * tile * tile > max_px:  # large images: a spread-out sample of windows
+                keep = np.linspace(0, len(windows) - 1, max(1, max_px // (tile * tile))).astype(int)
+                windows = [windows[k] for k in keep]
+            centres = []
+            for w in windows:
+                x, y, valid = im.read(w, tile, "train")
+                x = im.scaling.apply(x.astype(np.float32))
+                x[:, ~valid] = 0.0
+                t = _finish_inputs(torch.from_numpy(np.ascontiguousarray(x))[None], torch.from_numpy(valid)[None], post)
+                pred = model(t.to(dev)).argmax(1)[0].cpu().numpy()
+                core = np.zeros_like(valid)
+                core[32:-32, 32:-32] = True
+                fp = (pred > 0) & (y == 0) & core & ~ndimage.binary_dilation(y > 0, iterations=2)
+                lab, n = ndimage.label(fp, structure=np.ones((3, 3)))
+                if n:
+                    rc = np.array(ndimage.center_of_mass(fp, lab, range(1, n + 1)), dtype=float).reshape(-1, 2)
+                    centres.append(rc + np.array([w.row_off, w.col_off], dtype=float))
+            if centres:
+                new = np.concatenate(centres)
+                found += len(new)
+                im.hard = np.concatenate([im.hard, new])[-5000:]
+    model.train()
+    return found
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -275,7 +437,7 @@ def train(
     resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the card's architecture and export the best epoch as TorchScript with its card.
+    """Train the card's architecture and export the best epoch as ONNX with its card.
 
     Parameters
     ----------
@@ -319,9 +481,17 @@ def train(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model = build_architecture(arch["name"], arch.get("args", {}), len(card.bands), n_classes, card.name).to(dev)
+    model = model.to(memory_format=torch.channels_last)  # oneDNN's fast layout: ~20 % faster steps on this CPU
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     total = config.epochs * config.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    warm = min(100, total // 20)  # a short linear warm-up, then cosine decay
+
+    def lr_at(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(s - warm, total - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
     recipe = {k: v for k, v in asdict(config).items() if k not in ("out", "device", "threads")}
     recipe["images"] = [os.path.basename(p) for p in config.images]
@@ -372,10 +542,15 @@ def train(
         start = len(history)
 
     images = _images(config, card)
-    sampler = ChipSampler(images, config.chip, config.scales, config.object_share)
+    sampler = ChipSampler(images, config.chip, config.scales, config.object_share, config.hard_negatives)
+    # reflectance cards: chips come in reflectance, the card's mean/std follow the augmentation
+    post = Scaling("meanstd", mean=card.scaling.mean or (0.0,), std=card.scaling.std or (1.0,))
+    post = post if card.scaling.method == "reflectance" else None
+    aug = config.augmentation()
     val_rng = np.random.default_rng([config.seed, 1])
     split = "val" if config.val_fraction > 0 else "train"
-    xv, yv = _prepare(sampler, sampler.windows(val_rng, config.val_chips, split), split, config.chip)
+    xv, yv, vv = _prepare(sampler, sampler.windows(val_rng, config.val_chips, split), split, config.chip)
+    xv = _finish_inputs(xv, vv, post)
 
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="geoseg-chips")
 
@@ -388,16 +563,21 @@ def train(
         for epoch in range(start, config.epochs):
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            if config.hard_negatives > 0 and epoch in _mining_epochs(config.epochs):
+                found = _mine(model, images, post, dev)
+                log.info("epoch %d: %d false positives mined as hard negatives", epoch + 1, found)
             losses = []
             nxt = fetch(epoch, 0)
             for step in range(config.steps):
-                x, y = nxt.result()
+                x, y, valid = nxt.result()
                 if step + 1 < config.steps:
                     nxt = fetch(epoch, step + 1)
-                x, y = _augment(x, y, gen, config.gray)
+                x, y, valid = _augment(x, y, valid, gen, config.gray, aug)
+                x = _finish_inputs(x, valid, post)
                 if not (y != IGNORE).any():  # nothing labelled in this batch: a NaN loss would poison the weights
                     continue
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                y = y.to(dev, non_blocking=True)
                 loss = _loss(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -412,7 +592,8 @@ def train(
                 "seconds": round(time.perf_counter() - t0, 1),
             }
             history.append(record)
-            if metrics["mean_iou_objects"] >= best["score"]:  # ties (e.g. nothing to score): the later epoch
+            # ties (e.g. nothing to score): the later epoch; select="last" always takes the latest
+            if config.select == "last" or metrics["mean_iou_objects"] >= best["score"]:
                 best = {
                     "score": metrics["mean_iou_objects"],
                     "epoch": epoch + 1,
@@ -441,26 +622,34 @@ def train(
     final = build_architecture(arch["name"], arch.get("args", {}), len(card.bands), n_classes, card.name)
     final.load_state_dict(best["state"])
     d = card_to_dict(card)
-    d["architecture"] = arch
-    d["training"] = {**recipe, "best_epoch": best["epoch"], "device": str(dev), "torch": torch.__version__}
+    d.pop("architecture", None)  # ONNX carries its graph: the card describes, it does not build
+    d["training"] = {
+        **recipe,
+        "best_epoch": best["epoch"],
+        "device": str(dev),
+        "torch": torch.__version__,
+        "images_radiometry": [im.radiometry for im in images] if post is not None else None,
+    }
     d["metrics"] = {
         "validation": {"split": "blocks" if config.val_fraction > 0 else "training area", **best["metrics"]},
         **(d.get("metrics") or {}),
     }
-    export(final.eval(), d, config.out)
+    export(final.eval(), d, config.out, len(card.bands), threshold=config.threshold)
     return {"model": config.out, "checkpoint": ckpt, "history": history, "best_epoch": best["epoch"], "metrics": best["metrics"]}
 
 
-def export(model: torch.nn.Module, card: dict[str, Any], path: str) -> str:
-    """Save ``model`` as TorchScript with ``card`` embedded (``geoseg_card.json``), atomically."""
-    from geoseg.models.card import card_from_dict
+def export(model: torch.nn.Module, card: dict[str, Any], path: str, in_channels: int, threshold: float | None = None) -> str:
+    """Save ``model`` as ONNX with ``card`` embedded, atomically (see :func:`geoseg.models.export.export_onnx`).
 
-    card_from_dict(card, f"{path} (card)")  # never write a model whose card geoseg would refuse
-    scripted = torch.jit.script(model.cpu().eval())
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.jit.save(scripted, tmp, _extra_files={"geoseg_card.json": json.dumps(card, sort_keys=True, default=str)})
-    os.replace(tmp, path)
-    return path
+    With ``threshold`` (a binary model), class 1 is decided from that probability on: the
+    exported graph adds ``-log(t / (1 - t))`` to class 1's logit.
+    """
+    from geoseg.models.export import LogitBias, export_onnx
+
+    if threshold is not None:
+        model = LogitBias(model, [0.0, -math.log(threshold / (1 - threshold))])
+        card = {**card, "training": {**card.get("training", {}), "threshold": threshold}}
+    return export_onnx(model, card, path, in_channels)
 
 
 def parse_scales(value: str | Sequence[float] | None) -> tuple[float, float]:

@@ -34,10 +34,20 @@ _LAYER_STYLES_SQL = (
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ','now')"
 
 
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(text: str) -> str:
+    """``text`` with every character XML 1.0 cannot hold (NUL, other control characters, lone
+    surrogates) replaced by U+FFFD, so names from cards and file names always give valid XML.
+    """
+    return _NOT_XML.sub("\ufffd", text)
+
+
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
-    el = ET.SubElement(parent, tag, attrib)
+    el = ET.SubElement(parent, tag, {k: xml_text(str(v)) for k, v in attrib.items()})
     if text is not None:
-        el.text = text
+        el.text = xml_text(text)
     return el
 
 
@@ -278,7 +288,7 @@ def write_project(
     OutputError
         If the project cannot be written.
     """
-    root = ET.Element("qgis", projectname=title, version=_QGIS_VERSION)
+    root = ET.Element("qgis", projectname=xml_text(title), version=_QGIS_VERSION)
     _sub(root, "homePath", path="")
     _sub(root, "title", title)
     _srs(_sub(root, "projectCrs"), crs)

@@ -27,9 +27,19 @@ from typing import Any
 import numpy as np
 import shapely
 
-from geoseg.errors import InputError, OutputError
+from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.grid import Window
-from geoseg.io.cog import atomic_path, fsync_replace, make_staging, output_lock, sweep_staging
+from geoseg.io.cog import (
+    DiskFullError,
+    atomic_path,
+    disk_full_now,
+    disk_full_reason,
+    fsync_replace,
+    make_staging,
+    output_lock,
+    sweep_staging,
+    write_text_atomic,
+)
 from geoseg.io.mask import NODATA, MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
 from geoseg.models.spec import default_palette
 from geoseg.vector.coco import annotate_part, write_coco_stream
@@ -59,6 +69,7 @@ class VectorParams:
     kinds: tuple[tuple[int, str], ...]
     connectivity: int = 4
     min_area: float = 0.0
+    max_length: float = 0.0  # objects longer than this (m; oriented box) dropped; 0 = no limit
     simplify: float = 0.0
     regularize: bool = False
     run_id: str = ""
@@ -120,6 +131,12 @@ def features_table(pieces: Pieces, src: MaskSource, params: VectorParams):
         perim = shapely.length(world)
         size = pieces.count.astype(np.float64)
     keep = size >= params.min_area if params.min_area > 0 else np.ones(n, bool)
+    if params.max_length > 0 and gb.crs:  # too long to be one object of the model's kind (a breakwater)
+        kinds_ = np.array([kinds[int(c)] for c in pieces.class_id], dtype=object)
+        sel = np.flatnonzero(keep & (kinds_ != "area"))
+        if len(sel):
+            length = oriented_box(metric[sel])[0]
+            keep[sel[length > params.max_length]] = False
     if not keep.all():
         pieces, world, metric, area, perim = pieces.take(keep), world[keep], metric[keep], area[keep], perim[keep]
         metric_crss = metric_crss[keep]
@@ -280,7 +297,7 @@ def vectorize(
     *,
     probabilities: str | None = None,
     classes: Sequence[str | int] | None = None,
-    min_area: float = 0.0,
+    min_area: float | None = None,
     simplify: float = 0.0,
     connectivity: int = 4,
     crs: str | None = None,
@@ -315,8 +332,10 @@ def vectorize(
         Class names or values to vectorise; default every class but background ones
         (``background``, ``other``, ...; class 0 when the mask has no class names); ``["all"]``
         for every class.
-    min_area : float
-        Drop polygons smaller than this (m²; pixels for pixel-space masks).
+    min_area : float, optional
+        Drop polygons smaller than this (m²; pixels for pixel-space masks). Default: the
+        model's object rule carried by the mask (its card's ``objects.min_area_m2``), else 0;
+        the model's ``max_length_m`` (objects longer than that are dropped) applies with it.
     simplify : float
         Topology-preserving simplification tolerance in metres (pixels in pixel space); 0 keeps
         the exact pixel outlines.
@@ -363,8 +382,17 @@ def vectorize(
         raise InputError(f"unknown vector format(s) {bad or formats}; choose from {', '.join(FORMATS)}, coco")
     if connectivity not in (4, 8):
         raise InputError(f"--connectivity must be 4 or 8, got {connectivity}")
-    if min_area < 0 or simplify < 0:
-        raise InputError("--min-area and --simplify must be >= 0")
+    src = None
+    if min_area is None:  # the model's object rules, from the mask's metadata
+        src = open_mask(mask, None)
+        rules = dict(src.object_rules)
+        min_area = rules.get("min_area_m2", 0.0)
+        max_length = rules.get("max_length_m", 0.0)
+    else:
+        max_length = 0.0
+    for name, value in (("--min-area", min_area), ("--simplify", simplify)):
+        if not math.isfinite(value) or value < 0:
+            raise InputError(f"{name} must be a finite number >= 0, got {value!r}; give e.g. {name} 0")
     if probabilities is None:
         beside = os.path.join(os.path.dirname(os.path.abspath(mask)), "probabilities.tif")
         probabilities = beside if os.path.exists(beside) else None
@@ -392,6 +420,7 @@ def vectorize(
     run_params = {
         "classes": ids,
         "min_area": min_area,
+        "max_length": max_length,
         "simplify": simplify,
         "connectivity": connectivity,
         "regularize": regularize,
@@ -407,6 +436,7 @@ def vectorize(
         attributes=tuple(sorted((str(k), str(v)) for k, v in (attributes or {}).items())),
         connectivity=connectivity,
         min_area=min_area,
+        max_length=max_length,
         simplify=simplify,
         regularize=regularize,
         run_id=_run_id(src, run_params),
@@ -493,19 +523,37 @@ def vectorize(
             },
             "values_present": present,
         }
-        tmp = atomic_path(os.path.join(out_dir, REPORT_NAME))
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        fsync_replace(tmp, os.path.join(out_dir, REPORT_NAME))
+        write_text_atomic(os.path.join(out_dir, REPORT_NAME), json.dumps(report, indent=2))
         return report
+    except DiskFullError as exc:  # name the folder the user chose, not a staging file that is removed now
+        reason = disk_full_reason(exc) or "No space left on device"
+        raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another --out") from None
+    except OSError as exc:  # a write that failed for lack of room, reported by GDAL without its cause
+        from geoseg.errors import OutputExistsError
+
+        if isinstance(exc, OutputExistsError) or (isinstance(exc, GeosegError) and not isinstance(exc, OutputError)):
+            raise
+        reason = disk_full_reason(exc) or disk_full_now(staging or out_dir)
+        if reason:
+            raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another --out") from None
+        raise
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
         lock.close()
 
 
+#: Longest layer name (characters; also at most this many x 2 bytes in UTF-8): file names
+#: ``vectors/<layer>.geojson`` and ``styles/<layer>.qml`` stay far below 255 bytes.
+MAX_LAYER_NAME = 64
+
+
 def _safe_name(name: str) -> str:
+    """A file- and layer-safe name: letters, digits, ``_`` and ``-``; short in characters and bytes."""
     out = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name.strip())
+    out = out[:MAX_LAYER_NAME]
+    while len(out.encode("utf-8", "surrogatepass")) > 2 * MAX_LAYER_NAME:
+        out = out[:-1]
     return out or "class"
 
 

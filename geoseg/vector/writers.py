@@ -190,12 +190,16 @@ def write_layer(
                 crs=crs,
                 layer_options=options,
             )
-    except OSError as exc:
-        raise OutputError(f"{path}: could not write the {fmt} layer {layer.name!r} ({exc}); check disk space") from exc
-    except Exception as exc:  # GDAL errors surface as pyogrio's own exception types
-        if type(exc).__module__.startswith(("pyogrio", "pyarrow")):
-            raise OutputError(f"{path}: could not write the {fmt} layer {layer.name!r} ({exc})") from exc
-        raise
+    except Exception as exc:  # GDAL errors surface as pyogrio's own exception types ("Cannot write feature")
+        if not isinstance(exc, OSError) and not type(exc).__module__.startswith(("pyogrio", "pyarrow")):
+            raise
+        from geoseg.io.cog import DiskFullError, disk_full_now, disk_full_reason
+
+        reason = disk_full_reason(exc) or disk_full_now(path, path)
+        if reason:
+            raise DiskFullError(f"{path}: the disk is full ({reason}); free space or choose another --out") from exc
+        text = " ".join(str(exc).split())[:300]
+        raise OutputError(f"{path}: could not write the {fmt} layer {layer.name!r} ({text}); check disk space") from exc
 
 
 def _write_geoparquet(path: str, reader, crs: str | None, geometry_type: str) -> None:

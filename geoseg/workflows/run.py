@@ -34,7 +34,9 @@ RUN_LOCK = ".geoseg-run.lock"
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(text))[0]) or "model"
+    """A folder name from a model name or path: never ``.``/``..``, hidden or over 80 characters."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(text))[0]).lstrip(".") or "model"
+    return slug[:80]
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -71,22 +73,30 @@ def _areas(vreport: dict[str, Any], out_dir: str) -> dict[str, float]:
     return out
 
 
-def _fingerprint(path: str | None) -> str | None:
+def _fingerprint(path: str | None, stamp: str = "") -> str | None:
+    """Size and mtime of ``path`` and of every file it is read from (a VRT's sources), plus ``stamp``."""
     from geoseg.io.raster import file_fingerprint
 
-    return None if path is None else file_fingerprint(path)
+    if path is None:
+        return None
+    return file_fingerprint(path) + (f"|{stamp}" if stamp else "")
 
 
 def _run_lock(folder: str):
-    """One ``geoseg run`` per output folder (a second one is refused at once)."""
+    """One ``geoseg run`` per output folder (a second one is refused at once); the lock file is never a link."""
     import fcntl
     from contextlib import contextmanager
 
+    from geoseg.io.cog import open_lock_file
+
     @contextmanager
     def hold():
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); choose a writable --out") from None
         path = os.path.join(folder, RUN_LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(path, "run lock")
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,8 +105,11 @@ def _run_lock(folder: str):
                 raise OutputError(
                     f"{folder}: another geoseg run is working on this output folder ({holder}); wait for it to finish"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            try:  # who holds the lock, for the message of a second run (best effort: a full disk must not stop here)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            except OSError:
+                pass
             yield
         finally:
             os.close(fd)
@@ -164,8 +177,8 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
     import glob as globlib
 
     missing = [p for p in im.files or [] if not os.path.exists(p)]
-    if im.glob and not globlib.glob(im.glob) and os.path.dirname(im.glob) == wf.sample:
-        missing = [im.glob]
+    if im.glob and not globlib.glob(im.glob) and wf.sample and os.path.dirname(im.glob) == globlib.escape(wf.sample):
+        missing = [os.path.join(wf.sample, os.path.basename(im.glob))]
     if missing and wf.sample and all(os.path.dirname(p) == wf.sample for p in missing):
         from geoseg.sample import make_sample
 
@@ -173,10 +186,17 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
         make_sample(wf.sample)
     try:
         found = scenes(im, folder)
-    except InputError as exc:
-        raise InputError(f"{wf.path}: {exc}") from None
+    except (InputError, OutputError) as exc:
+        raise type(exc)(f"{wf.path}: {exc}") from None
     if wf.aoi and not os.path.exists(wf.aoi):
         raise InputError(f"{wf.path}: aoi {wf.aoi} does not exist; fix the path in 'aoi'")
+    if wf.aoi:  # a bad AOI (no CRS, no polygons, latitudes past 90) fails here, before any unit runs
+        from geoseg.io.aoi import check_aoi
+
+        try:
+            check_aoi(wf.aoi)
+        except InputError as exc:
+            raise InputError(f"{wf.path}: aoi: {exc}") from None
     if changes and len(found) < 2:
         raise InputError(f"{wf.path}: change detection needs at least two scenes; the imagery gives {len(found)}")
     model_dirs = _unique([_slug(r.model) for r, _, _ in runs])
@@ -185,10 +205,24 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
     single = im.files is not None and len(found) == 1
     dates = [s.date for s in found]
     by_date = all(dates) and len(set(dates)) == len(dates)
+    # every folder a unit writes stays inside the output folder (names come from models, files and STAC ids)
+    from geoseg.workflows.spec import check_inside
+
+    fix = "rename the scene, model or STAC item"
+    for scene in found:
+        img_dir = folder if single else os.path.join(folder, scene.name)
+        for mdir_name in model_dirs:
+            check_inside(folder, os.path.join(img_dir, mdir_name), f"the output folder of {scene.name}", fix)
+    for ch_dir in change_dirs:
+        check_inside(folder, os.path.join(folder, "change", ch_dir), "a change output folder", fix)
 
     with _run_lock(folder):
         ledger = Ledger(folder)
-        ledger.start_run()
+        try:
+            ledger.start_run()
+        except BaseException:
+            ledger.close()
+            raise
         counts = {"done": 0, "skipped": 0, "failed": 0}
         failures: list[str] = []
         t0 = time.perf_counter()
@@ -207,13 +241,14 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
                     for (run, spec, bands), mdir_name in zip(runs, model_dirs, strict=True):
                         mdir = os.path.join(img_dir, mdir_name)
                         params = {
-                            "scene": _fingerprint(scene.path),
+                            "scene": _fingerprint(scene.path, scene.stamp),
                             "model": spec.sha256,
                             "card": _card_hash(spec),
                             "bands": run.bands,
                             "tile": run.tile,
                             "halo": run.halo,
                             "aoi": _fingerprint(wf.aoi),
+                            "radiometry": _radiometry(wf),
                             "min_area_m2": run.min_area_m2,
                             "simplify_m": run.simplify_m,
                             "regularize": run.regularize,
@@ -233,7 +268,7 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
                             from geoseg.workflows.quicklook import Overlay
 
                             overlays.append(Overlay(os.path.join(mdir, "mask.tif"), mdir_name))
-                    png = os.path.join(img_dir, "quicklook.png")
+                    png = check_inside(folder, os.path.join(img_dir, "quicklook.png"), "the quicklook", fix)
                     if wf.outputs.quicklook and overlays:
                         if counts["done"] > done_before or not os.path.exists(png):  # nothing new: keep it as it is
                             from geoseg.workflows.quicklook import quicklook
@@ -248,9 +283,10 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
                         pair = f"{a.date}_{b.date}" if by_date else f"{a.name}_{b.name}"
                         cdir = os.path.join(folder, "change", ch_dir, pair)
                         given = (masks.get((a.name, spec.sha256)), masks.get((b.name, spec.sha256)))
+                        check_inside(folder, cdir, "a change output folder", fix)
                         params = {
-                            "before": _fingerprint(a.path),
-                            "after": _fingerprint(b.path),
+                            "before": _fingerprint(a.path, a.stamp),
+                            "after": _fingerprint(b.path, b.stamp),
                             "masks": [_fingerprint(m) for m in given],
                             "model": spec.sha256,
                             "card": _card_hash(spec),
@@ -271,17 +307,20 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
             interrupted = False
         finally:
             status = "interrupted" if interrupted else ("failed" if failures else "done")
-            ledger.finish_run(status, counts["done"], counts["skipped"], counts["failed"])
-            ledger.close()
+            try:
+                ledger.finish_run(status, counts["done"], counts["skipped"], counts["failed"])
+            except GeosegError:
+                if interrupted:
+                    pass  # the error already on its way says what went wrong; the next run marks this one interrupted
+                else:
+                    raise
+            finally:
+                ledger.close()
         summary["units"] = counts
         summary["seconds"] = round(time.perf_counter() - t0, 1)
-        from geoseg.io.cog import atomic_path, fsync_replace
+        from geoseg.io.cog import write_text_atomic
 
-        target = os.path.join(folder, "summary.json")
-        tmp = atomic_path(target)
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-        fsync_replace(tmp, target)
+        write_text_atomic(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2))
     if failures:
         raise OutputError(f"{wf.path}: {len(failures)} unit(s) failed (see `geoseg runs`); first: {failures[0]}")
     return summary
@@ -294,32 +333,45 @@ def _unit(ledger, root, folder, kind, scene, model, params, counts, failures, sa
     unit_id = os.path.relpath(folder, root)
     digest = params_hash(params)
     summary_file = os.path.join(folder, ".geoseg-unit.json")
-    if ledger.is_done(unit_id, digest, root) and os.path.exists(summary_file):
-        counts["skipped"] += 1
-        say(f"{unit_id}: done earlier, skipped")
-        with open(summary_file) as f:
-            return json.load(f)
+    if ledger.is_done(unit_id, digest, root) and os.path.isfile(summary_file):
+        try:
+            with open(summary_file) as f:
+                kept = json.load(f)
+        except (OSError, ValueError):
+            kept = None  # unreadable: the unit is redone
+        if isinstance(kept, dict):
+            counts["skipped"] += 1
+            say(f"{unit_id}: done earlier, skipped")
+            return kept
     ledger.begin(unit_id, kind, scene, model, params, digest)
     t = time.perf_counter()
     try:
         result, outputs = work()
     except GeosegError as exc:
-        ledger.failed(unit_id, str(exc), time.perf_counter() - t)
+        from geoseg.io.cog import DiskFullError
+
         counts["failed"] += 1
+        if isinstance(exc, DiskFullError):  # nothing else can be written either: stop the run
+            try:
+                ledger.failed(unit_id, str(exc), time.perf_counter() - t)
+            except GeosegError:
+                pass
+            raise
+        ledger.failed(unit_id, str(exc), time.perf_counter() - t)
         failures.append(f"{unit_id}: {exc}")
         say(f"{unit_id}: failed: {exc}")
         return None
-    except Exception as exc:  # a bug or an environment failure: recorded, then raised
-        ledger.failed(unit_id, f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
+    except Exception as exc:  # a bug or an environment failure: recorded (when the ledger can be written), then raised
         counts["failed"] += 1
+        try:
+            ledger.failed(unit_id, f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
+        except GeosegError:
+            pass
         raise
     result["seconds"] = round(time.perf_counter() - t, 1)
-    from geoseg.io.cog import atomic_path, fsync_replace
+    from geoseg.io.cog import write_text_atomic
 
-    tmp = atomic_path(summary_file)
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    fsync_replace(tmp, summary_file)
+    write_text_atomic(summary_file, json.dumps(result))
     ledger.done(
         unit_id,
         [os.path.relpath(os.path.join(folder, o), root) for o in outputs] + [os.path.relpath(summary_file, root)],
@@ -336,6 +388,11 @@ def _card_hash(spec) -> str:
     from geoseg.workflows.ledger import params_hash
 
     return params_hash(card_to_dict(spec.card))
+
+
+def _radiometry(wf: Workflow) -> str | None:
+    """The imagery's radiometry setting (models that take reflectance), if the workflow gives one."""
+    return getattr(wf.imagery, "radiometry", None)
 
 
 def _segment(image: str, spec, bands, run, wf: Workflow, mdir: str, sched) -> tuple[dict[str, Any], list[str]]:
@@ -355,6 +412,7 @@ def _segment(image: str, spec, bands, run, wf: Workflow, mdir: str, sched) -> tu
         num_threads=sched.num_threads,
         resources=sched.resources,
         device="cuda" if sched.gpus else "auto",
+        radiometry=_radiometry(wf),
     )
     report = write(result, mdir, overwrite=True)
     vrep = vectorize(
@@ -401,6 +459,7 @@ def _change(a, b, ch, spec, given, wf: Workflow, cdir: str) -> tuple[dict[str, A
         chunk=wf.chunk,
         masks=given if all(given) else None,
         crs=wf.outputs.crs,
+        radiometry=_radiometry(wf),
     )
     c = report["change"]
     classes = {k: {"hectares": v, "polygons": report["vectors"].get(k, 0)} for k, v in c["hectares"].items()}

@@ -14,12 +14,20 @@ Cron times are read in the clock's time zone: UTC by default.
   ``<output folder>/.geoseg-schedule.lock`` is held for the whole loop and released by the
   OS if the process dies. A second scheduler on the same folder is refused at once.
 * A failing run (non-zero exit code) is logged and the loop goes on; Ctrl-C stops it cleanly.
+* Each run is a child process in its own process group: Ctrl-C in the terminal or a SIGTERM
+  (``systemctl stop``; through the ``geoseg`` command) reaches the scheduler, which passes the
+  signal on to the run, waits up to :data:`STOP_GRACE_S` for it to close its cluster, then
+  kills whatever is left of the group, logs the run as ``interrupted`` and stops.
+* The cron expression has the five standard fields (or ``@daily`` and the like) and must fire
+  at some time: ``0 0 30 2 *`` (30 February) is refused before anything starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -30,11 +38,69 @@ from typing import Any
 
 from geoseg.errors import InputError, OutputError
 
-__all__ = ["LOCK_NAME", "LOG_NAME", "next_fire", "schedule", "schedule_lock"]
+__all__ = ["LOCK_NAME", "LOG_NAME", "check_cron", "next_fire", "run_child", "schedule", "schedule_lock"]
 
 LOCK_NAME = ".geoseg-schedule.lock"
 LOG_NAME = "schedule.log"
 MAX_SLEEP_S = 60.0  # longest single sleep: the clock is re-read at least this often
+STOP_GRACE_S = 60.0  # how long a stopped run may take to close its cluster before its process group is killed
+CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def check_cron(cron: str) -> str:
+    """Validate a ``schedule:`` cron expression: five fields (or an alias) that fire at some time.
+
+    Parameters
+    ----------
+    cron : str
+        E.g. ``"0 6 * * 1"`` (Mondays at 06:00) or ``"@daily"``.
+
+    Returns
+    -------
+    str
+        ``cron`` unchanged.
+
+    Raises
+    ------
+    ValueError
+        Not five fields (a sixth would be read as seconds), not a cron expression, or one
+        that never fires (``0 0 30 2 *``). The message names no file: callers add it.
+    """
+    from croniter import croniter
+
+    text = cron.strip()
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    fields = text.split()
+    if len(fields) == 1 and fields[0].lower() in CRON_ALIASES:
+        return cron
+    if len(fields) != 5:
+        raise ValueError(
+            f"{shown!r} is not a cron expression of five fields (it has {len(fields)}); give minute hour day month "
+            "weekday, e.g. '0 6 * * 1', or @daily/@hourly/@weekly/@monthly"
+        )
+    try:
+        valid = croniter.is_valid(text)
+    except Exception:  # croniter raises more than CroniterError on odd fields (e.g. huge numbers)
+        valid = False
+    if not valid:
+        raise ValueError(f"{shown!r} is not a cron expression (minute hour day month weekday, e.g. '0 6 * * 1')")
+    try:
+        croniter(text, _utcnow()).get_next(datetime)
+    except Exception:  # CroniterBadDateError: no such date in the years croniter searches
+        raise ValueError(f"{shown!r} never fires (no such date); fix the day or month, e.g. '0 6 28 2 *'") from None
+    return cron
+
+
+def _cron_line(path: str) -> str:
+    """``path:LINE`` of the top-level ``schedule:`` key of a workflow file (``path`` when not found)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if re.match(r"schedule\s*:", line):
+                    return f"{path}:{n}"
+    except (OSError, UnicodeDecodeError):
+        pass
+    return path
 
 
 def _utcnow() -> datetime:
@@ -59,12 +125,14 @@ def next_fire(cron: str, after: datetime) -> datetime:
     Raises
     ------
     InputError
-        ``cron`` is not a cron expression.
+        ``cron`` is not a five-field cron expression, or never fires.
     """
     from croniter import croniter
 
-    if not croniter.is_valid(cron):
-        raise InputError(f"{cron!r} is not a cron expression; give minute hour day month weekday, e.g. '0 6 * * 1'")
+    try:
+        check_cron(cron)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     return croniter(cron, after).get_next(datetime)
 
 
@@ -110,12 +178,14 @@ def schedule_lock(folder: str) -> Iterator[str]:
     import fcntl
     import socket
 
+    from geoseg.io.cog import open_lock_file
+
     path = os.path.join(folder, LOCK_NAME)
     try:
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot create the scheduler lock ({exc.strerror}); choose a writable --out") from None
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); choose a writable --out") from None
+    fd = open_lock_file(path, "scheduler lock")  # O_NOFOLLOW: a planted link is refused, never truncated
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -125,8 +195,11 @@ def schedule_lock(folder: str) -> Iterator[str]:
                 f"{folder}: another geoseg schedule is already running on this output folder"
                 f"{f' ({holder})' if holder else ''}; stop it first or give this one another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass  # the holder line is informative only (a full disk must not stop the scheduler)
         yield path
     finally:
         os.close(fd)
@@ -144,6 +217,82 @@ def _append(log: str, record: dict[str, Any]) -> None:
         raise OutputError(
             f"{log}: cannot append to the schedule log ({exc.strerror}); check free space and permissions"
         ) from None
+
+
+def _signum(exc: BaseException) -> int:
+    """The signal behind a KeyboardInterrupt (the geoseg command raises one for SIGTERM too)."""
+    return int(getattr(exc, "signum", signal.SIGINT))
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether the child has exited, without reaping it where possible (its process group id stays reserved)."""
+    if not hasattr(os, "waitid"):  # pragma: no cover (no waitid: reaps, so a group kill after it is best effort)
+        return proc.poll() is not None
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_child(cmd: list[str], grace: float = STOP_GRACE_S) -> int:
+    """Run ``cmd`` in its own process group and return its exit code; stop it with the signal that stops us.
+
+    Parameters
+    ----------
+    cmd : list of str
+        The command (``geoseg run WORKFLOW``).
+    grace : float
+        Seconds a stopped child may take to exit before its whole process group is killed.
+
+    Returns
+    -------
+    int
+        The child's exit code (negative: killed by that signal).
+
+    Raises
+    ------
+    KeyboardInterrupt
+        A stop signal arrived while the child ran: the child got the same signal (SIGINT
+        or SIGTERM), then SIGKILL for its whole group after ``grace`` seconds. The
+        exception carries the child's exit code as ``child_exit_code``.
+
+    Notes
+    -----
+    In its own group the child (and the Dask workers it starts) does not receive a
+    terminal's Ctrl-C directly; this process passes the signal on, once. Whatever is left of
+    the group when the child has exited (workers of a child that was killed) is killed too.
+    """
+    proc = subprocess.Popen(cmd, start_new_session=os.name == "posix")
+    try:
+        try:
+            if hasattr(os, "waitid"):
+                os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # interrupted by a stop signal
+            else:  # pragma: no cover (no waitid: macOS before Python 3.13)
+                proc.wait()
+        except KeyboardInterrupt as exc:
+            signum = _signum(exc)
+            try:
+                proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + grace
+            while not _exited(proc) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if os.name == "posix":
+                _kill_group(proc.pid)
+            exc.child_exit_code = proc.wait()  # type: ignore[attr-defined]
+            raise
+    finally:
+        if os.name == "posix" and proc.returncode is None:
+            _kill_group(proc.pid)  # the child is a zombie now: its group id cannot be reused yet
+    return proc.wait()
 
 
 def schedule(
@@ -183,12 +332,14 @@ def schedule(
         The records appended to ``schedule.log``: ``event`` (``"run"`` or ``"skipped"``),
         ``scheduled``, ``started``, ``finished`` (ISO times), ``exit_code``, ``seconds``;
         skipped records also have ``count`` and ``last`` (several missed fire times share
-        one record), and ``reason``.
+        one record), and ``reason``; a run stopped by a signal has ``interrupted`` and
+        ``signal`` (``SIGINT``/``SIGTERM``), its ``exit_code`` that of the stopped child.
 
     Raises
     ------
     InputError
-        The workflow is invalid or has no ``schedule:``; ``max_runs`` is below 1.
+        The workflow is invalid, has no ``schedule:`` or one that is not five cron fields or
+        never fires; ``max_runs`` is below 1.
     OutputError
         Another scheduler holds this output folder, or the folder or log is not writable.
     """
@@ -201,16 +352,17 @@ def schedule(
             f"{wf.path}: no 'schedule:' key; add a cron expression such as schedule: \"0 6 * * *\" (daily at 06:00), "
             "or use geoseg run for a single run"
         )
+    try:
+        check_cron(wf.schedule)
+    except ValueError as exc:
+        raise InputError(f"{_cron_line(workflow)}: schedule: {exc}") from None
     if max_runs is not None and max_runs < 1:
         raise InputError(f"max_runs is {max_runs}; give 1 or more, or leave it out to run until stopped")
     cron = wf.schedule
     folder = os.path.abspath(out) if out else wf.outputs.folder
     cmd = [sys.executable, "-m", "geoseg", "run", wf.path] + (["--out", folder] if out else [])
 
-    def run_child() -> int:
-        return subprocess.run(cmd, check=False).returncode
-
-    one_run = run or run_child
+    one_run = run or (lambda: run_child(cmd))
     log = os.path.join(folder, LOG_NAME)
     records: list[dict[str, Any]] = []
 
@@ -245,10 +397,12 @@ def schedule(
                 say(f"run {runs + 1}{f'/{max_runs}' if max_runs else ''} (due {_iso(due)}) started {_iso(started)}")
                 try:
                     code: int | None = one_run()
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as exc:
                     finished = now()
-                    rec.update(finished=_iso(finished), exit_code=None, seconds=round((finished - started).total_seconds(), 3))
-                    record({**rec, "interrupted": True})
+                    code = getattr(exc, "child_exit_code", None)
+                    rec.update(finished=_iso(finished), exit_code=code, seconds=round((finished - started).total_seconds(), 3))
+                    record({**rec, "interrupted": True, "signal": signal.Signals(_signum(exc)).name})
+                    say(f"run {runs + 1} stopped by {signal.Signals(_signum(exc)).name} (exit code {code})")
                     raise
                 except Exception as exc:  # a launcher failure (e.g. no memory to fork) must not end the schedule
                     code = None
@@ -265,6 +419,6 @@ def schedule(
                 due = next_fire(cron, finished)
                 if max_runs is None or runs < max_runs:
                     say(f"next run {_iso(due)}")
-        except KeyboardInterrupt:
-            say(f"stopped after {runs} run{'s' * (runs != 1)}")
+        except KeyboardInterrupt as exc:
+            say(f"stopped by {signal.Signals(_signum(exc)).name} after {runs} finished run{'s' * (runs != 1)}")
     return records

@@ -22,15 +22,31 @@ __all__ = ["Scene", "scenes"]
 
 @dataclass(frozen=True)
 class Scene:
-    """One dated raster of a workflow."""
+    """One dated raster of a workflow.
+
+    ``stamp`` is what else identifies its content beyond the files' sizes and mtimes (a STAC
+    item's ``updated`` time and its assets' ``file:checksum``/``file:size``, and the hrefs
+    of remote assets that cannot be stat'ed); it goes into the ledger's hash.
+    """
 
     path: str
     date: str | None
     name: str
+    stamp: str = ""
+
+
+#: Longest file or folder name made from a scene or item name (bytes stay far below 255).
+MAX_NAME = 80
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "scene"
+    """A file-name-safe version of ``text``: never ``.``/``..`` or hidden, never longer than :data:`MAX_NAME`."""
+    import hashlib
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_").lstrip(".").strip("_") or "scene"
+    if len(slug) > MAX_NAME:
+        slug = f"{slug[: MAX_NAME - 9]}-{hashlib.sha256(text.encode(errors='surrogateescape')).hexdigest()[:8]}"
+    return slug
 
 
 def _filename_date(path: str) -> str | None:
@@ -41,10 +57,36 @@ def _filename_date(path: str) -> str | None:
     return y.group(0) if y else None
 
 
-def _stack_vrt(item_id: str, bands: list[tuple[str, str]], folder: str) -> str:
-    """A VRT stacking single-band assets (same grid) with band descriptions."""
+def _raster_scaling(asset) -> tuple[float | None, float | None]:
+    """An asset's STAC ``raster:bands`` scale and offset (None when it gives none or odd values)."""
+    import math
+
+    rb = asset.extra_fields.get("raster:bands") or []
+    if len(rb) != 1 or not isinstance(rb[0], dict):
+        return (None, None)
+
+    def num(v):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    scale, offset = num(rb[0].get("scale")), num(rb[0].get("offset"))
+    return (None, None) if scale == 0 else (scale, offset)
+
+
+def _stack_vrt(
+    item_id: str,
+    bands: list[tuple[str, str]],
+    folder: str,
+    file_stem: str | None = None,
+    scaling: list[tuple[float | None, float | None]] | None = None,
+) -> str:
+    """A VRT stacking single-band assets (same grid) with band descriptions, as ``folder/<file_stem>.vrt``.
+
+    ``scaling`` gives each band's STAC ``raster:bands`` scale and offset (``physical = value x scale + offset``),
+    written as the VRT band's ``Scale``/``Offset`` so models that take reflectance find the convention.
+    """
     import rasterio
 
+    scaling = scaling or [(None, None)] * len(bands)
     grids = []
     for _, href in bands:
         try:
@@ -66,19 +108,46 @@ def _stack_vrt(item_id: str, bands: list[tuple[str, str]], folder: str) -> str:
         lines.append(f"    <Description>{escape(name)}</Description>")
         if g[5] is not None:
             lines.append(f"    <NoDataValue>{g[5]!r}</NoDataValue>")
+        scale, offset = scaling[k - 1]
+        if scale is not None or offset is not None:
+            lines.append(f"    <Offset>{float(offset or 0.0)!r}</Offset>")
+            lines.append(f"    <Scale>{float(1.0 if scale is None else scale)!r}</Scale>")
         lines.append(f'    <SimpleSource><SourceFilename relativeToVRT="0">{escape(href)}</SourceFilename>')
         lines.append("      <SourceBand>1</SourceBand></SimpleSource>")
         lines.append("  </VRTRasterBand>")
     lines.append("</VRTDataset>")
+    from geoseg.io.cog import write_text_atomic
+    from geoseg.workflows.spec import check_inside
+
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{_slug(item_id)}.vrt")
+    path = os.path.join(folder, f"{file_stem or _slug(item_id)}.vrt")
+    check_inside(os.path.dirname(folder), path, f"the VRT of STAC item {item_id!r}", "remove the link in .geoseg-stac")
     text = "\n".join(lines) + "\n"
-    if not os.path.exists(path) or open(path).read() != text:  # unchanged VRTs keep their mtime (ledger)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            same = f.read() == text
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if not same or os.path.islink(path):  # unchanged VRTs keep their mtime (ledger)
+        write_text_atomic(path, text)
     return path
+
+
+def _stac_stamp(item, hrefs: list[str]) -> str:
+    """What identifies an item's pixels besides the local files' sizes and mtimes (see :class:`Scene`)."""
+    import json
+
+    stamp: dict[str, object] = {"updated": item.properties.get("updated")}
+    assets = []
+    for key, asset in sorted(item.get_assets().items()):
+        href = asset.get_absolute_href() or asset.href
+        if href not in hrefs:
+            continue
+        extra = asset.extra_fields
+        local = not ("://" in href and not href.startswith("file://"))
+        assets.append([key, extra.get("file:checksum"), extra.get("file:size"), extra.get("updated"), None if local else href])
+    stamp["assets"] = assets
+    return json.dumps(stamp, sort_keys=True, default=str)
 
 
 def _stac(im: Imagery, folder: str) -> list[Scene]:
@@ -91,8 +160,20 @@ def _stac(im: Imagery, folder: str) -> list[Scene]:
     items = [obj] if isinstance(obj, pystac.Item) else list(obj.get_items(recursive=True))
     if not items:
         raise InputError(f"{im.stac}: the catalog has no items")
+    # items with the same id (or ids that make the same file name) each get their own VRT and scene
+    # name, told apart by where the item lives; the same item listed twice is one scene
+    slugs = [_slug(item.id) for item in items]
     out = []
-    for item in items:
+    seen_items: set[tuple[str, str]] = set()
+    for item, slug in zip(items, slugs, strict=True):
+        where = item.get_self_href() or ""
+        if (item.id, where) in seen_items:
+            continue
+        seen_items.add((item.id, where))
+        if slugs.count(slug) > 1:
+            import hashlib
+
+            slug = f"{slug}-{hashlib.sha256(f'{where}|{item.id}'.encode(errors='surrogateescape')).hexdigest()[:8]}"
         assets = item.get_assets()
         if im.assets:
             missing = [k for k in im.assets.values() if k not in assets]
@@ -101,18 +182,27 @@ def _stac(im: Imagery, folder: str) -> list[Scene]:
                     f"{im.stac}: item {item.id} has no asset {missing[0]!r} (it has {', '.join(assets)}); fix imagery.assets"
                 )
             bands = [(name, assets[key].get_absolute_href()) for name, key in im.assets.items()]
+            scaling = [_raster_scaling(assets[key]) for key in im.assets.values()]
         else:  # eo:bands common names
             bands = []
+            scaling = []
             for _key, asset in assets.items():
                 eo = asset.extra_fields.get("eo:bands") or []
                 if len(eo) == 1 and eo[0].get("common_name"):
                     bands.append((eo[0]["common_name"], asset.get_absolute_href()))
+                    scaling.append(_raster_scaling(asset))
             if not bands:
                 raise InputError(
                     f"{im.stac}: item {item.id} has no assets with eo:bands common names; map them in imagery.assets"
                 )
         date = item.datetime or item.common_metadata.start_datetime
-        out.append(Scene(_stack_vrt(item.id, bands, folder), date.date().isoformat() if date else None, _slug(item.id)))
+        vrt = _stack_vrt(item.id, bands, folder, slug, scaling)
+        stamp = _stac_stamp(item, [href for _, href in bands])
+        out.append(Scene(vrt, date.date().isoformat() if date else None, slug, stamp))
+    names = [s.name for s in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:  # the same id at the same place, yet different items: nothing tells them apart
+        raise InputError(f"{im.stac}: STAC item {dup[0]!r} is listed twice with different content; give each item its own id")
     return out
 
 
@@ -163,6 +253,6 @@ def scenes(im: Imagery, work_folder: str) -> list[Scene]:
         unique = []
         for s in found:
             seen[s.name] = seen.get(s.name, 0) + 1
-            unique.append(Scene(s.path, s.date, s.name if seen[s.name] == 1 else f"{s.name}-{seen[s.name]}"))
+            unique.append(Scene(s.path, s.date, s.name if seen[s.name] == 1 else f"{s.name}-{seen[s.name]}", s.stamp))
         found = unique
     return sorted(found, key=lambda s: (s.date or "", s.name))

@@ -25,7 +25,7 @@ from geoseg._yaml import flat as _flat
 from geoseg._yaml import load_yaml
 from geoseg.errors import InputError
 
-__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "load_workflow"]
+__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "check_inside", "load_workflow"]
 
 FORMATS = ("geojson", "gpkg", "fgb", "parquet")
 
@@ -41,8 +41,8 @@ class ModelRun(_Strict):
     bands: str | None = None
     tile: int | None = Field(None, ge=8)
     halo: int | None = Field(None, ge=0)
-    min_area_m2: float = Field(0.0, ge=0)
-    simplify_m: float = Field(0.0, ge=0)
+    min_area_m2: float | None = Field(None, ge=0, allow_inf_nan=False)  # default: the model's object rules
+    simplify_m: float = Field(0.0, ge=0, allow_inf_nan=False)
     regularize: bool = False
 
 
@@ -54,6 +54,21 @@ class Imagery(_Strict):
     stac: str | None = None
     assets: dict[str, str] | None = None  # STAC: band name -> asset key (default: eo:bands common names)
     date_from: Literal["metadata", "filename"] = "metadata"
+    # how the scenes store reflectance (models that take reflectance): a preset or scale=S,offset=O
+    radiometry: str | None = None
+
+    @field_validator("radiometry")
+    @classmethod
+    def _radiometry(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from geoseg.io.radiometry import parse_radiometry
+
+        try:
+            parse_radiometry(v)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @model_validator(mode="after")
     def _one(self) -> Imagery:
@@ -68,7 +83,7 @@ class Change(_Strict):
     model: str
     pairs: Literal["consecutive", "baseline"] = "consecutive"
     bands: str | None = None
-    min_area_m2: float = Field(0.0, ge=0)
+    min_area_m2: float = Field(0.0, ge=0, allow_inf_nan=False)
     clouds: bool = False
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
 
@@ -80,6 +95,21 @@ class Outputs(_Strict):
     formats: list[Literal["geojson", "gpkg", "fgb", "parquet"]] = ["geojson", "gpkg"]
     crs: str | None = None
     quicklook: bool = True
+
+    @field_validator("crs")
+    @classmethod
+    def _known_crs(cls, v: str | None) -> str | None:
+        """A CRS pyproj knows, checked here rather than after every segmentation ran."""
+        if v is None:
+            return v
+        from pyproj import CRS
+
+        try:
+            CRS.from_user_input(v)
+        except Exception as exc:  # pyproj raises CRSError, and others on odd input
+            reason = " ".join(str(exc).split())[:120]
+            raise ValueError(f"{v[:60]!r} is not a CRS pyproj knows ({reason}); use e.g. EPSG:32632") from None
+        return v
 
 
 class Workflow(_Strict):
@@ -102,16 +132,30 @@ class Workflow(_Strict):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, v: str | None) -> str | None:
+        """Five fields (or an alias) that fire at some time: ``geoseg run`` refuses what ``schedule`` would."""
         if v is None:
             return v
-        from croniter import croniter
+        from geoseg.workflows.schedule import check_cron
 
         try:
-            valid = croniter.is_valid(v)
-        except Exception:  # croniter raises more than CroniterError on odd fields (e.g. huge numbers)
-            valid = False
-        if not valid:
-            raise ValueError(f"{v!r} is not a cron expression (minute hour day month weekday, e.g. '0 6 * * 1')")
+            return check_cron(v)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        """``local``/``threads``/``synchronous`` or a well-formed scheduler address, checked before any work."""
+        if v in ("local", "threads", "synchronous"):
+            return v
+        if "://" not in v:
+            raise ValueError(f"{v!r}: use local, threads, synchronous or a scheduler address such as tcp://HOST:8786")
+        from geoseg.engine.cluster import check_address
+
+        try:
+            check_address(v)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("imagery")
@@ -142,6 +186,45 @@ class Workflow(_Strict):
     def imagery_spec(self) -> Imagery:
         """The imagery as an :class:`Imagery` (a plain list means files)."""
         return Imagery(files=self.imagery) if isinstance(self.imagery, list) else self.imagery
+
+
+def check_inside(root: str, path: str, what: str, fix: str = "") -> str:
+    """``path`` (resolved: ``..`` and symbolic links) when it lies inside the folder ``root``, else an error.
+
+    Every path a workflow writes goes through this: outputs of units, STAC-derived file names,
+    the sample folder.
+
+    Parameters
+    ----------
+    root : str
+        The folder ``path`` must stay in.
+    path : str
+        The path about to be written (it need not exist yet).
+    what : str
+        What the path is, for the message.
+    fix : str
+        How to fix it, for the message.
+
+    Returns
+    -------
+    str
+        ``path`` unchanged.
+
+    Raises
+    ------
+    OutputError
+        ``path`` resolves outside ``root``.
+    """
+    from geoseg.errors import OutputError
+
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise OutputError(
+            f"{_flat(path)}: {what} resolves to {_flat(real)}, outside {_flat(real_root)}; "
+            f"{fix or 'geoseg writes only inside its output folder'}"
+        )
+    return path
 
 
 def _project_folder(path: str) -> str:
@@ -207,16 +290,12 @@ def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None)
     its parent when that folder is named ``workflows``), compared after resolving ``..`` and
     symbolic links. The command line's ``--out`` (``out``) is not subject to this rule.
     """
+    from geoseg._yaml import read_text_file
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise InputError(f"{path}: workflow file not found; give a YAML file such as workflows/sample_aoi.yaml")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not a UTF-8 text file ({exc.reason}); save the workflow as UTF-8 YAML") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the workflow file ({exc.strerror or exc}); check its permissions") from None
+    text = read_text_file(path, path, InputError, "workflow file")
     data, root = _parse(path, text)
     if not isinstance(data, dict):
         raise InputError(f"{path}: a workflow is a mapping of keys (name, imagery, models, outputs, ...)")
@@ -242,11 +321,15 @@ def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None)
         line = _line_of(root, loc)
         return f"{path}{f':{line}' if line else ''}"
 
-    def resolve(p: str | None, loc: tuple) -> str | None:
+    def resolve(p: str | None, loc: tuple, pattern: bool = False) -> str | None:
         if p is None:
             return None
         if "\x00" in p:
             raise InputError(f"{at(loc)}: {'.'.join(map(str, loc))}: a path cannot contain a NUL character; fix the path")
+        if pattern:  # a glob: the folder it is relative to is literal, even with [ ] * ? in its name
+            import glob as globlib
+
+            return os.path.normpath(os.path.join(globlib.escape(base), os.path.expanduser(p)))
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
     im = wf.imagery_spec()
@@ -255,7 +338,7 @@ def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None)
     imagery = im.model_copy(
         update={
             "files": files or None,
-            "glob": resolve(im.glob, ("imagery", "glob")),
+            "glob": resolve(im.glob, ("imagery", "glob"), pattern=True),
             "stac": resolve(im.stac, ("imagery", "stac")),
         }
     )
@@ -271,9 +354,17 @@ def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None)
             f"{at(('outputs', 'folder'))}: outputs.folder {_flat(repr(wf.outputs.folder))} is outside the project folder "
             f"{project} (it resolves to {real}); give a folder inside {project}, or pass --out on the command line"
         )
+    sample = resolve(wf.sample, ("sample",))
+    if sample is not None:  # geoseg writes the sample scene there: never outside the project
+        real_sample = os.path.realpath(sample)
+        if os.path.commonpath([real_sample, project]) != project:
+            raise InputError(
+                f"{at(('sample',))}: sample {_flat(repr(wf.sample))} is outside the project folder {project} "
+                f"(it resolves to {_flat(real_sample)}); give a folder inside {project}"
+            )
     return wf.model_copy(
         update={
-            "sample": resolve(wf.sample, ("sample",)),
+            "sample": sample,
             "aoi": resolve(wf.aoi, ("aoi",)),
             "imagery": imagery,
             "outputs": wf.outputs.model_copy(update={"folder": folder}),
