@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "DeviceError",
+    "DiskFullError",
     "GeosegError",
     "InputError",
     "ModelError",
@@ -37,6 +38,10 @@ class OutputExistsError(GeosegError, FileExistsError):
 
 class OutputError(GeosegError, OSError):
     """An output could not be written."""
+
+
+class DiskFullError(OutputError):
+    """An output could not be written because the disk (or the file size limit or quota) is full."""
 
 
 class ModelError(GeosegError, ValueError):

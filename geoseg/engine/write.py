@@ -22,10 +22,9 @@ import numpy as np
 
 from geoseg.engine.graph import job_of
 from geoseg.engine.tasks import NODATA
-from geoseg.errors import GeosegError, InputError, ModelError, OutputError, OutputExistsError
+from geoseg.errors import DiskFullError, GeosegError, InputError, ModelError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
 from geoseg.io.cog import (
-    DiskFullError,
     Part,
     adopt_staging,
     assemble_cog,

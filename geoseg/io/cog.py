@@ -20,11 +20,10 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from geoseg.errors import OutputError
+from geoseg.errors import DiskFullError, OutputError
 from geoseg.grid import GeoBox, Window
 
 __all__ = [
-    "DiskFullError",
     "Part",
     "assemble_cog",
     "atomic_path",
@@ -36,10 +35,6 @@ __all__ = [
     "write_part",
     "write_text_atomic",
 ]
-
-
-class DiskFullError(OutputError):
-    """An output could not be written because the disk (or the file size limit or quota) is full."""
 
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

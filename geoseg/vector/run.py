@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import shapely
 
-from geoseg.errors import GeosegError, InputError, OutputError
+from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError
 from geoseg.grid import Window
 from geoseg.io.cog import (
-    DiskFullError,
     atomic_path,
     disk_full_now,
     disk_full_reason,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from geoseg.errors import OutputError
+from geoseg.errors import DiskFullError, OutputError
 from geoseg.vector.geometry import reproject
 
 __all__ = ["FORMATS", "PIXEL_SPACE_MEMBER", "Layer", "layer_batches", "write_layer"]
@@ -193,7 +193,7 @@ def write_layer(
     except Exception as exc:  # GDAL errors surface as pyogrio's own exception types ("Cannot write feature")
         if not isinstance(exc, OSError) and not type(exc).__module__.startswith(("pyogrio", "pyarrow")):
             raise
-        from geoseg.io.cog import DiskFullError, disk_full_now, disk_full_reason
+        from geoseg.io.cog import disk_full_now, disk_full_reason
 
         reason = disk_full_reason(exc) or disk_full_now(path, path)
         if reason:

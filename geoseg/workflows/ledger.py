@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from geoseg.errors import OutputError
+from geoseg.errors import DiskFullError, OutputError
 
 __all__ = ["LEDGER_NAME", "LEDGER_VERSION", "Ledger", "params_hash", "process_alive"]
 
@@ -113,7 +113,7 @@ class Ledger:
     OutputError
         The ledger is a link or not a regular file, belongs to another program or another
         schema version, is locked by another program, or cannot be written
-        (:class:`~geoseg.io.cog.DiskFullError` when the disk is full). A read-only ledger
+        (:class:`~geoseg.errors.DiskFullError` when the disk is full). A read-only ledger
         opens read-only (:attr:`readonly`); writing to it raises.
     """
 
@@ -218,8 +218,6 @@ class Ledger:
 
     def _error(self, exc: sqlite3.Error, doing: str) -> OutputError:
         """One line for a database failure."""
-        from geoseg.io.cog import DiskFullError
-
         text = str(exc)
         low = text.lower()
         if "locked" in low or "busy" in low:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from geoseg.errors import GeosegError, InputError, OutputError
+from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError
 from geoseg.workflows.spec import Workflow, load_workflow
 
 __all__ = ["format_summary", "run_workflow"]
@@ -348,8 +348,6 @@ def _unit(ledger, root, folder, kind, scene, model, params, counts, failures, sa
     try:
         result, outputs = work()
     except GeosegError as exc:
-        from geoseg.io.cog import DiskFullError
-
         counts["failed"] += 1
         if isinstance(exc, DiskFullError):  # nothing else can be written either: stop the run
             try:
