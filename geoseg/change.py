@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.classes import NODATA
 from geoseg.errors import InputError
 
 __all__ = ["Transition", "change", "format_change", "hectares", "raster_date", "transitions"]
@@ -155,20 +156,20 @@ def _code_chunk(
     grown = Window(r0, c0, r1 - r0, c1 - c0)
     b = read_mask_window(src_b, grown)
     a = read_mask_window(open_mask(after_path), grown)
-    invalid = (b == 255) | (a == 255)
+    invalid = (b == NODATA) | (a == NODATA)
     for path in masks:  # cloud/shadow masks of either date: any non-background class is unusable
         src = open_mask(path)
         m = read_mask_window(src, grown)
         clear = [c.id for c in src.classes if c.name.lower() in BACKGROUND] or [0]
-        invalid |= ~np.isin(m, [*clear, 255])
+        invalid |= ~np.isin(m, [*clear, NODATA])
     code = lut[b.astype(np.int32) * 256 + a.astype(np.int32)]
-    code[invalid] = 255
+    code[invalid] = NODATA
     code = code.astype(np.uint8)
     if sieve_px > 1:
         from rasterio.features import sieve
 
         code = sieve(code, size=sieve_px, connectivity=4)
-        code[invalid] = 255  # unusable pixels stay unusable (and never grow into a patch)
+        code[invalid] = NODATA  # unusable pixels stay unusable (and never grow into a patch)
     return code[window.row_off - r0 : window.row_stop - r0, window.col_off - c0 : window.col_stop - c0]
 
 
@@ -376,7 +377,7 @@ def change(
                 "aligned": src_a.warp is not None,
             },
             "model": spec.id,
-            "codes": [{"code": 0, "name": "no_change"}, *table, {"code": 255, "name": "not valid on both dates"}],
+            "codes": [{"code": 0, "name": "no_change"}, *table, {"code": NODATA, "name": "not valid on both dates"}],
             "cloud_masks": cloud_masks,
             "resampling": resampling,
         }
@@ -384,7 +385,7 @@ def change(
     report = write(arr, out_dir, overwrite=True, classes=info, extra=extra, mask_name="change.tif")
     ha = hectares(os.path.join(out_dir, "change.tif"))
     report["change"]["hectares"] = {t.name: round(float(ha[t.code]), 4) for t in trans}
-    report["change"]["valid_hectares"] = round(float(ha[:255].sum()), 4)
+    report["change"]["valid_hectares"] = round(float(ha[:NODATA].sum()), 4)
     vrep = vectorize(
         os.path.join(out_dir, "change.tif"),
         out_dir,
@@ -417,7 +418,7 @@ def _as_dataarray(arr, geobox):
     out = xr.DataArray(arr, dims=("y", "x"), coords={"y": ys, "x": xs}, name="change")
     if geobox.crs:
         out = out.rio.write_crs(geobox.crs)
-    return out.rio.write_transform(t).rio.write_nodata(255)
+    return out.rio.write_transform(t).rio.write_nodata(NODATA)
 
 
 def format_change(report: dict[str, Any]) -> str:

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import shapely
 
+from geoseg.classes import NODATA
 from geoseg.errors import InputError
-from geoseg.io.mask import NODATA, open_mask
+from geoseg.io.mask import open_mask
 
 __all__ = ["evaluate", "evaluate_raster", "format_table", "match_objects"]
 

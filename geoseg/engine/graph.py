@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.classes import NODATA
 from geoseg.errors import InputError
 from geoseg.grid import TilePlan
 from geoseg.io.aoi import AOI, read_aoi
@@ -521,11 +522,11 @@ def predict(
         {
             "model": spec.id,
             "classes": ", ".join(f"{c.id}={c.name}" for c in card_.classes),
-            "nodata_value": tasks.NODATA,
+            "nodata_value": NODATA,
             "source": src.path,
         }
     )
-    mask_da = mask_da.rio.write_nodata(tasks.NODATA)
+    mask_da = mask_da.rio.write_nodata(NODATA)
     _KEEP[mask.name] = job
     while len(_KEEP) > _KEEP_MAX:
         _KEEP.popitem(last=False)

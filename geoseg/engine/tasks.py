@@ -13,15 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.classes import NODATA
 from geoseg.grid import TilePlan, Window, blend_window_1d
 from geoseg.io.aoi import AOI
 from geoseg.io.raster import RasterSource, read_window
 from geoseg.models.spec import ModelSpec, Runtime
 
-__all__ = ["NODATA", "blend_chunk", "predict_chunk", "read_chunk"]
-
-#: Mask value for pixels that are nodata in the input or outside the AOI.
-NODATA = 255
+__all__ = ["blend_chunk", "predict_chunk", "read_chunk"]
 
 
 def read_chunk(source: RasterSource, plan: TilePlan, i: int, j: int, aoi: AOI | None) -> dict[str, Any]:

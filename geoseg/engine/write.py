@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.classes import NODATA
 from geoseg.engine.graph import job_of
-from geoseg.engine.tasks import NODATA
 from geoseg.errors import DiskFullError, GeosegError, InputError, ModelError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
 from geoseg.io.cog import (

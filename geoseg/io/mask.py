@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geoseg.classes import NODATA
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window
 from geoseg.io.raster import check_declared_size, dataset_files, quiet_rasterio_georeference
@@ -36,7 +37,6 @@ __all__ = [
 CLASSES_TAG = "GEOSEG_CLASSES"
 #: the model's object rules (``min_area_m2``, ``max_length_m``: JSON), applied by vectorize and evaluate
 OBJECTS_TAG = "GEOSEG_OBJECTS"
-NODATA = 255
 #: Plain images up to this many pixels also get their mask as a PNG (larger ones: the tiled TIFF only).
 PNG_MAX_PIXELS = 64_000_000
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from geoseg._yaml import flat as _flat
 from geoseg._yaml import load_yaml
+from geoseg.classes import NODATA
 from geoseg.errors import ModelError
 
 __all__ = [
@@ -331,7 +332,7 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
                 raise ModelError(f"{origin}: each class needs an id and a name, got {c!r}")
             _reject_unknown(c, CLASS_KEYS, "class", origin)
             cid = c["id"]
-            if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < 255:
+            if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < NODATA:
                 raise ModelError(f"{origin}: class id {cid!r} must be an integer 0-254 (255 is nodata)")
             if cid in seen:
                 raise ModelError(f"{origin}: class id {cid} appears twice; class ids must be unique")

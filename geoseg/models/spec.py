@@ -18,6 +18,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from geoseg.classes import NODATA
 from geoseg.errors import ModelError
 from geoseg.models.card import Scaling
 
@@ -140,7 +141,7 @@ class ModelCard:
         if self.classes is not None:
             return self
         n = 2 if n_outputs == 1 else n_outputs
-        if n > 255:
+        if n > NODATA:  # ids 0..254; 255 is the mask's nodata
             raise ModelError(f"{self.name}: {n} output classes do not fit a uint8 mask (at most 255)")
         colors = default_palette(n)
         return replace(self, classes=tuple(ClassInfo(i, f"class_{i}", colors[i]) for i in range(n)))

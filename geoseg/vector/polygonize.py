@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-__all__ = ["Pieces", "merge_seams", "polygonize_block"]
+from geoseg.classes import NODATA
 
-NODATA = 255
+__all__ = ["Pieces", "merge_seams", "polygonize_block"]
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import shapely
 
+from geoseg.classes import NODATA
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError
 from geoseg.grid import Window
 from geoseg.io.cog import (
@@ -39,7 +40,7 @@ from geoseg.io.cog import (
     sweep_staging,
     write_text_atomic,
 )
-from geoseg.io.mask import NODATA, MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
+from geoseg.io.mask import MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
 from geoseg.models.spec import default_palette
 from geoseg.vector.coco import annotate_part, write_coco_stream
 from geoseg.vector.geometry import metric_crs, object_kind, oriented_box, pixel_to_world, regularize, reproject, to_metric

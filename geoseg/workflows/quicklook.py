@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geoseg.classes import NODATA
 from geoseg.errors import InputError, ModelError
 
 __all__ = ["Overlay", "quicklook"]
@@ -121,9 +122,9 @@ def quicklook(
         cin = (cols >= 0) & (cols < mgb.width)
         if not rin.any() or not cin.any():
             continue
-        sub = np.full((h, w), 255, np.uint8)
+        sub = np.full((h, w), NODATA, np.uint8)
         sub[np.ix_(rin, cin)] = _sampled(src.path, rows[rin], cols[cin])
-        analysed |= sub != 255
+        analysed |= sub != NODATA
         edge = np.zeros((h, w), bool)
         edge[:-1] |= sub[:-1] != sub[1:]
         edge[1:] |= sub[:-1] != sub[1:]
