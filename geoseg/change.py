@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -399,12 +398,9 @@ def change(
     )
     report["vectors"] = {ly["name"]: ly["features"] for ly in vrep["layers"]}
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    from geoseg.io.cog import atomic_path, fsync_replace
+    from geoseg.io.outdir import write_json_atomic
 
-    tmp = atomic_path(os.path.join(out_dir, "run.json"))  # the report with hectares and polygons, last
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    fsync_replace(tmp, os.path.join(out_dir, "run.json"))
+    write_json_atomic(os.path.join(out_dir, "run.json"), report, indent=2)  # the report with hectares and polygons, last
     return report
 
 

@@ -510,8 +510,6 @@ def evaluate(ctx: click.Context, pred, labels, label_values, layer, class_field,
 
     Vector labels, or a label raster of class values (scored pixel by pixel, every class).
     """
-    import json
-
     from geoseg.evaluate import evaluate as run_evaluate
     from geoseg.evaluate import format_table
     from geoseg.io.labels import parse_label_values
@@ -527,12 +525,9 @@ def evaluate(ctx: click.Context, pred, labels, label_values, layer, class_field,
         min_area=min_area,
     )
     if json_out:
-        from geoseg.io.cog import atomic_path, fsync_replace
+        from geoseg.io.outdir import write_json_atomic
 
-        tmp = atomic_path(json_out)
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        fsync_replace(tmp, json_out)
+        write_json_atomic(json_out, result, indent=2)
     if not ctx.obj["quiet"]:
         click.echo(format_table(result))
 

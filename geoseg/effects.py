@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import InputError, ModelError, OutputError, OutputExistsError
+from geoseg.io.outdir import atomic_path, existing_outputs, fsync_replace
 
 __all__ = ["portrait_blur"]
 
@@ -60,14 +61,12 @@ def _save_format(path: str, what: str, alpha: bool) -> str:
 def _check_out(path: str, overwrite: bool) -> None:
     if os.path.isdir(path):
         raise InputError(f"{path}: is a folder; give an output file name such as portrait_blur.png")
-    if os.path.exists(path) and not overwrite:
+    if existing_outputs(*os.path.split(path)) and not overwrite:
         raise OutputExistsError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
 
 
 def _write(im, path: str, fmt: str, params: dict[str, Any]) -> None:
     """Save through a temporary sibling and an atomic rename (a reader never sees half a file)."""
-    from geoseg.io.cog import atomic_path, fsync_replace
-
     full = os.path.abspath(path)
     tmp = atomic_path(full)
     try:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from geoseg.errors import InputError, OutputExistsError
-from geoseg.io.cog import atomic_path, fsync_replace
 from geoseg.io.frames import Frame, list_frames
+from geoseg.io.outdir import existing_outputs, write_json_atomic
 from geoseg.io.raster import file_fingerprint
 
 __all__ = ["predict_frames"]
@@ -103,7 +103,7 @@ def predict_frames(
     if not frames:
         raise InputError(f"{src}: a single image, not a folder, video or multi-page TIFF; run geoseg predict on it")
     report_path = os.path.join(out_dir, FRAMES_REPORT)
-    if os.path.exists(report_path) and not overwrite:
+    if existing_outputs(out_dir, [FRAMES_REPORT]) and not overwrite:
         try:
             with open(report_path) as f:
                 previous = json.load(f).get("input")
@@ -163,8 +163,5 @@ def predict_frames(
         out["objects"] = sum(len(a) for a in coco_anns)
         out["tracks"] = tracks
     out["seconds"] = round(time.perf_counter() - t0, 3)
-    tmp = atomic_path(report_path)
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    fsync_replace(tmp, report_path)
+    write_json_atomic(report_path, out, indent=2)
     return out

@@ -469,7 +469,7 @@ def test_a_lock_or_ledger_planted_as_a_link_is_refused(tmp_path: Path, torchscri
 
 def test_lock_files_are_never_followed(tmp_path: Path) -> None:
     from geoseg.errors import OutputError
-    from geoseg.io.cog import open_lock_file
+    from geoseg.io.outdir import open_lock_file
 
     target = tmp_path / "t"
     target.write_text("x")
@@ -496,7 +496,7 @@ def test_an_output_folder_that_is_a_link_is_refused(tmp_path: Path, torchscript_
 
 
 def test_sweep_and_adopt_escape_glob_characters(tmp_path: Path) -> None:
-    from geoseg.io.cog import adopt_staging, sweep_staging
+    from geoseg.io.outdir import adopt_staging, sweep_staging
 
     host = os.uname().nodename
     for name in ("o1", "ox", "*", "o[1]"):
@@ -695,7 +695,7 @@ def test_a_full_disk_at_ledger_or_summary_time_is_one_line_and_leaves_no_temp_fi
                           preexec_fn=limit_file_size(1000)))  # fmt: skip
     assert "the disk is full (File too large)" in line and "ledger.sqlite" in line, line
     assert not [p for p in tree(out) if p.endswith(".tmp")]
-    code = f"from geoseg.io.cog import write_text_atomic\nwrite_text_atomic({str(out / 'summary.json')!r}, 'x' * 100000)\n"
+    code = f"from geoseg.io.outdir import write_text_atomic\nwrite_text_atomic({str(out / 'summary.json')!r}, 'x' * 100000)\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit_file_size(1000))
     assert proc.returncode == 1 and "DiskFullError" in proc.stderr and "summary.json: the disk is full" in proc.stderr
     assert proc.stderr.count("Traceback") == 1  # not a second one from the cleanup

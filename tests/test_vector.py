@@ -513,7 +513,7 @@ def test_areas_and_lengths_are_true_metres(tmp_path: Path, crs: str, transform) 
 
 def test_a_second_writer_to_one_folder_is_refused(scene, tmp_path: Path) -> None:
     from geoseg.errors import OutputError
-    from geoseg.io.cog import output_lock
+    from geoseg.io.outdir import output_lock
 
     path, _ = scene
     out = tmp_path / "shared"
@@ -527,7 +527,7 @@ def test_a_second_writer_to_one_folder_is_refused(scene, tmp_path: Path) -> None
 
 
 def test_stale_staging_is_swept_but_live_is_kept(tmp_path: Path) -> None:
-    from geoseg.io.cog import make_staging, sweep_staging
+    from geoseg.io.outdir import make_staging, sweep_staging
 
     live = make_staging(str(tmp_path), ".geoseg-vstaging-", "x")
     dead = make_staging(str(tmp_path), ".geoseg-vstaging-", "y")

@@ -24,19 +24,18 @@ from geoseg.classes import NODATA
 from geoseg.engine.graph import job_of
 from geoseg.errors import DiskFullError, GeosegError, InputError, ModelError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window
-from geoseg.io.cog import (
-    Part,
+from geoseg.io.cog import Part, assemble_cog, read_part, write_part
+from geoseg.io.mask import CLASSES_TAG, OBJECTS_TAG, PNG_MAX_PIXELS, write_mask_png
+from geoseg.io.outdir import (
     adopt_staging,
-    assemble_cog,
+    check_is_folder,
     disk_full_reason,
+    existing_outputs,
     make_staging,
     output_lock,
-    read_part,
     sweep_staging,
-    write_part,
-    write_text_atomic,
+    write_json_atomic,
 )
-from geoseg.io.mask import CLASSES_TAG, OBJECTS_TAG, PNG_MAX_PIXELS, write_mask_png
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +54,8 @@ _STATS_KEYS = ("tiles", "tiles_skipped", "nonfinite", "overflow")
 
 def check_output_dir(out_dir: str, overwrite: bool, names: tuple[str, ...] = (MASK_NAME, PROB_NAME, RUN_NAME)) -> None:
     """Fail before any work when outputs exist (without ``overwrite``) or the folder is unusable."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"{out_dir}: exists and is not a folder; give --out a folder path")
-    existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    check_is_folder(out_dir)
+    existing = existing_outputs(out_dir, names)
     if existing and not overwrite:
         raise OutputExistsError(
             f"{out_dir}: {', '.join(existing)} already exist; pass --overwrite to replace them or choose another --out"
@@ -412,7 +410,7 @@ def write(
         elif overwrite and os.path.exists(os.path.join(out_dir, PROB_NAME)):
             os.remove(os.path.join(out_dir, PROB_NAME))  # a stale file from an earlier run would mislead
         report["timings"]["total_s"] = round(report["timings"].get("predict_call_s", 0.0) + time.perf_counter() - t0, 3)
-        write_text_atomic(os.path.join(out_dir, RUN_NAME), json.dumps(report, indent=2))
+        write_json_atomic(os.path.join(out_dir, RUN_NAME), report, indent=2)
         for w in report["warnings"]:  # each once, here (run.json keeps them too)
             log.warning(w)
         return report

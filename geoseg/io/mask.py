@@ -297,7 +297,7 @@ def write_mask_png(mask_tif: str, png: str, colors: dict[int, tuple[int, int, in
     palette[NODATA] = (0, 0, 0)
     img = Image.frombytes("P", (data.shape[1], data.shape[0]), np.ascontiguousarray(data).tobytes())
     img.putpalette(palette.ravel().tolist())
-    from geoseg.io.cog import atomic_path, fsync_replace
+    from geoseg.io.outdir import atomic_path, fsync_replace
 
     tmp = atomic_path(png)
     try:

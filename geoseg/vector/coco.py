@@ -22,8 +22,8 @@ import numpy as np
 import shapely
 
 from geoseg.grid import Window
-from geoseg.io.cog import atomic_path, fsync_replace
 from geoseg.io.mask import MaskSource, mask_reader
+from geoseg.io.outdir import atomic_path, fsync_replace, write_json_atomic
 
 __all__ = [
     "annotate_part",
@@ -295,11 +295,4 @@ def coco_document(
 
 def write_coco(path: str, doc: dict[str, Any]) -> None:
     """Write a COCO document atomically (temporary name, then rename)."""
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_json_atomic(path, doc, separators=(",", ":"))

@@ -30,17 +30,19 @@ import shapely
 from geoseg.classes import NODATA
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError
 from geoseg.grid import Window
-from geoseg.io.cog import (
+from geoseg.io.mask import MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
+from geoseg.io.outdir import (
     atomic_path,
+    check_is_folder,
     disk_full_now,
     disk_full_reason,
+    existing_outputs,
     fsync_replace,
     make_staging,
     output_lock,
     sweep_staging,
-    write_text_atomic,
+    write_json_atomic,
 )
-from geoseg.io.mask import MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
 from geoseg.models.spec import default_palette
 from geoseg.vector.coco import annotate_part, write_coco_stream
 from geoseg.vector.geometry import metric_crs, object_kind, oriented_box, pixel_to_world, regularize, reproject, to_metric
@@ -523,7 +525,7 @@ def vectorize(
             },
             "values_present": present,
         }
-        write_text_atomic(os.path.join(out_dir, REPORT_NAME), json.dumps(report, indent=2))
+        write_json_atomic(os.path.join(out_dir, REPORT_NAME), report, indent=2)
         return report
     except DiskFullError as exc:  # name the folder the user chose, not a staging file that is removed now
         reason = disk_full_reason(exc) or "No space left on device"
@@ -585,10 +587,9 @@ def _planned_outputs(formats: Sequence[str], layer_names: Sequence[str], project
 
 
 def _check_out(out_dir: str, outputs: Sequence[str], overwrite: bool) -> None:
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"{out_dir}: exists and is not a folder; give --out a folder path")
+    check_is_folder(out_dir)
     if not overwrite:
-        existing = [o for o in outputs if os.path.exists(os.path.join(out_dir, o))]
+        existing = existing_outputs(out_dir, outputs)
         if existing:
             from geoseg.errors import OutputExistsError
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from geoseg.errors import DiskFullError, OutputError
+from geoseg.errors import OutputError
 from geoseg.vector.geometry import reproject
 
 __all__ = ["FORMATS", "PIXEL_SPACE_MEMBER", "Layer", "layer_batches", "write_layer"]
@@ -193,11 +193,11 @@ def write_layer(
     except Exception as exc:  # GDAL errors surface as pyogrio's own exception types ("Cannot write feature")
         if not isinstance(exc, OSError) and not type(exc).__module__.startswith(("pyogrio", "pyarrow")):
             raise
-        from geoseg.io.cog import disk_full_now, disk_full_reason
+        from geoseg.io.outdir import disk_full_error, disk_full_now, disk_full_reason
 
         reason = disk_full_reason(exc) or disk_full_now(path, path)
         if reason:
-            raise DiskFullError(f"{path}: the disk is full ({reason}); free space or choose another --out") from exc
+            raise disk_full_error(path, reason) from exc
         text = " ".join(str(exc).split())[:300]
         raise OutputError(f"{path}: could not write the {fmt} layer {layer.name!r} ({text}); check disk space") from exc
 

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from geoseg.errors import DiskFullError, OutputError
+from geoseg.errors import OutputError
+from geoseg.io.outdir import disk_full_error, disk_full_now
 
 __all__ = ["LEDGER_NAME", "LEDGER_VERSION", "Ledger", "params_hash", "process_alive"]
 
@@ -230,17 +231,15 @@ class Ledger:
                 f"{self.path}: the run ledger is read-only ({text}); make it and its folder writable, or choose another --out"
             )
         if "full" in low or "quota" in low:
-            return DiskFullError(f"{self.path}: the disk is full ({text}); free space or choose another --out")
+            return disk_full_error(self.path, text)
         if "not a database" in low or "malformed" in low or "corrupt" in low:
             return OutputError(
                 f"{self.path}: not a usable run ledger ({text}); move it away to start a fresh ledger (every unit is redone)"
             )
         if "disk i/o" in low:  # SQLite reports a file size limit (EFBIG) this way
-            from geoseg.io.cog import disk_full_now
-
             reason = disk_full_now(self.path, self.path)
             if reason:
-                return DiskFullError(f"{self.path}: the disk is full ({reason}); free space or choose another --out")
+                return disk_full_error(self.path, reason)
             return OutputError(f"{self.path}: the run ledger could not be written ({text}); check free space and the disk")
         return OutputError(f"{self.path}: {doing} the run ledger failed ({text}); check the file, or move it away")
 

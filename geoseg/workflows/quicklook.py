@@ -157,7 +157,7 @@ def quicklook(
                 draw.rectangle([x, y + 2, x + 12, y + 12], fill=(*color, 255), outline=(0, 0, 0, 255))
                 x += 18
             draw.text((x, y), text, fill=(0, 0, 0, 255), font=font)
-    from geoseg.io.cog import atomic_path, fsync_replace
+    from geoseg.io.outdir import atomic_path, fsync_replace
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = atomic_path(out)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError
+from geoseg.io.outdir import hold_lock_file, write_json_atomic
 from geoseg.workflows.spec import Workflow, load_workflow
 
 __all__ = ["format_summary", "run_workflow"]
@@ -84,37 +85,16 @@ def _fingerprint(path: str | None, stamp: str = "") -> str | None:
 
 def _run_lock(folder: str):
     """One ``geoseg run`` per output folder (a second one is refused at once); the lock file is never a link."""
-    import fcntl
-    from contextlib import contextmanager
-
-    from geoseg.io.cog import open_lock_file
-
-    @contextmanager
-    def hold():
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); choose a writable --out") from None
-        path = os.path.join(folder, RUN_LOCK)
-        fd = open_lock_file(path, "run lock")
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                raise OutputError(
-                    f"{folder}: another geoseg run is working on this output folder ({holder}); wait for it to finish"
-                ) from None
-            try:  # who holds the lock, for the message of a second run (best effort: a full disk must not stop here)
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-            except OSError:
-                pass
-            yield
-        finally:
-            os.close(fd)
-
-    return hold()
+    return hold_lock_file(
+        folder,
+        RUN_LOCK,
+        "run lock",
+        f"pid {os.getpid()}",
+        lambda holder: (
+            f"{folder}: another geoseg run is working on this output folder ({holder or 'another process'}); "
+            "wait for it to finish"
+        ),
+    )
 
 
 def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -318,9 +298,7 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
                 ledger.close()
         summary["units"] = counts
         summary["seconds"] = round(time.perf_counter() - t0, 1)
-        from geoseg.io.cog import write_text_atomic
-
-        write_text_atomic(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2))
+        write_json_atomic(os.path.join(folder, "summary.json"), summary, indent=2)
     if failures:
         raise OutputError(f"{wf.path}: {len(failures)} unit(s) failed (see `geoseg runs`); first: {failures[0]}")
     return summary
@@ -367,9 +345,7 @@ def _unit(ledger, root, folder, kind, scene, model, params, counts, failures, sa
             pass
         raise
     result["seconds"] = round(time.perf_counter() - t, 1)
-    from geoseg.io.cog import write_text_atomic
-
-    write_text_atomic(summary_file, json.dumps(result))
+    write_json_atomic(summary_file, result)
     ledger.done(
         unit_id,
         [os.path.relpath(os.path.join(folder, o), root) for o in outputs] + [os.path.relpath(summary_file, root)],

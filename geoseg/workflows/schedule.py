@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from geoseg.errors import InputError, OutputError
+from geoseg.io.outdir import hold_lock_file
 
 __all__ = ["LOCK_NAME", "LOG_NAME", "check_cron", "next_fire", "run_child", "schedule", "schedule_lock"]
 
@@ -175,34 +176,19 @@ def schedule_lock(folder: str) -> Iterator[str]:
     OutputError
         Another scheduler holds the lock, or the folder or lock file cannot be created.
     """
-    import fcntl
     import socket
 
-    from geoseg.io.cog import open_lock_file
-
-    path = os.path.join(folder, LOCK_NAME)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); choose a writable --out") from None
-    fd = open_lock_file(path, "scheduler lock")  # O_NOFOLLOW: a planted link is refused, never truncated
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip()
-            raise OutputError(
-                f"{folder}: another geoseg schedule is already running on this output folder"
-                f"{f' ({holder})' if holder else ''}; stop it first or give this one another --out"
-            ) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        except OSError:
-            pass  # the holder line is informative only (a full disk must not stop the scheduler)
+    with hold_lock_file(
+        folder,
+        LOCK_NAME,
+        "scheduler lock",
+        f"pid {os.getpid()} on {socket.gethostname()}\n",
+        lambda holder: (
+            f"{folder}: another geoseg schedule is already running on this output folder"
+            f"{f' ({holder})' if holder else ''}; stop it first or give this one another --out"
+        ),
+    ) as path:
         yield path
-    finally:
-        os.close(fd)
 
 
 def _iso(t: datetime | None) -> str | None:

@@ -116,7 +116,7 @@ def _stack_vrt(
         lines.append("      <SourceBand>1</SourceBand></SimpleSource>")
         lines.append("  </VRTRasterBand>")
     lines.append("</VRTDataset>")
-    from geoseg.io.cog import write_text_atomic
+    from geoseg.io.outdir import write_text_atomic
     from geoseg.workflows.spec import check_inside
 
     os.makedirs(folder, exist_ok=True)
