@@ -205,11 +205,11 @@ def hectares(path: str, step: int = 2048) -> np.ndarray:
 
 
 def _grid(gb, step: int):
-    from geoseg.engine.write import _windows
+    from geoseg.grid import chunk_windows
 
     rows = [step] * (gb.height // step) + ([gb.height % step] if gb.height % step else [])
     cols = [step] * (gb.width // step) + ([gb.width % step] if gb.width % step else [])
-    return _windows((tuple(rows), tuple(cols)))
+    return chunk_windows((tuple(rows), tuple(cols)))
 
 
 def change(
@@ -285,8 +285,8 @@ def change(
     from geoseg.engine.write import check_output_dir
     from geoseg.io.mask import open_mask
     from geoseg.io.raster import file_fingerprint, open_source
-    from geoseg.models.card import match_bands, parse_band_option
-    from geoseg.models.spec import ClassInfo, resolve_model
+    from geoseg.models.card import ClassInfo, match_bands, parse_band_option
+    from geoseg.models.spec import resolve_model
     from geoseg.vector import vectorize
 
     t0 = time.perf_counter()

@@ -620,12 +620,12 @@ def train(ctx: click.Context, images, labels, label_values, layer, class_field, 
           radiometry, augment, select, hard_negatives, threshold, resume) -> None:  # fmt: skip
     """Train the card's network on rasters and labels (vector or raster); write ONNX with the card embedded."""
     from geoseg.io.labels import parse_label_values
-    from geoseg.models.card import _load_text, card_from_dict
+    from geoseg.models.card import card_from_dict, load_text
     from geoseg.models.train import TrainConfig, parse_scales
     from geoseg.models.train import train as run_train
 
     with open(card_path) as f:
-        card = card_from_dict(_load_text(f.read(), card_path), card_path)
+        card = card_from_dict(load_text(f.read(), card_path), card_path)
     band_idx, band_map = _parse_bands(bands)
     if band_idx is not None:
         raise click.BadParameter("give card band names, e.g. --bands nir=4,red=3 (training matches bands by name)")

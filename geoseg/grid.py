@@ -31,6 +31,7 @@ __all__ = [
     "TilePlan",
     "Window",
     "blend_window_1d",
+    "chunk_windows",
     "reflect_index",
 ]
 
@@ -100,10 +101,6 @@ class Window:
             and other.row_stop <= self.row_stop
             and other.col_stop <= self.col_stop
         )
-
-    def to_rasterio(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``((row_start, row_stop), (col_start, col_stop))``, as rasterio accepts it."""
-        return ((self.row_off, self.row_stop), (self.col_off, self.col_stop))
 
 
 @dataclass(frozen=True)
@@ -387,3 +384,24 @@ class TilePlan:
         rows = sum(len(self._axis_tiles(self.chunk_window(i, 0).row_off, self.chunk_window(i, 0).height)) for i in range(ny))
         cols = sum(len(self._axis_tiles(self.chunk_window(0, j).col_off, self.chunk_window(0, j).width)) for j in range(nx))
         return rows * cols
+
+
+def chunk_windows(chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> list[list[Window]]:
+    """The window of every block of a 2-D chunking (Dask's ``chunks``), row by row.
+
+    Parameters
+    ----------
+    chunks : tuple of (tuple of int, tuple of int)
+        Block heights, then block widths.
+
+    Returns
+    -------
+    list of list of Window
+        ``windows[i][j]`` is block ``(i, j)``.
+    """
+    rows = np.concatenate([[0], np.cumsum(chunks[0])])
+    cols = np.concatenate([[0], np.cumsum(chunks[1])])
+    return [
+        [Window(int(rows[i]), int(cols[j]), int(chunks[0][i]), int(chunks[1][j])) for j in range(len(chunks[1]))]
+        for i in range(len(chunks[0]))
+    ]

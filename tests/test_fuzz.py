@@ -14,7 +14,7 @@ workflow deep nesting / alias bombs                80
 workflow from plausible mappings (safe_dump)      400
 card_from_dict on arbitrary values                300
 card_from_dict on plausible cards                 500
-card text (_load_text + card_from_dict)           300
+card text (load_text + card_from_dict)           300
 find_card on .card.json/.card.yaml sidecars       300
 find_card on Deepness/GeoDeep metadata            200
 ==========================================  =========
@@ -41,8 +41,7 @@ from hypothesis import strategies as st
 
 from geoseg.errors import GeosegError, InputError, ModelError
 from geoseg.models import card as card_mod
-from geoseg.models.card import card_from_dict, find_card
-from geoseg.models.spec import ModelCard
+from geoseg.models.card import ModelCard, card_from_dict, find_card
 from geoseg.workflows.spec import Workflow, load_workflow
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
@@ -435,7 +434,7 @@ def card_texts(draw: st.DrawFn) -> tuple[str, str]:
 def test_card_text(item: tuple[str, str]) -> None:
     ext, text = item
     origin = "/models/m" + ext
-    _check_card(lambda: card_from_dict(card_mod._load_text(text, origin), origin), origin, "card text")
+    _check_card(lambda: card_from_dict(card_mod.load_text(text, origin), origin), origin, "card text")
 
 
 @settings(max_examples=300, **SETTINGS)

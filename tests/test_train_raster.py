@@ -235,13 +235,13 @@ def test_evaluate_raster_labels_scores_every_class(tmp_path: Path) -> None:
 def test_em_membrane_short_training_scores_on_the_other_slice(shared_data: Path, tmp_path: Path) -> None:
     """ISBI 2012 EM: a short training on train_0, Dice on train_1 (the workflow script trains longer)."""
     import geoseg
-    from geoseg.models.card import _load_text
+    from geoseg.models.card import load_text
 
     data = shared_data / "plain" / "isbi2012_em_membrane"
     if not data.is_dir():
         pytest.skip(f"{data} is absent")
     card_path = Path(__file__).resolve().parents[1] / "workflows" / "em_membrane.card.yaml"
-    card_d = _load_text(card_path.read_text(), str(card_path))
+    card_d = load_text(card_path.read_text(), str(card_path))
     cfg = TrainConfig(
         images=[str(data / "train_0.png")],
         labels=[str(data / "train_0_label.png")],

@@ -24,7 +24,8 @@ from geoseg.errors import InputError
 from geoseg.grid import TilePlan
 from geoseg.io.aoi import AOI, read_aoi
 from geoseg.io.raster import RasterSource, open_source, raster_gsd_m
-from geoseg.models.spec import ModelCard, ModelSpec, Runtime, resolve_model
+from geoseg.models.card import ModelCard
+from geoseg.models.spec import ModelSpec, Runtime, resolve_model
 
 __all__ = ["Job", "job_of", "predict"]
 

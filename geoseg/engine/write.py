@@ -23,7 +23,7 @@ import numpy as np
 from geoseg.classes import NODATA
 from geoseg.engine.graph import job_of
 from geoseg.errors import DiskFullError, GeosegError, InputError, ModelError, OutputError, OutputExistsError
-from geoseg.grid import GeoBox, Window
+from geoseg.grid import GeoBox, Window, chunk_windows
 from geoseg.io.cog import Part, assemble_cog, read_part, write_part
 from geoseg.io.mask import CLASSES_TAG, OBJECTS_TAG, PNG_MAX_PIXELS, write_mask_png
 from geoseg.io.outdir import (
@@ -79,15 +79,6 @@ def check_output_dir(out_dir: str, overwrite: bool, names: tuple[str, ...] = (MA
 def _geobox_of(da) -> GeoBox:
     crs = da.rio.crs
     return GeoBox(int(da.sizes["x"]), int(da.sizes["y"]), da.rio.transform(), crs.to_string() if crs else None)
-
-
-def _windows(chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> list[list[Window]]:
-    rows = np.concatenate([[0], np.cumsum(chunks[0])])
-    cols = np.concatenate([[0], np.cumsum(chunks[1])])
-    return [
-        [Window(int(rows[i]), int(cols[j]), int(chunks[0][i]), int(chunks[1][j])) for j in range(len(chunks[1]))]
-        for i in range(len(chunks[0]))
-    ]
 
 
 def _write_mask_part(block: np.ndarray, path: str, geobox: GeoBox, window: Window, stats: dict | None) -> dict:
@@ -289,7 +280,7 @@ def write(
             staging, adopted = make_staging(out_dir, ".geoseg-staging-", token), ""
             for sub in ("mask", *(("probabilities",) if probs is not None else ())):
                 os.makedirs(os.path.join(staging, sub), exist_ok=True)
-        windows = _windows(mask.data.chunks)
+        windows = chunk_windows(mask.data.chunks)
         cells = [(i, j, win) for i, row in enumerate(windows) for j, win in enumerate(row)]
 
         def part_path(kind: str, i: int, j: int) -> str:

@@ -28,7 +28,7 @@ class AOI:
         import shapely
         from rasterio.features import geometry_mask
 
-        from geoseg.io.raster import quiet_rasterio_georeference
+        from geoseg.io.gdal import quiet_rasterio_georeference
 
         geoms = shapely.from_wkb(list(self.wkb))
         quiet_rasterio_georeference()  # GDAL's scratch dataset inside rasterize has no georeference

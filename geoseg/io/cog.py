@@ -131,7 +131,7 @@ def write_part(
     # instead of libtiff printing to stderr from inside a worker.
     from rasterio.io import MemoryFile
 
-    from geoseg.io.raster import quiet_rasterio_georeference
+    from geoseg.io.gdal import quiet_rasterio_georeference
 
     quiet_rasterio_georeference()  # pixel-space parts: geoseg already said so
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as mem:

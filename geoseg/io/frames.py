@@ -168,7 +168,7 @@ def _tiff_pages(path: str) -> list[Frame] | None:
     import rasterio
     from rasterio.errors import RasterioIOError
 
-    from geoseg.io.raster import quiet_rasterio_georeference
+    from geoseg.io.gdal import quiet_rasterio_georeference
 
     quiet_rasterio_georeference()
     try:

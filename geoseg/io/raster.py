@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window, reflect_index
 from geoseg.io.frames import local_file, read_video_frame, video_frame
+from geoseg.io.gdal import quiet_rasterio_georeference
 
 __all__ = [
     "DEFAULT_GDAL_OPTIONS",
@@ -30,7 +30,6 @@ __all__ = [
     "dataset_files",
     "file_fingerprint",
     "open_source",
-    "quiet_rasterio_georeference",
     "raster_gsd_m",
     "read_overview",
     "read_window",
@@ -140,20 +139,6 @@ class RasterSource:
             if ds.src_dataset.count < ds.count:
                 return ds.read(ds.count, window=window) > 0
         return None
-
-
-def quiet_rasterio_georeference() -> None:
-    """Never show rasterio's own NotGeoreferencedWarning in this process (geoseg warns once, itself).
-
-    A process-wide filter, installed once, rather than ``warnings.catch_warnings`` around each
-    open: ``catch_warnings`` saves and restores the filters of the whole process, so in a Dask
-    worker's threads one task's restore can land while another task is inside ``rasterio.open``
-    and let the warning through.
-    """
-    from rasterio.errors import NotGeoreferencedWarning as RioNotGeoreferenced
-
-    if not any(f[0] == "ignore" and f[2] is RioNotGeoreferenced for f in warnings.filters):
-        warnings.filterwarnings("ignore", category=RioNotGeoreferenced)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,10 +30,14 @@ from geoseg.errors import ModelError
 __all__ = [
     "BAND_ALIASES",
     "CARD_KEYS",
+    "ClassInfo",
+    "ModelCard",
     "Scaling",
     "card_from_dict",
     "card_to_dict",
+    "default_palette",
     "find_card",
+    "load_text",
     "match_bands",
     "onnx_metadata",
     "parse_band_option",
@@ -238,6 +242,128 @@ class Scaling:
             return y.astype(np.float32, copy=False)
 
 
+_PALETTE = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+]
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """``n`` distinct RGB colours, stable for a given ``n``."""
+    out = []
+    for i in range(n):
+        if i < len(_PALETTE):
+            out.append(_PALETTE[i])
+        else:  # golden-ratio hues for long class lists
+            import colorsys
+
+            r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
+            out.append((int(r * 255), int(g * 255), int(b * 255)))
+    return out
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output class: id (value in the mask), name and RGB colour."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model means. Fields left ``None`` are filled from the model itself.
+
+    Parameters
+    ----------
+    name : str
+        Model name.
+    classes : tuple of ClassInfo, optional
+        Output classes; default ``class_0 .. class_{n-1}`` from the output channel count.
+    tile : int, optional
+        Preferred model input size in pixels.
+    halo : int, optional
+        Preferred halo in pixels.
+    size_multiple : int
+        Input sizes must be a multiple of this (e.g. 32 for a 5-level U-Net).
+    activation : str
+        ``softmax`` (multi-class logits), ``sigmoid`` (one binary logit channel), or
+        ``none`` (the model already outputs probabilities).
+    version : str, optional
+        Model version.
+    task : str
+        ``area`` (land cover, change) or ``objects`` (countable things).
+    bands : tuple of str, optional
+        Input band names in model order (``blue``, ``green``, ``red``, ``nir``, ``swir1``, ...),
+        matched to raster bands by description or a ``--bands name=N`` mapping.
+    scaling : Scaling
+        How raw values become model inputs (see :class:`geoseg.models.card.Scaling`).
+    gsd_m : float, optional
+        Ground sample distance the model was trained at, in metres.
+    gsd_range_m : (float, float), optional
+        Pixel sizes the model was trained across (scale augmentation); rasters inside it
+        are not resampled.
+    architecture_json : str
+        ``{"name": ..., "args": {...}}`` for state-dict models (see :mod:`geoseg.models.nets`).
+    tta : int
+        Test-time augmentation the model is run with by default: 1 (none), 2, 4 or 8
+        dihedral views of every tile (flips and rotations), logits averaged.
+    min_area_m2, max_length_m : float, optional
+        Object rules for ``task: objects`` models: polygons smaller than ``min_area_m2`` or
+        longer than ``max_length_m`` are not objects of the model's kind (a ship model's
+        breakwaters, a speck); vectorize and evaluate apply them by default.
+    info_json : str
+        Description, licence, metrics and training recipe (JSON), carried for the record.
+    """
+
+    name: str
+    classes: tuple[ClassInfo, ...] | None = None
+    tile: int | None = None
+    halo: int | None = None
+    size_multiple: int = 32
+    activation: str = "auto"
+    version: str | None = None
+    task: str = "area"
+    bands: tuple[str, ...] | None = None
+    scaling: Scaling = field(default_factory=Scaling)
+    gsd_m: float | None = None
+    gsd_range_m: tuple[float, float] | None = None
+    architecture_json: str = ""
+    info_json: str = "{}"
+    tta: int = 1
+    min_area_m2: float | None = None
+    max_length_m: float | None = None
+
+    def with_classes(self, n_outputs: int) -> ModelCard:
+        """The card with default classes for a model with ``n_outputs`` channels."""
+        if self.classes is not None:
+            return self
+        n = 2 if n_outputs == 1 else n_outputs
+        if n > NODATA:  # ids 0..254; 255 is the mask's nodata
+            raise ModelError(f"{self.name}: {n} output classes do not fit a uint8 mask (at most 255)")
+        colors = default_palette(n)
+        return replace(self, classes=tuple(ClassInfo(i, f"class_{i}", colors[i]) for i in range(n)))
+
+
 def _floats(v: Any, key: str, origin: str) -> tuple[float, ...] | None:
     if v is None:
         return None
@@ -292,7 +418,7 @@ def _reject_unknown(d: Mapping[str, Any], allowed: set[str], what: str, origin: 
 
 
 def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model"):
-    """Validate a card dictionary and build a :class:`~geoseg.models.spec.ModelCard`.
+    """Validate a card dictionary and build a :class:`ModelCard`.
 
     Parameters
     ----------
@@ -312,8 +438,6 @@ def card_from_dict(d: Mapping[str, Any], origin: str, default_name: str = "model
     ModelError
         Unknown keys, duplicate class ids, bad colours, band or scaling mismatches.
     """
-    from geoseg.models.spec import ClassInfo, ModelCard, default_palette
-
     if not isinstance(d, Mapping):
         raise ModelError(f"{origin}: a model card must be a mapping of keys, got {type(d).__name__}")
     _reject_unknown(d, CARD_KEYS, "card", origin)
@@ -496,7 +620,26 @@ def card_to_dict(card) -> dict[str, Any]:
     return out
 
 
-def _load_text(text: str, origin: str) -> Any:
+def load_text(text: str, origin: str) -> Any:
+    """Parse a card's text: YAML when ``origin`` ends in ``.yaml``/``.yml``, JSON otherwise.
+
+    Parameters
+    ----------
+    text : str
+        The card file's contents.
+    origin : str
+        Where it came from (its path), for the file type and for messages.
+
+    Returns
+    -------
+    Any
+        The parsed document (validated later by :func:`card_from_dict`).
+
+    Raises
+    ------
+    ModelError
+        The text is not valid YAML/JSON.
+    """
     if origin.endswith((".yaml", ".yml")):
         return load_yaml(text, origin, ModelError, "fix the card's syntax")
     try:
@@ -612,7 +755,7 @@ def find_card(path: str, kind: str):
     name = os.path.splitext(os.path.basename(path))[0]
     for side in _sidecars(path):
         if os.path.exists(side):
-            return card_from_dict(_load_text(_read_text(side, side), side), side, name)
+            return card_from_dict(load_text(_read_text(side, side), side), side, name)
     if kind in ("torchscript", "exported"):
         try:
             with zipfile.ZipFile(path) as z:
@@ -621,13 +764,13 @@ def find_card(path: str, kind: str):
                     origin = f"{path} (embedded card)"
                     if z.getinfo(hit[0]).file_size > 1 << 20:
                         raise ModelError(f"{origin}: the card is larger than 1 MiB; a card is a few kilobytes of text")
-                    return card_from_dict(_load_text(_decode(z.read(hit[0]), origin), path), origin, name)
+                    return card_from_dict(load_text(_decode(z.read(hit[0]), origin), path), origin, name)
         except zipfile.BadZipFile as exc:
             raise ModelError(f"{path}: not a valid TorchScript archive ({exc}); re-export the model") from exc
     elif kind == "onnx":
         meta = onnx_metadata(path)
         if "geoseg_card" in meta:
-            return card_from_dict(_load_text(meta["geoseg_card"], path), f"{path} (geoseg_card metadata)", name)
+            return card_from_dict(load_text(meta["geoseg_card"], path), f"{path} (geoseg_card metadata)", name)
         try:
             d = _deepness(meta, path)
         except (TypeError, ValueError, AttributeError, ArithmeticError, RecursionError, MemoryError) as exc:

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import DeviceError, ModelError
-from geoseg.models.spec import _IN_MEMORY, ModelSpec, Runtime
+from geoseg.models.spec import IN_MEMORY_MODELS, ModelSpec, Runtime
 
-__all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe", "resample_batch"]
+__all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe", "resample_batch", "resolve_device"]
 
 _CACHE: dict[tuple[str, str, str, str], Predictor] = {}
 #: test-time augmentation views (rot90 count, horizontal flip first): 2 = a flip, 4 = and a half turn, 8 = all
@@ -48,7 +48,23 @@ class ModelInfo:
     versions: dict[str, str]
 
 
-def _resolve_device(device: str):
+def resolve_device(device: str):
+    """The torch device for ``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); CUDA missing is an error.
+
+    Parameters
+    ----------
+    device : str
+        The device asked for.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    DeviceError
+        CUDA was asked for and this process has no usable GPU (or not that one).
+    """
     import torch
 
     if device == "auto":
@@ -64,6 +80,10 @@ def _resolve_device(device: str):
             raise DeviceError(f"device {device!r} does not exist: this worker sees {torch.cuda.device_count()} GPU(s)")
         return dev
     return torch.device("cpu")
+
+
+# models/train.py (not part of this change) still imports the old private name; remove with it.
+_resolve_device = resolve_device
 
 
 def _default_threads() -> int:
@@ -142,10 +162,10 @@ def load_state_dict_model(spec: ModelSpec):
 
 def _verify_unchanged(spec: ModelSpec) -> None:
     """Refuse a model file whose content changed since :func:`geoseg.models.spec.resolve_model` checked it."""
-    from geoseg.models.spec import _sha256_file
+    from geoseg.models.spec import sha256_file
 
     try:
-        now = _sha256_file(spec.path)
+        now = sha256_file(spec.path)
     except OSError as exc:
         raise ModelError(f"{spec.path}: cannot read the model ({exc.strerror or exc}); check the file") from None
     if now != spec.sha256:
@@ -212,7 +232,7 @@ class Predictor:
 
         _tune_malloc()  # torch allocates activations through malloc; onnxruntime keeps its own arena
         self.threads = self.runtime.num_threads or _default_threads()
-        self.device = _resolve_device(self.runtime.device)
+        self.device = resolve_device(self.runtime.device)
         if self.spec.path is not None:
             _verify_unchanged(self.spec)
         try:
@@ -224,11 +244,11 @@ class Predictor:
                 model = torch.export.load(self.spec.path).module()
             elif self.spec.kind == "statedict":
                 model = load_state_dict_model(self.spec)
-            elif self.spec.sha256 in _IN_MEMORY:
+            elif self.spec.sha256 in IN_MEMORY_MODELS:
                 import copy
 
                 # a copy: moving to a device and eval() must not change the caller's module
-                model = copy.deepcopy(_IN_MEMORY[self.spec.sha256])
+                model = copy.deepcopy(IN_MEMORY_MODELS[self.spec.sha256])
             else:
                 import cloudpickle
 

@@ -5,9 +5,9 @@ or the serialized bytes of an in-memory ``torch.nn.Module``). It is what the tas
 carries; workers turn it into a predictor once and keep it (see
 :mod:`geoseg.models.runtime`).
 
-A :class:`ModelCard` says what the model means: classes and colours, tile and halo
-defaults, the output activation. Bare model files get a default card; richer cards (band
-names, scaling, resolution) plug in here.
+A :class:`~geoseg.models.card.ModelCard` (in :mod:`geoseg.models.card`) says what the
+model means: classes and colours, tile and halo defaults, the output activation. Bare model
+files get a default card.
 """
 
 from __future__ import annotations
@@ -18,139 +18,15 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from geoseg.classes import NODATA
 from geoseg.errors import ModelError
-from geoseg.models.card import Scaling
 
-__all__ = ["ClassInfo", "ModelCard", "ModelSpec", "Runtime", "default_palette", "resolve_model"]
+# ModelCard is also imported from here by models/train.py (not part of this change)
+from geoseg.models.card import ModelCard
+
+__all__ = ["IN_MEMORY_MODELS", "ModelSpec", "Runtime", "resolve_model", "sha256_file"]
+
 
 # A qualitative palette (colour-blind aware first entries); class 0 is transparent-ish grey.
-_PALETTE = [
-    (0, 0, 0),
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (255, 225, 25),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (220, 190, 255),
-    (170, 110, 40),
-    (255, 250, 200),
-    (128, 0, 0),
-    (170, 255, 195),
-    (128, 128, 0),
-    (255, 215, 180),
-    (0, 0, 128),
-]
-
-
-def default_palette(n: int) -> list[tuple[int, int, int]]:
-    """``n`` distinct RGB colours, stable for a given ``n``."""
-    out = []
-    for i in range(n):
-        if i < len(_PALETTE):
-            out.append(_PALETTE[i])
-        else:  # golden-ratio hues for long class lists
-            import colorsys
-
-            r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
-            out.append((int(r * 255), int(g * 255), int(b * 255)))
-    return out
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    """One output class: id (value in the mask), name and RGB colour."""
-
-    id: int
-    name: str
-    color: tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What a model means. Fields left ``None`` are filled from the model itself.
-
-    Parameters
-    ----------
-    name : str
-        Model name.
-    classes : tuple of ClassInfo, optional
-        Output classes; default ``class_0 .. class_{n-1}`` from the output channel count.
-    tile : int, optional
-        Preferred model input size in pixels.
-    halo : int, optional
-        Preferred halo in pixels.
-    size_multiple : int
-        Input sizes must be a multiple of this (e.g. 32 for a 5-level U-Net).
-    activation : str
-        ``softmax`` (multi-class logits), ``sigmoid`` (one binary logit channel), or
-        ``none`` (the model already outputs probabilities).
-    version : str, optional
-        Model version.
-    task : str
-        ``area`` (land cover, change) or ``objects`` (countable things).
-    bands : tuple of str, optional
-        Input band names in model order (``blue``, ``green``, ``red``, ``nir``, ``swir1``, ...),
-        matched to raster bands by description or a ``--bands name=N`` mapping.
-    scaling : Scaling
-        How raw values become model inputs (see :class:`geoseg.models.card.Scaling`).
-    gsd_m : float, optional
-        Ground sample distance the model was trained at, in metres.
-    gsd_range_m : (float, float), optional
-        Pixel sizes the model was trained across (scale augmentation); rasters inside it
-        are not resampled.
-    architecture_json : str
-        ``{"name": ..., "args": {...}}`` for state-dict models (see :mod:`geoseg.models.nets`).
-    tta : int
-        Test-time augmentation the model is run with by default: 1 (none), 2, 4 or 8
-        dihedral views of every tile (flips and rotations), logits averaged.
-    min_area_m2, max_length_m : float, optional
-        Object rules for ``task: objects`` models: polygons smaller than ``min_area_m2`` or
-        longer than ``max_length_m`` are not objects of the model's kind (a ship model's
-        breakwaters, a speck); vectorize and evaluate apply them by default.
-    info_json : str
-        Description, licence, metrics and training recipe (JSON), carried for the record.
-    """
-
-    name: str
-    classes: tuple[ClassInfo, ...] | None = None
-    tile: int | None = None
-    halo: int | None = None
-    size_multiple: int = 32
-    activation: str = "auto"
-    version: str | None = None
-    task: str = "area"
-    bands: tuple[str, ...] | None = None
-    scaling: Scaling = field(default_factory=Scaling)
-    gsd_m: float | None = None
-    gsd_range_m: tuple[float, float] | None = None
-    architecture_json: str = ""
-    info_json: str = "{}"
-    tta: int = 1
-    min_area_m2: float | None = None
-    max_length_m: float | None = None
-
-    def with_classes(self, n_outputs: int) -> ModelCard:
-        """The card with default classes for a model with ``n_outputs`` channels."""
-        if self.classes is not None:
-            return self
-        n = 2 if n_outputs == 1 else n_outputs
-        if n > NODATA:  # ids 0..254; 255 is the mask's nodata
-            raise ModelError(f"{self.name}: {n} output classes do not fit a uint8 mask (at most 255)")
-        colors = default_palette(n)
-        return replace(self, classes=tuple(ClassInfo(i, f"class_{i}", colors[i]) for i in range(n)))
-
-    def colormap(self) -> dict[int, tuple[int, int, int, int]]:
-        """``{class_id: (r, g, b, 255)}``; nodata (255) stays transparent."""
-        return {c.id: (*c.color, 255) for c in self.classes or ()}
-
-
 @dataclass(frozen=True)
 class Runtime:
     """How a worker runs a model: device, precision, batch size, CPU threads.
@@ -217,7 +93,19 @@ class ModelSpec:
         return ("geoseg.ModelSpec", self.kind, self.sha256, self.card)
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -255,7 +143,7 @@ def _sniff_kind(path: str) -> str:
 
 # In-process registry so threads/synchronous schedulers use a module without unpickling it
 # (weak: a module the caller drops is not kept alive here).
-_IN_MEMORY: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+IN_MEMORY_MODELS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False) -> ModelSpec:
@@ -319,12 +207,12 @@ def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False
                     "torch.onnx.export"
                 )
             kind = "statedict"
-        return ModelSpec(kind, _sha256_file(path), card or ModelCard(name=name), path=os.path.abspath(path))
+        return ModelSpec(kind, sha256_file(path), card or ModelCard(name=name), path=os.path.abspath(path))
     if hasattr(model, "forward") and hasattr(model, "state_dict"):
         import cloudpickle
 
         payload = cloudpickle.dumps(model)
         sha = hashlib.sha256(payload).hexdigest()
-        _IN_MEMORY[sha] = model
+        IN_MEMORY_MODELS[sha] = model
         return ModelSpec("module", sha, card or ModelCard(name=type(model).__name__), payload=payload)
     raise ModelError(f"cannot use {type(model).__name__} as a model; give a .pt/.onnx path or a torch.nn.Module")

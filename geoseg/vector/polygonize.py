@@ -175,7 +175,7 @@ def polygonize_block(
     from rasterio.transform import Affine
     from scipy import ndimage
 
-    from geoseg.io.raster import quiet_rasterio_georeference
+    from geoseg.io.gdal import quiet_rasterio_georeference
 
     h, w = block.shape
     height, width = raster_shape

@@ -43,7 +43,7 @@ from geoseg.io.outdir import (
     sweep_staging,
     write_json_atomic,
 )
-from geoseg.models.spec import default_palette
+from geoseg.models.card import default_palette
 from geoseg.vector.coco import annotate_part, write_coco_stream
 from geoseg.vector.geometry import metric_crs, object_kind, oriented_box, pixel_to_world, regularize, reproject, to_metric
 from geoseg.vector.polygonize import Pieces, merge_seams, polygonize_block
