@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from geoseg.cli import main
 from geoseg.errors import InputError, OutputError
-from geoseg.workflows.schedule import LOCK_NAME, LOG_NAME, check_cron, next_fire, schedule, schedule_lock
+from geoseg.workflows.schedule import LOCK_NAME, LOG_NAME, next_fire, schedule, schedule_lock
+from geoseg.workflows.spec import check_cron
 
 WORKFLOW = """name: t
 imagery: [scene.tif]

@@ -38,58 +38,14 @@ from typing import Any
 
 from geoseg.errors import InputError, OutputError
 from geoseg.io.outdir import hold_lock_file
+from geoseg.workflows.spec import check_cron
 
-__all__ = ["LOCK_NAME", "LOG_NAME", "check_cron", "next_fire", "run_child", "schedule", "schedule_lock"]
+__all__ = ["LOCK_NAME", "LOG_NAME", "next_fire", "run_child", "schedule", "schedule_lock"]
 
 LOCK_NAME = ".geoseg-schedule.lock"
 LOG_NAME = "schedule.log"
 MAX_SLEEP_S = 60.0  # longest single sleep: the clock is re-read at least this often
 STOP_GRACE_S = 60.0  # how long a stopped run may take to close its cluster before its process group is killed
-CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-
-
-def check_cron(cron: str) -> str:
-    """Validate a ``schedule:`` cron expression: five fields (or an alias) that fire at some time.
-
-    Parameters
-    ----------
-    cron : str
-        E.g. ``"0 6 * * 1"`` (Mondays at 06:00) or ``"@daily"``.
-
-    Returns
-    -------
-    str
-        ``cron`` unchanged.
-
-    Raises
-    ------
-    ValueError
-        Not five fields (a sixth would be read as seconds), not a cron expression, or one
-        that never fires (``0 0 30 2 *``). The message names no file: callers add it.
-    """
-    from croniter import croniter
-
-    text = cron.strip()
-    shown = text if len(text) <= 60 else text[:57] + "..."
-    fields = text.split()
-    if len(fields) == 1 and fields[0].lower() in CRON_ALIASES:
-        return cron
-    if len(fields) != 5:
-        raise ValueError(
-            f"{shown!r} is not a cron expression of five fields (it has {len(fields)}); give minute hour day month "
-            "weekday, e.g. '0 6 * * 1', or @daily/@hourly/@weekly/@monthly"
-        )
-    try:
-        valid = croniter.is_valid(text)
-    except Exception:  # croniter raises more than CroniterError on odd fields (e.g. huge numbers)
-        valid = False
-    if not valid:
-        raise ValueError(f"{shown!r} is not a cron expression (minute hour day month weekday, e.g. '0 6 * * 1')")
-    try:
-        croniter(text, _utcnow()).get_next(datetime)
-    except Exception:  # CroniterBadDateError: no such date in the years croniter searches
-        raise ValueError(f"{shown!r} never fires (no such date); fix the day or month, e.g. '0 6 28 2 *'") from None
-    return cron
 
 
 def _cron_line(path: str) -> str:

@@ -25,9 +25,58 @@ from geoseg._yaml import flat as _flat
 from geoseg._yaml import load_yaml
 from geoseg.errors import InputError
 
-__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "check_inside", "load_workflow"]
+__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "check_cron", "check_inside", "load_workflow"]
 
 FORMATS = ("geojson", "gpkg", "fgb", "parquet")
+
+
+CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def check_cron(cron: str) -> str:
+    """Validate a ``schedule:`` cron expression: five fields (or an alias) that fire at some time.
+
+    Parameters
+    ----------
+    cron : str
+        E.g. ``"0 6 * * 1"`` (Mondays at 06:00) or ``"@daily"``.
+
+    Returns
+    -------
+    str
+        ``cron`` unchanged.
+
+    Raises
+    ------
+    ValueError
+        Not five fields (a sixth would be read as seconds), not a cron expression, or one
+        that never fires (``0 0 30 2 *``). The message names no file: callers add it.
+    """
+    from datetime import datetime, timezone
+
+    from croniter import croniter
+
+    text = cron.strip()
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    fields = text.split()
+    if len(fields) == 1 and fields[0].lower() in CRON_ALIASES:
+        return cron
+    if len(fields) != 5:
+        raise ValueError(
+            f"{shown!r} is not a cron expression of five fields (it has {len(fields)}); give minute hour day month "
+            "weekday, e.g. '0 6 * * 1', or @daily/@hourly/@weekly/@monthly"
+        )
+    try:
+        valid = croniter.is_valid(text)
+    except Exception:  # croniter raises more than CroniterError on odd fields (e.g. huge numbers)
+        valid = False
+    if not valid:
+        raise ValueError(f"{shown!r} is not a cron expression (minute hour day month weekday, e.g. '0 6 * * 1')")
+    try:
+        croniter(text, datetime.now(timezone.utc)).get_next(datetime)
+    except Exception:  # CroniterBadDateError: no such date in the years croniter searches
+        raise ValueError(f"{shown!r} never fires (no such date); fix the day or month, e.g. '0 6 28 2 *'") from None
+    return cron
 
 
 class _Strict(BaseModel):
@@ -135,8 +184,6 @@ class Workflow(_Strict):
         """Five fields (or an alias) that fire at some time: ``geoseg run`` refuses what ``schedule`` would."""
         if v is None:
             return v
-        from geoseg.workflows.schedule import check_cron
-
         try:
             return check_cron(v)
         except ValueError as exc:
