@@ -61,7 +61,8 @@ def _save_format(path: str, what: str, alpha: bool) -> str:
 def _check_out(path: str, overwrite: bool) -> None:
     if os.path.isdir(path):
         raise InputError(f"{path}: is a folder; give an output file name such as portrait_blur.png")
-    if existing_outputs(*os.path.split(path)) and not overwrite:
+    folder, name = os.path.split(os.fspath(path))
+    if existing_outputs(folder, [name]) and not overwrite:
         raise OutputExistsError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
 
 

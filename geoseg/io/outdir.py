@@ -56,6 +56,8 @@ def existing_outputs(folder: str, names: Iterable[str]) -> list[str]:
     list of str
         Those that exist (files, folders or links).
     """
+    if isinstance(names, str):
+        raise TypeError("existing_outputs takes a list of names, not one string")
     return [n for n in names if os.path.exists(os.path.join(folder, n))]
 
 
