@@ -6,7 +6,8 @@ once: :func:`existing_outputs` (does the folder already hold these outputs?),
 folders of a run (:func:`make_staging`, :func:`adopt_staging`, :func:`sweep_staging`),
 atomic publishing (:func:`atomic_path`, :func:`fsync_replace`, :func:`write_text_atomic`,
 :func:`write_json_atomic`) and disk-full detection (:func:`disk_full_reason`,
-:func:`disk_full_now`, :func:`disk_full_error`).
+:func:`disk_full_now`, :func:`disk_full_error`). A little over 400 lines, most of them
+docstrings: one room for one chore (the output folder), not worth splitting.
 """
 
 from __future__ import annotations
