@@ -221,6 +221,37 @@ def test_lazy_result_carries_georeference(make_raster) -> None:
     assert da.shape == (40, 60) and da.dtype == np.uint8
 
 
+def test_provenance_travels_with_the_result_and_a_changed_array_says_so(make_raster, tmp_path) -> None:
+    import pickle
+
+    import dask
+    import xarray as xr
+
+    from geoseg.engine.graph import JOB_ATTR, JobRef, job_from
+
+    src = make_raster(40, 60, seed=12)
+    with geoseg.scheduler("synchronous"):
+        result = geoseg.predict(src, conv_net(depth=1), tile=32, halo=4)
+        ref = result.attrs[JOB_ATTR]
+        assert isinstance(ref, JobRef) and job_from(result) is ref.job and ref.job.source.path == str(src)
+        assert job_from(result.copy()) is ref.job  # a copy is the same prediction
+        # tokens and pickles (what reaches a worker) see the plain Dask name, never the job
+        assert dask.base.tokenize(result) == dask.base.tokenize(result)
+        shipped = pickle.loads(pickle.dumps(result))
+        assert type(shipped.attrs[JOB_ATTR]) is str and job_from(shipped) is None
+        for changed in (result + 0, result.isel(x=slice(0, 30))):
+            with pytest.raises(InputError, match=r"changed after geoseg\.predict") as err:
+                geoseg.write(changed, tmp_path / "changed")
+            assert "run.json could not name the input and model" in str(err.value)
+            assert "aoi=" in str(err.value) and "classes=" in str(err.value)
+        bare = xr.DataArray(result.data, dims=("y", "x"))
+        with pytest.raises(InputError, match=r"carries no job from geoseg\.predict"):
+            geoseg.write(bare, tmp_path / "changed")
+        assert not (tmp_path / "changed").exists()  # refused before any output
+        report = geoseg.write(result, tmp_path / "ok")
+    assert report["input"]["path"] == str(src) and report["model"]["classes"]
+
+
 def test_nan_pixels_are_nodata_and_do_not_poison_neighbours(tmp_path) -> None:
     path = tmp_path / "float.tif"
     rng = np.random.default_rng(3)

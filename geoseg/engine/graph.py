@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,7 +26,7 @@ from geoseg.io.raster import RasterSource, open_source, raster_gsd_m
 from geoseg.models.card import ModelCard
 from geoseg.models.spec import ModelSpec, Runtime, resolve_model
 
-__all__ = ["Job", "job_of", "predict"]
+__all__ = ["JOB_ATTR", "Job", "JobRef", "job_from", "predict"]
 
 DEFAULT_TILE = 512
 DEFAULT_HALO = 32
@@ -73,17 +72,66 @@ class Job:
         }
 
 
-# Jobs of recent predictions, by the Dask name of their mask (a DataArray cannot carry a
-# live object through xarray operations, so the writer looks its job up here).
-_KEEP: OrderedDict[str, Job] = OrderedDict()
-_KEEP_MAX = 32
+#: Key in the mask's ``attrs`` under which :func:`predict` leaves its :class:`JobRef`.
+JOB_ATTR = "geoseg_job"
 
 
-def job_of(obj: Any) -> Job | None:
-    """The :class:`Job` behind a DataArray/Dataset returned by :func:`predict`, if any."""
-    data = obj["mask"].data if hasattr(obj, "data_vars") else getattr(obj, "data", None)
-    name = getattr(data, "name", None)
-    return _KEEP.get(name) if name else None
+class JobRef(str):
+    """The :class:`Job` behind a prediction, carried in its mask's ``attrs``.
+
+    As a string it is the Dask name of the mask that :func:`predict` built, so an array
+    made from it by an xarray operation (which keeps ``attrs`` but makes new data) is told
+    apart from the prediction itself. The job rides along in-process only: copies keep it,
+    but pickling (shipping the array to a worker, saving it) keeps the plain name, so Dask
+    tokens and task payloads are those of a string.
+
+    Parameters
+    ----------
+    name : str
+        Dask name of the mask the job describes.
+    job : Job
+        The job.
+    """
+
+    __slots__ = ("job",)
+    job: Job
+
+    def __new__(cls, name: str, job: Job) -> JobRef:  # noqa: D102  (the class docstring says it)
+        ref = super().__new__(cls, name)
+        ref.job = job
+        return ref
+
+    def __reduce__(self) -> tuple[type[str], tuple[str]]:
+        return (str, (str(self),))
+
+    def __copy__(self) -> JobRef:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> JobRef:
+        return self
+
+
+def job_from(obj: Any) -> Job | None:
+    """The :class:`Job` behind what :func:`predict` returned, read from the object itself.
+
+    Parameters
+    ----------
+    obj : xarray.DataArray or xarray.Dataset
+        A mask, or a Dataset with a ``mask`` variable.
+
+    Returns
+    -------
+    Job or None
+        None when the mask carries no job, or carries one for other data: it was made
+        from a prediction by an xarray operation (arithmetic, ``isel``, ``where``,
+        rechunking), so the job no longer describes it.
+    """
+    mask = obj["mask"] if hasattr(obj, "data_vars") else obj
+    ref = getattr(mask, "attrs", {}).get(JOB_ATTR)
+    name = getattr(getattr(mask, "data", None), "name", None)
+    if isinstance(ref, JobRef) and name is not None and str(ref) == name:
+        return ref.job
+    return None
 
 
 def _probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int):
@@ -364,7 +412,10 @@ def predict(
         ``mask`` (uint8 class ids, 255 = nodata) on the input grid (or the AOI's window of
         it), lazy, with CRS and transform set through rioxarray; with
         ``probabilities=True`` a Dataset that also holds ``probabilities`` (float32,
-        ``(class, y, x)``, NaN where nodata).
+        ``(class, y, x)``, NaN where nodata). The mask's ``attrs[JOB_ATTR]`` (a
+        :class:`JobRef`) carries the job (source, model, parameters) that
+        :func:`geoseg.write` records in run.json; write the result as returned (an
+        xarray operation on it makes an array that job no longer describes).
 
     Examples
     --------
@@ -528,9 +579,7 @@ def predict(
         }
     )
     mask_da = mask_da.rio.write_nodata(NODATA)
-    _KEEP[mask.name] = job
-    while len(_KEEP) > _KEEP_MAX:
-        _KEEP.popitem(last=False)
+    mask_da.attrs[JOB_ATTR] = JobRef(mask.name, job)  # provenance travels with the result
     if not probabilities:
         return mask_da
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.classes import NODATA
-from geoseg.engine.graph import job_of
+from geoseg.engine.graph import JOB_ATTR, job_from
 from geoseg.errors import DiskFullError, GeosegError, InputError, ModelError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window, chunk_windows
 from geoseg.io.cog import Part, assemble_cog, read_part, write_part
@@ -210,7 +210,9 @@ def write(
         More entries for ``run.json`` (e.g. the scheduler used).
     classes : list of ClassInfo, optional
         Class table for a uint8 array that did not come from :func:`geoseg.predict` (e.g. a
-        change map): colour table and ``GEOSEG_CLASSES`` metadata.
+        change map): colour table and ``GEOSEG_CLASSES`` metadata. Such an array has no
+        input or model, and its run.json says none; without ``classes`` only predict's
+        result, as returned, can be written.
     mask_name : str
         File name of the class raster (default ``mask.tif``).
 
@@ -224,7 +226,9 @@ def write(
     OutputExistsError
         Outputs exist and ``overwrite`` is False.
     InputError
-        Every pixel is nodata: nothing is written. Or more than
+        ``result`` carries no job from :func:`geoseg.predict` (it is not predict's result,
+        or an xarray operation made new data from it) and no ``classes`` were given: run.json
+        could not name its input and model. Or every pixel is nodata: nothing is written. Or more than
         :data:`MAX_NONFINITE_FRACTION` of the valid pixels do not fit float32 once the
         card's scaling is applied.
     ModelError
@@ -246,6 +250,9 @@ def write(
         raise InputError(f"probabilities dtype must be uint8 or float32, got {probabilities_dtype!r}")
     is_ds = hasattr(result, "data_vars")
     mask = result["mask"] if is_ds else result
+    job = job_from(result)  # the provenance predict left on the mask (source, model, parameters)
+    if job is None and classes is None:
+        raise InputError(_no_job_message(mask))
     probs = result["probabilities"] if is_ds and "probabilities" in result else None
     out_dir = os.path.abspath(out_dir)  # workers may run in another folder
     plain = mask.rio.crs is None and mask.sizes["x"] * mask.sizes["y"] <= PNG_MAX_PIXELS
@@ -266,7 +273,6 @@ def write(
         if overwrite and os.path.exists(os.path.join(out_dir, RUN_NAME)):
             # run.json describes the outputs beside it: never leave an old one next to new files
             os.remove(os.path.join(out_dir, RUN_NAME))
-        job = job_of(result)
         geobox = _geobox_of(mask)
         staging = staging or make_staging(out_dir, ".geoseg-staging-", token)
         try:
@@ -423,6 +429,22 @@ def write(
         if staging and not keep:
             shutil.rmtree(staging, ignore_errors=True)
         lock.close()
+
+
+def _no_job_message(mask: Any) -> str:
+    """Why an array without a job cannot be written with its provenance, and what to do."""
+    if JOB_ATTR in getattr(mask, "attrs", {}):
+        what = (
+            "this mask was changed after geoseg.predict made it (an xarray operation such as arithmetic, isel, where "
+            "or rechunk makes new data that predict's job no longer describes)"
+        )
+    else:
+        what = "this array carries no job from geoseg.predict (it is not what predict returned)"
+    return (
+        f"{what}, so run.json could not name the input and model behind it; write predict's result as returned "
+        "(to crop, give predict aoi=), or pass classes= (its class table) to write it as a class raster "
+        "whose run.json has no input or model"
+    )
 
 
 def _check_nonfinite(job, mask_res: list[dict], valid_px: int, limit: float | None = None) -> dict[str, Any] | None:
