@@ -7,7 +7,8 @@ The public API is small and imported lazily, so ``import geoseg`` stays fast::
     geoseg.write(mask, "out/")  # mask.tif (COG) + run.json
 
 Layers (each imports only the ones before it): :mod:`geoseg.grid` -> :mod:`geoseg.io` ->
-:mod:`geoseg.models` -> :mod:`geoseg.engine` -> :mod:`geoseg.cli`.
+:mod:`geoseg.models` -> :mod:`geoseg.engine` -> ... -> :mod:`geoseg.commands` and
+:mod:`geoseg.cli` (the full order is in DESIGN.md and tests/test_layers.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,187 @@
+"""``geoseg predict``: segment a raster (or a sequence of frames) and write its mask, run.json and, on request, polygons."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from geoseg.commands.options import cluster_options, out_dir_option, overwrite_option, parse_bands, threads_option
+from geoseg.commands.vectorize import echo_vectors
+
+
+@click.command()
+@click.argument("src")
+@click.option("--model", "-m", required=True, help="A bundled model (geoseg models), or an ONNX / .pt2 / TorchScript file.")
+@out_dir_option
+@click.option(
+    "--radiometry",
+    default=None,
+    help="Reflectance models: how SRC stores reflectance: s2-l2a (ESA, baseline >= 04.00), s2-l2a-harmonized, "
+    "sentinelhub-raw16, reflectance, landsat-c2-l2 or scale=S,offset=O [metadata, else guessed and logged].",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default=None,
+    help="Test-time augmentation: dihedral views per tile, logits averaged [the card's, else 1].",
+)
+@click.option(
+    "--trust-model",
+    is_flag=True,
+    help="Load a TorchScript file whose code runs at load or touches files (refused otherwise). Only for files you made.",
+)
+@click.option("--tile", type=click.IntRange(min=8), default=None, help="Model input size in pixels [card, else 512].")
+@click.option("--halo", type=click.IntRange(min=0), default=None, help="Context pixels at each tile edge [card, else 32].")
+@click.option(
+    "--blend",
+    type=click.Choice(["crop", "cosine"]),
+    default="crop",
+    show_default=True,
+    help="Stitching: centre crop, or normalised cosine blend.",
+)
+@click.option(
+    "--chunk", type=click.IntRange(min=1), default=None, help="Pixels per Dask task side, rounded to whole tiles [2048]."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per forward pass [1 on CPU, 8 on CUDA].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CUDA missing is an error).")
+@click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast precision."
+)
+@cluster_options("Worker processes for the local cluster [1 on CPU; one per GPU].")
+@threads_option("Model threads per worker [cores / workers].")
+@click.option(
+    "--aoi", type=click.Path(dir_okay=False), default=None, help="Vector file (any CRS): segment only inside its polygons."
+)
+@click.option(
+    "--bands",
+    default=None,
+    help="1-based bands in model order (3,2,1) or names for the card's bands (nir=4,red=3) [card + descriptions, else all].",
+)
+@click.option("--probabilities", is_flag=True, help="Also write probabilities.tif (one band per class).")
+@click.option("--probabilities-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
+@overwrite_option
+@click.option(
+    "--resample/--no-resample",
+    default=True,
+    show_default=True,
+    help="Resample tiles to the card's pixel size when the raster's differs by up to 4x.",
+)
+@click.option(
+    "--vectorize", "vectorize_", is_flag=True, help="Also write polygon layers (defaults of `geoseg vectorize`) into DIR."
+)
+@click.pass_context
+def predict(
+    ctx: click.Context,
+    src: str,
+    model: str,
+    out_dir: str,
+    radiometry,
+    tta,
+    trust_model,
+    tile,
+    halo,
+    blend,
+    chunk,
+    batch_size,
+    device,
+    precision,
+    scheduler,
+    workers,
+    threads,
+    aoi,
+    bands,
+    probabilities,
+    probabilities_dtype,
+    overwrite,
+    resample,
+    vectorize_,
+) -> None:
+    """Segment the raster SRC with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif."""
+    from geoseg.engine import predict as run_predict
+    from geoseg.engine import scheduler as use_scheduler
+    from geoseg.engine import write
+    from geoseg.engine.write import check_output_dir
+    from geoseg.io.frames import list_frames
+
+    check_output_dir(out_dir, overwrite)  # fail before starting a cluster
+    band_idx, band_map = parse_bands(bands)
+    quiet = ctx.obj["quiet"]
+    progress = sys.stderr.isatty() and not quiet
+    frames = None if src.startswith("/vsi") or "://" in src else list_frames(src)
+
+    def engine_options(sched) -> dict:
+        return {
+            "bands": band_idx,
+            "band_map": band_map,
+            "aoi": aoi,
+            "tile": tile,
+            "halo": halo,
+            "chunk": chunk,
+            "blend": blend,
+            "batch_size": batch_size,
+            "device": "cuda" if sched.gpus and device == "auto" else device,
+            "precision": precision,
+            "num_threads": threads or sched.num_threads,
+            "resources": sched.resources,
+            "resample": resample,
+            "radiometry": radiometry,
+            "trust_model": trust_model,
+            "tta": int(tta) if tta else None,
+        }
+
+    if frames:  # a folder of frames, a video, a multi-page TIFF: one engine run per frame
+        from geoseg.sequences import predict_frames
+
+        def on_frame(frame, row) -> None:
+            if not quiet:
+                objects = f", {sum(row['objects'].values())} objects" if "objects" in row else ""
+                click.echo(f"frame {frame.index + 1}/{len(frames)} {frame.name}: {row['seconds']:.1f} s{objects}")
+
+        with use_scheduler(scheduler, workers=workers, device=device) as sched:
+            seq = predict_frames(
+                src,
+                model,
+                out_dir,
+                vectorize=vectorize_,
+                overwrite=overwrite,
+                progress=progress,
+                on_frame=on_frame,
+                **engine_options(sched),
+            )
+        if not quiet:
+            tracks = f", {seq['objects']} objects in {seq['tracks']} tracks ({out_dir}/coco.json)" if "coco" in seq else ""
+            click.echo(
+                f"wrote {len(seq['frames'])} frames to {out_dir} ({seq['reused_frames']} already done){tracks} "
+                f"in {seq['seconds']:.1f} s"
+            )
+        return
+    with use_scheduler(scheduler, workers=workers, device=device) as sched:
+        result = run_predict(src, model, probabilities=probabilities, **engine_options(sched))
+        report = write(
+            result,
+            out_dir,
+            overwrite=overwrite,
+            probabilities_dtype=probabilities_dtype,
+            progress=progress,
+            extra={
+                "scheduler": {"kind": sched.kind, "address": sched.address, "workers": sched.workers, "gpus": list(sched.gpus)}
+            },
+        )
+        vreport = None
+        if vectorize_:
+            from geoseg.vector import vectorize
+
+            vreport = vectorize(os.path.join(out_dir, "mask.tif"), out_dir, overwrite=overwrite, progress=progress)
+    if not quiet:
+        t = report["timings"]
+        px = report["output_grid"]["width"] * report["output_grid"]["height"]
+        png = f" and {report['outputs']['mask_png']}" if "mask_png" in report["outputs"] else ""
+        click.echo(
+            f"wrote {out_dir}/mask.tif{png} ({report['output_grid']['width']}x{report['output_grid']['height']}, "
+            f"{px / max(t['total_s'], 1e-9) / 1e6:.2f} MP/s, {report['tiles']['total']} tiles, "
+            f"{report['tiles']['skipped_empty']} skipped as empty) in {t['total_s']:.1f} s"
+        )
+        if vreport:
+            echo_vectors(out_dir, vreport)
