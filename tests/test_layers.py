@@ -86,9 +86,8 @@ def _module(path: Path) -> str:
 
 
 MODULES = {_module(p): p for p in PKG.rglob("*.py")}
-# private names that cross modules today in files this change does not own (remove when they go):
-# models/train.py still imports runtime's old alias ``_resolve_device`` (runtime.resolve_device is public)
-KNOWN_PRIVATE = {("geoseg.models.train", "geoseg.models.runtime", "_resolve_device")}
+# private names allowed to cross modules (none: make a shared name public where it lives)
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 def _private(name: str) -> bool:

@@ -82,10 +82,6 @@ def resolve_device(device: str):
     return torch.device("cpu")
 
 
-# models/train.py (not part of this change) still imports the old private name; remove with it.
-_resolve_device = resolve_device
-
-
 def _default_threads() -> int:
     """Cores this process may use. Dask workers start with OMP_NUM_THREADS=1, which would
     leave torch on one core; forward passes are serialised per process, so one forward

@@ -474,9 +474,9 @@ def train(
         else {"name": "geoseg.unet", "args": {"width": 16, "depth": 3}}
     )
     n_classes = len(ids)
-    from geoseg.models.runtime import _resolve_device
+    from geoseg.models.runtime import resolve_device
 
-    dev = _resolve_device(config.device)  # CUDA asked for where there is none: a DeviceError
+    dev = resolve_device(config.device)  # CUDA asked for where there is none: a DeviceError
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
