@@ -78,8 +78,10 @@ def test_ships_on_casablanca(casablanca: tuple[str, str], tmp_path: Path) -> Non
 
 
 SHIPS_CASABLANCA_F1 = 0.0  # set from the recipe's measurement
-BUILDINGS_KAVRE_F1 = 0.0
-BUILDINGS_KAVRE_IOU = 0.0
+#: the shipped buildings model on Kavre (held out of its training), measured by the recipe: object F1 0.473
+#: (IoU >= 0.5), pixel IoU 0.462; the bounds leave a margin for other CPUs and library versions
+BUILDINGS_KAVRE_F1 = 0.42
+BUILDINGS_KAVRE_IOU = 0.41
 
 
 def test_ships_are_the_same_in_the_esa_convention(casablanca: tuple[str, str], tmp_path: Path) -> None:
@@ -113,7 +115,7 @@ def test_buildings_on_a_place_no_training_saw(shared_data: Path, tmp_path: Path)
     card = bundled_card("buildings")
     assert "nepal_kavre" not in json.dumps(card["training"]["images"])
     folder = shared_data / "train" / "oam_buildings"
-    totals = {"objects_true": 0, "objects_pred": 0, "object_tp": 0}
+    totals = {"objects_true": 0, "objects_pred": 0, "object_tp": 0, "pixels_true": 0, "pixels_pred": 0, "pixels_tp": 0.0}
     for k in (1, 2):
         img = folder / f"nepal_kavre_z19_{k}.tif"
         with geoseg.scheduler("threads"):
@@ -122,11 +124,13 @@ def test_buildings_on_a_place_no_training_saw(shared_data: Path, tmp_path: Path)
             str(tmp_path / str(k) / "mask.tif"), str(folder / f"nepal_kavre_z19_{k}_buildings.geojson"), label_class="building"
         )
         row = r["classes"]["building"]
+        row["pixels_tp"] = row["recall"] * row["pixels_true"]
         for key in totals:
             totals[key] += row[key]
     f1 = 2 * totals["object_tp"] / (totals["objects_true"] + totals["objects_pred"])
-    print("buildings on Kavre:", totals, round(f1, 3))
-    assert f1 >= BUILDINGS_KAVRE_F1
+    iou = totals["pixels_tp"] / (totals["pixels_true"] + totals["pixels_pred"] - totals["pixels_tp"])
+    print("buildings on Kavre:", totals, round(f1, 3), round(iou, 3))
+    assert f1 >= BUILDINGS_KAVRE_F1 and iou >= BUILDINGS_KAVRE_IOU, (f1, iou)
 
 
 def test_buildings_pan_mode(shared_data: Path, tmp_path: Path) -> None:
@@ -140,7 +144,12 @@ def test_buildings_pan_mode(shared_data: Path, tmp_path: Path) -> None:
         str(shared_data / "geo" / "spacenet_atlanta_buildings" / "geotiff_labels.geojson"),
         label_class="building",
     )
-    print("buildings on Atlanta pan:", json.dumps(r["classes"]["building"]))
+    row = r["classes"]["building"]
+    print("buildings on Atlanta pan:", json.dumps(row))
+    # pan mode runs on the whole tile and says what it finds; the README reports its (poor) score here:
+    # measured pixel IoU 0.05, object F1 0.0 (suburban Atlanta under trees, in one band, is far from the
+    # colour imagery of African and Nepali towns the model learned)
+    assert row["objects_true"] == 43 and row["pixels_pred"] > 0, row
 
 
 def test_tanks_outline_the_rotterdam_roofs(shared_data: Path, tmp_path: Path) -> None:
