@@ -4,6 +4,7 @@ whole-image reference inference, and the real data folder (skipped when absent).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,11 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
+
+# Ctrl-C must be live for the tests that send it: a shell that starts pytest in the background
+# (`cmd &` without job control) hands it SIGINT ignored, and every child would inherit that
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # the real test data sits beside the repository (../shared/data); GEOSEG_TEST_DATA points elsewhere
 SHARED_DATA = Path(os.environ.get("GEOSEG_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")

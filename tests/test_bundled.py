@@ -77,7 +77,9 @@ def test_ships_on_casablanca(casablanca: tuple[str, str], tmp_path: Path) -> Non
     assert r["object_f1"] >= SHIPS_CASABLANCA_F1, r
 
 
-SHIPS_CASABLANCA_F1 = 0.0  # set from the recipe's measurement
+#: the shipped ships model on Casablanca (no training saw it), measured by the recipe: object F1 0.485
+#: (8 of 15 vessels, 18 ships predicted; a match is any overlap); the bound leaves a margin
+SHIPS_CASABLANCA_F1 = 0.42
 #: the shipped buildings model on Kavre (held out of its training), measured by the recipe: object F1 0.473
 #: (IoU >= 0.5), pixel IoU 0.462; the bounds leave a margin for other CPUs and library versions
 BUILDINGS_KAVRE_F1 = 0.42

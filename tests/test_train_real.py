@@ -15,7 +15,8 @@ from geoseg.evaluate import evaluate
 from geoseg.models.card import card_from_dict, onnx_metadata
 from geoseg.models.train import TrainConfig, train
 
-#: measured 0.58-0.72 pixel recall over seeds 0-2 (this CPU): the run must find most ship pixels
+#: measured 0.58-0.72 pixel recall over seeds 0-2 (this CPU; 0.70 and 6 of 15 vessels with seed 0): the run
+#: must find most ship pixels
 RECALL_BOUND = 0.4
 
 
@@ -56,4 +57,4 @@ def test_a_short_ships_training_finds_ships_in_an_unseen_port(shared_data: Path,
     row = evaluate(str(tmp_path / "o" / "mask.tif"), test.labels[0], label_class="ship", iou_threshold=0.0)["classes"]["ship"]
     print("short ships training on Casablanca:", json.dumps(row))
     assert row["recall"] >= RECALL_BOUND, row
-    assert row["object_tp"] >= 5, row
+    assert row["object_tp"] >= 4, row  # measured 6 of 15 (seed 0)
