@@ -111,7 +111,7 @@ def quicklook(
         src = open_mask(ov.mask)
         mgb = src.geobox
         # the mask's offset on the scene grid (same pixel size, whole-pixel shift)
-        col0, row0 = (~gb.transform) * (mgb.transform.c, mgb.transform.f)
+        col0, row0 = (~gb.transform) @ (mgb.transform.c, mgb.transform.f)
         row0, col0 = round(row0), round(col0)
         if abs(mgb.transform.a - gb.transform.a) > 1e-9 * abs(gb.transform.a):
             raise InputError(f"{ov.mask}: not on the grid of {scene}; a quicklook needs masks made from that scene")
