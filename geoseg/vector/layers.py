@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -230,8 +230,6 @@ def write_outputs(
     timings : dict
         Format -> seconds spent writing it.
     """
-    from geoseg.vector import qgis
-
     gb = src.geobox
     # 4-connected regions are single polygons; 8-connected ones may join at corners
     gtype = "Polygon" if params.connectivity == 4 else "MultiPolygon"
@@ -255,20 +253,7 @@ def write_outputs(
             staged[COCO_NAME] = path
             written["coco"] = COCO_NAME
         elif fmt == "gpkg":
-            path = os.path.join(staging, "out", GPKG_NAME)
-            for ly in layers:
-                write_layer("gpkg", path, ly, batches(ly, out_crs), crs=out_crs, geometry_type=gtype)
-            qml = {ly.name: qgis.layer_qml(ly.color, label=ly.name) for ly in layers}
-            qgis.store_styles(path, qml)
-            staged[GPKG_NAME] = path
-            written["gpkg"] = GPKG_NAME
-            for ly in layers:
-                rel = os.path.join(STYLE_DIR, ly.name + ".qml")
-                p = os.path.join(staging, "out", rel)
-                with open(p, "w") as f:
-                    f.write(qml[ly.name])
-                staged[rel] = p
-            written["styles"] = [os.path.join(STYLE_DIR, ly.name + ".qml") for ly in layers]
+            _write_gpkg(os.path.join(staging, "out"), layers, batches, out_crs, gtype, staged, written)
         else:
             rels = []
             for ly in layers:
@@ -292,23 +277,62 @@ def write_outputs(
             written[fmt] = rels
         timings[fmt] = time.perf_counter() - t
     if project and "gpkg" in formats:
-        mask_rel = os.path.relpath(src.path, out_dir)
-        raster = (mask_rel, "mask", {c.id: (tuple(c.color), c.name) for c in _mask_classes(src)}) if src.classes else None
-        path = os.path.join(staging, "out", PROJECT_NAME)
-        qgis.write_project(
-            path,
-            title=f"geoseg {os.path.basename(src.path)}",
-            crs=out_crs,
-            extent=_extent(parts, layers, gb, out_crs),
-            raster=raster,
-            vectors=[(GPKG_NAME, ly.name, ly.name) for ly in layers],
-            qml={ly.name: qgis.layer_qml(ly.color, label=ly.name) for ly in layers},
-            raster_crs=gb.crs,
-        )
-        staged[PROJECT_NAME] = path
-        written["project"] = PROJECT_NAME
+        _write_project(os.path.join(staging, "out"), out_dir, src, parts, layers, out_crs, staged, written)
     publish(out_dir, staged)
     return written, timings
+
+
+def _write_gpkg(
+    out: str, layers: list[Layer], batches: Callable, out_crs: str | None, gtype: str, staged: dict, written: dict
+) -> None:
+    """The GeoPackage (every layer, styles stored inside) and ``styles/<layer>.qml``, staged under ``out``."""
+    from geoseg.vector import qgis
+
+    path = os.path.join(out, GPKG_NAME)
+    for ly in layers:
+        write_layer("gpkg", path, ly, batches(ly, out_crs), crs=out_crs, geometry_type=gtype)
+    qml = {ly.name: qgis.layer_qml(ly.color, label=ly.name) for ly in layers}
+    qgis.store_styles(path, qml)
+    staged[GPKG_NAME] = path
+    written["gpkg"] = GPKG_NAME
+    for ly in layers:
+        rel = os.path.join(STYLE_DIR, ly.name + ".qml")
+        p = os.path.join(out, rel)
+        with open(p, "w") as f:
+            f.write(qml[ly.name])
+        staged[rel] = p
+    written["styles"] = [os.path.join(STYLE_DIR, ly.name + ".qml") for ly in layers]
+
+
+def _write_project(
+    out: str,
+    out_dir: str,
+    src: MaskSource,
+    parts: list[str],
+    layers: list[Layer],
+    out_crs: str | None,
+    staged: dict,
+    written: dict,
+) -> None:
+    """``project.qgz``: the mask (by its path relative to ``out_dir``) and every GeoPackage layer, styled."""
+    from geoseg.vector import qgis
+
+    gb = src.geobox
+    mask_rel = os.path.relpath(src.path, out_dir)
+    raster = (mask_rel, "mask", {c.id: (tuple(c.color), c.name) for c in _mask_classes(src)}) if src.classes else None
+    path = os.path.join(out, PROJECT_NAME)
+    qgis.write_project(
+        path,
+        title=f"geoseg {os.path.basename(src.path)}",
+        crs=out_crs,
+        extent=_extent(parts, layers, gb, out_crs),
+        raster=raster,
+        vectors=[(GPKG_NAME, ly.name, ly.name) for ly in layers],
+        qml={ly.name: qgis.layer_qml(ly.color, label=ly.name) for ly in layers},
+        raster_crs=gb.crs,
+    )
+    staged[PROJECT_NAME] = path
+    written["project"] = PROJECT_NAME
 
 
 def _source_image(src: MaskSource) -> str:
