@@ -405,6 +405,21 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
     return round(sum(vals) / len(vals), 3) if vals else None
 
 
+def _trained(name: str, places: list[Place], model: str, scale_steps: float, log) -> float | None:
+    """Train ``model`` unless it exists (a model already trained is scored again, not retrained);
+    returns its training time in seconds, kept beside it in ``MODEL.seconds`` (None if unknown).
+    """
+    seconds = model + ".seconds"
+    if not os.path.exists(model):
+        res = train_on(name, places, model, scale_steps=scale_steps, log=log)
+        with open(seconds, "w") as f:
+            f.write(str(res["seconds"]))
+    if not os.path.exists(seconds):
+        return None
+    with open(seconds) as f:
+        return float(f.read())
+
+
 def leave_one_out(name: str, places: list[Place], work: str, scale_steps: float = 1.0, log=print) -> dict[str, Any]:
     """Train on all places but one and score the one left out, for every place."""
     r = RECIPES[name]
@@ -415,13 +430,9 @@ def leave_one_out(name: str, places: list[Place], work: str, scale_steps: float 
         log(f"  {name}: leave out {held.name}")
         rest = [p for p in places if p is not held]
         model = os.path.join(work, f"lopo_{held.name}.onnx")
-        if not os.path.exists(model):
-            res = train_on(name, rest, model, scale_steps=scale_steps, log=log)
-            with open(model + ".seconds", "w") as f:  # kept for a later run that only scores again
-                f.write(str(res["seconds"]))
-        if os.path.exists(model + ".seconds"):
-            with open(model + ".seconds") as f:
-                seconds[held.name] = float(f.read())
+        took = _trained(name, rest, model, scale_steps, log)
+        if took is not None:
+            seconds[held.name] = took
         outs = predict_place(model, held, os.path.join(work, f"lopo_{held.name}"))
         per[held.name] = score_place(outs, held, r["thresholds"], r["match_iou"], r["card"].get("objects"))
         log(f"    {held.name}: " + ", ".join(f"t{t}: F1 {v['object_f1']}" for t, v in per[held.name].items()))
@@ -463,14 +474,7 @@ def build(
         report["train_seconds"] = report.get("leave_one_out", {}).get("train_seconds", {}).get(held)
     else:
         final = os.path.join(work, f"{name}.onnx")
-        seconds = final + ".seconds"  # the training time, kept for a later run that only scores again
-        if not os.path.exists(final):  # like the folds: a model already trained is scored again, not retrained
-            res = train_on(name, shipped_on, final, scale_steps=scale_steps, log=log)
-            with open(seconds, "w") as f:
-                f.write(str(res["seconds"]))
-        if os.path.exists(seconds):
-            with open(seconds) as f:
-                report["train_seconds"] = float(f.read())
+        report["train_seconds"] = _trained(name, shipped_on, final, scale_steps, log)
     report["holdout"] = held
     report["threshold"] = threshold
     # the shipped model on every place (seen in training) and on the held-out test chip
