@@ -61,7 +61,7 @@ def _ships_on(src: str, out: Path, radiometry: str | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def casablanca(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    from geoseg.recipes import casablanca as stack
+    from geoseg.train.folds import casablanca as stack
 
     place = stack(str(shared_data), str(tmp_path_factory.mktemp("casa")))
     return place.images[0], place.labels[0]

@@ -16,7 +16,7 @@ ORDER = [
     "engine",
     "vector",
     "evaluate",
-    "recipes",
+    "train",
     "effects",
     "sequences",
     "change",
@@ -34,6 +34,8 @@ FORBIDDEN = {
     "io": {"torch", "dask", "distributed", "onnxruntime"},
     "models": {"dask", "distributed", "rasterio"},
     "vector": {"torch", "onnxruntime"},
+    # chips, per-image data, the run and the recipes: the torch half of training is geoseg.models.loop
+    "train": {"torch", "dask", "distributed", "onnxruntime"},
     # thin: a command calls the library, which does the work (and keeps ``geoseg --help`` fast)
     "commands": {"numpy", "rasterio", "torch", "dask", "distributed", "onnxruntime", "xarray", "geopandas"},
 }

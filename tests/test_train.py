@@ -15,10 +15,10 @@ from rasterio.transform import from_origin
 
 from geoseg.errors import InputError, ModelError
 from geoseg.grid import Window
-from geoseg.io.chips import IGNORE, ChipImage, ChipSampler, assign_split, load_labels
 from geoseg.io.raster import open_source
 from geoseg.models.card import card_from_dict
-from geoseg.models.train import TrainConfig, train
+from geoseg.train import TrainConfig, train
+from geoseg.train.chips import IGNORE, ChipImage, ChipSampler, assign_split, load_labels
 
 T = from_origin(499968.0, 4000000.0, 2.0, 2.0)  # on the 128 m block grid
 CARD = {

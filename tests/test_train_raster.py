@@ -15,11 +15,11 @@ from geoseg.cli import main
 from geoseg.errors import InputError
 from geoseg.evaluate import evaluate
 from geoseg.grid import Window
-from geoseg.io.chips import IGNORE, ChipImage, assign_split, load_labels
 from geoseg.io.labels import is_raster_labels, open_raster_labels, parse_label_values
 from geoseg.io.raster import open_source
 from geoseg.models.card import card_from_dict, onnx_metadata
-from geoseg.models.train import TrainConfig, train
+from geoseg.train import TrainConfig, train
+from geoseg.train.chips import IGNORE, ChipImage, assign_split, load_labels
 from tests.test_train import T, _scene
 from tests.test_vector import write_mask
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import geoseg
 from geoseg.evaluate import evaluate
 from geoseg.models.card import card_from_dict, onnx_metadata
-from geoseg.models.train import TrainConfig, train
+from geoseg.train import TrainConfig, train
 
 #: measured 0.58-0.72 pixel recall over seeds 0-2 (this CPU; 0.70 and 6 of 15 vessels with seed 0): the run
 #: must find most ship pixels
@@ -21,7 +21,8 @@ RECALL_BOUND = 0.4
 
 
 def test_a_short_ships_training_finds_ships_in_an_unseen_port(shared_data: Path, tmp_path: Path) -> None:
-    from geoseg.recipes import RECIPES, casablanca, ship_places
+    from geoseg.train.folds import casablanca, ship_places
+    from geoseg.train.recipes import RECIPES
 
     places = {p.name: p for p in ship_places(str(shared_data))}
     chosen = [places[n] for n in ("algiers", "durban", "valencia")]

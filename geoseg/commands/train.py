@@ -63,8 +63,8 @@ def train(ctx: click.Context, images, labels, label_values, layer, class_field, 
     """Train the card's network on rasters and labels (vector or raster); write ONNX with the card embedded."""
     from geoseg.io.labels import parse_label_values
     from geoseg.models.card import card_from_dict, load_text
-    from geoseg.models.train import TrainConfig, parse_scales
-    from geoseg.models.train import train as run_train
+    from geoseg.models.train_config import TrainConfig, parse_scales
+    from geoseg.train.run import train as run_train
 
     with open(card_path) as f:
         card = card_from_dict(load_text(f.read(), card_path), card_path)

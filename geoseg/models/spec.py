@@ -19,8 +19,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from geoseg.errors import ModelError
-
-# ModelCard is also imported from here by models/train.py (not part of this change)
 from geoseg.models.card import ModelCard
 
 __all__ = ["IN_MEMORY_MODELS", "ModelSpec", "Runtime", "resolve_model", "sha256_file"]
