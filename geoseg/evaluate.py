@@ -125,71 +125,25 @@ def evaluate(
         object_recall, object_f1``; plus ``mask``, ``labels``, ``valid_pixels``.
     """
     from geoseg.io.labels import is_raster_labels
+    from geoseg.io.mask import read_mask_window
 
     if is_raster_labels(labels):
         return evaluate_raster(pred, labels, label_values=label_values)
     if label_values:
         raise InputError(f"{labels}: --label-values applies to label rasters, this is a vector file; drop it")
-    import geopandas as gpd
-    from rasterio import features
-
-    from geoseg.io.mask import read_mask_window
-    from geoseg.vector.geometry import object_kind, pixel_to_world
-    from geoseg.vector.polygonize import polygonize_block
-
     src = open_mask(pred)
     gb = src.geobox
-    if not os.path.exists(labels):
-        raise InputError(f"{labels}: no such file; give the labels as a vector file (GeoPackage, GeoJSON, ...)")
-    try:
-        df = gpd.read_file(labels, layer=layer)
-    except Exception as exc:  # pyogrio raises its own error types for unreadable files
-        raise InputError(f"{labels}: cannot read the labels ({exc}); give a vector file GDAL opens") from exc
-    if gb.crs is not None:
-        if df.crs is None:
-            raise InputError(f"{labels}: the labels have no CRS; set one (e.g. with ogr2ogr -a_srs) to compare with {pred}")
-        df = df.to_crs(gb.crs)
+    df = _read_labels(labels, layer, gb.crs, pred)
     names = {c.id: c.name for c in src.classes}
-    by_name = {v: k for k, v in names.items()}
-    if label_class is not None:
-        if label_class not in by_name:
-            raise InputError(f"{pred}: has no class {label_class!r}; its classes are {', '.join(by_name)}")
-        ids = np.full(len(df), by_name[label_class])
-    elif class_field in df.columns:
-        ids = []
-        for v in df[class_field]:
-            if isinstance(v, str) and v in by_name:
-                ids.append(by_name[v])
-            elif _as_int(v) in names:
-                ids.append(_as_int(v))
-            else:
-                ids.append(-1)  # a class this prediction does not have: not scored
-        ids = np.asarray(ids)
-        if not (ids >= 0).any():
-            found = ", ".join(sorted({str(v) for v in df[class_field]})[:8])
-            raise InputError(
-                f"{labels}: no label has a class of {pred} ({', '.join(by_name)}); labels have {found}; "
-                "fix --class-field or give --label-class"
-            )
-    else:
-        raise InputError(f"{labels}: no {class_field!r} attribute; name it with --class-field or give --label-class")
-    geoms = df.geometry.values
+    ids = _label_ids(df, names, labels, pred, label_class, class_field)
     ignored = sorted({str(v) for v, k in zip(df[class_field], ids, strict=True) if k < 0}) if label_class is None else []
+    geoms = df.geometry.values
     keep = ~(shapely.is_empty(geoms) | shapely.is_missing(geoms)) & (ids >= 0)
     geoms, ids = geoms[keep], ids[keep]
-
     mask = read_mask_window(src, gb.window)
     valid = mask != NODATA
-    order = np.argsort(-shapely.area(geoms))  # small labels drawn last: on top
-    truth = features.rasterize(
-        [(g, int(c)) for g, c in zip(geoms[order], ids[order], strict=True)],
-        out_shape=(gb.height, gb.width),
-        transform=gb.transform,
-        fill=0,
-        dtype="uint8",
-    )
+    truth = _burn(geoms, ids, gb)
     classes = sorted(({int(c) for c in ids} | {int(v) for v in np.unique(mask[valid])}) - {0})
-    wanted_objects = set(object_classes) if object_classes is not None else None
     result: dict[str, Any] = {
         "ignored_label_classes": ignored,
         "mask": src.path,
@@ -197,56 +151,149 @@ def evaluate(
         "valid_pixels": int(valid.sum()),
         "classes": {},
     }
-    pieces = None
-    valid_area = None
+    objects = None  # the mask's polygons and its valid area, drawn once for the first object class
     for k in classes:
         name = names.get(k, f"class_{k}")
         row = _pixel_scores((truth == k) & valid, (mask == k) & valid)
-        is_object = name in wanted_objects if wanted_objects is not None else object_kind(name) in ("building", "ship", "tank")
-        if is_object:
-            if pieces is None:
-                pieces = polygonize_block(mask, 0, 0, (gb.height, gb.width), classes=set(classes))
-            pred_polys = pixel_to_world(pieces.geometry[pieces.class_id == k], gb.transform)
-            rules = dict(src.object_rules)
-            lo = rules.get("min_area_m2", 0.0) if min_area is None else min_area
-            hi = rules.get("max_length_m", 0.0) if max_length is None else max_length
-            if (lo > 0 or hi > 0) and len(pred_polys):  # true metres, as vectorize measures them
-                from geoseg.vector.geometry import metric_crs, oriented_box, to_metric
-
-                sized = to_metric(pred_polys, gb.crs, metric_crs(gb.crs, gb.bounds))[0] if gb.crs else pred_polys
-                keep = shapely.area(sized) >= lo
-                if hi > 0:
-                    keep &= oriented_box(sized)[0] <= hi
-                pred_polys = pred_polys[keep]
-            # each part is an object; labels with no valid mask pixel (outside, nodata) are not scored
-            true_polys = shapely.get_parts(geoms[ids == k])
-            if valid_area is None:
-                valid_px = polygonize_block(valid.astype(np.uint8), 0, 0, valid.shape, classes={1}).geometry
-                valid_area = pixel_to_world(np.array([shapely.union_all(valid_px)]), gb.transform)[0]
-            # objects are scored inside the valid area (an AOI, a held-out half): labels are
-            # clipped to it; a label with less than half its area inside is not scored, and
-            # neither is a predicted object lying mostly on such a label
-            inside = shapely.intersection(true_polys, valid_area)
-            share = shapely.area(inside) / np.maximum(shapely.area(true_polys), 1e-12)
-            cut = true_polys[(share > 0) & (share < 0.5)]
-            true_polys = inside[share >= 0.5]
-            if len(cut):
-                over = np.zeros(len(pred_polys))
-                tree = shapely.STRtree(cut)
-                pi, ci = tree.query(pred_polys, predicate="intersects")
-                np.add.at(over, pi, shapely.area(shapely.intersection(pred_polys[pi], cut[ci])))
-                pred_polys = pred_polys[over < 0.5 * shapely.area(pred_polys)]
-            otp, ofp, ofn = match_objects(pred_polys, true_polys, iou_threshold)
-            row.update(
-                objects_true=len(true_polys),
-                objects_pred=len(pred_polys),
-                object_tp=otp,
-                object_precision=_ratio(otp, otp + ofp),
-                object_recall=_ratio(otp, otp + ofn),
-                object_f1=_ratio(2 * otp, 2 * otp + ofp + ofn),
-            )
+        if _is_object(name, object_classes):
+            pieces, valid_area = objects = objects or _mask_objects(mask, valid, classes, gb)
+            rules = _object_rules(src.object_rules, min_area, max_length)
+            pred_polys = _sized(pieces.geometry[pieces.class_id == k], gb, rules)
+            row.update(_object_scores(pred_polys, geoms[ids == k], valid_area, iou_threshold))
         result["classes"][name] = row
     return result
+
+
+def _read_labels(labels: str, layer: str | None, crs: str | None, pred: str) -> Any:
+    """The vector labels as a GeoDataFrame, in the mask's CRS (as they are for a mask without one)."""
+    import geopandas as gpd
+
+    if not os.path.exists(labels):
+        raise InputError(f"{labels}: no such file; give the labels as a vector file (GeoPackage, GeoJSON, ...)")
+    try:
+        df = gpd.read_file(labels, layer=layer)
+    except Exception as exc:  # pyogrio raises its own error types for unreadable files
+        raise InputError(f"{labels}: cannot read the labels ({exc}); give a vector file GDAL opens") from exc
+    if crs is not None:
+        if df.crs is None:
+            raise InputError(f"{labels}: the labels have no CRS; set one (e.g. with ogr2ogr -a_srs) to compare with {pred}")
+        df = df.to_crs(crs)
+    return df
+
+
+def _label_ids(df: Any, names: dict[int, str], labels: str, pred: str, label_class: str | None, class_field: str) -> np.ndarray:
+    """The mask's class id of every label (-1: a class the mask does not have, not scored)."""
+    by_name = {v: k for k, v in names.items()}
+    if label_class is not None:
+        if label_class not in by_name:
+            raise InputError(f"{pred}: has no class {label_class!r}; its classes are {', '.join(by_name)}")
+        return np.full(len(df), by_name[label_class])
+    if class_field not in df.columns:
+        raise InputError(f"{labels}: no {class_field!r} attribute; name it with --class-field or give --label-class")
+    ids = []
+    for v in df[class_field]:
+        if isinstance(v, str) and v in by_name:
+            ids.append(by_name[v])
+        elif _as_int(v) in names:
+            ids.append(_as_int(v))
+        else:
+            ids.append(-1)  # a class this prediction does not have: not scored
+    ids = np.asarray(ids)
+    if not (ids >= 0).any():
+        found = ", ".join(sorted({str(v) for v in df[class_field]})[:8])
+        raise InputError(
+            f"{labels}: no label has a class of {pred} ({', '.join(by_name)}); labels have {found}; "
+            "fix --class-field or give --label-class"
+        )
+    return ids
+
+
+def _burn(geoms: np.ndarray, ids: np.ndarray, gb: Any) -> np.ndarray:
+    """The labels rasterised on the mask's grid (small labels drawn last: on top; 0 elsewhere)."""
+    from rasterio import features
+
+    order = np.argsort(-shapely.area(geoms))
+    return features.rasterize(
+        [(g, int(c)) for g, c in zip(geoms[order], ids[order], strict=True)],
+        out_shape=(gb.height, gb.width),
+        transform=gb.transform,
+        fill=0,
+        dtype="uint8",
+    )
+
+
+def _is_object(name: str, object_classes: Sequence[str] | None) -> bool:
+    """Whether class ``name`` is scored as objects too (by default: buildings, ships, tanks)."""
+    from geoseg.vector.geometry import object_kind
+
+    if object_classes is not None:
+        return name in set(object_classes)
+    return object_kind(name) in ("building", "ship", "tank")
+
+
+def _object_rules(rules: Mapping[str, float], min_area: float | None, max_length: float | None) -> tuple[float, float]:
+    """``(min_area, max_length)``: the caller's, else the model's object rules the mask carries (0: none)."""
+    rules = dict(rules)
+    lo = rules.get("min_area_m2", 0.0) if min_area is None else min_area
+    hi = rules.get("max_length_m", 0.0) if max_length is None else max_length
+    return lo, hi
+
+
+def _mask_objects(mask: np.ndarray, valid: np.ndarray, classes: list[int], gb: Any) -> tuple[Any, Any]:
+    """The mask's polygons (pixel coordinates) and its valid area (the mask's CRS)."""
+    from geoseg.vector.geometry import pixel_to_world
+    from geoseg.vector.polygonize import polygonize_block
+
+    pieces = polygonize_block(mask, 0, 0, (gb.height, gb.width), classes=set(classes))
+    valid_px = polygonize_block(valid.astype(np.uint8), 0, 0, valid.shape, classes={1}).geometry
+    valid_area = pixel_to_world(np.array([shapely.union_all(valid_px)]), gb.transform)[0]
+    return pieces, valid_area
+
+
+def _sized(polygons: np.ndarray, gb: Any, rules: tuple[float, float]) -> np.ndarray:
+    """One class's predicted objects (pixel polygons) in the mask's CRS, less those the object rules leave out."""
+    from geoseg.vector.geometry import pixel_to_world
+
+    pred_polys = pixel_to_world(polygons, gb.transform)
+    lo, hi = rules
+    if (lo > 0 or hi > 0) and len(pred_polys):  # true metres, as vectorize measures them
+        from geoseg.vector.geometry import metric_crs, oriented_box, to_metric
+
+        sized = to_metric(pred_polys, gb.crs, metric_crs(gb.crs, gb.bounds))[0] if gb.crs else pred_polys
+        keep = shapely.area(sized) >= lo
+        if hi > 0:
+            keep &= oriented_box(sized)[0] <= hi
+        pred_polys = pred_polys[keep]
+    return pred_polys
+
+
+def _object_scores(pred_polys: np.ndarray, labels: np.ndarray, valid_area: Any, iou_threshold: float) -> dict[str, Any]:
+    """Object counts and scores of one class inside the mask's valid area.
+
+    Objects are scored inside the valid area (an AOI, a held-out half): labels are clipped to
+    it; a label with less than half its area inside is not scored, and neither is a predicted
+    object lying mostly on such a label. Each part of a label is an object.
+    """
+    true_polys = shapely.get_parts(labels)
+    inside = shapely.intersection(true_polys, valid_area)
+    share = shapely.area(inside) / np.maximum(shapely.area(true_polys), 1e-12)
+    cut = true_polys[(share > 0) & (share < 0.5)]
+    true_polys = inside[share >= 0.5]
+    if len(cut):
+        over = np.zeros(len(pred_polys))
+        tree = shapely.STRtree(cut)
+        pi, ci = tree.query(pred_polys, predicate="intersects")
+        np.add.at(over, pi, shapely.area(shapely.intersection(pred_polys[pi], cut[ci])))
+        pred_polys = pred_polys[over < 0.5 * shapely.area(pred_polys)]
+    otp, ofp, ofn = match_objects(pred_polys, true_polys, iou_threshold)
+    return {
+        "objects_true": len(true_polys),
+        "objects_pred": len(pred_polys),
+        "object_tp": otp,
+        "object_precision": _ratio(otp, otp + ofp),
+        "object_recall": _ratio(otp, otp + ofn),
+        "object_f1": _ratio(2 * otp, 2 * otp + ofp + ofn),
+    }
 
 
 def _pixel_scores(t: np.ndarray, p: np.ndarray) -> dict[str, Any]:
