@@ -20,9 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from geoseg.errors import InputError, OutputExistsError
+from geoseg.io.files import file_fingerprint
 from geoseg.io.frames import Frame, list_frames
 from geoseg.io.outdir import existing_outputs, write_json_atomic
-from geoseg.io.raster import file_fingerprint
 
 __all__ = ["predict_frames"]
 
@@ -39,6 +39,67 @@ def _done(frame_dir: str, frame: Frame, model_id: str) -> dict[str, Any] | None:
     same_input = report.get("input", {}).get("path") == frame.path
     same_model = report.get("model", {}).get("id") == model_id
     return report if same_input and same_model and os.path.exists(os.path.join(frame_dir, "mask.tif")) else None
+
+
+def _check_previous(out_dir: str, src: str, overwrite: bool) -> None:
+    """Refuse a folder that holds another input's frames (unless ``overwrite``)."""
+    if not existing_outputs(out_dir, [FRAMES_REPORT]) or overwrite:
+        return
+    try:
+        with open(os.path.join(out_dir, FRAMES_REPORT)) as f:
+            previous = json.load(f).get("input")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous != src:
+        raise OutputExistsError(f"{out_dir}: holds the frames of {previous}; pass --overwrite or choose another --out")
+
+
+def _frame(
+    frame: Frame, spec: Any, frame_dir: str, vectorize: bool, overwrite: bool, progress: bool, predict_kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], Any]:
+    """One frame through the pipeline (or its earlier outputs reused): its row for ``frames.json`` and its vector report."""
+    from geoseg.pipeline import segment
+    from geoseg.vector import vectorize as run_vectorize
+
+    report = None if overwrite else _done(frame_dir, frame, spec.id)
+    vrep, reused = None, report is not None
+    vector = {"formats": ("geojson", "coco")} if vectorize else None
+    if report is None:
+        done = segment(frame.path, spec, frame_dir, vectorize=vector, overwrite=True, progress=progress, **predict_kwargs)
+        report, vrep = done.run, done.vectors
+    elif vectorize:  # a frame done earlier: its layers are made again from its mask
+        vrep = run_vectorize(os.path.join(frame_dir, "mask.tif"), frame_dir, overwrite=True, **vector)
+    row = {
+        "frame": frame.index,
+        "name": frame.name,
+        "path": frame.path,
+        "mask": os.path.join(frame.name, report["outputs"]["mask"]),
+        "pixels": report.get("pixels", {}),
+        "reused": int(reused),
+    }
+    return row, vrep
+
+
+class _SequenceCoco:
+    """The sequence's COCO document, gathered frame by frame (instances tracked across frames)."""
+
+    def __init__(self) -> None:
+        self.images: list[dict[str, Any]] = []
+        self.anns: list[list[dict[str, Any]]] = []
+        self.categories: dict[int, str] = {}
+
+    def add(self, frame: Frame, doc: dict[str, Any]) -> None:
+        self.categories.update({c["id"]: c["name"] for c in doc["categories"]})
+        self.images.append({**doc["images"][0], "file_name": frame.name, "frame_index": frame.index})
+        self.anns.append([{k: v for k, v in a.items() if k not in ("id", "image_id")} for a in doc["annotations"]])
+
+    def write(self, path: str, track: bool, description: str) -> dict[str, Any]:
+        """Write ``coco.json``; return the entries of ``frames.json`` that describe it."""
+        from geoseg.vector.coco import coco_document, track_instances, write_coco
+
+        tracks = track_instances(self.anns) if track else None
+        write_coco(path, coco_document(self.images, sorted(self.categories.items()), self.anns, description=description))
+        return {"coco": os.path.basename(path), "objects": sum(len(a) for a in self.anns), "tracks": tracks}
 
 
 def predict_frames(
@@ -91,10 +152,7 @@ def predict_frames(
     OutputExistsError
         ``frames.json`` exists from another input and ``overwrite`` is False.
     """
-    from geoseg.engine import predict, write
     from geoseg.models.spec import resolve_model
-    from geoseg.vector import vectorize as run_vectorize
-    from geoseg.vector.coco import coco_document, track_instances, write_coco
 
     t0 = time.perf_counter()
     src = os.path.abspath(os.fspath(src))
@@ -102,47 +160,20 @@ def predict_frames(
     frames = list_frames(src)
     if not frames:
         raise InputError(f"{src}: a single image, not a folder, video or multi-page TIFF; run geoseg predict on it")
-    report_path = os.path.join(out_dir, FRAMES_REPORT)
-    if existing_outputs(out_dir, [FRAMES_REPORT]) and not overwrite:
-        try:
-            with open(report_path) as f:
-                previous = json.load(f).get("input")
-        except (OSError, ValueError, AttributeError):
-            previous = None
-        if previous != src:
-            raise OutputExistsError(f"{out_dir}: holds the frames of {previous}; pass --overwrite or choose another --out")
+    _check_previous(out_dir, src, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    coco_images: list[dict[str, Any]] = []
-    coco_anns: list[list[dict[str, Any]]] = []
-    categories: dict[int, str] = {}
+    coco = _SequenceCoco() if vectorize else None
     # resolved once: the file is hashed once, and frames already done need no graph at all
     spec = resolve_model(model, predict_kwargs.pop("card", None), trust=predict_kwargs.get("trust_model", False))
     reused = 0
     for frame in frames:
-        frame_dir = os.path.join(out_dir, frame.name)
         tf = time.perf_counter()
-        report = None if overwrite else _done(frame_dir, frame, spec.id)
-        if report is None:
-            result = predict(frame.path, spec, **predict_kwargs)
-            report = write(result, frame_dir, overwrite=True, progress=progress)
-        else:
-            reused += 1
-        row: dict[str, Any] = {
-            "frame": frame.index,
-            "name": frame.name,
-            "path": frame.path,
-            "mask": os.path.join(frame.name, report["outputs"]["mask"]),
-            "pixels": report.get("pixels", {}),
-        }
-        if vectorize:
-            vrep = run_vectorize(os.path.join(frame_dir, "mask.tif"), frame_dir, overwrite=True, formats=("geojson", "coco"))
+        row, vrep = _frame(frame, spec, os.path.join(out_dir, frame.name), vectorize, overwrite, progress, predict_kwargs)
+        reused += row.pop("reused")
+        if coco is not None and vrep is not None:
             row["objects"] = {ly["name"]: ly["features"] for ly in vrep["layers"]}
-            with open(os.path.join(frame_dir, vrep["outputs"]["coco"])) as f:
-                doc = json.load(f)
-            categories.update({c["id"]: c["name"] for c in doc["categories"]})
-            coco_images.append({**doc["images"][0], "file_name": frame.name, "frame_index": frame.index})
-            coco_anns.append([{k: v for k, v in a.items() if k not in ("id", "image_id")} for a in doc["annotations"]])
+            coco.add(frame, vrep.coco_document())
         row["seconds"] = round(time.perf_counter() - tf, 3)
         rows.append(row)
         if on_frame is not None:
@@ -155,13 +186,8 @@ def predict_frames(
         "frames": rows,
         "reused_frames": reused,
     }
-    if vectorize:
-        tracks = track_instances(coco_anns) if track else None
-        doc = coco_document(coco_images, sorted(categories.items()), coco_anns, description=f"geoseg predictions for {src}")
-        write_coco(os.path.join(out_dir, "coco.json"), doc)
-        out["coco"] = "coco.json"
-        out["objects"] = sum(len(a) for a in coco_anns)
-        out["tracks"] = tracks
+    if coco is not None:
+        out.update(coco.write(os.path.join(out_dir, "coco.json"), track, description=f"geoseg predictions for {src}"))
     out["seconds"] = round(time.perf_counter() - t0, 3)
-    write_json_atomic(report_path, out, indent=2)
+    write_json_atomic(os.path.join(out_dir, FRAMES_REPORT), out, indent=2)
     return out

@@ -112,7 +112,8 @@ def georeferenced_vrt(path: Path, sources: list[Path], width: int, height: int) 
 
 
 def test_fingerprints_cover_every_file_a_vrt_reads(tmp_path: Path) -> None:
-    from geoseg.io.raster import dataset_files, file_fingerprint, open_source
+    from geoseg.io.files import dataset_files, file_fingerprint
+    from geoseg.io.raster import open_source
 
     a = write_raster(tmp_path / "a.tif", 32, 16, seed=1, blocksize=None)  # uncompressed: a rewrite keeps the size
     b = write_raster(tmp_path / "b.tif", 32, 16, seed=2, blocksize=None)
@@ -209,9 +210,9 @@ def test_stac_items_with_one_id_are_two_scenes_and_dot_dot_stays_inside(tmp_path
 
 
 def test_stac_asset_rewrite_or_new_checksum_changes_the_scene_fingerprint(tmp_path: Path) -> None:
-    from geoseg.workflows.run import _fingerprint
     from geoseg.workflows.sources import scenes
     from geoseg.workflows.spec import Imagery
+    from geoseg.workflows.units import fingerprint as unit_fingerprint
 
     stac = tmp_path / "stac"
     stac.mkdir()
@@ -221,7 +222,7 @@ def test_stac_asset_rewrite_or_new_checksum_changes_the_scene_fingerprint(tmp_pa
 
     def fingerprint() -> str:
         (s,) = scenes(Imagery(stac=str(cat)), str(tmp_path / "out"))
-        return _fingerprint(s.path, s.stamp)
+        return unit_fingerprint(s.path, s.stamp)
 
     first = fingerprint()
     assert fingerprint() == first

@@ -226,11 +226,12 @@ def pyogrio_read(path: Path, layer: str):
 
 def test_two_runs_on_one_folder_refuse(small: Path, tmp_path: Path) -> None:
     from geoseg.errors import OutputError
-    from geoseg.workflows.run import _run_lock, run_workflow
+    from geoseg.workflows.run import run_workflow
+    from geoseg.workflows.units import run_lock
 
     f = small / "watch.yaml"
     f.write_text(WATCH)
-    with _run_lock(str(tmp_path / "o")), pytest.raises(OutputError, match="another geoseg run is working on this output folder"):
+    with run_lock(str(tmp_path / "o")), pytest.raises(OutputError, match="another geoseg run is working on this output folder"):
         run_workflow(f, str(tmp_path / "o"))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -99,11 +98,10 @@ def predict(
     vectorize_,
 ) -> None:
     """Segment the raster SRC with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif."""
-    from geoseg.engine import predict as run_predict
     from geoseg.engine import scheduler as use_scheduler
-    from geoseg.engine import write
     from geoseg.engine.write import check_output_dir
     from geoseg.io.frames import list_frames
+    from geoseg.pipeline import segment
 
     check_output_dir(out_dir, overwrite)  # fail before starting a cluster
     band_idx, band_map = parse_bands(bands)
@@ -158,22 +156,21 @@ def predict(
             )
         return
     with use_scheduler(scheduler, workers=workers, device=device) as sched:
-        result = run_predict(src, model, probabilities=probabilities, **engine_options(sched))
-        report = write(
-            result,
+        done = segment(
+            src,
+            model,
             out_dir,
+            vectorize={} if vectorize_ else None,
             overwrite=overwrite,
-            probabilities_dtype=probabilities_dtype,
             progress=progress,
+            probabilities_dtype=probabilities_dtype,
             extra={
                 "scheduler": {"kind": sched.kind, "address": sched.address, "workers": sched.workers, "gpus": list(sched.gpus)}
             },
+            probabilities=probabilities,
+            **engine_options(sched),
         )
-        vreport = None
-        if vectorize_:
-            from geoseg.vector import vectorize
-
-            vreport = vectorize(os.path.join(out_dir, "mask.tif"), out_dir, overwrite=overwrite, progress=progress)
+    report, vreport = done.run, done.vectors
     if not quiet:
         t = report["timings"]
         px = report["output_grid"]["width"] * report["output_grid"]["height"]

@@ -19,8 +19,8 @@ import numpy as np
 from geoseg.classes import NODATA
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window
+from geoseg.io.files import check_declared_size, dataset_files
 from geoseg.io.gdal import quiet_rasterio_georeference
-from geoseg.io.raster import check_declared_size, dataset_files
 
 __all__ = [
     "CLASSES_TAG",

@@ -18,17 +18,13 @@ import numpy as np
 
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window, reflect_index
+from geoseg.io.files import LIST_GDAL_OPTIONS, check_declared_size, dataset_files, files_digest, size_mtime
 from geoseg.io.frames import local_file, read_video_frame, video_frame
 from geoseg.io.gdal import quiet_rasterio_georeference
 
 __all__ = [
     "DEFAULT_GDAL_OPTIONS",
-    "MAX_PIXELS",
-    "MAX_SPARSE_RATIO",
     "RasterSource",
-    "check_declared_size",
-    "dataset_files",
-    "file_fingerprint",
     "open_source",
     "raster_gsd_m",
     "read_overview",
@@ -36,20 +32,7 @@ __all__ = [
 ]
 
 #: GDAL configuration every read runs under (the source may add or override keys).
-DEFAULT_GDAL_OPTIONS: dict[str, str | int] = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "GDAL_CACHEMAX": 32,
-    "VSI_CACHE": "TRUE",
-}
-
-
-#: Most pixels (width x height) a raster may declare; ``GEOSEG_MAX_PIXELS`` raises or lowers it.
-MAX_PIXELS = 100_000_000_000
-#: Most uncompressed bytes per byte on disk a raster of over :data:`SPARSE_MIN_PIXELS` pixels may
-#: declare (well past what deflate or zstd reach on real tiled data: a sparse or forged header);
-#: ``GEOSEG_MAX_SPARSE_RATIO`` changes it (0 turns the check off).
-MAX_SPARSE_RATIO = 10_000
-SPARSE_MIN_PIXELS = 100_000_000
+DEFAULT_GDAL_OPTIONS: dict[str, str | int] = dict(LIST_GDAL_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -163,121 +146,6 @@ def _open_quiet(path: str):
         yield ds
 
 
-def _fingerprint(path: str) -> str:
-    try:
-        st = os.stat(local_file(path))
-    except OSError:  # /vsi paths, URLs
-        return ""
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def dataset_files(path: str, max_depth: int = 8) -> list[str]:
-    """Every local file GDAL reads for the raster ``path``: itself, then (sorted) the sources of a
-    VRT (nested VRTs followed) and any sidecar GDAL opens with it; ``[path]`` for anything GDAL
-    cannot open (vector files, /vsi paths, URLs).
-    """
-    import rasterio
-
-    root = local_file(path)
-    if video_frame(path) is not None or not os.path.isfile(root):
-        return [root]
-    quiet_rasterio_georeference()
-    found: dict[str, None] = {}
-    todo = [(os.path.abspath(root), 0)]
-    while todo:
-        p, depth = todo.pop()
-        if p in found:
-            continue
-        found[p] = None
-        if depth > 0 and not p.lower().endswith(".vrt"):
-            continue  # a plain source: its own sidecars are not listed (GDAL's reads do not look for them either)
-        if depth > max_depth:
-            continue
-        try:
-            with rasterio.Env(**DEFAULT_GDAL_OPTIONS), rasterio.open(p) as ds:
-                listed = list(ds.files)
-        except Exception:  # not a raster (an AOI, a mask of another kind): the file alone
-            continue
-        base = os.path.dirname(p)
-        for f in listed:
-            if f.startswith("/vsi") or "://" in f:
-                continue
-            f = f if os.path.isabs(f) else os.path.join(base, f)
-            todo.append((os.path.abspath(f), depth + 1))
-    first, *rest = found
-    return [first, *sorted(rest)]
-
-
-def file_fingerprint(path: str) -> str:
-    """``absolute path:size:mtime_ns`` of a file (the path alone when it cannot be stat'ed: /vsi, URLs),
-    followed by a digest of the size and mtime of every other file it is read from (a VRT's
-    sources, nested VRTs).
-
-    Keys that must change when any file behind a raster is rewritten (resumable writes, the
-    workflow ledger).
-    """
-    size_mtime = _fingerprint(path)
-    if not size_mtime:
-        return path
-    own = f"{os.path.abspath(path)}:{size_mtime.replace('-', ':')}"
-    others = dataset_files(path)[1:]
-    return f"{own}+{_files_digest(others)}" if others else own
-
-
-def _files_digest(files: list[str]) -> str:
-    """A short digest of ``files``' paths, sizes and mtimes (a missing file counts as missing)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in files:
-        try:
-            st = os.stat(f)
-            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
-        except OSError:
-            h.update(f"{f}:missing\n".encode(errors="surrogateescape"))
-    return h.hexdigest()[:16]
-
-
-def _limit(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InputError(f"{name}={raw!r} is not a number; set it to a number or unset it") from None
-    if not value >= 0:
-        raise InputError(f"{name}={raw!r} must be a number >= 0; set it to a number or unset it")
-    return value
-
-
-def check_declared_size(path: str, ds, files: list[str], max_pixels: float | None = None) -> None:
-    """Refuse (:class:`InputError`) a raster whose declared size is past the cap, or out of all
-    proportion to its bytes on disk (``files``: every file it is read from).
-    """
-    pixels = ds.width * ds.height
-    cap = _limit("GEOSEG_MAX_PIXELS", MAX_PIXELS) if max_pixels is None else max_pixels
-    if pixels > cap:
-        raise InputError(
-            f"{path}: declares {ds.width} x {ds.height} pixels ({pixels:.3g}), more than geoseg's limit of {cap:.3g}; "
-            "crop it (gdal_translate -srcwin) or raise the limit with GEOSEG_MAX_PIXELS"
-        )
-    ratio_max = _limit("GEOSEG_MAX_SPARSE_RATIO", MAX_SPARSE_RATIO)
-    if pixels <= SPARSE_MIN_PIXELS or ratio_max == 0 or not ds.count:
-        return
-    try:
-        on_disk = sum(os.path.getsize(f) for f in files)
-    except OSError:
-        return
-    raw = pixels * ds.count * max(np.dtype(d).itemsize for d in ds.dtypes)
-    if on_disk > 0 and raw / on_disk > ratio_max:
-        raise InputError(
-            f"{path}: declares {ds.width} x {ds.height} x {ds.count} {ds.dtypes[0]} pixels ({raw / 1e9:.3g} GB) in "
-            f"{on_disk / 1e6:.3g} MB on disk (more than {ratio_max:g}:1): a sparse or damaged raster; check it with gdalinfo, "
-            "or set GEOSEG_MAX_SPARSE_RATIO=0 if it is meant to be mostly empty"
-        )
-
-
 def open_source(
     path: str | os.PathLike,
     bands: tuple[int, ...] | list[int] | None = None,
@@ -386,7 +254,7 @@ def open_source(
                 band_descriptions=tuple(ds.descriptions[b - 1] for b in bands),
                 nodata=ds.nodatavals[bands[0] - 1],
                 gdal_options=tuple(sorted(opts.items())),
-                fingerprint=_fingerprint(path) + (f"+{_files_digest(files[1:])}" if len(files) > 1 else ""),
+                fingerprint=size_mtime(path) + (f"+{files_digest(files[1:])}" if len(files) > 1 else ""),
                 mask_bands=tuple(b for b in bands if b not in alpha) or bands,
             )
     except RasterioIOError as exc:

@@ -34,8 +34,8 @@ __all__ = [
     "STYLE_DIR",
     "VECTOR_DIR",
     "check_out",
-    "count_features",
     "layer_names",
+    "layer_totals",
     "planned_outputs",
     "publish",
     "safe_name",
@@ -157,8 +157,8 @@ def check_out(out_dir: str, outputs: Sequence[str], overwrite: bool) -> None:
         raise OutputError(f"{out_dir}: not writable; choose another --out folder")
 
 
-def count_features(parts: Sequence[str], layers: Sequence[Layer]) -> dict[str, int]:
-    """Features per layer in the parquet parts.
+def layer_totals(parts: Sequence[str], layers: Sequence[Layer], geo: bool) -> tuple[dict[str, int], dict[str, float | None]]:
+    """Features and summed ``area_m2`` per layer in the parquet parts.
 
     Parameters
     ----------
@@ -166,25 +166,31 @@ def count_features(parts: Sequence[str], layers: Sequence[Layer]) -> dict[str, i
         Parquet parts written by the chunk tasks and the seam merge.
     layers : sequence of Layer
         The output layers.
+    geo : bool
+        The mask is georeferenced (pixel-space features have no ``area_m2``).
 
     Returns
     -------
-    dict
+    counts : dict
         Layer name -> number of features.
+    areas : dict
+        Layer name -> total area in m² (None for pixel-space masks, whose features have no ``area_m2``).
     """
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     counts = dict.fromkeys((ly.name for ly in layers), 0)
+    sums = dict.fromkeys(counts, 0.0)
     by_id = {ly.class_id: ly.name for ly in layers}
     for p in parts:
-        col = pq.read_table(p, columns=["class_id"]).column("class_id")
-        vc = pc.value_counts(col).to_pylist()
-        for item in vc:
-            name = by_id.get(int(item["values"]))
-            if name:
-                counts[name] += int(item["counts"])
-    return counts
+        table = pq.read_table(p, columns=["class_id", "area_m2"])
+        ids = table.column("class_id").to_numpy()
+        area = table.column("area_m2").to_numpy(zero_copy_only=False).astype(float)
+        for cid, name in by_id.items():
+            sel = ids == cid
+            counts[name] += int(sel.sum())
+            sums[name] += float(np.nansum(area[sel]))
+    areas = {name: (sums[name] if geo else None) for name in counts}
+    return counts, areas
 
 
 def write_outputs(

@@ -33,7 +33,7 @@ import numpy as np
 
 from geoseg.classes import NODATA
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError, OutputExistsError
-from geoseg.grid import Window
+from geoseg.grid import Window, chunk_windows, regular_chunks
 from geoseg.io.mask import MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
 from geoseg.io.outdir import (
     disk_full_now,
@@ -46,9 +46,10 @@ from geoseg.io.outdir import (
 from geoseg.models.card import default_palette
 from geoseg.vector.attributes import features_table, write_part
 from geoseg.vector.geometry import metric_crs, object_kind
-from geoseg.vector.layers import REPORT_NAME, check_out, count_features, layer_names, planned_outputs, write_outputs
+from geoseg.vector.layers import REPORT_NAME, check_out, layer_names, layer_totals, planned_outputs, write_outputs
 from geoseg.vector.params import VectorParams, pixel_size_m
 from geoseg.vector.polygonize import Pieces, merge_seams, polygonize_block
+from geoseg.vector.report import VectorReport, vector_record
 from geoseg.vector.writers import FORMATS, Layer
 
 __all__ = ["vectorize"]
@@ -77,7 +78,7 @@ def vectorize(
     progress: bool = False,
     attributes: dict[str, str] | None = None,
     kind: str | None = None,
-) -> dict[str, Any]:
+) -> VectorReport:
     """Turn a class mask into styled polygon layers, one per class.
 
     Runs on the active Dask scheduler (see :func:`geoseg.scheduler`): one task per chunk
@@ -135,8 +136,9 @@ def vectorize(
 
     Returns
     -------
-    dict
-        The report also written to ``vectors.json``.
+    VectorReport
+        What was written: the record also written to ``vectors.json`` (indexable like it), the
+        output files and each layer's total area.
     """
     t_start = time.perf_counter()
     formats = _check_formats(formats, connectivity)
@@ -174,12 +176,12 @@ def vectorize(
             ids = [i for i in ids if i in run.present]
         extra_cols = tuple(k for k, _ in params.attributes)
         layers = [Layer(names[i], i, kind_of(full[i].name), tuple(full[i].color), extra_cols) for i in ids]
-        counts = count_features(run.parts, layers)
+        counts, areas = layer_totals(run.parts, layers, geo=src.geobox.crs is not None)
         written, write_s = write_outputs(staging, out_dir, run.parts, layers, formats, src, out_crs, precision, params, project)
         parameters = {**run_params, "formats": list(formats), "precision": precision, "chunk": chunk}
-        report = _report(src, params, out_crs, parameters, layers, counts, written, run, write_s, t_start)
-        write_json_atomic(os.path.join(out_dir, REPORT_NAME), report, indent=2)
-        return report
+        record = vector_record(src, params, out_crs, parameters, layers, counts, written, run, write_s, t_start)
+        write_json_atomic(os.path.join(out_dir, REPORT_NAME), record, indent=2)
+        return VectorReport(record, out_dir, areas)
     except DiskFullError as exc:  # name the folder the user chose, not a staging file that is removed now
         reason = disk_full_reason(exc) or "No space left on device"
         raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another --out") from None
@@ -304,7 +306,7 @@ def _polygonize(src: MaskSource, params: VectorParams, staging: str, chunk: int,
 
     gb = src.geobox
     os.makedirs(os.path.join(staging, "parts"))
-    windows = chunk_windows(gb.height, gb.width, chunk)
+    windows = [w for row in chunk_windows(regular_chunks(gb.height, gb.width, chunk)) for w in row]
     tasks = [
         dask.delayed(vectorize_chunk, pure=True)(
             src,
@@ -331,50 +333,6 @@ def _polygonize(src: MaskSource, params: VectorParams, staging: str, chunk: int,
     t2 = time.perf_counter()
     present = sorted({v for r in results for v in r["values"]})
     return _ChunkRun(results, parts, present, len(seam), len(merged), t1 - t0, t2 - t1)
-
-
-def _report(
-    src: MaskSource,
-    params: VectorParams,
-    out_crs: str | None,
-    parameters: dict[str, Any],
-    layers: Sequence[Layer],
-    counts: dict[str, int],
-    written: dict[str, Any],
-    run: _ChunkRun,
-    write_s: dict[str, float],
-    t_start: float,
-) -> dict[str, Any]:
-    """The contents of ``vectors.json``."""
-    gb = src.geobox
-    results = run.results
-    return {
-        "geoseg_vectors": 1,
-        "run_id": params.run_id,
-        "mask": src.path,
-        "probabilities": src.prob_path,
-        "crs": {"mask": gb.crs, "outputs": out_crs, "geojson": "EPSG:4326" if gb.crs else None, "metric": params.metric_crs},
-        "parameters": parameters,
-        "layers": [
-            {"name": ly.name, "class_id": ly.class_id, "kind": ly.kind, "color": list(ly.color), "features": counts[ly.name]}
-            for ly in layers
-        ],
-        "features": int(sum(counts.values())),
-        "outputs": written,
-        "chunks": len(results),
-        "seam_pieces": run.seam_pieces,
-        "seam_objects": run.seam_objects,
-        "timings": {
-            "chunks_wall_s": round(run.chunks_wall_s, 3),
-            "read_task_s": round(sum(r["read_s"] for r in results), 3),
-            "polygonize_task_s": round(sum(r["polygonize_s"] for r in results), 3),
-            "attributes_task_s": round(sum(r["finish_s"] for r in results), 3),
-            "merge_s": round(run.merge_s, 3),
-            **{f"write_{k}_s": round(v, 3) for k, v in write_s.items()},
-            "total_s": round(time.perf_counter() - t_start, 3),
-        },
-        "values_present": run.present,
-    }
 
 
 def vectorize_chunk(src: MaskSource, params: VectorParams, window: Window, index: int, part: str) -> dict[str, Any]:
@@ -414,14 +372,6 @@ def vectorize_chunk(src: MaskSource, params: VectorParams, window: Window, index
         "polygonize_s": t2 - t1,
         "finish_s": time.perf_counter() - t2,
     }
-
-
-def chunk_windows(height: int, width: int, chunk: int) -> list[Window]:
-    return [
-        Window(r, c, min(chunk, height - r), min(chunk, width - c))
-        for r in range(0, height, chunk)
-        for c in range(0, width, chunk)
-    ]
 
 
 def resolve_classes(src: MaskSource, classes: Sequence[str | int] | None) -> tuple[list[MaskClass], list[int]]:

@@ -18,20 +18,22 @@ reuses those chunks. One ``geoseg run`` at a time per output folder.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError
-from geoseg.io.outdir import hold_lock_file, write_json_atomic
-from geoseg.workflows.spec import Workflow, load_workflow
+from geoseg.errors import GeosegError, InputError, OutputError
+from geoseg.io.outdir import write_json_atomic
+from geoseg.workflows.spec import Workflow, check_inside, load_workflow
+from geoseg.workflows.units import Tally, card_hash, fingerprint, finish, run_lock, run_unit, unit_params
 
 __all__ = ["format_summary", "run_workflow"]
 
-RUN_LOCK = ".geoseg-run.lock"
+#: how to fix a unit folder that would leave the output folder
+FIX = "rename the scene, model or STAC item"
 
 
 def _slug(text: str) -> str:
@@ -51,50 +53,22 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def _areas(vreport: dict[str, Any], out_dir: str) -> dict[str, float]:
-    """Area in hectares per layer, summed from the written polygons' ``area_m2``."""
-    import pyogrio
+@dataclass(frozen=True)
+class _Plan:
+    """A checked workflow: what runs where, known before any work starts."""
 
-    outputs = vreport["outputs"]
-    per_layer = [f for fmt in ("fgb", "parquet", "geojson") for f in outputs.get(fmt) or []]
-    out: dict[str, float] = {}
-    for layer in vreport["layers"]:
-        if outputs.get("gpkg"):
-            path, name = os.path.join(out_dir, outputs["gpkg"]), layer["name"]
-        else:
-            hits = [f for f in per_layer if os.path.splitext(os.path.basename(f))[0] == layer["name"]]
-            if not hits:
-                continue
-            path, name = os.path.join(out_dir, hits[0]), None
-        if layer["features"] == 0:
-            out[layer["name"]] = 0.0
-            continue
-        df = pyogrio.read_dataframe(path, layer=name, columns=["area_m2"], read_geometry=False)
-        out[layer["name"]] = round(float(df["area_m2"].sum()) / 10_000, 3)
-    return out
+    wf: Workflow
+    folder: str
+    runs: list[tuple[Any, Any, Any]]  # (ModelRun, ModelSpec, parsed bands) per model
+    changes: list[tuple[Any, Any]]  # (ChangeRun, ModelSpec) per change step
+    scenes: list[Any]
+    model_dirs: list[str]
+    change_dirs: list[str]
+    single: bool  # one image: its units write straight into the output folder
+    by_date: bool  # change pairs are named by date
 
-
-def _fingerprint(path: str | None, stamp: str = "") -> str | None:
-    """Size and mtime of ``path`` and of every file it is read from (a VRT's sources), plus ``stamp``."""
-    from geoseg.io.raster import file_fingerprint
-
-    if path is None:
-        return None
-    return file_fingerprint(path) + (f"|{stamp}" if stamp else "")
-
-
-def _run_lock(folder: str):
-    """One ``geoseg run`` per output folder (a second one is refused at once); the lock file is never a link."""
-    return hold_lock_file(
-        folder,
-        RUN_LOCK,
-        "run lock",
-        f"pid {os.getpid()}",
-        lambda holder: (
-            f"{folder}: another geoseg run is working on this output folder ({holder or 'another process'}); "
-            "wait for it to finish"
-        ),
-    )
+    def image_dir(self, scene: Any) -> str:
+        return self.folder if self.single else os.path.join(self.folder, scene.name)
 
 
 def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -122,30 +96,58 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
         Before any work: a bad workflow, model, band mapping or missing input. After: when
         any unit failed (the others still ran; the ledger has each error).
     """
-    from geoseg.models.card import parse_band_option
-    from geoseg.models.spec import resolve_model
-    from geoseg.workflows.ledger import Ledger
-    from geoseg.workflows.sources import scenes
-
     say = echo or (lambda _line: None)
+    plan = _prepare(path, out, say)  # everything that can be checked is checked before any work
+    with run_lock(plan.folder):
+        summary, tally = _execute(plan, say)
+    if tally.failures:
+        raise OutputError(f"{plan.wf.path}: {len(tally.failures)} unit(s) failed (see `geoseg runs`); first: {tally.failures[0]}")
+    return summary
+
+
+def _prepare(path: str | os.PathLike, out: str | None, say: Callable[[str], None]) -> _Plan:
+    """Load the workflow and check models, bands, inputs, AOI and output folders."""
     wf: Workflow = load_workflow(path, out=out)
     folder = os.path.abspath(out) if out else wf.outputs.folder
+    runs, changes = _resolve_models(wf)
+    found = _find_scenes(wf, folder, say)
+    _check_aoi(wf)
+    if changes and len(found) < 2:
+        raise InputError(f"{wf.path}: change detection needs at least two scenes; the imagery gives {len(found)}")
+    dates = [s.date for s in found]
+    plan = _Plan(
+        wf=wf,
+        folder=folder,
+        runs=runs,
+        changes=changes,
+        scenes=found,
+        model_dirs=_unique([_slug(r.model) for r, _, _ in runs]),
+        change_dirs=_unique([_slug(ch.model) for ch, _ in changes]),
+        # the layout depends on the kind of imagery, not on how many scenes a glob finds today
+        single=wf.imagery_spec().files is not None and len(found) == 1,
+        by_date=all(dates) and len(set(dates)) == len(dates),
+    )
+    _check_folders(plan)
+    return plan
+
+
+def _resolve_models(wf: Workflow) -> tuple[list[tuple[Any, Any, Any]], list[tuple[Any, Any]]]:
+    """Every model and band mapping of the segment and change steps, resolved (errors name the step)."""
+    from geoseg.models.card import parse_band_option
+    from geoseg.models.spec import resolve_model
+
     base = os.path.dirname(wf.path)
 
     def model_arg(name: str) -> str:
         local = os.path.join(base, os.path.expanduser(name))
         return local if os.path.isfile(local) else name  # a model file relative to the workflow, else a bundled name
 
-    # everything that can be checked is checked before any work: models, bands, inputs
-    runs = []
+    runs, changes = [], []
     for run in wf.runs():
         try:
-            spec = resolve_model(model_arg(run.model))
-            bands = parse_band_option(run.bands)
+            runs.append((run, resolve_model(model_arg(run.model)), parse_band_option(run.bands)))
         except GeosegError as exc:
             raise InputError(f"{wf.path}: models: {run.model}: {exc}") from None
-        runs.append((run, spec, bands))
-    changes = []
     for ch in wf.change:
         try:
             spec = resolve_model(model_arg(ch.model))
@@ -153,9 +155,16 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
         except GeosegError as exc:
             raise InputError(f"{wf.path}: change: {ch.model}: {exc}") from None
         changes.append((ch, spec))
-    im = wf.imagery_spec()
+    return runs, changes
+
+
+def _find_scenes(wf: Workflow, folder: str, say: Callable[[str], None]) -> list[Any]:
+    """The dated scenes of the imagery (the sample scene generated first when the workflow uses it)."""
     import glob as globlib
 
+    from geoseg.workflows.sources import scenes
+
+    im = wf.imagery_spec()
     missing = [p for p in im.files or [] if not os.path.exists(p)]
     if im.glob and not globlib.glob(im.glob) and wf.sample and os.path.dirname(im.glob) == globlib.escape(wf.sample):
         missing = [os.path.join(wf.sample, os.path.basename(im.glob))]
@@ -165,203 +174,126 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
         say(f"generating the sample scene into {wf.sample}")
         make_sample(wf.sample)
     try:
-        found = scenes(im, folder)
+        return scenes(im, folder)
     except (InputError, OutputError) as exc:
         raise type(exc)(f"{wf.path}: {exc}") from None
-    if wf.aoi and not os.path.exists(wf.aoi):
+
+
+def _check_aoi(wf: Workflow) -> None:
+    """A missing or bad AOI (no CRS, no polygons, latitudes past 90) fails here, before any unit runs."""
+    if not wf.aoi:
+        return
+    if not os.path.exists(wf.aoi):
         raise InputError(f"{wf.path}: aoi {wf.aoi} does not exist; fix the path in 'aoi'")
-    if wf.aoi:  # a bad AOI (no CRS, no polygons, latitudes past 90) fails here, before any unit runs
-        from geoseg.io.aoi import check_aoi
+    from geoseg.io.aoi import check_aoi
 
-        try:
-            check_aoi(wf.aoi)
-        except InputError as exc:
-            raise InputError(f"{wf.path}: aoi: {exc}") from None
-    if changes and len(found) < 2:
-        raise InputError(f"{wf.path}: change detection needs at least two scenes; the imagery gives {len(found)}")
-    model_dirs = _unique([_slug(r.model) for r, _, _ in runs])
-    change_dirs = _unique([_slug(ch.model) for ch, _ in changes])
-    # the layout depends on the kind of imagery, not on how many scenes a glob finds today
-    single = im.files is not None and len(found) == 1
-    dates = [s.date for s in found]
-    by_date = all(dates) and len(set(dates)) == len(dates)
-    # every folder a unit writes stays inside the output folder (names come from models, files and STAC ids)
-    from geoseg.workflows.spec import check_inside
-
-    fix = "rename the scene, model or STAC item"
-    for scene in found:
-        img_dir = folder if single else os.path.join(folder, scene.name)
-        for mdir_name in model_dirs:
-            check_inside(folder, os.path.join(img_dir, mdir_name), f"the output folder of {scene.name}", fix)
-    for ch_dir in change_dirs:
-        check_inside(folder, os.path.join(folder, "change", ch_dir), "a change output folder", fix)
-
-    with _run_lock(folder):
-        ledger = Ledger(folder)
-        try:
-            ledger.start_run()
-        except BaseException:
-            ledger.close()
-            raise
-        counts = {"done": 0, "skipped": 0, "failed": 0}
-        failures: list[str] = []
-        t0 = time.perf_counter()
-        summary: dict[str, Any] = {"workflow": wf.name, "file": wf.path, "out": folder, "images": [], "changes": []}
-        interrupted = True
-        try:
-            from geoseg.engine import scheduler
-
-            with scheduler(wf.scheduler, workers=wf.workers) as sched:
-                masks: dict[tuple[str, str], str] = {}
-                for scene in found:
-                    img_dir = folder if single else os.path.join(folder, scene.name)
-                    entry: dict[str, Any] = {"image": scene.path, "date": scene.date, "folder": img_dir, "models": {}}
-                    overlays = []
-                    done_before = counts["done"]
-                    for (run, spec, bands), mdir_name in zip(runs, model_dirs, strict=True):
-                        mdir = os.path.join(img_dir, mdir_name)
-                        params = {
-                            "scene": _fingerprint(scene.path, scene.stamp),
-                            "model": spec.sha256,
-                            "card": _card_hash(spec),
-                            "bands": run.bands,
-                            "tile": run.tile,
-                            "halo": run.halo,
-                            "aoi": _fingerprint(wf.aoi),
-                            "radiometry": _radiometry(wf),
-                            "min_area_m2": run.min_area_m2,
-                            "simplify_m": run.simplify_m,
-                            "regularize": run.regularize,
-                            "formats": sorted(wf.outputs.formats),
-                            "crs": wf.outputs.crs,
-                            "chunk": wf.chunk,
-                        }
-                        res = _unit(
-                            ledger, folder, mdir, "segment", scene.name, run.model, params, counts, failures, say,
-                            lambda mdir=mdir, spec=spec, bands=bands, run=run, scene=scene: _segment(
-                                scene.path, spec, bands, run, wf, mdir, sched
-                            ),
-                        )  # fmt: skip
-                        if res is not None:
-                            entry["models"][run.model] = res
-                            masks[(scene.name, spec.sha256)] = os.path.join(mdir, "mask.tif")
-                            from geoseg.workflows.quicklook import Overlay
-
-                            overlays.append(Overlay(os.path.join(mdir, "mask.tif"), mdir_name))
-                    png = check_inside(folder, os.path.join(img_dir, "quicklook.png"), "the quicklook", fix)
-                    if wf.outputs.quicklook and overlays:
-                        if counts["done"] > done_before or not os.path.exists(png):  # nothing new: keep it as it is
-                            from geoseg.workflows.quicklook import quicklook
-
-                            title = f"{wf.name}: {scene.name} {scene.date or ''}".strip()
-                            quicklook(scene.path, overlays, png, title=title)
-                        entry["quicklook"] = png
-                    summary["images"].append(entry)
-                for (ch, spec), ch_dir in zip(changes, change_dirs, strict=True):
-                    pairs = list(itertools.pairwise(found)) if ch.pairs == "consecutive" else [(found[0], s) for s in found[1:]]
-                    for a, b in pairs:
-                        pair = f"{a.date}_{b.date}" if by_date else f"{a.name}_{b.name}"
-                        cdir = os.path.join(folder, "change", ch_dir, pair)
-                        given = (masks.get((a.name, spec.sha256)), masks.get((b.name, spec.sha256)))
-                        check_inside(folder, cdir, "a change output folder", fix)
-                        params = {
-                            "before": _fingerprint(a.path, a.stamp),
-                            "after": _fingerprint(b.path, b.stamp),
-                            "masks": [_fingerprint(m) for m in given],
-                            "model": spec.sha256,
-                            "card": _card_hash(spec),
-                            "bands": ch.bands,
-                            "aoi": _fingerprint(wf.aoi),
-                            "min_area_m2": ch.min_area_m2,
-                            "clouds": ch.clouds,
-                            "resampling": ch.resampling,
-                            "formats": sorted(wf.outputs.formats),
-                            "crs": wf.outputs.crs,
-                        }
-                        res = _unit(
-                            ledger, folder, cdir, "change", f"{a.name}->{b.name}", ch.model, params, counts, failures, say,
-                            lambda cdir=cdir, a=a, b=b, ch=ch, spec=spec, given=given: _change(a, b, ch, spec, given, wf, cdir),
-                        )  # fmt: skip
-                        if res is not None:
-                            summary["changes"].append({"before": a.date, "after": b.date, "model": ch.model, **res})
-            interrupted = False
-        finally:
-            status = "interrupted" if interrupted else ("failed" if failures else "done")
-            try:
-                ledger.finish_run(status, counts["done"], counts["skipped"], counts["failed"])
-            except GeosegError:
-                if interrupted:
-                    pass  # the error already on its way says what went wrong; the next run marks this one interrupted
-                else:
-                    raise
-            finally:
-                ledger.close()
-        summary["units"] = counts
-        summary["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json_atomic(os.path.join(folder, "summary.json"), summary, indent=2)
-    if failures:
-        raise OutputError(f"{wf.path}: {len(failures)} unit(s) failed (see `geoseg runs`); first: {failures[0]}")
-    return summary
-
-
-def _unit(ledger, root, folder, kind, scene, model, params, counts, failures, say, work) -> dict[str, Any] | None:
-    """Run one unit through the ledger: skip it when done, else do it and record the outcome."""
-    from geoseg.workflows.ledger import params_hash
-
-    unit_id = os.path.relpath(folder, root)
-    digest = params_hash(params)
-    summary_file = os.path.join(folder, ".geoseg-unit.json")
-    if ledger.is_done(unit_id, digest, root) and os.path.isfile(summary_file):
-        try:
-            with open(summary_file) as f:
-                kept = json.load(f)
-        except (OSError, ValueError):
-            kept = None  # unreadable: the unit is redone
-        if isinstance(kept, dict):
-            counts["skipped"] += 1
-            say(f"{unit_id}: done earlier, skipped")
-            return kept
-    ledger.begin(unit_id, kind, scene, model, params, digest)
-    t = time.perf_counter()
     try:
-        result, outputs = work()
-    except GeosegError as exc:
-        counts["failed"] += 1
-        if isinstance(exc, DiskFullError):  # nothing else can be written either: stop the run
-            try:
-                ledger.failed(unit_id, str(exc), time.perf_counter() - t)
-            except GeosegError:
-                pass
-            raise
-        ledger.failed(unit_id, str(exc), time.perf_counter() - t)
-        failures.append(f"{unit_id}: {exc}")
-        say(f"{unit_id}: failed: {exc}")
-        return None
-    except Exception as exc:  # a bug or an environment failure: recorded (when the ledger can be written), then raised
-        counts["failed"] += 1
-        try:
-            ledger.failed(unit_id, f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
-        except GeosegError:
-            pass
+        check_aoi(wf.aoi)
+    except InputError as exc:
+        raise InputError(f"{wf.path}: aoi: {exc}") from None
+
+
+def _check_folders(plan: _Plan) -> None:
+    """Every folder a unit writes stays inside the output folder (names come from models, files and STAC ids)."""
+    for scene in plan.scenes:
+        for mdir_name in plan.model_dirs:
+            check_inside(plan.folder, os.path.join(plan.image_dir(scene), mdir_name), f"the output folder of {scene.name}", FIX)
+    for ch_dir in plan.change_dirs:
+        check_inside(plan.folder, os.path.join(plan.folder, "change", ch_dir), "a change output folder", FIX)
+
+
+def _execute(plan: _Plan, say: Callable[[str], None]) -> tuple[dict[str, Any], Tally]:
+    """Every unit under the ledger, on one scheduler; the summary written last."""
+    from geoseg.engine import scheduler
+    from geoseg.workflows.ledger import Ledger
+
+    wf = plan.wf
+    ledger = Ledger(plan.folder)
+    try:
+        ledger.start_run()
+    except BaseException:
+        ledger.close()
         raise
-    result["seconds"] = round(time.perf_counter() - t, 1)
-    write_json_atomic(summary_file, result)
-    ledger.done(
-        unit_id,
-        [os.path.relpath(os.path.join(folder, o), root) for o in outputs] + [os.path.relpath(summary_file, root)],
-        time.perf_counter() - t,
-    )
-    counts["done"] += 1
-    found = ", ".join(f"{k} {v.get('objects', v.get('hectares'))}" for k, v in result.get("classes", {}).items())
-    say(f"{unit_id}: {found or 'done'} ({result['seconds']:.1f} s)")
-    return result
+    tally, t0 = Tally(), time.perf_counter()
+    summary: dict[str, Any] = {"workflow": wf.name, "file": wf.path, "out": plan.folder, "images": [], "changes": []}
+    interrupted = True
+    try:
+        with scheduler(wf.scheduler, workers=wf.workers) as sched:
+            masks: dict[tuple[str, str], str] = {}
+            for scene in plan.scenes:
+                summary["images"].append(_scene(plan, scene, ledger, tally, sched, masks, say))
+            for (ch, spec), ch_dir in zip(plan.changes, plan.change_dirs, strict=True):
+                summary["changes"] += _change_pairs(plan, ch, spec, ch_dir, ledger, tally, masks, say)
+        interrupted = False
+    finally:
+        finish(ledger, interrupted, tally)
+    summary["units"] = tally.counts
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(os.path.join(plan.folder, "summary.json"), summary, indent=2)
+    return summary, tally
 
 
-def _card_hash(spec) -> str:
-    from geoseg.models.card import card_to_dict
-    from geoseg.workflows.ledger import params_hash
+def _scene(plan: _Plan, scene: Any, ledger: Any, tally: Tally, sched: Any, masks: dict, say: Callable) -> dict[str, Any]:
+    """Every model on one scene (a unit each), then the scene's quicklook."""
+    from geoseg.workflows.quicklook import Overlay
 
-    return params_hash(card_to_dict(spec.card))
+    wf, img_dir = plan.wf, plan.image_dir(scene)
+    entry: dict[str, Any] = {"image": scene.path, "date": scene.date, "folder": img_dir, "models": {}}
+    overlays = []
+    done_before = tally.counts["done"]
+    for (run, spec, bands), mdir_name in zip(plan.runs, plan.model_dirs, strict=True):
+        mdir = os.path.join(img_dir, mdir_name)
+        options = _segment_options(wf, run, bands)
+        params = {
+            "scene": fingerprint(scene.path, scene.stamp),
+            "model": spec.sha256,
+            "card": card_hash(spec),
+            **unit_params(options),
+        }
+        res = run_unit(
+            ledger, plan.folder, mdir, "segment", scene.name, run.model, params, tally, say,
+            lambda mdir=mdir, spec=spec, options=options, scene=scene: _segment(scene.path, spec, options, mdir, sched),
+        )  # fmt: skip
+        if res is not None:
+            entry["models"][run.model] = res
+            masks[(scene.name, spec.sha256)] = os.path.join(mdir, "mask.tif")
+            overlays.append(Overlay(os.path.join(mdir, "mask.tif"), mdir_name))
+    png = check_inside(plan.folder, os.path.join(img_dir, "quicklook.png"), "the quicklook", FIX)
+    if wf.outputs.quicklook and overlays:
+        if tally.counts["done"] > done_before or not os.path.exists(png):  # nothing new: keep it as it is
+            from geoseg.workflows.quicklook import quicklook
+
+            quicklook(scene.path, overlays, png, title=f"{wf.name}: {scene.name} {scene.date or ''}".strip())
+        entry["quicklook"] = png
+    return entry
+
+
+def _change_pairs(
+    plan: _Plan, ch: Any, spec: Any, ch_dir: str, ledger: Any, tally: Tally, masks: dict, say: Callable
+) -> list[dict[str, Any]]:
+    """One change unit per date pair (consecutive, or each against the first)."""
+    found, out = plan.scenes, []
+    pairs = list(itertools.pairwise(found)) if ch.pairs == "consecutive" else [(found[0], s) for s in found[1:]]
+    for a, b in pairs:
+        pair = f"{a.date}_{b.date}" if plan.by_date else f"{a.name}_{b.name}"
+        cdir = check_inside(plan.folder, os.path.join(plan.folder, "change", ch_dir, pair), "a change output folder", FIX)
+        given = (masks.get((a.name, spec.sha256)), masks.get((b.name, spec.sha256)))
+        kwargs = _change_options(plan.wf, ch, a, b, given)
+        params = {
+            "before": fingerprint(a.path, a.stamp),
+            "after": fingerprint(b.path, b.stamp),
+            "model": spec.sha256,
+            "card": card_hash(spec),
+            **unit_params(kwargs),
+            "masks": [fingerprint(m) for m in given],
+        }
+        res = run_unit(
+            ledger, plan.folder, cdir, "change", f"{a.name}->{b.name}", ch.model, params, tally, say,
+            lambda cdir=cdir, a=a, b=b, spec=spec, kwargs=kwargs: _change(a, b, spec, kwargs, cdir),
+        )  # fmt: skip
+        if res is not None:
+            out.append({"before": a.date, "after": b.date, "model": ch.model, **res})
+    return out
 
 
 def _radiometry(wf: Workflow) -> str | None:
@@ -369,80 +301,78 @@ def _radiometry(wf: Workflow) -> str | None:
     return getattr(wf.imagery, "radiometry", None)
 
 
-def _segment(image: str, spec, bands, run, wf: Workflow, mdir: str, sched) -> tuple[dict[str, Any], list[str]]:
-    from geoseg.engine import predict, write
-    from geoseg.vector import vectorize
-
+def _segment_options(wf: Workflow, run: Any, bands: tuple[Any, Any]) -> dict[str, Any]:
+    """What a segment unit is run with; the ledger hashes exactly this (files by fingerprint)."""
     band_idx, band_map = bands
-    result = predict(
+    return {
+        "predict": {
+            "bands": band_idx,
+            "band_map": band_map,
+            "aoi": wf.aoi,
+            "tile": run.tile,
+            "halo": run.halo,
+            "chunk": wf.chunk,
+            "radiometry": _radiometry(wf),
+        },
+        "vectorize": {
+            "formats": wf.outputs.formats,
+            "crs": wf.outputs.crs,
+            "min_area": run.min_area_m2,
+            "simplify": run.simplify_m,
+            "regularize": run.regularize,
+        },
+    }
+
+
+def _change_options(wf: Workflow, ch: Any, a: Any, b: Any, given: tuple[str | None, str | None]) -> dict[str, Any]:
+    """The keyword arguments of a change unit's :func:`geoseg.change.change` call."""
+    return {
+        "aoi": wf.aoi,
+        "bands_before": ch.bands,
+        "bands_after": ch.bands,
+        "mask_model": "clouds" if ch.clouds else None,
+        "min_area": ch.min_area_m2,
+        "formats": tuple(wf.outputs.formats),
+        "resampling": ch.resampling,
+        "date_before": a.date,
+        "date_after": b.date,
+        "chunk": wf.chunk,
+        "masks": given if all(given) else None,
+        "crs": wf.outputs.crs,
+        "radiometry": _radiometry(wf),
+    }
+
+
+def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: Any) -> tuple[dict[str, Any], list[str]]:
+    from geoseg.pipeline import segment
+
+    done = segment(
         image,
         spec,
-        bands=band_idx,
-        band_map=band_map,
-        aoi=wf.aoi,
-        tile=run.tile,
-        halo=run.halo,
-        chunk=wf.chunk,
+        mdir,
+        vectorize=options["vectorize"],
+        overwrite=True,
+        **options["predict"],
         num_threads=sched.num_threads,
         resources=sched.resources,
         device="cuda" if sched.gpus else "auto",
-        radiometry=_radiometry(wf),
     )
-    report = write(result, mdir, overwrite=True)
-    vrep = vectorize(
-        os.path.join(mdir, "mask.tif"),
-        mdir,
-        formats=wf.outputs.formats,
-        crs=wf.outputs.crs,
-        min_area=run.min_area_m2,
-        simplify=run.simplify_m,
-        regularize=run.regularize,
-        overwrite=True,
-    )
-    areas = _areas(vrep, mdir)
-    classes = {ly["name"]: {"objects": ly["features"], "area_ha": areas.get(ly["name"])} for ly in vrep["layers"]}
-    outputs = [*list(report["outputs"].values()), "run.json", "vectors.json"]
-    for v in vrep["outputs"].values():
-        outputs += v if isinstance(v, list) else [v]
-    return {
+    summary = {
         "folder": mdir,
-        "classes": classes,
-        "warnings": report["warnings"],
-        "resumed_chunks": report.get("resumed_chunks", 0),
-    }, outputs
+        "classes": done.classes(),
+        "warnings": done.run["warnings"],
+        "resumed_chunks": done.run.get("resumed_chunks", 0),
+    }
+    return summary, done.files()
 
 
-def _change(a, b, ch, spec, given, wf: Workflow, cdir: str) -> tuple[dict[str, Any], list[str]]:
+def _change(a: Any, b: Any, spec: Any, kwargs: dict[str, Any], cdir: str) -> tuple[dict[str, Any], list[str]]:
     from geoseg.change import change
 
-    report = change(
-        a.path,
-        b.path,
-        spec,
-        cdir,
-        aoi=wf.aoi,
-        bands_before=ch.bands,
-        bands_after=ch.bands,
-        mask_model="clouds" if ch.clouds else None,
-        min_area=ch.min_area_m2,
-        formats=tuple(wf.outputs.formats),
-        resampling=ch.resampling,
-        date_before=a.date,
-        date_after=b.date,
-        overwrite=True,
-        chunk=wf.chunk,
-        masks=given if all(given) else None,
-        crs=wf.outputs.crs,
-        radiometry=_radiometry(wf),
-    )
+    report = change(a.path, b.path, spec, cdir, overwrite=True, **kwargs)
     c = report["change"]
     classes = {k: {"hectares": v, "polygons": report["vectors"].get(k, 0)} for k, v in c["hectares"].items()}
-    with open(os.path.join(cdir, "vectors.json")) as f:
-        vouts = json.load(f)["outputs"]
-    outputs = ["change.tif", "run.json", "vectors.json"]
-    for v in vouts.values():
-        outputs += v if isinstance(v, list) else [v]
-    return {"folder": cdir, "classes": classes, "valid_hectares": c["valid_hectares"]}, outputs
+    return {"folder": cdir, "classes": classes, "valid_hectares": c["valid_hectares"]}, report.files()
 
 
 def format_summary(summary: dict[str, Any]) -> str:

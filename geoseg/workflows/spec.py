@@ -1,5 +1,8 @@
 """The workflow file: a YAML description of a run, validated before any work starts.
 
+A little over 400 lines: the whole schema (pydantic models, one per YAML section) with the
+line-numbered error reporting that goes with it, kept in one file so the format reads in one place.
+
 Paths are relative to the workflow file's folder. Every error names the file, the line
 and the key. ``outputs.folder`` must stay inside the project folder (the file's folder, or its
 parent when the file sits in ``workflows/``); ``--out`` on the command line may go anywhere.

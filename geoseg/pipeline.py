@@ -1,0 +1,114 @@
+"""One pipeline for every command: predict → write (→ vectorize), returning a typed report.
+
+``geoseg predict``, ``geoseg run`` (each scene × model unit), the frames of a sequence and the
+two dates of ``geoseg change`` all segment an image the same way, through :func:`segment`::
+
+    src ─ engine.predict (lazy mask, its Job in attrs) ─ engine.write (mask.tif, run.json)
+        └─ [vector.vectorize (layers, vectors.json, project.qgz)] ─▶ Segmented
+
+Callers read what was made from the returned :class:`Segmented` (the run record, the vector
+report with each layer's area, the list of files written), not from the files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from geoseg.vector.report import VectorReport
+
+__all__ = ["Segmented", "segment"]
+
+RUN_NAME = "run.json"
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """What :func:`segment` made in one folder.
+
+    Attributes
+    ----------
+    folder : str
+        The output folder (absolute).
+    run : dict
+        The run record (also ``run.json``): input, model, grid, tiles, timings, warnings, outputs.
+    vectors : VectorReport or None
+        The polygon layers, when they were asked for.
+    """
+
+    folder: str
+    run: dict[str, Any]
+    vectors: VectorReport | None = None
+
+    @property
+    def mask(self) -> str:
+        """Path of the class mask (``mask.tif``)."""
+        return os.path.join(self.folder, self.run["outputs"]["mask"])
+
+    def files(self) -> list[str]:
+        """Every file written, relative to :attr:`folder`."""
+        out = [*self.run["outputs"].values(), RUN_NAME]
+        return out + (self.vectors.files() if self.vectors is not None else [])
+
+    def classes(self) -> dict[str, dict[str, Any]]:
+        """Layer name -> ``{"objects": n, "area_ha": hectares}`` (empty without vectors)."""
+        return self.vectors.classes() if self.vectors is not None else {}
+
+
+def segment(
+    src: Any,
+    model: Any,
+    out_dir: str | os.PathLike,
+    *,
+    vectorize: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    probabilities_dtype: str = "uint8",
+    extra: dict[str, Any] | None = None,
+    **predict_kwargs: Any,
+) -> Segmented:
+    """Segment one image into ``out_dir``: the mask and its run record, and polygons on request.
+
+    Runs on the active Dask scheduler (see :func:`geoseg.scheduler`).
+
+    Parameters
+    ----------
+    src : str, os.PathLike or RasterSource
+        The image, as for :func:`geoseg.predict`.
+    model : str, ModelSpec or torch.nn.Module
+        The model, as for :func:`geoseg.predict`.
+    out_dir : str or os.PathLike
+        Output folder.
+    vectorize : mapping, optional
+        Keyword arguments of :func:`geoseg.vector.vectorize` (``formats``, ``min_area``, ...);
+        an empty mapping vectorises with its defaults, None writes no polygons.
+    overwrite : bool
+        Replace existing outputs.
+    progress : bool
+        Show progress bars.
+    probabilities_dtype : {"uint8", "float32"}
+        Encoding of ``probabilities.tif`` (with ``probabilities=True``).
+    extra : dict, optional
+        More entries for ``run.json`` (e.g. the scheduler used).
+    **predict_kwargs
+        Passed to :func:`geoseg.predict` (``tile``, ``aoi``, ``bands``, ``device``, ...).
+
+    Returns
+    -------
+    Segmented
+        What was written.
+    """
+    from geoseg.engine import predict, write
+
+    out_dir = os.fspath(out_dir)  # paths in the records stay as the caller gave them
+    result = predict(src, model, **predict_kwargs)
+    run = write(result, out_dir, overwrite=overwrite, probabilities_dtype=probabilities_dtype, progress=progress, extra=extra)
+    vectors = None
+    if vectorize is not None:
+        from geoseg.vector import vectorize as run_vectorize
+
+        mask = os.path.join(out_dir, run["outputs"]["mask"])
+        vectors = run_vectorize(mask, out_dir, overwrite=overwrite, progress=progress, **vectorize)
+    return Segmented(os.path.abspath(out_dir), run, vectors)

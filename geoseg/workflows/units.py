@@ -1,0 +1,148 @@
+"""A workflow's units of work under the ledger: skip what is done, run the rest, record every outcome.
+
+A unit (one scene × model, or one date pair × change model) is identified by its folder and
+by a hash of what its outputs depend on: the inputs' fingerprints, the model and card hashes
+and the exact options it runs with (see :func:`unit_params`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from geoseg.errors import DiskFullError, GeosegError
+from geoseg.io.outdir import hold_lock_file, write_json_atomic
+
+__all__ = ["RUN_LOCK", "Tally", "card_hash", "fingerprint", "finish", "run_lock", "run_unit", "unit_params"]
+
+RUN_LOCK = ".geoseg-run.lock"
+
+
+@dataclass
+class Tally:
+    """Units done, skipped and failed in this run, and the failures' lines."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {"done": 0, "skipped": 0, "failed": 0})
+    failures: list[str] = field(default_factory=list)
+
+
+def fingerprint(path: str | None, stamp: str = "") -> str | None:
+    """Size and mtime of ``path`` and of every file it is read from (a VRT's sources), plus ``stamp``."""
+    from geoseg.io.files import file_fingerprint
+
+    if path is None:
+        return None
+    return file_fingerprint(path) + (f"|{stamp}" if stamp else "")
+
+
+def run_lock(folder: str):
+    """One ``geoseg run`` per output folder (a second one is refused at once); the lock file is never a link."""
+    return hold_lock_file(
+        folder,
+        RUN_LOCK,
+        "run lock",
+        f"pid {os.getpid()}",
+        lambda holder: (
+            f"{folder}: another geoseg run is working on this output folder ({holder or 'another process'}); "
+            "wait for it to finish"
+        ),
+    )
+
+
+def card_hash(spec: Any) -> str:
+    """A hash of the model card (its classes, scaling and rules decide the outputs as much as the weights)."""
+    from geoseg.models.card import card_to_dict
+    from geoseg.workflows.ledger import params_hash
+
+    return params_hash(card_to_dict(spec.card))
+
+
+def unit_params(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the AOI file by fingerprint (its content, not only its path, decides the outputs)."""
+    out = {k: (unit_params(v) if isinstance(v, dict) else v) for k, v in options.items()}
+    if "aoi" in out:
+        out["aoi"] = fingerprint(out["aoi"])
+    return out
+
+
+def finish(ledger: Any, interrupted: bool, tally: Tally) -> None:
+    """Record how the run ended and close the ledger."""
+    counts = tally.counts
+    status = "interrupted" if interrupted else ("failed" if tally.failures else "done")
+    try:
+        ledger.finish_run(status, counts["done"], counts["skipped"], counts["failed"])
+    except GeosegError:
+        if not interrupted:
+            raise  # else the error already on its way says what went wrong; the next run marks this one interrupted
+    finally:
+        ledger.close()
+
+
+def run_unit(
+    ledger: Any,
+    root: str,
+    folder: str,
+    kind: str,
+    scene: str,
+    model: str,
+    params: dict[str, Any],
+    tally: Tally,
+    say: Callable[[str], None],
+    work: Callable[[], tuple[dict[str, Any], list[str]]],
+) -> dict[str, Any] | None:
+    """Run one unit through the ledger: skip it when done, else do it and record the outcome."""
+    from geoseg.workflows.ledger import params_hash
+
+    counts, failures = tally.counts, tally.failures
+
+    unit_id = os.path.relpath(folder, root)
+    digest = params_hash(params)
+    summary_file = os.path.join(folder, ".geoseg-unit.json")
+    if ledger.is_done(unit_id, digest, root) and os.path.isfile(summary_file):
+        try:
+            with open(summary_file) as f:
+                kept = json.load(f)
+        except (OSError, ValueError):
+            kept = None  # unreadable: the unit is redone
+        if isinstance(kept, dict):
+            counts["skipped"] += 1
+            say(f"{unit_id}: done earlier, skipped")
+            return kept
+    ledger.begin(unit_id, kind, scene, model, params, digest)
+    t = time.perf_counter()
+    try:
+        result, outputs = work()
+    except GeosegError as exc:
+        counts["failed"] += 1
+        if isinstance(exc, DiskFullError):  # nothing else can be written either: stop the run
+            try:
+                ledger.failed(unit_id, str(exc), time.perf_counter() - t)
+            except GeosegError:
+                pass
+            raise
+        ledger.failed(unit_id, str(exc), time.perf_counter() - t)
+        failures.append(f"{unit_id}: {exc}")
+        say(f"{unit_id}: failed: {exc}")
+        return None
+    except Exception as exc:  # a bug or an environment failure: recorded (when the ledger can be written), then raised
+        counts["failed"] += 1
+        try:
+            ledger.failed(unit_id, f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
+        except GeosegError:
+            pass
+        raise
+    result["seconds"] = round(time.perf_counter() - t, 1)
+    write_json_atomic(summary_file, result)
+    ledger.done(
+        unit_id,
+        [os.path.relpath(os.path.join(folder, o), root) for o in outputs] + [os.path.relpath(summary_file, root)],
+        time.perf_counter() - t,
+    )
+    counts["done"] += 1
+    found = ", ".join(f"{k} {v.get('objects', v.get('hectares'))}" for k, v in result.get("classes", {}).items())
+    say(f"{unit_id}: {found or 'done'} ({result['seconds']:.1f} s)")
+    return result
