@@ -383,9 +383,7 @@ def _segment(image: str, spec, bands, run, wf: Workflow, mdir: str, sched) -> tu
         tile=run.tile,
         halo=run.halo,
         chunk=wf.chunk,
-        num_threads=sched.num_threads,
-        resources=sched.resources,
-        device="cuda" if sched.gpus else "auto",
+        **sched.predict_options(),
         radiometry=_radiometry(wf),
     )
     report = write(result, mdir, overwrite=True)
