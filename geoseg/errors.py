@@ -41,7 +41,13 @@ class OutputError(GeosegError, OSError):
 
 
 class DiskFullError(OutputError):
-    """An output could not be written because the disk (or the file size limit or quota) is full."""
+    """An output could not be written because the disk (or the file size limit or quota) is full.
+
+    ``reason`` is the cause in the operating system's words (``No space left on device``,
+    ``File too large``, ...), when known; :func:`geoseg.io.outdir.disk_full_error` sets it.
+    """
+
+    reason: str | None = None
 
 
 class ModelError(GeosegError, ValueError):

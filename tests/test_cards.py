@@ -331,8 +331,7 @@ def test_gsd_within_4x_is_resampled_on_the_fly(tmp_path: Path) -> None:
 
 def test_gsd_far_from_the_card_is_flagged(tmp_path: Path) -> None:
     import geoseg
-    from geoseg.engine.graph import raster_gsd_m
-    from geoseg.io.raster import open_source
+    from geoseg.io.raster import open_source, raster_gsd_m
 
     net = conv_net()
     path = tmp_path / "g.pt"

@@ -227,7 +227,7 @@ def test_provenance_travels_with_the_result_and_a_changed_array_says_so(make_ras
     import dask
     import xarray as xr
 
-    from geoseg.engine.graph import JOB_ATTR, JobRef, job_from
+    from geoseg.engine.job import JOB_ATTR, JobRef, job_from
 
     src = make_raster(40, 60, seed=12)
     with geoseg.scheduler("synchronous"):

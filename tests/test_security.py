@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from geoseg.engine.cluster import WorkerLostError, check_address, dashboard_address, scheduler
+from geoseg.engine.cluster import WorkerLostError, scheduler
+from geoseg.engine.security import check_address, dashboard_address
 from geoseg.errors import GeosegError, InputError
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -416,11 +417,11 @@ def test_too_many_workers_is_one_line(make_raster, torchscript_model, tmp_path) 
 
 def test_sizes_past_the_machine_are_refused_before_work(make_raster, torchscript_model, monkeypatch) -> None:
     """With the machine's memory taken as 32 MiB: tile, batch, chunk and task count each get a one-line error."""
-    import geoseg.engine.graph as graph
+    import geoseg.engine.plan as plan
     from geoseg.engine import predict
 
     src = make_raster(700, 700, seed=8)
-    monkeypatch.setattr(graph, "_machine_memory", lambda: 32 * 2**20)
+    monkeypatch.setattr(plan, "_machine_memory", lambda: 32 * 2**20)
     common = {"halo": 8, "device": "cpu"}
     with scheduler("synchronous"):
         predict(src, torchscript_model, tile=128, **common)  # fits
@@ -434,12 +435,12 @@ def test_sizes_past_the_machine_are_refused_before_work(make_raster, torchscript
                 predict(src, torchscript_model, **{**common, **kw})
             msg = str(err.value)
             assert "\n" not in msg and needle in msg and fix in msg and "0.0312 GiB" in msg, msg
-        monkeypatch.setattr(graph, "_machine_memory", lambda: 8 * 2**20)
+        monkeypatch.setattr(plan, "_machine_memory", lambda: 8 * 2**20)
         with pytest.raises(InputError) as err:
             predict(src, torchscript_model, tile=64, chunk=4096, **common)
         assert "--chunk 4096: one task holds 716x716 px" in str(err.value) and "lower --chunk" in str(err.value)
-        monkeypatch.setattr(graph, "MAX_CHUNKS", 100)
-        monkeypatch.setattr(graph, "_machine_memory", lambda: None)
+        monkeypatch.setattr(plan, "MAX_CHUNKS", 100)
+        monkeypatch.setattr(plan, "_machine_memory", lambda: None)
         with pytest.raises(InputError) as err:
             predict(src, torchscript_model, tile=24, halo=4, chunk=1)
         assert "would be 1,936 tasks (at most 100); raise --chunk" in str(err.value)

@@ -56,11 +56,11 @@ def check_threads(value: int | None) -> int | None:
     Raises
     ------
     click.BadParameter
-        ``value`` is more than :func:`geoseg.engine.graph.max_threads`.
+        ``value`` is more than :func:`geoseg.engine.plan.max_threads`.
     """
     if value is None:
         return None
-    from geoseg.engine.graph import max_threads
+    from geoseg.engine.plan import max_threads
 
     if value > max_threads():
         raise click.BadParameter(f"{value} is more than {max_threads()} ({os.cpu_count() or 1} core(s) here)")

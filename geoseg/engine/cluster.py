@@ -1,11 +1,7 @@
 """Where the graph runs: a local Dask cluster, an existing scheduler, or in-process.
 
-The local cluster is its owner's alone: every connection (client, scheduler, workers,
-nannies) is TLS with mutual certificate checks against a key pair made in memory for this
-cluster (``distributed``'s ``Security.temporary()``), every listener is on 127.0.0.1, and
-the HTTP server Dask always starts serves nothing unless the dashboard is asked for
-(``GEOSEG_DASHBOARD``), and then only on 127.0.0.1. Another local user who finds the ports
-cannot connect: a client without the cluster's certificate is refused during the handshake.
+:func:`scheduler` sets one up for the block it opens and says what it set up
+(:class:`Scheduling`); who may connect to it, and how, is :mod:`geoseg.engine.security`'s.
 """
 
 from __future__ import annotations
@@ -20,19 +16,18 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from geoseg.engine.security import DASHBOARD_ENV, connect, dashboard_address, local_security
 from geoseg.errors import GeosegError, InputError
 
-__all__ = ["Scheduling", "WorkerLostError", "check_address", "dashboard_address", "scheduler", "visible_gpus"]
+__all__ = ["Scheduling", "WorkerLostError", "active_scheduling", "scheduler", "visible_gpus"]
 
 log = logging.getLogger(__name__)
 
 _ACTIVE: contextvars.ContextVar[Scheduling | None] = contextvars.ContextVar("geoseg_scheduling", default=None)
 
-#: environment variable that turns the Dask dashboard on (``on`` or a port); it only ever listens on 127.0.0.1
-DASHBOARD_ENV = "GEOSEG_DASHBOARD"
 #: most worker processes a local cluster may start per core (or one per GPU, when there are more GPUs)
 WORKERS_PER_CORE = 4
 
@@ -52,6 +47,28 @@ class Scheduling:
     resources: dict[str, float] | None
     gpus: tuple[str, ...] = ()
     dashboard: str | None = None
+
+    def predict_options(self, device: str = "auto", num_threads: int | None = None) -> dict[str, Any]:
+        """The keywords of :func:`geoseg.predict` that this scheduler decides.
+
+        Parameters
+        ----------
+        device : str
+            The device asked for: ``auto`` becomes ``cuda`` when the workers hold GPUs.
+        num_threads : int, optional
+            Model threads per worker asked for [the threads each worker was started with].
+
+        Returns
+        -------
+        dict
+            ``device``, ``num_threads`` and ``resources`` (the workers' ``GPU`` resource
+            that predict tasks are annotated with, or None).
+        """
+        return {
+            "device": "cuda" if self.gpus and device == "auto" else device,
+            "num_threads": num_threads or self.num_threads,
+            "resources": self.resources,
+        }
 
 
 def active_scheduling() -> Scheduling | None:
@@ -81,103 +98,6 @@ def visible_gpus() -> tuple[str, ...]:
     return tuple(str(i) for i, _ in enumerate(x for x in out.splitlines() if x.startswith("GPU ")))
 
 
-_ADDRESS = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?"
-)
-
-
-def check_address(address: str) -> tuple[str, str, int]:
-    """Validate the address of a running Dask scheduler.
-
-    Parameters
-    ----------
-    address : str
-        ``tcp://HOST[:PORT]`` or ``tls://HOST[:PORT]`` (IPv6 hosts in brackets; port 8786 by default).
-
-    Returns
-    -------
-    tuple of (str, str, int)
-        Scheme, host and port.
-
-    Raises
-    ------
-    InputError
-        Another scheme, no host, a port outside 1-65535, unbalanced brackets.
-    """
-    shown = address if len(address) <= 80 else address[:77] + "..."
-    scheme = address.partition("://")[0]
-    if scheme not in ("tcp", "tls"):
-        raise InputError(
-            f"--scheduler {shown!r}: {scheme or '(no scheme)'}:// is not supported; give tcp://HOST:PORT "
-            "(or tls://HOST:PORT) of a running Dask scheduler, or local, threads or synchronous"
-        )
-    m = _ADDRESS.fullmatch(address)
-    port = int(m["port"]) if m and m["port"] else 8786
-    if not m or not 1 <= port <= 65535:
-        raise InputError(
-            f"--scheduler {shown!r} is not a scheduler address; give {scheme}://HOST:PORT, e.g. {scheme}://10.0.0.5:8786 "
-            f"or {scheme}://[::1]:8786 (port 1-65535)"
-        )
-    return scheme, m["v6"] or m["host"], port
-
-
-def _remote_security(address: str, scheme: str):
-    """TLS settings for a user's scheduler: ``tls://`` takes them from the Dask config (or its environment variables)."""
-    from distributed.security import Security
-
-    try:
-        security = Security()
-        if scheme == "tls" and security.get_connection_args("client").get("ssl_context") is None:
-            raise InputError(
-                f"--scheduler {address}: tls:// needs the cluster's certificates in the Dask config: set "
-                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
-                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (or distributed.comm.tls.* in ~/.config/dask)"
-            )
-    except (OSError, ValueError, TypeError) as exc:
-        if isinstance(exc, GeosegError):
-            raise
-        raise InputError(
-            f"--scheduler {address}: the Dask TLS settings cannot be used ({_one_line(exc)}); fix distributed.comm.tls.*"
-        ) from None
-    return security
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def dashboard_address(value: str | None = None) -> str | None:
-    """Where the Dask dashboard of a local cluster listens: ``None`` (off, the default) or ``127.0.0.1:PORT``.
-
-    Parameters
-    ----------
-    value : str, optional
-        ``off``/``0``/empty, ``on`` (a free port) or a port number 1024-65535 [the
-        ``GEOSEG_DASHBOARD`` environment variable].
-
-    Returns
-    -------
-    str or None
-
-    Raises
-    ------
-    InputError
-        Any other value (a host is not accepted: the dashboard is never reachable from other machines).
-    """
-    raw = os.environ.get(DASHBOARD_ENV, "") if value is None else value
-    v = raw.strip().lower()
-    if v in ("", "0", "off", "no", "false"):
-        return None
-    if v in ("on", "1", "yes", "true", "auto"):
-        return "127.0.0.1:0"
-    if v.isdigit() and 1024 <= int(v) <= 65535:
-        return f"127.0.0.1:{int(v)}"
-    raise InputError(
-        f"{DASHBOARD_ENV}={raw[:40]!r}: give on, off or a port number 1024-65535 (the dashboard listens on 127.0.0.1 only)"
-    )
-
-
 def dask_setup(worker: Any) -> None:
     """Preload of the local cluster's worker processes: Ctrl-C is for the geoseg process, not its workers.
 
@@ -199,18 +119,6 @@ def dask_setup(worker: Any) -> None:
     logging.getLogger("distributed.worker.state_machine").addFilter(
         lambda record: "ended with CancelledError" not in record.getMessage()
     )
-
-
-def _local_security():
-    try:
-        from distributed.security import Security
-
-        return Security.temporary()
-    except ImportError:
-        raise InputError(
-            "the local cluster needs the 'cryptography' package for its TLS credentials; "
-            "pip install cryptography (or use --scheduler threads)"
-        ) from None
 
 
 def _killed_worker(exc: BaseException) -> WorkerLostError:
@@ -285,17 +193,7 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
 
 
 def _remote(kind: str) -> Iterator[Scheduling]:
-    from distributed import Client
-
-    scheme, _, _ = check_address(kind)
-    security = _remote_security(kind, scheme)
-    try:
-        client = Client(kind, timeout="20s", security=security)
-    except (OSError, ValueError, TypeError, RuntimeError) as exc:
-        raise InputError(
-            f"no Dask scheduler answers at {kind} ({_one_line(exc)}); start one with `dask scheduler` or use --scheduler local"
-        ) from None
-    with client:
+    with connect(kind) as client:
         if not client.scheduler_info().get("workers"):
             try:
                 client.wait_for_workers(1, timeout=60)
@@ -306,83 +204,104 @@ def _remote(kind: str) -> Iterator[Scheduling]:
 
 
 def _local(workers: int | None, gpus: tuple[str, ...], cores: int) -> Iterator[Scheduling]:
-    import importlib.util
+    from distributed import Client
 
-    import dask
-    from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
-
-    security = _local_security()
+    security = local_security()
     dashboard = dashboard_address()
+    with ExitStack() as stack:
+        held = stack.enter_context(_held_signals())
+        cluster, sched = _start_local(workers, gpus, cores, security, dashboard)
+        stack.enter_context(cluster)
+        client = stack.enter_context(Client(cluster))
+        held.release()  # a stop signal that came while the cluster started is acted on now, inside the `with`
+        link, where = _dashboard_link(client, dashboard)
+        sched = replace(sched, address=client.scheduler.address, dashboard=link)
+        log.info("local Dask cluster at %s (TLS, this process only) with %d worker(s); %s", sched.address, sched.workers, where)
+        yield from _guarded(sched)
+
+
+def _start_local(
+    workers: int | None, gpus: tuple[str, ...], cores: int, security: Any, dashboard: str | None
+) -> tuple[Any, Scheduling]:
+    """Start the local cluster: one worker per GPU (each seeing only its own), else ``workers`` CPU workers."""
+    import dask
+
     # Dask starts an HTTP server on every scheduler and worker even without a dashboard; with
     # no routes it serves nothing (not the scheduler's logs, not metrics)
     quiet_http = {} if dashboard else {"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}
     http = {"dashboard": dashboard is not None, "dashboard_address": dashboard or "127.0.0.1:0"}
     worker_opts: dict[str, Any] = {"silence_logs": logging.WARNING, "preload": [__name__]}  # see dask_setup
+    with dask.config.set(quiet_http):
+        if gpus:
+            return _gpu_cluster(workers or len(gpus), gpus, cores, security, http, worker_opts)
+        return _cpu_cluster(workers or 1, cores, security, dashboard, http, worker_opts)
 
-    def start() -> tuple[Any, Scheduling]:
-        with dask.config.set(quiet_http):
-            if gpus:
-                n = workers or len(gpus)
-                per_gpu = max(1, cores // n)
-                specs = {
-                    f"gpu-{k}": {
-                        "cls": Nanny,
-                        "options": {
-                            "nthreads": 2,
-                            "resources": {"GPU": 1},
-                            "env": {"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)], "OMP_NUM_THREADS": str(per_gpu)},
-                            "host": "127.0.0.1",
-                            "protocol": "tls://",
-                            "security": security,
-                            "dashboard": False,
-                            **worker_opts,
-                        },
-                    }
-                    for k in range(n)
-                }
-                scheduler_opts = {"host": "127.0.0.1", "protocol": "tls://", "security": security, **http}
-                cluster = SpecCluster(
-                    workers=specs,
-                    scheduler={"cls": Scheduler, "options": scheduler_opts},
-                    security=security,
-                    silence_logs=logging.WARNING,
-                )
-                return cluster, Scheduling("local", None, n, per_gpu, {"GPU": 1}, gpus)
-            n = workers or 1
-            per_worker = max(1, cores // n)
-            cluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=max(2, per_worker),
-                processes=True,
-                host="127.0.0.1",
-                protocol="tls://",
-                security=security,
-                dashboard_address=dashboard,
-                scheduler_kwargs=http,  # a free port: never 8787, which another cluster may hold
+
+def _gpu_cluster(
+    n: int, gpus: tuple[str, ...], cores: int, security: Any, http: dict, worker_opts: dict
+) -> tuple[Any, Scheduling]:
+    """One worker per GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``) and holding a ``GPU`` resource."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    per_gpu = max(1, cores // n)
+    specs = {
+        f"gpu-{k}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 2,
+                "resources": {"GPU": 1},
+                "env": {"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)], "OMP_NUM_THREADS": str(per_gpu)},
+                "host": "127.0.0.1",
+                "protocol": "tls://",
+                "security": security,
+                "dashboard": False,
                 **worker_opts,
-            )
-            return cluster, Scheduling("local", None, n, per_worker, None)
+            },
+        }
+        for k in range(n)
+    }
+    scheduler_opts = {"host": "127.0.0.1", "protocol": "tls://", "security": security, **http}
+    cluster = SpecCluster(
+        workers=specs,
+        scheduler={"cls": Scheduler, "options": scheduler_opts},
+        security=security,
+        silence_logs=logging.WARNING,
+    )
+    return cluster, Scheduling("local", None, n, per_gpu, {"GPU": 1}, gpus)
 
-    with ExitStack() as stack:
-        held = stack.enter_context(_held_signals())
-        cluster, sched = start()
-        stack.enter_context(cluster)
-        client = stack.enter_context(Client(cluster))
-        held.release()  # a stop signal that came while the cluster started is acted on now, inside the `with`
-        link = None
-        if dashboard is None:
-            where = f"no dashboard ({DASHBOARD_ENV}=on for one on 127.0.0.1)"
-        elif importlib.util.find_spec("bokeh") is None:
-            where = "no dashboard (it needs bokeh: pip install bokeh)"
-        else:
-            port = client.scheduler_info().get("services", {}).get("dashboard")
-            link = f"http://127.0.0.1:{port}/status" if port else None
-            where = f"dashboard {link} (any local user can view it)" if link else "no dashboard (it did not start)"
-        sched = Scheduling(
-            sched.kind, client.scheduler.address, sched.workers, sched.num_threads, sched.resources, sched.gpus, link
-        )
-        log.info("local Dask cluster at %s (TLS, this process only) with %d worker(s); %s", sched.address, sched.workers, where)
-        yield from _guarded(sched)
+
+def _cpu_cluster(
+    n: int, cores: int, security: Any, dashboard: str | None, http: dict, worker_opts: dict
+) -> tuple[Any, Scheduling]:
+    """``n`` CPU workers sharing the cores (at least two threads each: reads and writes go on beside the model's)."""
+    from distributed import LocalCluster
+
+    per_worker = max(1, cores // n)
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=max(2, per_worker),
+        processes=True,
+        host="127.0.0.1",
+        protocol="tls://",
+        security=security,
+        dashboard_address=dashboard,
+        scheduler_kwargs=http,  # a free port: never 8787, which another cluster may hold
+        **worker_opts,
+    )
+    return cluster, Scheduling("local", None, n, per_worker, None)
+
+
+def _dashboard_link(client: Any, dashboard: str | None) -> tuple[str | None, str]:
+    """The dashboard's URL (None when there is none) and a few words on it for the log."""
+    import importlib.util
+
+    if dashboard is None:
+        return None, f"no dashboard ({DASHBOARD_ENV}=on for one on 127.0.0.1)"
+    if importlib.util.find_spec("bokeh") is None:
+        return None, "no dashboard (it needs bokeh: pip install bokeh)"
+    port = client.scheduler_info().get("services", {}).get("dashboard")
+    link = f"http://127.0.0.1:{port}/status" if port else None
+    return link, f"dashboard {link} (any local user can view it)" if link else "no dashboard (it did not start)"
 
 
 class _HeldSignals:

@@ -118,66 +118,91 @@ def predict_chunk(
 
     t0 = time.perf_counter()
     predictor = get_predictor(spec, runtime)
-    data, origin, valid = chunk["data"], chunk["window"], chunk["valid"]
     cw = plan.chunk_window(i, j)
-    data, valid, overflow = _model_inputs(data, origin, valid, chunk["valid_input"], spec, cw)
+    data, valid, overflow = _model_inputs(chunk["data"], chunk["window"], chunk["valid"], chunk["valid_input"], spec, cw)
     batches, n_tiles, skipped = _batches(plan, i, j, valid, runtime.batch_size)
     stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"], "overflow": overflow, "nonfinite": 0}
     model_t: dict[str, float] = {"forward_s": 0.0, "wait_s": 0.0}
-
+    run = _Forward(predictor, runtime, data, chunk["window"], model_t)
     if blend == "crop":
-        mask = np.full(cw.shape, NODATA, dtype=np.uint8)
-        probs = np.full((n_classes, *cw.shape), np.nan, dtype=np.float32) if probabilities else None
-        # classes come from the logits here (not from the device's argmax) so NaN/Inf outputs are seen:
-        # an argmax would silently make them a class
-        bad = np.zeros(cw.shape, dtype=bool)
-        want = "probs" if probabilities else "logits"
-        for batch in batches:
-            x = _stack(data, origin, batch)
-            y = predictor(x, want=want, timings=model_t, size=_model_size(runtime), tta=runtime.tta)
-            if not probabilities:
-                finite = np.isfinite(y).all(axis=1)
-                if finite.all():
-                    y = predictor._finish(y, "classes")
-                else:
-                    y = np.where(finite, predictor._finish(np.nan_to_num(y), "classes"), NODATA).astype(np.uint8)
-            for t, out in zip(batch, y, strict=True):
-                rs, cs = t.core.slices(t.input)
-                dst = t.core.slices(cw)
-                if probabilities:
-                    probs[(slice(None), *dst)] = out[:, rs, cs]
-                else:
-                    mask[dst] = out[rs, cs]
-        if probabilities:
-            bad = valid & ~np.isfinite(probs).all(axis=0)
-            valid = valid & ~bad  # a model that outputs NaN gives nodata, in both files (counted, reported)
-            mask = np.where(valid, np.nan_to_num(probs, nan=-1.0).argmax(0), NODATA).astype(np.uint8)
-            probs[:, ~valid] = np.nan
-        else:
-            bad = valid & (mask == NODATA)
-            mask[~valid] = NODATA
-        stats["nonfinite"] = int(bad.sum())
-        stats.update(predict_s=model_t["forward_s"], wait_s=model_t["wait_s"], blend_s=0.0, total_s=time.perf_counter() - t0)
-        return {"mask": mask, "probs": probs, "stats": stats}
+        out = _crop(run, batches, cw, valid, n_classes, probabilities)
+        stats["nonfinite"] = out.pop("nonfinite")
+    else:
+        out = _accumulate(run, batches, plan.accumulator_window(i, j), plan.halo, n_classes)
+        out["valid"] = valid
+    blend_s = out.pop("blend_s")
+    stats.update(predict_s=model_t["forward_s"], wait_s=model_t["wait_s"], blend_s=blend_s, total_s=time.perf_counter() - t0)
+    return {**out, "stats": stats}
 
-    acc_win = plan.accumulator_window(i, j)
+
+class _Forward:
+    """The model on batches of a chunk's tiles: inputs stacked from the chunk's data, times summed in ``timings``."""
+
+    def __init__(self, predictor: Any, runtime: Runtime, data: np.ndarray, origin: Window, timings: dict) -> None:
+        self.predictor, self.runtime, self.data, self.origin, self.timings = predictor, runtime, data, origin, timings
+
+    def __call__(self, batch: list, want: str) -> np.ndarray:
+        x = _stack(self.data, self.origin, batch)
+        return self.predictor(x, want=want, timings=self.timings, size=_model_size(self.runtime), tta=self.runtime.tta)
+
+
+def _crop(run: _Forward, batches: list, cw: Window, valid: np.ndarray, n_classes: int, probabilities: bool) -> dict:
+    """``blend="crop"``: each tile's core written straight into the chunk, which is then final.
+
+    Returns ``mask``, ``probs`` (None without probabilities), ``nonfinite`` (valid pixels
+    the model gave NaN/Inf: nodata in both) and ``blend_s``.
+    """
+    mask = np.full(cw.shape, NODATA, dtype=np.uint8)
+    probs = np.full((n_classes, *cw.shape), np.nan, dtype=np.float32) if probabilities else None
+    # classes come from the logits here (not from the device's argmax) so NaN/Inf outputs are seen:
+    # an argmax would silently make them a class
+    for batch in batches:
+        y = run(batch, "probs" if probabilities else "logits")
+        if not probabilities:
+            finite = np.isfinite(y).all(axis=1)
+            if finite.all():
+                y = run.predictor._finish(y, "classes")
+            else:
+                y = np.where(finite, run.predictor._finish(np.nan_to_num(y), "classes"), NODATA).astype(np.uint8)
+        for t, out in zip(batch, y, strict=True):
+            rs, cs = t.core.slices(t.input)
+            dst = t.core.slices(cw)
+            if probabilities:
+                probs[(slice(None), *dst)] = out[:, rs, cs]
+            else:
+                mask[dst] = out[rs, cs]
+    if probabilities:
+        bad = valid & ~np.isfinite(probs).all(axis=0)
+        valid = valid & ~bad  # a model that outputs NaN gives nodata, in both files (counted, reported)
+        mask = np.where(valid, np.nan_to_num(probs, nan=-1.0).argmax(0), NODATA).astype(np.uint8)
+        probs[:, ~valid] = np.nan
+    else:
+        bad = valid & (mask == NODATA)
+        mask[~valid] = NODATA
+    return {"mask": mask, "probs": probs, "nonfinite": int(bad.sum()), "blend_s": 0.0}
+
+
+def _accumulate(run: _Forward, batches: list, acc_win: Window, halo: int, n_classes: int) -> dict:
+    """``blend="cosine"``: each tile's probabilities weighted and summed over the chunk grown by the halo.
+
+    :func:`blend_chunk` adds the neighbours' overlaps and normalises. Returns ``acc``,
+    ``wsum``, ``window`` and ``blend_s``.
+    """
     acc = np.zeros((n_classes, *acc_win.shape), dtype=np.float32)
     wsum = np.zeros(acc_win.shape, dtype=np.float32)
     blend_s = 0.0
     for batch in batches:
-        x = _stack(data, origin, batch)
-        y = predictor(x, want="probs", timings=model_t, size=_model_size(runtime), tta=runtime.tta)
+        y = run(batch, "probs")
         tb = time.perf_counter()
         for t, out in zip(batch, y, strict=True):
             part = t.input.intersection(acc_win)
-            w = np.outer(blend_window_1d(t.input.height, plan.halo), blend_window_1d(t.input.width, plan.halo))
+            w = np.outer(blend_window_1d(t.input.height, halo), blend_window_1d(t.input.width, halo))
             src = part.slices(t.input)
             dst = part.slices(acc_win)
             acc[(slice(None), *dst)] += out[(slice(None), *src)] * w[src]
             wsum[dst] += w[src]
         blend_s += time.perf_counter() - tb
-    stats.update(predict_s=model_t["forward_s"], wait_s=model_t["wait_s"], blend_s=blend_s, total_s=time.perf_counter() - t0)
-    return {"acc": acc, "wsum": wsum, "window": acc_win, "valid": valid, "stats": stats}
+    return {"acc": acc, "wsum": wsum, "window": acc_win, "blend_s": blend_s}
 
 
 def blend_chunk(

@@ -129,7 +129,9 @@ def disk_full_now(path: str, written: str | None = None) -> str | None:
 
 def disk_full_error(path: str, reason: str) -> DiskFullError:
     """The one-line :class:`~geoseg.errors.DiskFullError` for ``path`` (``reason`` from :func:`disk_full_reason`)."""
-    return DiskFullError(f"{path}: the disk is full ({reason}); free space or choose another --out")
+    err = DiskFullError(f"{path}: the disk is full ({reason}); free space or choose another --out")
+    err.reason = reason
+    return err
 
 
 def atomic_path(path: str) -> str:

@@ -353,9 +353,7 @@ def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: A
         vectorize=options["vectorize"],
         overwrite=True,
         **options["predict"],
-        num_threads=sched.num_threads,
-        resources=sched.resources,
-        device="cuda" if sched.gpus else "auto",
+        **sched.predict_options(),
     )
     summary = {
         "folder": mdir,

@@ -200,7 +200,7 @@ class Workflow(_Strict):
             return v
         if "://" not in v:
             raise ValueError(f"{v!r}: use local, threads, synchronous or a scheduler address such as tcp://HOST:8786")
-        from geoseg.engine.cluster import check_address
+        from geoseg.engine.security import check_address
 
         try:
             check_address(v)
