@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from geoseg.engine.report import RunReport
 from geoseg.vector.report import VectorReport
 
 __all__ = ["Segmented", "segment"]
-
-RUN_NAME = "run.json"
 
 
 @dataclass(frozen=True)
@@ -32,25 +31,25 @@ class Segmented:
     ----------
     folder : str
         The output folder (absolute).
-    run : dict
-        The run record (also ``run.json``): input, model, grid, tiles, timings, warnings, outputs.
+    run : RunReport
+        What :func:`geoseg.write` made (its record is ``run.json``: input, model, grid, tiles,
+        timings, warnings, outputs).
     vectors : VectorReport or None
         The polygon layers, when they were asked for.
     """
 
     folder: str
-    run: dict[str, Any]
+    run: RunReport
     vectors: VectorReport | None = None
 
     @property
     def mask(self) -> str:
         """Path of the class mask (``mask.tif``)."""
-        return os.path.join(self.folder, self.run["outputs"]["mask"])
+        return self.run.mask
 
     def files(self) -> list[str]:
         """Every file written, relative to :attr:`folder`."""
-        out = [*self.run["outputs"].values(), RUN_NAME]
-        return out + (self.vectors.files() if self.vectors is not None else [])
+        return self.run.files() + (self.vectors.files() if self.vectors is not None else [])
 
     def classes(self) -> dict[str, dict[str, Any]]:
         """Layer name -> ``{"objects": n, "area_ha": hectares}`` (empty without vectors)."""
@@ -109,6 +108,6 @@ def segment(
     if vectorize is not None:
         from geoseg.vector import vectorize as run_vectorize
 
-        mask = os.path.join(out_dir, run["outputs"]["mask"])
+        mask = os.path.join(out_dir, run["outputs"]["mask"])  # as the caller gave the folder
         vectors = run_vectorize(mask, out_dir, overwrite=overwrite, progress=progress, **vectorize)
     return Segmented(os.path.abspath(out_dir), run, vectors)

@@ -160,7 +160,8 @@ def change(
         "cloud_masks": cloud_masks,
         "resampling": resampling,
     }
-    report = write(codes, out_dir, overwrite=True, classes=code_classes(trans), extra={"change": record}, mask_name="change.tif")
+    written = write(codes, out_dir, overwrite=True, classes=code_classes(trans), extra={"change": record}, mask_name="change.tif")
+    report = dict(written.record)  # run.json again at the end, with hectares and polygons
     ha = hectares(os.path.join(out_dir, "change.tif"))
     report["change"]["hectares"] = {t.name: round(float(ha[t.code]), 4) for t in trans}
     report["change"]["valid_hectares"] = round(float(ha[:NODATA].sum()), 4)

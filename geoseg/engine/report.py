@@ -8,8 +8,10 @@ refused.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from geoseg.classes import NODATA
 from geoseg.engine.job import JOB_ATTR, Job
 from geoseg.errors import InputError, ModelError
 from geoseg.grid import GeoBox
+from geoseg.records import Record
 
 __all__ = ["MAX_NONFINITE_FRACTION", "check_nonfinite", "no_job_message", "run_report"]
 
@@ -75,6 +78,31 @@ def check_nonfinite(job: Job | None, mask_res: list[dict], valid_px: int, limit:
         parts.append(f"{overflow} pixels do not fit float32 once scaled ({how})")
     warning = f"{' and '.join(parts)} of {total}; they are nodata in the mask"
     return {"counts": {"model_output_pixels": nonfinite, "input_overflow_pixels": overflow}, "warning": warning}
+
+
+@dataclass(frozen=True)
+class RunReport(Record):
+    """What :func:`geoseg.write` made: reads like its ``run.json`` record (``report["outputs"]``).
+
+    Attributes
+    ----------
+    record : dict
+        The contents of ``run.json``: input, model, grid, tiles, pixels per class, timings, warnings, outputs.
+    folder : str
+        The output folder (absolute).
+    """
+
+    record: dict[str, Any]
+    folder: str
+
+    @property
+    def mask(self) -> str:
+        """Path of the class raster (``mask.tif``, or ``change.tif`` for a change map)."""
+        return os.path.join(self.folder, self.record["outputs"]["mask"])
+
+    def files(self) -> list[str]:
+        """Every file written, relative to :attr:`folder` (``run.json`` last)."""
+        return [*self.record["outputs"].values(), "run.json"]
 
 
 def run_report(

@@ -25,7 +25,7 @@ import numpy as np
 from geoseg.classes import NODATA
 from geoseg.engine.job import Job, job_from
 from geoseg.engine.parts import Staging, finished_part, write_mask_part, write_prob_part
-from geoseg.engine.report import check_nonfinite, no_job_message, run_report
+from geoseg.engine.report import RunReport, check_nonfinite, no_job_message, run_report
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window, chunk_windows
 from geoseg.io.cog import Part, assemble_cog
@@ -100,7 +100,7 @@ def write(
     extra: dict[str, Any] | None = None,
     classes: list | None = None,
     mask_name: str = MASK_NAME,
-) -> dict[str, Any]:
+) -> RunReport:
     """Write a prediction from :func:`geoseg.predict` to ``out_dir``.
 
     Writes ``mask.tif`` (COG, uint8 class ids, colour table, nodata 255), with a Dataset
@@ -132,8 +132,8 @@ def write(
 
     Returns
     -------
-    dict
-        The run report, as written to ``run.json``.
+    RunReport
+        The run report: reads like ``run.json`` (its record), with the folder and files written.
 
     Raises
     ------
@@ -182,7 +182,7 @@ def write(
         write_json_atomic(os.path.join(target.out_dir, RUN_NAME), report, indent=2)
         for w in report["warnings"]:  # each once, here (run.json keeps them too)
             log.warning(w)
-        return report
+        return RunReport(report, target.out_dir)
 
 
 @dataclass
