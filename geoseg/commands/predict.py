@@ -127,33 +127,10 @@ def predict(
             "tta": int(tta) if tta else None,
         }
 
-    if frames:  # a folder of frames, a video, a multi-page TIFF: one engine run per frame
-        from geoseg.sequences import predict_frames
-
-        def on_frame(frame, row) -> None:
-            if not quiet:
-                objects = f", {sum(row['objects'].values())} objects" if "objects" in row else ""
-                click.echo(f"frame {frame.index + 1}/{len(frames)} {frame.name}: {row['seconds']:.1f} s{objects}")
-
-        with use_scheduler(scheduler, workers=workers, device=device) as sched:
-            seq = predict_frames(
-                src,
-                model,
-                out_dir,
-                vectorize=vectorize_,
-                overwrite=overwrite,
-                progress=progress,
-                on_frame=on_frame,
-                **engine_options(sched),
-            )
-        if not quiet:
-            tracks = f", {seq['objects']} objects in {seq['tracks']} tracks ({out_dir}/coco.json)" if "coco" in seq else ""
-            click.echo(
-                f"wrote {len(seq['frames'])} frames to {out_dir} ({seq['reused_frames']} already done){tracks} "
-                f"in {seq['seconds']:.1f} s"
-            )
-        return
     with use_scheduler(scheduler, workers=workers, device=device) as sched:
+        if frames:  # a folder of frames, a video, a multi-page TIFF: one engine run per frame
+            _frames(src, model, out_dir, frames, vectorize_, overwrite, progress, quiet, engine_options(sched))
+            return
         done = segment(
             src,
             model,
@@ -168,15 +145,40 @@ def predict(
             probabilities=probabilities,
             **engine_options(sched),
         )
-    report, vreport = done.run, done.vectors
     if not quiet:
-        t = report["timings"]
-        px = report["output_grid"]["width"] * report["output_grid"]["height"]
-        png = f" and {report['outputs']['mask_png']}" if "mask_png" in report["outputs"] else ""
+        _echo_run(out_dir, done.run)
+        if done.vectors:
+            echo_vectors(out_dir, done.vectors)
+
+
+def _frames(src, model, out_dir, frames, vectorize_, overwrite, progress, quiet, options) -> None:
+    """Every frame through the pipeline, a line per frame."""
+    from geoseg.sequences import predict_frames
+
+    def on_frame(frame, row) -> None:
+        if not quiet:
+            objects = f", {sum(row['objects'].values())} objects" if "objects" in row else ""
+            click.echo(f"frame {frame.index + 1}/{len(frames)} {frame.name}: {row['seconds']:.1f} s{objects}")
+
+    seq = predict_frames(
+        src, model, out_dir, vectorize=vectorize_, overwrite=overwrite, progress=progress, on_frame=on_frame, **options
+    )
+    if not quiet:
+        tracks = f", {seq['objects']} objects in {seq['tracks']} tracks ({out_dir}/coco.json)" if "coco" in seq else ""
         click.echo(
-            f"wrote {out_dir}/mask.tif{png} ({report['output_grid']['width']}x{report['output_grid']['height']}, "
-            f"{px / max(t['total_s'], 1e-9) / 1e6:.2f} MP/s, {report['tiles']['total']} tiles, "
-            f"{report['tiles']['skipped_empty']} skipped as empty) in {t['total_s']:.1f} s"
+            f"wrote {len(seq['frames'])} frames to {out_dir} ({seq['reused_frames']} already done){tracks} "
+            f"in {seq['seconds']:.1f} s"
         )
-        if vreport:
-            echo_vectors(out_dir, vreport)
+
+
+def _echo_run(out_dir: str, report) -> None:
+    """Say what :func:`geoseg.write` wrote, on one line."""
+    t = report["timings"]
+    grid = report["output_grid"]
+    px = grid["width"] * grid["height"]
+    png = f" and {report['outputs']['mask_png']}" if "mask_png" in report["outputs"] else ""
+    click.echo(
+        f"wrote {out_dir}/mask.tif{png} ({grid['width']}x{grid['height']}, "
+        f"{px / max(t['total_s'], 1e-9) / 1e6:.2f} MP/s, {report['tiles']['total']} tiles, "
+        f"{report['tiles']['skipped_empty']} skipped as empty) in {t['total_s']:.1f} s"
+    )
