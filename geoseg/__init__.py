@@ -5,10 +5,12 @@ The public API is small and imported lazily, so ``import geoseg`` stays fast::
     import geoseg
     mask = geoseg.predict("scene.tif", model="unet.pt", aoi="aoi.gpkg")  # lazy DataArray
     geoseg.write(mask, "out/")  # mask.tif (COG) + run.json
+    done = geoseg.segment("scene.tif", "buildings", "out/", vectorize={})  # both, and the polygon layers
 
-Layers (each imports only the ones before it): :mod:`geoseg.grid` -> :mod:`geoseg.io` ->
-:mod:`geoseg.models` -> :mod:`geoseg.engine` -> ... -> :mod:`geoseg.commands` and
-:mod:`geoseg.cli` (the full order is in DESIGN.md and tests/test_layers.py).
+Layers, each importing only the ones before it (DESIGN.md says what each owns;
+tests/test_layers.py enforces the order): classes, records, grid -> io -> models -> engine ->
+vector -> pipeline -> evaluate -> train -> effects -> sequences -> change -> workflows ->
+commands and cli.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from geoseg.errors import GeosegError, NotGeoreferencedWarning
 
 if TYPE_CHECKING:  # pragma: no cover
     from geoseg.engine import predict, scheduler, write
+    from geoseg.pipeline import segment
 
-__all__ = ["GeosegError", "NotGeoreferencedWarning", "__version__", "predict", "scheduler", "write"]
+__all__ = ["GeosegError", "NotGeoreferencedWarning", "__version__", "predict", "scheduler", "segment", "write"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_LAZY = {"predict": "geoseg.engine", "write": "geoseg.engine", "scheduler": "geoseg.engine"}
+_LAZY = {"predict": "geoseg.engine", "write": "geoseg.engine", "scheduler": "geoseg.engine", "segment": "geoseg.pipeline"}
 
 
 def __getattr__(name: str) -> Any:
