@@ -29,13 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from geoseg.classes import NODATA
+from geoseg.classes import NODATA, ClassInfo, is_background
 from geoseg.errors import InputError
 
 __all__ = ["Transition", "change", "format_change", "hectares", "raster_date", "transitions"]
-
-#: class names that mean "none of the classes" (the background of a model)
-BACKGROUND = {"background", "other", "clear", "class_0", "none", "no_data"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ def transitions(classes: list[tuple[int, str, tuple[int, int, int]]], task: str)
         for b_id, b, b_col in classes:
             if a_id == b_id:
                 continue
-            a_bg, b_bg = a.lower() in BACKGROUND, b.lower() in BACKGROUND
+            a_bg, b_bg = is_background(a), is_background(b)
             if b_bg and not a_bg:
                 name = f"{a}_removed" if task == "objects" else f"{a}_loss"
                 color = (128, 128, 128) if task == "objects" else (220, 40, 40)
@@ -159,7 +156,7 @@ def _code_chunk(
     for path in masks:  # cloud/shadow masks of either date: any non-background class is unusable
         src = open_mask(path)
         m = read_mask_window(src, grown)
-        clear = [c.id for c in src.classes if c.name.lower() in BACKGROUND] or [0]
+        clear = [c.id for c in src.classes if is_background(c.name)] or [0]
         invalid |= ~np.isin(m, [*clear, NODATA])
     code = lut[b.astype(np.int32) * 256 + a.astype(np.int32)]
     code[invalid] = NODATA
@@ -285,7 +282,7 @@ def change(
     from geoseg.engine.write import check_output_dir
     from geoseg.io.mask import open_mask
     from geoseg.io.raster import file_fingerprint, open_source
-    from geoseg.models.card import ClassInfo, match_bands, parse_band_option
+    from geoseg.models.bands import match_bands, parse_band_option
     from geoseg.models.spec import resolve_model
     from geoseg.vector import vectorize
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from geoseg.classes import NODATA
+from geoseg.classes import NODATA, object_kind
 from geoseg.errors import InputError
 from geoseg.io.mask import open_mask
 
@@ -134,7 +134,7 @@ def evaluate(
     from rasterio import features
 
     from geoseg.io.mask import read_mask_window
-    from geoseg.vector.geometry import object_kind, pixel_to_world
+    from geoseg.vector.geometry import pixel_to_world
     from geoseg.vector.polygonize import polygonize_block
 
     src = open_mask(pred)
@@ -150,6 +150,7 @@ def evaluate(
             raise InputError(f"{labels}: the labels have no CRS; set one (e.g. with ogr2ogr -a_srs) to compare with {pred}")
         df = df.to_crs(gb.crs)
     names = {c.id: c.name for c in src.classes}
+    kinds = {c.id: c.kind for c in src.classes}
     by_name = {v: k for k, v in names.items()}
     if label_class is not None:
         if label_class not in by_name:
@@ -202,7 +203,8 @@ def evaluate(
     for k in classes:
         name = names.get(k, f"class_{k}")
         row = _pixel_scores((truth == k) & valid, (mask == k) & valid)
-        is_object = name in wanted_objects if wanted_objects is not None else object_kind(name) in ("building", "ship", "tank")
+        kind = object_kind(name, kinds.get(k))
+        is_object = name in wanted_objects if wanted_objects is not None else kind in ("building", "ship", "tank")
         if is_object:
             if pieces is None:
                 pieces = polygonize_block(mask, 0, 0, (gb.height, gb.width), classes=set(classes))

@@ -494,7 +494,7 @@ def _finish(name: str, trained: str, out_dir: str, threshold: float, report: dic
 
     import onnx
 
-    from geoseg.models.card import onnx_metadata
+    from geoseg.models.card_sources import onnx_metadata
 
     card = json.loads(onnx_metadata(trained)["geoseg_card"])
     card["metrics"] = {**card.get("metrics", {}), **_card_metrics(report)}

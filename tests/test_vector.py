@@ -566,7 +566,7 @@ def test_too_coarse_geojson_precision_is_an_error(scene, tmp_path: Path) -> None
 
 
 def test_object_kinds() -> None:
-    from geoseg.vector.geometry import object_kind
+    from geoseg.classes import object_kind
 
     assert [object_kind(n) for n in ("oil_tanker", "storage_tank", "Ship", "building", "forest_loss")] == [
         "ship",
@@ -575,3 +575,16 @@ def test_object_kinds() -> None:
         "building",
         "area",
     ]
+    # whole words, not substrings: a scar (burn scar, landslide scar) is an area, not a car
+    assert [object_kind(n) for n in ("scar", "burn_scar", "carpark", "car", "parked_cars", "TreeCrowns")] == [
+        "area",
+        "area",
+        "area",
+        "object",
+        "object",
+        "object",
+    ]
+    # the card's kind wins: an "area" class is hectares whatever its name; an "object" class the name does not
+    # place is a plain object
+    assert object_kind("ship", "area") == "area" and object_kind("solar_panel", "object") == "object"
+    assert object_kind("vessel", "object") == "ship" and object_kind("solar_panel") == "area"

@@ -354,7 +354,7 @@ def write(
         final_mask = os.path.join(staging, mask_name)
         tags = None
         if table:
-            tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": list(c.color)} for c in table])}
+            tags = {CLASSES_TAG: json.dumps([_class_entry(c) for c in table])}
             rules = {k: getattr(card, k) for k in ("min_area_m2", "max_length_m") if card and getattr(card, k) is not None}
             if rules and card.task == "objects":  # the model's object rules travel with its mask
                 tags[OBJECTS_TAG] = json.dumps(rules)
@@ -429,6 +429,14 @@ def write(
         if staging and not keep:
             shutil.rmtree(staging, ignore_errors=True)
         lock.close()
+
+
+def _class_entry(c) -> dict[str, Any]:
+    """A class as the mask's ``GEOSEG_CLASSES`` metadata lists it (``kind`` only when the card gives one)."""
+    entry = {"id": c.id, "name": c.name, "color": list(c.color)}
+    if getattr(c, "kind", None):
+        entry["kind"] = c.kind
+    return entry
 
 
 def _no_job_message(mask: Any) -> str:
@@ -528,7 +536,7 @@ def _report(job, geobox, counts, mask_res, compute_s, assemble_s, outputs, prob_
             "kind": job.spec.kind,
             "path": job.spec.path,
             "backend": job.info.backend,
-            "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in job.card.classes],
+            "classes": [_class_entry(c) for c in job.card.classes],
         }
         report["parameters"] = job.params()
         report["device"] = {"requested": job.runtime.device, "used": job.info.device, "name": job.info.device_name}

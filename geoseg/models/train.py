@@ -36,8 +36,10 @@ import torch.nn.functional as F
 
 from geoseg.errors import InputError, ModelError
 from geoseg.io.chips import IGNORE, ChipImage, ChipSampler, assign_split, load_labels
-from geoseg.models.card import Scaling, card_to_dict, match_bands
+from geoseg.models.bands import match_bands
+from geoseg.models.card import card_to_dict
 from geoseg.models.nets import build_architecture
+from geoseg.models.scaling import Scaling
 from geoseg.models.spec import ModelCard
 
 __all__ = ["Augment", "TrainConfig", "train"]

@@ -122,7 +122,7 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
         Before any work: a bad workflow, model, band mapping or missing input. After: when
         any unit failed (the others still ran; the ledger has each error).
     """
-    from geoseg.models.card import parse_band_option
+    from geoseg.models.bands import parse_band_option
     from geoseg.models.spec import resolve_model
     from geoseg.workflows.ledger import Ledger
     from geoseg.workflows.sources import scenes
