@@ -476,7 +476,7 @@ def train(
         else {"name": "geoseg.unet", "args": {"width": 16, "depth": 3}}
     )
     n_classes = len(ids)
-    from geoseg.models.runtime import resolve_device
+    from geoseg.models.loading import resolve_device
 
     dev = resolve_device(config.device)  # CUDA asked for where there is none: a DeviceError
     if config.threads:
