@@ -151,11 +151,12 @@ def evaluate(
         "valid_pixels": int(valid.sum()),
         "classes": {},
     }
+    kinds = {c.id: c.kind for c in src.classes}
     objects = None  # the mask's polygons and its valid area, drawn once for the first object class
     for k in classes:
         name = names.get(k, f"class_{k}")
         row = _pixel_scores((truth == k) & valid, (mask == k) & valid)
-        if _is_object(name, object_classes):
+        if _is_object(name, kinds.get(k), object_classes):
             pieces, valid_area = objects = objects or _mask_objects(mask, valid, classes, gb)
             rules = _object_rules(src.object_rules, min_area, max_length)
             pred_polys = _sized(pieces.geometry[pieces.class_id == k], gb, rules)
@@ -222,13 +223,13 @@ def _burn(geoms: np.ndarray, ids: np.ndarray, gb: Any) -> np.ndarray:
     )
 
 
-def _is_object(name: str, object_classes: Sequence[str] | None) -> bool:
-    """Whether class ``name`` is scored as objects too (by default: buildings, ships, tanks)."""
-    from geoseg.vector.geometry import object_kind
+def _is_object(name: str, kind: str | None, object_classes: Sequence[str] | None) -> bool:
+    """Whether class ``name`` is scored as objects too (by default: buildings, ships, tanks; the card's kind first)."""
+    from geoseg.classes import object_kind
 
     if object_classes is not None:
         return name in set(object_classes)
-    return object_kind(name) in ("building", "ship", "tank")
+    return object_kind(name, kind) in ("building", "ship", "tank")
 
 
 def _object_rules(rules: Mapping[str, float], min_area: float | None, max_length: float | None) -> tuple[float, float]:

@@ -14,7 +14,8 @@ import rasterio
 import torch
 
 from geoseg.errors import InputError, ModelError
-from geoseg.models.card import card_from_dict, card_to_dict, match_bands, parse_band_option
+from geoseg.models.bands import match_bands, parse_band_option
+from geoseg.models.card import card_from_dict, card_to_dict
 from geoseg.models.runtime import get_predictor
 from geoseg.models.spec import Runtime, resolve_model
 from tests.conftest import conv_net, read, whole_image_reference, write_raster
@@ -57,6 +58,7 @@ CARD = {
         ({"classes": [{"id": 1, "name": "a", "color": None}]}, "quote hex colours"),
         ({"activation": "relu"}, "activation must be one of"),
         ({"tile": 0}, "tile must be an integer >= 8"),
+        ({"classes": [{"id": 1, "name": "a", "kind": "ship"}]}, "class 'a' kind must be 'object' or 'area'"),
     ],
 )
 def test_bad_cards_are_clear_errors(change: dict, needle: str) -> None:
@@ -68,6 +70,10 @@ def test_bad_cards_are_clear_errors(change: dict, needle: str) -> None:
 def test_card_round_trip() -> None:
     card = card_from_dict(CARD, "x")
     assert card.classes[1].color == (230, 25, 75) and card.bands == ("red", "green", "blue")
+    assert card_from_dict(card_to_dict(card), "y") == card
+    kinds = [{"id": 0, "name": "other"}, {"id": 1, "name": "panel", "kind": "object"}]
+    card = card_from_dict({**CARD, "classes": kinds}, "x")
+    assert [c.kind for c in card.classes] == [None, "object"]
     assert card_from_dict(card_to_dict(card), "y") == card
 
 

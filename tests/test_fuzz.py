@@ -40,8 +40,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from geoseg.errors import GeosegError, InputError, ModelError
-from geoseg.models import card as card_mod
-from geoseg.models.card import ModelCard, card_from_dict, find_card
+from geoseg.models import card_sources
+from geoseg.models.card import ModelCard, card_from_dict
+from geoseg.models.card_sources import find_card
 from geoseg.workflows.spec import Workflow, load_workflow
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
@@ -434,7 +435,7 @@ def card_texts(draw: st.DrawFn) -> tuple[str, str]:
 def test_card_text(item: tuple[str, str]) -> None:
     ext, text = item
     origin = "/models/m" + ext
-    _check_card(lambda: card_from_dict(card_mod.load_text(text, origin), origin), origin, "card text")
+    _check_card(lambda: card_from_dict(card_sources.load_text(text, origin), origin), origin, "card text")
 
 
 @settings(max_examples=300, **SETTINGS)
@@ -467,7 +468,7 @@ def test_find_card_deepness_metadata(folder: Path, meta: dict[str, str]) -> None
     (folder / "onnx").mkdir(exist_ok=True)
     model = folder / "onnx" / "model.onnx"
     model.write_bytes(b"")
-    with mock.patch.object(card_mod, "onnx_metadata", return_value=meta):
+    with mock.patch.object(card_sources, "onnx_metadata", return_value=meta):
         _check_card(lambda: find_card(str(model), "onnx"), str(model), "find_card deepness")
 
 

@@ -12,7 +12,8 @@ from rasterio.transform import from_origin
 from geoseg.errors import InputError, ModelError
 from geoseg.io.radiometry import PRESETS, parse_radiometry, resolve_radiometry
 from geoseg.io.raster import open_source
-from geoseg.models.card import Scaling, card_from_dict
+from geoseg.models.card import card_from_dict
+from geoseg.models.scaling import Scaling
 
 
 def _reflectance(seed: int = 0, shape: tuple[int, int] = (96, 96)) -> np.ndarray:

@@ -133,7 +133,7 @@ def test_train_learns_exports_and_resumes_identically(tmp_path: Path) -> None:
     res = train(_cfg(tmp_path, path, labels, epochs=6, steps=15), card)
     assert len(res["history"]) == 6 and res["history"][-1]["iou"][1] > 0.8, res["history"]
     # the exported model runs through the engine with its embedded card, and finds the squares
-    from geoseg.models.card import onnx_metadata
+    from geoseg.models.card_sources import onnx_metadata
 
     assert res["model"].endswith(".onnx")
     embedded = json.loads(onnx_metadata(res["model"])["geoseg_card"])

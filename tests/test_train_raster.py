@@ -17,7 +17,8 @@ from geoseg.evaluate import evaluate
 from geoseg.grid import Window
 from geoseg.io.labels import is_raster_labels, open_raster_labels, parse_label_values
 from geoseg.io.raster import open_source
-from geoseg.models.card import card_from_dict, onnx_metadata
+from geoseg.models.card import card_from_dict
+from geoseg.models.card_sources import onnx_metadata
 from geoseg.train import TrainConfig, train
 from geoseg.train.chips import IGNORE, ChipImage, assign_split, load_labels
 from tests.test_train import T, _scene
@@ -235,7 +236,7 @@ def test_evaluate_raster_labels_scores_every_class(tmp_path: Path) -> None:
 def test_em_membrane_short_training_scores_on_the_other_slice(shared_data: Path, tmp_path: Path) -> None:
     """ISBI 2012 EM: a short training on train_0, Dice on train_1 (the workflow script trains longer)."""
     import geoseg
-    from geoseg.models.card import load_text
+    from geoseg.models.card_sources import load_text
 
     data = shared_data / "plain" / "isbi2012_em_membrane"
     if not data.is_dir():

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import geoseg
 from geoseg.evaluate import evaluate
-from geoseg.models.card import card_from_dict, onnx_metadata
+from geoseg.models.card import card_from_dict
+from geoseg.models.card_sources import onnx_metadata
 from geoseg.train import TrainConfig, train
 
 #: measured 0.58-0.72 pixel recall over seeds 0-2 (this CPU; 0.70 and 6 of 15 vessels with seed 0): the run

@@ -566,7 +566,7 @@ def test_too_coarse_geojson_precision_is_an_error(scene, tmp_path: Path) -> None
 
 
 def test_object_kinds() -> None:
-    from geoseg.vector.geometry import object_kind
+    from geoseg.classes import object_kind
 
     assert [object_kind(n) for n in ("oil_tanker", "storage_tank", "Ship", "building", "forest_loss")] == [
         "ship",
@@ -575,3 +575,42 @@ def test_object_kinds() -> None:
         "building",
         "area",
     ]
+    # whole words, not substrings: a scar (burn scar, landslide scar) is an area, not a car
+    assert [object_kind(n) for n in ("scar", "burn_scar", "carpark", "car", "parked_cars", "TreeCrowns")] == [
+        "area",
+        "area",
+        "area",
+        "object",
+        "object",
+        "object",
+    ]
+    # the card's kind wins: an "area" class is hectares whatever its name; an "object" class the name does not
+    # place is a plain object
+    assert object_kind("ship", "area") == "area" and object_kind("solar_panel", "object") == "object"
+    assert object_kind("vessel", "object") == "ship" and object_kind("solar_panel") == "area"
+
+
+def test_card_class_kind_reaches_the_layers(tmp_path: Path) -> None:
+    """A card's class ``kind`` travels with the mask (GEOSEG_CLASSES) and decides the layer's kind."""
+    import torch
+
+    import geoseg
+    from geoseg.models.card import card_from_dict
+
+    src = tmp_path / "s.tif"
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "float32", "crs": "EPSG:32633"}
+    with rasterio.open(src, "w", transform=Affine(1, 0, 500000, 0, -1, 4000000), **profile) as ds:
+        a = np.zeros((64, 64), np.float32)
+        a[10:30, 10:30] = 1
+        ds.write(a, 1)
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([1 - x, x], 1) * 10
+
+    classes = [{"id": 0, "name": "background"}, {"id": 1, "name": "solar_panel", "kind": "object"}]
+    card = card_from_dict({"name": "panels", "size_multiple": 1, "classes": classes}, "c")
+    with dask.config.set(scheduler="synchronous"):
+        geoseg.write(geoseg.predict(str(src), Net(), card=card), str(tmp_path / "o"))
+        report = vectorize(str(tmp_path / "o" / "mask.tif"), str(tmp_path / "v"), formats=["geojson"], project=False)
+    assert [(ly["name"], ly["kind"]) for ly in report["layers"]] == [("solar_panel", "object")]  # by name: an area

@@ -8,13 +8,10 @@ from typing import Any
 import numpy as np
 
 from geoseg.change.areas import pixel_areas
-from geoseg.classes import NODATA
+from geoseg.classes import NODATA, is_background
 from geoseg.errors import InputError
 
 __all__ = ["Transition", "as_dataarray", "code_chunk", "code_classes", "code_map", "code_table", "transitions"]
-
-#: class names that mean "none of the classes" (the background of a model)
-BACKGROUND = {"background", "other", "clear", "class_0", "none", "no_data"}
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,7 @@ def transitions(classes: list[tuple[int, str, tuple[int, int, int]]], task: str)
         for b_id, b, b_col in classes:
             if a_id == b_id:
                 continue
-            a_bg, b_bg = a.lower() in BACKGROUND, b.lower() in BACKGROUND
+            a_bg, b_bg = is_background(a), is_background(b)
             if b_bg and not a_bg:
                 name = f"{a}_removed" if task == "objects" else f"{a}_loss"
                 color = (128, 128, 128) if task == "objects" else (220, 40, 40)
@@ -78,7 +75,7 @@ def code_chunk(
     for path in masks:  # cloud/shadow masks of either date: any non-background class is unusable
         src = open_mask(path)
         m = read_mask_window(src, grown)
-        clear = [c.id for c in src.classes if c.name.lower() in BACKGROUND] or [0]
+        clear = [c.id for c in src.classes if is_background(c.name)] or [0]
         invalid |= ~np.isin(m, [*clear, NODATA])
     code = lut[b.astype(np.int32) * 256 + a.astype(np.int32)]
     code[invalid] = NODATA
@@ -122,7 +119,7 @@ def code_map(masks: dict[str, str], cloud_masks: list[str], trans: list[Transiti
 
 def code_classes(trans: list[Transition]) -> list[Any]:
     """The change map's class table: ``no_change`` and one class per transition."""
-    from geoseg.models.card import ClassInfo
+    from geoseg.classes import ClassInfo
 
     return [ClassInfo(0, "no_change", (235, 235, 235))] + [ClassInfo(t.code, t.name, t.color) for t in trans]
 

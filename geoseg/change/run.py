@@ -188,7 +188,7 @@ def _check_arguments(out_dir: str, overwrite: bool, formats: tuple[str, ...], re
 def _aligned(path: str, bands: str | None, model_spec: Any, target: Any, resampling: str) -> Any:
     """``path`` with the bands ``model_spec``'s card names, read on the ``target`` grid."""
     from geoseg.io.raster import open_source
-    from geoseg.models.card import match_bands, parse_band_option
+    from geoseg.models.bands import match_bands, parse_band_option
 
     idx, mapping = parse_band_option(bands)
     if idx is None and model_spec.card.bands:

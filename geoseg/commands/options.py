@@ -86,7 +86,7 @@ def parse_bands(value: str | None) -> tuple[tuple[int, ...] | None, dict[str, in
         The value cannot be read.
     """
     from geoseg.errors import ModelError
-    from geoseg.models.card import parse_band_option
+    from geoseg.models.bands import parse_band_option
 
     try:
         return parse_band_option(value)

@@ -62,7 +62,8 @@ def train(ctx: click.Context, images, labels, label_values, layer, class_field, 
           radiometry, augment, select, hard_negatives, threshold, resume) -> None:  # fmt: skip
     """Train the card's network on rasters and labels (vector or raster); write ONNX with the card embedded."""
     from geoseg.io.labels import parse_label_values
-    from geoseg.models.card import card_from_dict, load_text
+    from geoseg.models.card import card_from_dict
+    from geoseg.models.card_sources import load_text
     from geoseg.models.train_config import TrainConfig, parse_scales
     from geoseg.train.run import train as run_train
 

@@ -117,7 +117,7 @@ def plan_job(
 
 def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int], require_crs: bool = False) -> RasterSource:
     """Open the source with the bands the model's card asks for, in its order; scaling resolved."""
-    from geoseg.models.card import match_bands
+    from geoseg.models.bands import match_bands
 
     card = spec.card
     if isinstance(source, RasterSource):

@@ -80,6 +80,14 @@ def check_nonfinite(job: Job | None, mask_res: list[dict], valid_px: int, limit:
     return {"counts": {"model_output_pixels": nonfinite, "input_overflow_pixels": overflow}, "warning": warning}
 
 
+def class_entry(c: Any) -> dict[str, Any]:
+    """A class as the mask's ``GEOSEG_CLASSES`` metadata and run.json list it (``kind`` only when the card gives one)."""
+    entry = {"id": c.id, "name": c.name, "color": list(c.color)}
+    if getattr(c, "kind", None):
+        entry["kind"] = c.kind
+    return entry
+
+
 @dataclass(frozen=True)
 class RunReport(Record):
     """What :func:`geoseg.write` made: reads like its ``run.json`` record (``report["outputs"]``).
@@ -195,7 +203,7 @@ def _job_entries(job: Job, stats: list[dict], n_chunks: int) -> dict[str, Any]:
             "kind": job.spec.kind,
             "path": job.spec.path,
             "backend": job.info.backend,
-            "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in job.card.classes],
+            "classes": [class_entry(c) for c in job.card.classes],
         },
         "parameters": job.params(),
         "device": {"requested": job.runtime.device, "used": job.info.device, "name": job.info.device_name},

@@ -25,7 +25,7 @@ import numpy as np
 from geoseg.classes import NODATA
 from geoseg.engine.job import Job, job_from
 from geoseg.engine.parts import Staging, finished_part, write_mask_part, write_prob_part
-from geoseg.engine.report import RunReport, check_nonfinite, no_job_message, run_report
+from geoseg.engine.report import RunReport, check_nonfinite, class_entry, no_job_message, run_report
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window, chunk_windows
 from geoseg.io.cog import Part, assemble_cog
@@ -379,7 +379,7 @@ def _tags(target: _Target) -> dict[str, str] | None:
     """The mask's metadata: its class table, and the model's object rules for an objects model."""
     if not target.table:
         return None
-    tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": list(c.color)} for c in target.table])}
+    tags = {CLASSES_TAG: json.dumps([class_entry(c) for c in target.table])}
     card = target.job.card if target.job else None
     rules = {k: getattr(card, k) for k in ("min_area_m2", "max_length_m") if card and getattr(card, k) is not None}
     if rules and card.task == "objects":  # the model's object rules travel with its mask

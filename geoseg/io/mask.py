@@ -44,11 +44,12 @@ PNG_MAX_PIXELS = 64_000_000
 
 @dataclass(frozen=True)
 class MaskClass:
-    """A class value in a mask, with its name and RGB colour (None when unknown)."""
+    """A class value in a mask, with its name, RGB colour (None when unknown) and the card's kind (or None)."""
 
     id: int
     name: str
     color: tuple[int, int, int] | None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,10 @@ class MaskSource:
 
 
 def _parse_classes(items: list) -> tuple[MaskClass, ...]:
-    return tuple(MaskClass(int(c["id"]), str(c["name"]), tuple(c["color"]) if c.get("color") else None) for c in items)
+    return tuple(
+        MaskClass(int(c["id"]), str(c["name"]), tuple(c["color"]) if c.get("color") else None, c.get("kind") or None)
+        for c in items
+    )
 
 
 def _classes_from(ds, path: str) -> tuple[tuple[MaskClass, ...], str]:

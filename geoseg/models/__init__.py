@@ -4,7 +4,7 @@ Importing this package does not import torch; :mod:`geoseg.models.runtime` does,
 worker tasks import it.
 """
 
-from geoseg.models.card import ClassInfo, ModelCard, default_palette
+from geoseg.models.card import ModelCard
 from geoseg.models.spec import ModelSpec, Runtime, resolve_model
 
-__all__ = ["ClassInfo", "ModelCard", "ModelSpec", "Runtime", "default_palette", "resolve_model"]
+__all__ = ["ModelCard", "ModelSpec", "Runtime", "resolve_model"]

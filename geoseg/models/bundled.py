@@ -110,7 +110,7 @@ def bundled_card(name: str) -> dict:
     m = BUNDLED[name]
     if m.source == "package":
         return _csmask_card(m.file)
-    from geoseg.models.card import onnx_metadata
+    from geoseg.models.card_sources import onnx_metadata
 
     meta = onnx_metadata(_weights_file(name))
     if "geoseg_card" not in meta:

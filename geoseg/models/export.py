@@ -5,7 +5,7 @@ from torch 2.13 on, onnxruntime is the fastest CPU backend measured here, and an
 file is a graph of operators, never code, so loading one runs nothing that came with it.
 The export goes through ``torch.export`` (the dynamo-based ``torch.onnx.export``) with the
 batch, height and width dynamic; the card travels as ONNX ``metadata_props["geoseg_card"]``
-and is read back by :func:`geoseg.models.card.find_card`. Every export is checked: the
+and is read back by :func:`geoseg.models.card_sources.find_card`. Every export is checked: the
 file is loaded by onnxruntime and must give torch's output on a test batch.
 """
 

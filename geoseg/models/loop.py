@@ -110,7 +110,7 @@ def start(
     DeviceError, ModelError
         CUDA asked for where there is none; a checkpoint that is damaged or from another configuration.
     """
-    from geoseg.models.runtime import resolve_device
+    from geoseg.models.loading import resolve_device
 
     dev = resolve_device(config.device)  # CUDA asked for where there is none: a DeviceError
     if config.threads:

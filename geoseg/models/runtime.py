@@ -1,6 +1,7 @@
 """Running models on a worker: load once per process, batch, move to the device, activate.
 
-This is the only module that imports torch (and onnxruntime). A worker process keeps each
+torch and onnxruntime are imported inside functions, on workers only; the device and the model
+file made safe to run are :mod:`geoseg.models.loading`'s. A worker process keeps each
 loaded model in a cache keyed by ``(sha256, activation, device, precision)``, so a model
 is loaded once per worker however many chunks it segments.
 
@@ -14,7 +15,6 @@ Reads, stacking and writes of other chunks go on meanwhile in the worker's other
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +24,17 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import DeviceError, ModelError
-from geoseg.models.spec import IN_MEMORY_MODELS, ModelSpec, Runtime
+from geoseg.models.loading import (
+    default_threads,
+    first_conv_channels,
+    load_torch_module,
+    onnx_session,
+    resolve_device,
+    tune_malloc,
+)
+from geoseg.models.spec import ModelSpec, Runtime
 
-__all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe", "resample_batch", "resolve_device"]
+__all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe", "resample_batch"]
 
 _CACHE: dict[tuple[str, str, str, str], Predictor] = {}
 #: test-time augmentation views (rot90 count, horizontal flip first): 2 = a flip, 4 = and a half turn, 8 = all
@@ -48,51 +56,6 @@ class ModelInfo:
     versions: dict[str, str]
 
 
-def resolve_device(device: str):
-    """The torch device for ``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); CUDA missing is an error.
-
-    Parameters
-    ----------
-    device : str
-        The device asked for.
-
-    Returns
-    -------
-    torch.device
-
-    Raises
-    ------
-    DeviceError
-        CUDA was asked for and this process has no usable GPU (or not that one).
-    """
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"device {device!r} was asked for but this worker has no usable CUDA GPU "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu or auto"
-            )
-        dev = torch.device(device)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {device!r} does not exist: this worker sees {torch.cuda.device_count()} GPU(s)")
-        return dev
-    return torch.device("cpu")
-
-
-def _default_threads() -> int:
-    """Cores this process may use. Dask workers start with OMP_NUM_THREADS=1, which would
-    leave torch on one core; forward passes are serialised per process, so one forward
-    may use them all.
-    """
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _set_torch_threads(n: int) -> None:
     """Set torch's intra-op threads for the calling thread.
 
@@ -104,104 +67,6 @@ def _set_torch_threads(n: int) -> None:
 
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-
-
-def load_state_dict_model(spec: ModelSpec):
-    """Build the card's architecture and load a state dict into it with ``weights_only=True``.
-
-    Only tensors and plain containers are unpickled; a file holding anything else (a whole
-    pickled model, custom classes) is refused, never executed.
-    """
-    import json
-    import pickle
-
-    import torch
-
-    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
-        raise ModelError(
-            f"{spec.path}: loading a state dict safely needs torch >= 2.6 (weights_only could run code before "
-            "CVE-2025-32434 was fixed); upgrade torch, or export the model as TorchScript/ONNX"
-        )
-
-    from geoseg.models.nets import build_architecture
-
-    card = spec.card
-    origin = spec.path or spec.id
-    arch = json.loads(card.architecture_json)
-    try:
-        state = torch.load(spec.path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(
-            f"{origin}: refused: the file holds more than tensors (a pickled model or custom objects), which geoseg never "
-            "unpickles; save model.state_dict() instead, or export TorchScript/ONNX"
-        ) from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # Lightning-style checkpoints
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{origin}: not a state dict of tensors; save model.state_dict() with torch.save")
-    if not card.bands or not card.classes:
-        raise ModelError(f"{origin}: a state-dict model's card must list its bands and classes (they size the network)")
-    n_out = 1 if card.activation == "sigmoid" else len(card.classes)
-    model = build_architecture(arch["name"], arch.get("args", {}), len(card.bands), n_out, origin)
-    for prefix in ("model.", "module.", "net."):  # wrappers' prefixes (Lightning, DataParallel)
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
-        raise ModelError(
-            f"{origin}: the state dict does not fit {arch['name']} {arch.get('args', {})} ({first}); fix the card's architecture"
-        ) from exc
-    return model
-
-
-def _verify_unchanged(spec: ModelSpec) -> None:
-    """Refuse a model file whose content changed since :func:`geoseg.models.spec.resolve_model` checked it."""
-    from geoseg.models.spec import sha256_file
-
-    try:
-        now = sha256_file(spec.path)
-    except OSError as exc:
-        raise ModelError(f"{spec.path}: cannot read the model ({exc.strerror or exc}); check the file") from None
-    if now != spec.sha256:
-        raise ModelError(f"{spec.path}: the model file changed after it was checked; run the command again")
-
-
-def _check_sample_inputs(path: str) -> None:
-    """torch.export.load unpickles an archive's sample inputs without ``weights_only`` when the
-    safe load fails: refuse such an archive before torch gets there.
-    """
-    import io
-    import zipfile
-
-    import torch
-
-    with zipfile.ZipFile(path) as z:
-        for name in z.namelist():
-            if "/data/sample_inputs/" in f"/{name}" and name.endswith(".pt"):
-                try:
-                    torch.load(io.BytesIO(z.read(name)), weights_only=True)
-                except Exception as exc:  # the restricted unpickler's own errors
-                    raise ModelError(
-                        f"{path}: refused: its sample inputs ({name}) hold more than tensors, and torch would unpickle them "
-                        "unrestricted; export the model again with plain tensor inputs, or as ONNX"
-                    ) from exc
-
-
-_JIT_QUIET = False
-
-
-def _quiet_jit_deprecation() -> None:
-    """Silence torch's ``torch.jit.load is deprecated`` once per process (a process-wide filter:
-    ``catch_warnings`` is not thread-safe).
-    """
-    global _JIT_QUIET
-    if not _JIT_QUIET:
-        import warnings
-
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning)
-        _JIT_QUIET = True
 
 
 class Predictor:
@@ -226,45 +91,11 @@ class Predictor:
     def _load_torch(self) -> None:
         import torch
 
-        _tune_malloc()  # torch allocates activations through malloc; onnxruntime keeps its own arena
-        self.threads = self.runtime.num_threads or _default_threads()
+        tune_malloc()  # torch allocates activations through malloc; onnxruntime keeps its own arena
+        self.threads = self.runtime.num_threads or default_threads()
         self.device = resolve_device(self.runtime.device)
-        if self.spec.path is not None:
-            _verify_unchanged(self.spec)
-        try:
-            if self.spec.kind == "torchscript":
-                _quiet_jit_deprecation()  # users' TorchScript files keep working; geoseg itself writes ONNX
-                model = torch.jit.load(self.spec.path, map_location="cpu")
-            elif self.spec.kind == "exported":
-                _check_sample_inputs(self.spec.path)
-                model = torch.export.load(self.spec.path).module()
-            elif self.spec.kind == "statedict":
-                model = load_state_dict_model(self.spec)
-            elif self.spec.sha256 in IN_MEMORY_MODELS:
-                import copy
-
-                # a copy: moving to a device and eval() must not change the caller's module
-                model = copy.deepcopy(IN_MEMORY_MODELS[self.spec.sha256])
-            else:
-                import cloudpickle
-
-                model = cloudpickle.loads(self.spec.payload)
-        except ModelError:
-            raise
-        except Exception as exc:  # torch raises RuntimeError for bad archives
-            raise ModelError(
-                f"{self.spec.path or self.spec.id}: could not load the model ({exc}); export it again (ONNX: torch.onnx.export)"
-            ) from exc
-        self.model = model.to(self.device)
-        if self.spec.kind != "exported":  # exported programs are already in inference form
-            self.model = self.model.eval()
-        # input channels of the first convolution, for a clear message when the band count is wrong
-        self._in_channels = None
-        try:
-            first = next((p for p in self.model.parameters() if p.dim() == 4), None)
-            self._in_channels = int(first.shape[1]) if first is not None else None
-        except (AttributeError, RuntimeError, TypeError):  # exported programs and odd modules
-            pass
+        self.model = load_torch_module(self.spec, self.device)
+        self._in_channels = first_conv_channels(self.model)
         self.backend = f"torch {torch.__version__}"
         self.fixed_size = None
         p = self.runtime.precision
@@ -272,42 +103,15 @@ class Predictor:
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def _load_onnx(self) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise ModelError(f"{self.spec.path}: ONNX models need onnxruntime; pip install 'geoseg[onnx]'") from exc
-        providers = ["CPUExecutionProvider"]
-        want_cuda = self.runtime.device.startswith("cuda")
-        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        if want_cuda and not has_cuda:
-            raise DeviceError(
-                f"device {self.runtime.device!r} was asked for but onnxruntime has no CUDA provider here "
-                "(install onnxruntime-gpu); use --device cpu"
-            )
-        if has_cuda and self.runtime.device != "cpu":
-            idx = int(self.runtime.device.split(":")[1]) if ":" in self.runtime.device else 0
-            providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.runtime.num_threads or _default_threads()
-        try:
-            self.session = ort.InferenceSession(self.spec.path, sess_options=opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph
-            raise ModelError(
-                f"{self.spec.path}: onnxruntime could not load the model ({exc}); check it is a valid ONNX file"
-            ) from exc
-        active = self.session.get_providers()[0]
-        if want_cuda and active != "CUDAExecutionProvider":
-            # onnxruntime quietly falls back to the CPU when its CUDA provider fails to start
-            raise DeviceError(
-                f"{self.spec.path}: device {self.runtime.device!r} was asked for but onnxruntime started on {active}; "
-                "check the GPU driver and CUDA libraries, or use --device cpu"
-            )
+        self.session = onnx_session(self.spec, self.runtime)
+        import onnxruntime as ort  # present: onnx_session imported it
+
         inp = self.session.get_inputs()[0]
         self._input_name = inp.name
         h, w = inp.shape[2:4] if len(inp.shape) == 4 else (None, None)
         self.fixed_size = h if isinstance(h, int) and h == w else None
         self._in_channels = inp.shape[1] if len(inp.shape) == 4 and isinstance(inp.shape[1], int) else None
-        self.device_name = "cuda" if active == "CUDAExecutionProvider" else "cpu"
+        self.device_name = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.device = self.device_name
         self.backend = f"onnxruntime {ort.__version__}"
 
@@ -485,33 +289,6 @@ def resample_batch(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         box = (1, 1, 2 * int(ky / 2) + 1 if ky > 1 else 1, 2 * int(kx / 2) + 1 if kx > 1 else 1)
         x = ndimage.uniform_filter(x, size=box, mode="nearest")
     return ndimage.zoom(x, (1, 1, big / h, bw / w), order=1, mode="nearest", grid_mode=True, prefilter=False).astype(np.float32)
-
-
-_MALLOC_TUNED = False
-
-
-def _tune_malloc() -> None:
-    """Let glibc keep large freed blocks for reuse in this process.
-
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes
-    glibc's mmap threshold at 128 KiB: every activation tensor is then mapped and unmapped
-    afresh, and page faults made a U-Net forward 2.5x slower on this machine (0.63 s against
-    0.25 s per 512 px tile). Tensors up to 32 MiB come from the heap again, and up to 64 MiB
-    of free heap is kept.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 32 << 20)
-        libc.mallopt(m_trim_threshold, 64 << 20)
-    except (OSError, AttributeError):  # musl or another libc: nothing to tune
-        pass
 
 
 _EXECUTOR: ThreadPoolExecutor | None = None

@@ -3,13 +3,13 @@
 - **ONNX** (``.onnx``) is a graph of operators: loading it runs nothing that came with the
   file. It is the recommended format and what the bundled models are.
 - **State dicts** are loaded with ``torch.load(weights_only=True)``: only tensors and plain
-  containers are unpickled (see :func:`geoseg.models.runtime.load_state_dict_model`).
+  containers are unpickled (see :func:`geoseg.models.loading.load_state_dict_model`).
 - **torch.export archives** (``.pt2``) are refused when any entry would be unpickled on
   load (``use_pickle`` payloads, custom or opaque objects, legacy weight files), when they
   carry compiled code (AOTInductor, ExecuTorch), or when the graph calls file or
   serialisation operators. The sample inputs are unpickled by torch with ``weights_only``
   first and, on failure, without it: they are checked with ``weights_only`` at load
-  (:func:`geoseg.models.runtime`), and refused if that fails.
+  (:mod:`geoseg.models.loading`), and refused if that fails.
 - **TorchScript** (``.pt``) is code: ``__setstate__`` runs at load and the operator set
   includes file access (``torch.from_file``). Its archive's code is scanned, and a file
   that defines ``__setstate__`` or calls file, serialisation or non-core operators is

@@ -193,7 +193,7 @@ def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False
         scan_model(path, kind, trust)
         name = os.path.splitext(os.path.basename(path))[0]
         if card is None:
-            from geoseg.models.card import find_card
+            from geoseg.models.card_sources import find_card
 
             card = find_card(path, kind)
         if kind == "checkpoint":

@@ -17,7 +17,9 @@ import numpy as np
 
 from geoseg.errors import InputError
 from geoseg.io.raster import RasterSource
-from geoseg.models.card import ModelCard, Scaling, match_bands
+from geoseg.models.bands import match_bands
+from geoseg.models.card import ModelCard
+from geoseg.models.scaling import Scaling
 from geoseg.models.train_config import TrainConfig
 from geoseg.train.chips import ChipImage, ChipSampler, assign_split, load_labels
 

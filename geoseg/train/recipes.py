@@ -261,7 +261,7 @@ def _finish(name: str, model: str, out_dir: str, threshold: float, report: dict[
 
     import onnx
 
-    from geoseg.models.card import onnx_metadata
+    from geoseg.models.card_sources import onnx_metadata
 
     card = json.loads(onnx_metadata(model)["geoseg_card"])
     card["metrics"] = {**card.get("metrics", {}), **_card_metrics(report)}

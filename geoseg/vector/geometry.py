@@ -18,35 +18,12 @@ import shapely
 __all__ = [
     "LOCAL_UTM",
     "metric_crs",
-    "object_kind",
     "oriented_box",
     "pixel_to_world",
     "regularize",
     "reproject",
     "to_metric",
 ]
-
-#: shape attributes per kind of class
-KINDS = ("area", "building", "ship", "tank", "object")
-
-
-def object_kind(name: str) -> str:
-    """Kind of a class from its name: which shape attributes its polygons get.
-
-    ``tank`` (fitted circle), ``ship`` (oriented rectangle), ``building`` (optional
-    regularised footprint), ``object`` (other countable things: oriented rectangle), or
-    ``area`` (land cover and change: hectares).
-    """
-    n = name.lower()
-    if any(k in n for k in ("ship", "boat", "vessel", "tanker")):  # before "tank": an oil tanker is a ship
-        return "ship"
-    if "tank" in n:
-        return "tank"
-    if "building" in n or "roof" in n:
-        return "building"
-    if any(k in n for k in ("car", "vehicle", "plane", "aircraft", "object", "tree_crown")):
-        return "object"
-    return "area"
 
 
 def pixel_to_world(geoms: np.ndarray, transform: Sequence[float]) -> np.ndarray:

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import shapely
 
+from geoseg.classes import default_palette
 from geoseg.errors import OutputError, OutputExistsError
 from geoseg.io.mask import MaskClass, MaskSource
 from geoseg.io.outdir import check_is_folder, existing_outputs, fsync_replace
-from geoseg.models.card import default_palette
 from geoseg.vector.coco import annotate_part, write_coco_stream
 from geoseg.vector.geometry import reproject
 from geoseg.vector.params import VectorParams

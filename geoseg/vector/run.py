@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from geoseg.classes import NODATA
+from geoseg.classes import NODATA, default_palette, is_background, object_kind
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError, OutputExistsError
 from geoseg.grid import Window, chunk_windows, regular_chunks
 from geoseg.io.mask import MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
@@ -43,9 +43,8 @@ from geoseg.io.outdir import (
     sweep_staging,
     write_json_atomic,
 )
-from geoseg.models.card import default_palette
 from geoseg.vector.attributes import features_table, write_part
-from geoseg.vector.geometry import metric_crs, object_kind
+from geoseg.vector.geometry import metric_crs
 from geoseg.vector.layers import REPORT_NAME, check_out, layer_names, layer_totals, planned_outputs, write_outputs
 from geoseg.vector.params import VectorParams, pixel_size_m
 from geoseg.vector.polygonize import Pieces, merge_seams, polygonize_block
@@ -55,8 +54,6 @@ from geoseg.vector.writers import FORMATS, Layer
 __all__ = ["vectorize"]
 
 DEFAULT_FORMATS = ("geojson", "gpkg")
-#: class names never vectorised unless asked for by name or id
-BACKGROUND_NAMES = {"background", "other", "none", "nodata", "no_data", "unlabeled", "unlabelled", "clear", "no_change"}
 
 
 def vectorize(
@@ -159,7 +156,7 @@ def vectorize(
         "attributes": dict(attributes or {}),
         "kind": kind,
     }
-    kind_of = (lambda _name: kind) if kind else object_kind
+    kind_of = (lambda _c: kind) if kind else (lambda c: object_kind(c.name, c.kind))
     params = _vector_params(src, full, run_params, kind_of)
     precision = _geojson_precision(src, formats, precision, params.pixel_size_m)
     outputs = planned_outputs(formats, [names[i] for i in ids], project)
@@ -175,7 +172,7 @@ def vectorize(
         if not src.named and (classes is None or str(classes[0]).lower() == "all"):
             ids = [i for i in ids if i in run.present]
         extra_cols = tuple(k for k, _ in params.attributes)
-        layers = [Layer(names[i], i, kind_of(full[i].name), tuple(full[i].color), extra_cols) for i in ids]
+        layers = [Layer(names[i], i, kind_of(full[i]), tuple(full[i].color), extra_cols) for i in ids]
         counts, areas = layer_totals(run.parts, layers, geo=src.geobox.crs is not None)
         written, write_s = write_outputs(staging, out_dir, run.parts, layers, formats, src, out_crs, precision, params, project)
         parameters = {**run_params, "formats": list(formats), "precision": precision, "chunk": chunk}
@@ -249,7 +246,7 @@ def _open_source(
 
 
 def _vector_params(
-    src: MaskSource, full: Sequence[MaskClass], run_params: dict[str, Any], kind_of: Callable[[str], str | None]
+    src: MaskSource, full: Sequence[MaskClass], run_params: dict[str, Any], kind_of: Callable[[MaskClass], str | None]
 ) -> VectorParams:
     """The parameters every chunk task carries: classes, names, kinds, size rules, metric CRS, run id."""
     gb = src.geobox
@@ -257,7 +254,7 @@ def _vector_params(
     return VectorParams(
         classes=tuple(run_params["classes"]),
         names=tuple((c.id, c.name) for c in full),
-        kinds=tuple((c.id, kind_of(c.name)) for c in full),
+        kinds=tuple((c.id, kind_of(c)) for c in full),
         attributes=tuple(sorted((str(k), str(v)) for k, v in run_params["attributes"].items())),
         connectivity=run_params["connectivity"],
         min_area=run_params["min_area"],
@@ -383,7 +380,7 @@ def resolve_classes(src: MaskSource, classes: Sequence[str | int] | None) -> tup
         if not src.named:  # no class list: the values present (found while reading), 0 counting as background
             ids = list(range(0 if wanted_all else 1, NODATA))
         else:
-            ids = [c.id for c in src.classes if wanted_all or (c.name.lower() not in BACKGROUND_NAMES and c.name != "class_0")]
+            ids = [c.id for c in src.classes if wanted_all or not is_background(c.name)]
     else:
         ids = []
         by_name = {c.name: c.id for c in src.classes}

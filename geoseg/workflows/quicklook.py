@@ -13,13 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg.classes import NODATA
+from geoseg.classes import NODATA, is_background
 from geoseg.errors import InputError, ModelError
 
 __all__ = ["Overlay", "quicklook"]
-
-#: class names drawn as nothing (the background of a model)
-BACKGROUND = {"background", "other", "clear", "no_change", "class_0"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ class Overlay:
 
 def _true_colour(path: str, max_side: int) -> tuple[np.ndarray, int, object]:
     from geoseg.io.raster import open_source, read_overview
-    from geoseg.models.card import match_bands
+    from geoseg.models.bands import match_bands
 
     src = open_source(path)
     try:  # described red/green/blue (B04, SR_B4, ...); else the first three bands, or one grey band
@@ -131,7 +128,7 @@ def quicklook(
         edge[:, :-1] |= sub[:, :-1] != sub[:, 1:]
         edge[:, 1:] |= sub[:, :-1] != sub[:, 1:]
         for c in src.classes:
-            if c.name.lower() in BACKGROUND:
+            if is_background(c.name):  # drawn as nothing
                 continue
             sel = sub == c.id
             if not sel.any():

@@ -133,7 +133,7 @@ def _prepare(path: str | os.PathLike, out: str | None, say: Callable[[str], None
 
 def _resolve_models(wf: Workflow) -> tuple[list[tuple[Any, Any, Any]], list[tuple[Any, Any]]]:
     """Every model and band mapping of the segment and change steps, resolved (errors name the step)."""
-    from geoseg.models.card import parse_band_option
+    from geoseg.models.bands import parse_band_option
     from geoseg.models.spec import resolve_model
 
     base = os.path.dirname(wf.path)
