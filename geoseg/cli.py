@@ -157,6 +157,7 @@ class _Group(click.Group):
             click.echo(f"geoseg: error: {exc.format_message().rstrip('.')}; {fix}see '{where} --help'", err=True)
             ctx.exit(1)
         except Exception as exc:
+            from geoseg.commands.flags import as_flags
             from geoseg.errors import GeosegError
 
             if not isinstance(exc, GeosegError) or (ctx.obj and ctx.obj.get("verbose", 0) > 0):
@@ -164,7 +165,8 @@ class _Group(click.Group):
             # one line: drop indented traceback text a message may embed (TorchScript errors carry one)
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln[:1].isspace()]
             lines = [ln for ln in lines if not ln.startswith("Traceback ")]
-            click.echo(f"geoseg: error: {' '.join(lines)}", err=True)
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            click.echo(f"geoseg: error: {as_flags(' '.join(lines), command)}", err=True)  # the API's keywords as flags
             ctx.exit(1)
 
 
