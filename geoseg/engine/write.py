@@ -36,6 +36,7 @@ from geoseg.io.outdir import (
     sweep_staging,
     write_json_atomic,
 )
+from geoseg.io.styles import mask_colormap, publish_mask_sidecars, write_mask_sidecars
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,7 @@ def write(
             )
         card = job.card if job else None
         table = list(card.classes) if card and card.classes else list(classes or [])
-        colormap = {c.id: (*c.color, 255) for c in table} or None
+        colormap = mask_colormap(table)  # background classes and nodata transparent (issue 17)
         ta = time.perf_counter()
         final_mask = os.path.join(staging, mask_name)
         tags = None
@@ -363,6 +364,7 @@ def write(
                 [r["part"] for r in mask_res], final_mask, geobox, dtype="uint8", nodata=NODATA, colormap=colormap, metadata=tags
             )
             outputs = {"mask": mask_name}
+            outputs.update(write_mask_sidecars(final_mask, table))  # mask.qml, mask.tif.aux.xml: class names (issue 17)
             if plain:  # a plain image's mask also as an indexed PNG of the same size (class ids, class colours)
                 final_png = os.path.join(staging, png_name)
                 write_mask_png(final_mask, final_png, {c.id: tuple(c.color) for c in table})
@@ -380,6 +382,7 @@ def write(
                     descriptions=names,
                     mask=probabilities_dtype == "uint8",
                     overview_resampling="average",
+                    scale=1 / 255 if probabilities_dtype == "uint8" else None,  # value x scale = probability (issue 17)
                 )
                 outputs["probabilities"] = PROB_NAME
         except OutputError as exc:
@@ -400,6 +403,7 @@ def write(
                 report["warnings"].append(lost["warning"])
         # Move finished files into place (same filesystem: atomic renames), run.json last.
         os.replace(final_mask, os.path.join(out_dir, mask_name))
+        publish_mask_sidecars(final_mask, out_dir)  # beside the mask; stale ones removed (issue 17)
         if plain:
             os.replace(final_png, os.path.join(out_dir, png_name))
         if probs is not None:
