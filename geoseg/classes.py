@@ -100,7 +100,7 @@ def default_palette(n: int) -> list[tuple[int, int, int]]:
 
 def is_background(name: str) -> bool:
     """Whether a class name means a model's background (see :data:`BACKGROUND_NAMES`; any case)."""
-    return name.lower() in BACKGROUND_NAMES
+    return name.strip().lower() in BACKGROUND_NAMES
 
 
 def _words(name: str) -> list[str]:

@@ -194,6 +194,7 @@ def _labels(lay: dict, truth: np.ndarray, date: int, transform, path: str, layer
     for geom, value in features.shapes(truth, mask=mask, transform=transform):
         rows.append((CLASSES[int(value)], shapely.geometry.shape(geom)))
     from geoseg.vector.geometry import pixel_to_world
+    from geoseg.vector.writers import GPKG_VERSION
 
     def world(geoms: list) -> list:
         return list(pixel_to_world(np.asarray(geoms, dtype=object), transform)) if geoms else []
@@ -203,7 +204,7 @@ def _labels(lay: dict, truth: np.ndarray, date: int, transform, path: str, layer
     rows += [("ship", g) for g in world(lay["ships"][date])]
     rows += [("storage_tank", g) for g in world(lay["tanks"])]
     df = gpd.GeoDataFrame({"class": [r[0] for r in rows], "date": DATES[date]}, geometry=[r[1] for r in rows], crs=CRS)
-    df.to_file(path, layer=layer, driver="GPKG")
+    df.to_file(path, layer=layer, driver="GPKG", VERSION=GPKG_VERSION)
 
 
 def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) -> dict[str, str]:
@@ -234,6 +235,7 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
 
     from geoseg.models.indices import export_index_landcover
     from geoseg.vector.geometry import pixel_to_world
+    from geoseg.vector.writers import GPKG_VERSION
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -277,7 +279,7 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
     for layer, geoms in change.items():
         world = pixel_to_world(np.array(geoms, dtype=object), transform) if geoms else []
         gpd.GeoDataFrame({"class": [layer] * len(world)}, geometry=list(world), crs=CRS).to_file(
-            labels, layer=layer, driver="GPKG"
+            labels, layer=layer, driver="GPKG", VERSION=GPKG_VERSION
         )
     paths["labels"] = labels
     paths["model"] = export_index_landcover(os.path.join(out_dir, "landcover.onnx"))
@@ -316,6 +318,8 @@ def write_halves(out_dir: str, size: int, block: int = 512) -> dict[str, str]:
     import geopandas as gpd
     import shapely
 
+    from geoseg.vector.writers import GPKG_VERSION
+
     x0, y0 = ORIGIN
     n = -(-size // block)
     halves: dict[str, list] = {"train_half": [], "holdout_half": []}
@@ -329,6 +333,7 @@ def write_halves(out_dir: str, size: int, block: int = 512) -> dict[str, str]:
         path = os.path.join(out_dir, f"{name}.gpkg")
         if os.path.exists(path):
             os.remove(path)
-        gpd.GeoDataFrame({"name": [name]}, geometry=[shapely.union_all(boxes)], crs=CRS).to_file(path, driver="GPKG")
+        half = gpd.GeoDataFrame({"name": [name]}, geometry=[shapely.union_all(boxes)], crs=CRS)
+        half.to_file(path, driver="GPKG", VERSION=GPKG_VERSION)
         out[name] = path
     return out

@@ -20,7 +20,8 @@ from affine import Affine
 from shapely.geometry import box
 
 from geoseg.errors import InputError, OutputError
-from geoseg.vector.qgis import layer_qml, store_styles, write_project
+from geoseg.vector.project import write_project
+from geoseg.vector.qgis import layer_qml, store_styles
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 CHECK_SCRIPT = Path(__file__).with_name("qgis_check.py")
@@ -156,7 +157,7 @@ def test_store_styles_replaces_and_checks_layers(tmp_path: Path) -> None:
     try:
         rows = con.execute("SELECT f_table_name, styleQML FROM layer_styles ORDER BY f_table_name").fetchall()
         assert [r[0] for r in rows] == ["buildings", "water"]
-        assert '"1,2,3,128"' in rows[1][1]
+        assert '"1,2,3,26"' in rows[1][1]  # default fill 10 % (issue 17: outlines over the mask)
         assert con.execute("SELECT count(*) FROM gpkg_contents WHERE table_name = 'layer_styles'").fetchone() == (1,)
     finally:
         con.close()
@@ -178,17 +179,19 @@ def test_project_is_a_zipped_qgs_with_relative_sources(output: Path) -> None:
         assert ml.findtext("srs/spatialrefsys/authid") == CRS
     # legend order: vectors above the raster, all switched on
     tree = root.findall("layer-tree-group/layer-tree-layer")
-    assert [n.get("name") for n in tree] == ["Buildings", "Water", "classes"]
+    assert [n.get("name") for n in tree] == ["Buildings", "Water", "Class mask"]  # issue 17: names a user reads
     assert all(n.get("checked") == "Qt::Checked" for n in tree)
     fill = layers[0].find("renderer-v2/symbols/symbol/layer/Option")
-    assert {o.get("name"): o.get("value") for o in fill}["color"] == "220,40,40,128"
+    assert {o.get("name"): o.get("value") for o in fill}["color"] == "220,40,40,26"  # faint fill (issue 17)
     assert layers[2].find("pipe/rasterrenderer").get("type") == "paletted"
     palette = layers[2].findall("pipe/rasterrenderer/colorPalette/paletteEntry")
-    assert [(p.get("value"), p.get("color"), p.get("label")) for p in palette] == [
-        ("0", "#c8c8c8", "background"),
-        ("1", "#dc2828", "buildings"),
-        ("2", "#1e64dc", "water"),
+    # issue 17: background transparent (alpha 0), legend labels as a user reads them, mask half transparent
+    assert [(p.get("value"), p.get("color"), p.get("alpha"), p.get("label")) for p in palette] == [
+        ("0", "#c8c8c8", "0", "Background"),
+        ("1", "#dc2828", "255", "Buildings"),
+        ("2", "#1e64dc", "255", "Water"),
     ]
+    assert layers[2].find("pipe/rasterrenderer").get("opacity") == "0.5"
     assert not [p for p in os.listdir(output) if ".tmp-" in p]
 
 
@@ -266,13 +269,13 @@ def test_qgis_opens_gpkg_layers_with_default_style(qgis_view: dict) -> None:
         assert info["styles_in_db"] >= 1
         assert info["renderer"] == "singleSymbol"
         assert info["symbol_class"] == "SimpleFill"
-        assert info["symbol_color"] == [*colors[name], 128]
+        assert info["symbol_color"] == [*colors[name], 26]  # faint fill, opaque outline (issue 17)
         assert info["stroke_color"] == [*colors[name], 255]
         assert info["stroke_width"] == pytest.approx(0.4)
         assert info["class_property"] == name
         sidecar = info["qml_file"]  # styles/<layer>.qml through QgsVectorLayer.loadNamedStyle
         assert sidecar["loaded"], sidecar["message"]
-        assert sidecar["symbol_color"] == [*colors[name], 128]
+        assert sidecar["symbol_color"] == [*colors[name], 26]
 
 
 @needs_qgis
@@ -287,7 +290,7 @@ def test_qgis_reads_the_project(qgis_view: dict) -> None:
     assert cx0 <= X0 and cy0 <= Y0 - SIZE * RES and cx1 >= X0 + SIZE * RES and cy1 >= Y0
     assert (cx1 - cx0) * (cy1 - cy0) < 4 * (SIZE * RES) ** 2
     names = [layer["name"] for layer in proj["layers"]]
-    assert names == ["Buildings", "Water", "classes"]
+    assert names == ["Buildings", "Water", "Class mask"]
     for layer in proj["layers"]:
         assert layer["valid"], layer
         assert layer["visible"], layer
@@ -296,11 +299,12 @@ def test_qgis_reads_the_project(qgis_view: dict) -> None:
     for layer in proj["layers"][:2]:
         assert layer["type"] == "vector" and layer["renderer"] == "singleSymbol"
         assert layer["features"] == FEATURES[layer["name"].lower()]
-        assert layer["symbol_color"] == [*colors[layer["name"].lower()], 128]
+        assert layer["symbol_color"] == [*colors[layer["name"].lower()], 26]
     raster = proj["layers"][2]
     assert raster["type"] == "raster" and raster["renderer"] == "paletted"
     assert raster["class_count"] == len(CLASSES)
-    assert raster["classes"] == [[k, [*rgb, 255], name] for k, (rgb, name) in CLASSES.items()]
+    # background transparent, the others opaque (the layer itself is drawn at 50 %); labels capitalised (issue 17)
+    assert raster["classes"] == [[k, [*rgb, 0 if k == 0 else 255], name.capitalize()] for k, (rgb, name) in CLASSES.items()]
 
 
 @needs_qgis
@@ -345,7 +349,8 @@ def test_qgis_opens_real_vectorize_output(vectorized: Path, tmp_path_factory: py
         assert info["styles_in_db"] >= 1 and info["symbol_color"][:3] == expected[name][1]
     proj = view["project"]
     assert proj["read"] and proj["crs"] == "EPSG:32632"
-    assert [ly["name"] for ly in proj["layers"]] == [*expected, "mask"]
+    # issue 17: layers named as a user reads them (no run.json beside this mask: no imagery layer)
+    assert [ly["name"] for ly in proj["layers"]] == [*(n.replace("_", " ").capitalize() for n in expected), "Class mask"]
     for layer in proj["layers"]:
         assert layer["valid"] and layer["crs"] == "EPSG:32632", layer
     assert proj["layers"][-1]["renderer"] == "paletted"

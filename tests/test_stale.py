@@ -744,7 +744,10 @@ def test_long_cjk_and_nul_class_names_give_files_and_a_valid_project(tmp_path: P
 
     root = ET.fromstring(text.split("\n", 1)[1])  # valid XML: the NUL is replaced, not written raw
     labels = [e.get("label") for e in root.iter("paletteEntry")]
-    assert "x" * 300 in labels and "森" * 100 in labels and "a\ufffdb" in labels
+    # legend labels start with a capital (issue 17); the class names themselves are kept in the RAT and category names
+    assert "X" + "x" * 299 in labels and "森" * 100 in labels and "A\ufffdb" in labels
+    aux = ET.fromstring((out / "mask.tif.aux.xml").read_text(encoding="utf-8"))
+    assert [c.text for c in aux.iter("Category")] == ["background", "x" * 300, "森" * 100, "a\ufffdb"]
 
 
 def test_workflow_crs_and_aoi_errors_come_before_any_segmentation(tmp_path: Path, torchscript_model: Path) -> None:
@@ -840,4 +843,4 @@ def test_a_damaged_staging_folder_is_started_afresh(
     with dask.config.set(scheduler="synchronous"):
         report = geoseg.write(geoseg.predict(str(src), str(torchscript_model), tile=32, halo=4, chunk=24), out)
     assert report["resumed_chunks"] == 0 and report["tiles"]["chunks"] == 4
-    assert sorted(os.listdir(out)) == ["mask.tif", "run.json"]
+    assert sorted(os.listdir(out)) == ["mask.qml", "mask.tif", "mask.tif.aux.xml", "run.json"]  # + class names (issue 17)

@@ -56,7 +56,7 @@ class ChangeReport(Record):
 
     def files(self) -> list[str]:
         """Every file of the change map and its polygons, relative to :attr:`folder` (the dates' masks not included)."""
-        return ["change.tif", "run.json", *self.vectors.files()]
+        return [*self.record["outputs"].values(), "run.json", *self.vectors.files()]
 
 
 def change(

@@ -31,6 +31,7 @@ from geoseg.grid import GeoBox, Window, chunk_windows
 from geoseg.io.cog import Part, assemble_cog
 from geoseg.io.mask import CLASSES_TAG, OBJECTS_TAG, PNG_MAX_PIXELS, write_mask_png
 from geoseg.io.outdir import check_is_folder, disk_full_error, disk_full_reason, existing_outputs, output_lock, write_json_atomic
+from geoseg.io.styles import mask_colormap, publish_mask_sidecars, write_mask_sidecars
 
 log = logging.getLogger(__name__)
 
@@ -343,10 +344,11 @@ def _check_results(target: _Target, mask_res: list[dict]) -> tuple[np.ndarray, d
 def _assemble(target: _Target, stage: Staging, mask_res: list[dict], prob_parts: list[Part]) -> dict[str, str]:
     """The staged COG(s) (and a plain image's PNG) from the parts; the outputs for run.json."""
     try:
-        final_mask, colormap = stage.file(target.mask_name), {c.id: (*c.color, 255) for c in target.table} or None
+        final_mask, colormap = stage.file(target.mask_name), mask_colormap(target.table)  # background, nodata transparent
         parts = [r["part"] for r in mask_res]
         assemble_cog(parts, final_mask, target.geobox, dtype="uint8", nodata=NODATA, colormap=colormap, metadata=_tags(target))
         outputs = {"mask": target.mask_name}
+        outputs.update(write_mask_sidecars(final_mask, target.table))  # mask.qml, mask.tif.aux.xml: class names
         if target.plain:  # a plain image's mask also as an indexed PNG of the same size (class ids, class colours)
             write_mask_png(final_mask, stage.file(target.png_name), {c.id: tuple(c.color) for c in target.table})
             outputs["mask_png"] = target.png_name
@@ -362,6 +364,7 @@ def _assemble(target: _Target, stage: Staging, mask_res: list[dict], prob_parts:
                 descriptions=names,
                 mask=target.prob_dtype == "uint8",
                 overview_resampling="average",
+                scale=1 / 255 if target.prob_dtype == "uint8" else None,  # value x scale = probability
             )
             outputs["probabilities"] = PROB_NAME
     except OutputError as exc:
@@ -391,6 +394,7 @@ def _publish(target: _Target, stage: Staging, overwrite: bool) -> None:
     """Move the finished files into place (same filesystem: atomic renames); run.json comes after."""
     out_dir = target.out_dir
     os.replace(stage.file(target.mask_name), os.path.join(out_dir, target.mask_name))
+    publish_mask_sidecars(stage.file(target.mask_name), out_dir)  # beside the mask; stale ones removed
     if target.plain:
         os.replace(stage.file(target.png_name), os.path.join(out_dir, target.png_name))
     if target.probs is not None:

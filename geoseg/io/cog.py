@@ -184,6 +184,31 @@ def read_part(path: str, window: Window, count: int, dtype: str) -> tuple[np.nda
         return None
 
 
+def _sources(parts: Sequence[Part], band: str) -> list[str]:
+    """VRT lines placing ``band`` of every part at its window."""
+    out = []
+    for p in parts:
+        w = p.window
+        out += [
+            "    <SimpleSource>",
+            f'      <SourceFilename relativeToVRT="0">{escape(os.path.abspath(p.path))}</SourceFilename>',
+            f"      <SourceBand>{band}</SourceBand>",
+            f'      <SrcRect xOff="0" yOff="0" xSize="{w.width}" ySize="{w.height}"/>',
+            f'      <DstRect xOff="{w.col_off}" yOff="{w.row_off}" xSize="{w.width}" ySize="{w.height}"/>',
+            "    </SimpleSource>",
+        ]
+    return out
+
+
+def _color_table(colormap: dict[int, tuple[int, int, int, int]]) -> list[str]:
+    """VRT lines of a band's palette: 256 entries, those not in ``colormap`` transparent black."""
+    lines = ["    <ColorInterp>Palette</ColorInterp>", "    <ColorTable>"]
+    for k in range(256):
+        r, g, b, a = colormap.get(k, (0, 0, 0, 0))
+        lines.append(f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>')
+    return [*lines, "    </ColorTable>"]
+
+
 def _vrt_xml(
     parts: Sequence[Part],
     geobox: GeoBox,
@@ -194,6 +219,7 @@ def _vrt_xml(
     descriptions: Sequence[str] | None,
     mask: bool,
     metadata: dict[str, str] | None = None,
+    scale: float | None = None,
 ) -> str:
     from rasterio.dtypes import _gdal_typename
 
@@ -209,40 +235,23 @@ def _vrt_xml(
         lines += [f'    <MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in metadata.items()]
         lines.append("  </Metadata>")
 
-    def sources(band: str) -> list[str]:
-        out = []
-        for p in parts:
-            w = p.window
-            out += [
-                "    <SimpleSource>",
-                f'      <SourceFilename relativeToVRT="0">{escape(os.path.abspath(p.path))}</SourceFilename>',
-                f"      <SourceBand>{band}</SourceBand>",
-                f'      <SrcRect xOff="0" yOff="0" xSize="{w.width}" ySize="{w.height}"/>',
-                f'      <DstRect xOff="{w.col_off}" yOff="{w.row_off}" xSize="{w.width}" ySize="{w.height}"/>',
-                "    </SimpleSource>",
-            ]
-        return out
-
     for b in range(1, count + 1):
         lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">')
         if nodata is not None:
             lines.append(f"    <NoDataValue>{nodata!r}</NoDataValue>")
+        if scale is not None:  # value x scale + offset = the quantity (GDAL band metadata)
+            lines += ["    <Offset>0</Offset>", f"    <Scale>{scale!r}</Scale>"]
         if descriptions:
             lines.append(f"    <Description>{escape(descriptions[b - 1])}</Description>")
         if colormap and b == 1:
-            lines.append("    <ColorInterp>Palette</ColorInterp>")
-            lines.append("    <ColorTable>")
-            for k in range(256):
-                r, g, bl, a = colormap.get(k, (0, 0, 0, 0))
-                lines.append(f'      <Entry c1="{r}" c2="{g}" c3="{bl}" c4="{a}"/>')
-            lines.append("    </ColorTable>")
-        lines += sources(str(b))
+            lines += _color_table(colormap)
+        lines += _sources(parts, str(b))
         lines.append("  </VRTRasterBand>")
     if mask:
         lines += [
             "  <MaskBand>",
             '    <VRTRasterBand dataType="Byte">',
-            *sources("mask,1"),
+            *_sources(parts, "mask,1"),
             "    </VRTRasterBand>",
             "  </MaskBand>",
         ]
@@ -264,6 +273,7 @@ def assemble_cog(
     overview_resampling: str = "mode",
     blocksize: int = 512,
     metadata: dict[str, str] | None = None,
+    scale: float | None = None,
 ) -> str:
     """Stream chunk parts into one Cloud-Optimized GeoTIFF, atomically.
 
@@ -293,6 +303,8 @@ def assemble_cog(
         Internal tile size.
     metadata : dict, optional
         Dataset metadata items (GDAL tags) to store in the file.
+    scale : float, optional
+        Scale of every band (offset 0), e.g. 1/255 for probabilities stored as 0-255.
 
     Returns
     -------
@@ -310,7 +322,7 @@ def assemble_cog(
     native = {"text": ""}  # what libtiff printed (it says "No space left on device" where GDAL's error does not)
     try:
         with open(vrt, "w") as f:
-            f.write(_vrt_xml(parts, geobox, dtype, count, nodata, colormap, descriptions, mask, metadata))
+            f.write(_vrt_xml(parts, geobox, dtype, count, nodata, colormap, descriptions, mask, metadata, scale))
 
         options = {
             "COMPRESS": "DEFLATE",

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import shapely
 
-from geoseg.classes import default_palette
 from geoseg.errors import OutputError, OutputExistsError
 from geoseg.io.mask import MaskClass, MaskSource
 from geoseg.io.outdir import check_is_folder, existing_outputs, fsync_replace
@@ -321,25 +320,44 @@ def _write_project(
     staged: dict,
     written: dict,
 ) -> None:
-    """``project.qgz``: the mask (by its path relative to ``out_dir``) and every GeoPackage layer, styled."""
+    """``project.qgz``: the input imagery, the mask (by paths relative to ``out_dir``) and every GeoPackage layer, styled."""
+    from geoseg.io.styles import legend_label
     from geoseg.vector import qgis
+    from geoseg.vector.project import mask_classes, write_project
 
     gb = src.geobox
     mask_rel = os.path.relpath(src.path, out_dir)
-    raster = (mask_rel, "mask", {c.id: (tuple(c.color), c.name) for c in _mask_classes(src)}) if src.classes else None
+    raster = (mask_rel, "mask", {c.id: (tuple(c.color), c.name) for c in mask_classes(src)}) if src.classes else None
     path = os.path.join(out, PROJECT_NAME)
-    qgis.write_project(
+    write_project(
         path,
         title=f"geoseg {os.path.basename(src.path)}",
         crs=out_crs,
         extent=_extent(parts, layers, gb, out_crs),
         raster=raster,
-        vectors=[(GPKG_NAME, ly.name, ly.name) for ly in layers],
+        vectors=[(GPKG_NAME, ly.name, legend_label(ly.name)) for ly in layers],
         qml={ly.name: qgis.layer_qml(ly.color, label=ly.name) for ly in layers},
         raster_crs=gb.crs,
+        imagery=_imagery(src, out_dir),
     )
     staged[PROJECT_NAME] = path
     written["project"] = PROJECT_NAME
+
+
+def _imagery(src: MaskSource, out_dir: str):
+    """The mask's input imagery (its run.json's ``input.path``) and its stretch, by its path from ``out_dir``; or None."""
+    import dataclasses
+
+    from geoseg.io.styles import true_colour
+    from geoseg.vector.project import project_source
+
+    image = _source_image(src)
+    if image == src.path:
+        return None
+    if not os.path.isabs(image) and not os.path.exists(image):  # a relative path run.json kept: try beside the mask
+        image = os.path.join(os.path.dirname(src.path), image)
+    found = true_colour(image)
+    return dataclasses.replace(found, path=project_source(image, out_dir)) if found is not None else None
 
 
 def _source_image(src: MaskSource) -> str:
@@ -418,11 +436,6 @@ def publish(out_dir: str, staged: dict[str, str]) -> None:
                 os.remove(final)
     except OSError as exc:
         raise OutputError(f"{final}: could not put the new file in place ({exc}); check the folder and rerun") from exc
-
-
-def _mask_classes(src: MaskSource) -> list[MaskClass]:
-    palette = default_palette(256)
-    return [c if c.color else MaskClass(c.id, c.name, tuple(palette[c.id % len(palette)])) for c in src.classes]
 
 
 def _extent(parts, layers, gb, out_crs) -> tuple[float, float, float, float] | None:

@@ -19,11 +19,14 @@ import shapely
 from geoseg.errors import OutputError
 from geoseg.vector.geometry import reproject
 
-__all__ = ["FORMATS", "PIXEL_SPACE_MEMBER", "Layer", "layer_batches", "write_layer"]
+__all__ = ["FORMATS", "GPKG_VERSION", "PIXEL_SPACE_MEMBER", "Layer", "layer_batches", "write_layer"]
 
 FORMATS = ("geojson", "gpkg", "fgb", "parquet")
 EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "fgb": ".fgb", "parquet": ".parquet"}
 _DRIVERS = {"geojson": "GeoJSON", "gpkg": "GPKG", "fgb": "FlatGeobuf"}
+#: GeoPackage version written: GDAL 3.6 / QGIS 3.22 read 1.3 without a "may only be partially
+#: supported" warning on every open (GDAL >= 3.7 writes 1.4 by default)
+GPKG_VERSION = "1.3"
 #: Top-level member of a pixel-space GeoJSON (a plain image): its coordinates are not lon/lat.
 PIXEL_SPACE_MEMBER = {
     "geoseg:coordinate_space": "pixel",
@@ -170,12 +173,14 @@ def write_layer(
         import pyogrio
 
         options: dict[str, object] = {}
+        dataset: dict[str, object] = {}
         if fmt == "geojson" and crs:
             options = {"RFC7946": "YES", "COORDINATE_PRECISION": precision, "WRITE_NAME": "NO"}
         elif fmt == "geojson":  # pixel space: plain GeoJSON, no CRS, and the file says so
             options = {"WRITE_NAME": "NO", "FOREIGN_MEMBERS_COLLECTION": json.dumps(PIXEL_SPACE_MEMBER)}
         elif fmt == "gpkg":
             options = {"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": "geom"}
+            dataset = {"VERSION": GPKG_VERSION}
         elif fmt == "fgb":
             options = {"SPATIAL_INDEX": "YES"}
         with warnings.catch_warnings():
@@ -189,6 +194,7 @@ def write_layer(
                 geometry_type=geometry_type,
                 crs=crs,
                 layer_options=options,
+                dataset_options=dataset,
             )
     except Exception as exc:  # GDAL errors surface as pyogrio's own exception types ("Cannot write feature")
         if not isinstance(exc, OSError) and not type(exc).__module__.startswith(("pyogrio", "pyarrow")):
