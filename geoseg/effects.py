@@ -264,30 +264,11 @@ def portrait_blur(
     --------
     >>> portrait_blur("me.jpg", "me_blur.jpg")  # doctest: +SKIP
     """
-    from PIL import Image
-
     t0 = time.perf_counter()
     image, out = os.fspath(image), os.fspath(out)
     mask_path = os.fspath(mask_out) if mask_out is not None else None
-    if not 0.0 < threshold <= 1.0:
-        raise InputError(f"threshold {threshold}: must be in (0, 1]; 0.5 is the usual person cut")
-    if sigma is not None and not sigma > 0:
-        raise InputError(f"sigma {sigma}: the blur's standard deviation must be > 0 pixels")
-    if feather is not None and not feather >= 0:
-        raise InputError(f"feather {feather}: the soft edge width must be >= 0 pixels")
-    if mask_path is not None and os.path.abspath(mask_path) == os.path.abspath(out):
-        raise InputError(f"{out}: the mask and the image would overwrite each other; give mask_out another name")
-    _check_out(out, overwrite)
-    if mask_path is not None:
-        _check_out(mask_path, overwrite)
-        mask_fmt = _save_format(mask_path, "mask", alpha=False)
-
-    im = _read_image(image)
-    n_color = _MODES[im.mode]
-    fmt = _save_format(out, "output", alpha=im.mode in ("RGBA", "LA"))
-    arr = np.asarray(im)
-    arr = arr[..., None] if arr.ndim == 2 else arr
-    color, extra = arr[..., :n_color], arr[..., n_color:]
+    mask_fmt = _check_options(out, mask_path, threshold, sigma, feather, overwrite)
+    im, fmt, color, extra = _load_image(image, out)
     t_read = time.perf_counter()
 
     if _is_selfie(model):
@@ -296,44 +277,21 @@ def portrait_blur(
         person, model_name, backend = _user_person(model, device)
     t_load = time.perf_counter()
 
-    rgb = np.ascontiguousarray(color if n_color == 3 else np.repeat(color, 3, axis=2))
     exif = im.getexif()
-    upright = _UPRIGHT.get(int(exif.get(0x0112, 1) or 1))
-    if upright:  # the model sees the photo upright; the probability goes back to the stored layout
-        turned = np.asarray(Image.fromarray(rgb).transpose(getattr(Image.Transpose, upright[0])))
-        prob = np.asarray(Image.fromarray(person(np.ascontiguousarray(turned))).transpose(getattr(Image.Transpose, upright[1])))
-    else:
-        prob = person(rgb)
-    if prob.shape != color.shape[:2]:  # pragma: no cover - guarded by the model wrappers
-        raise ModelError(f"{model_name}: person map of shape {prob.shape} for an image of {color.shape[:2]}")
+    prob = _person_probability(person, color, exif, model_name)
     t_model = time.perf_counter()
 
     h, w = color.shape[:2]
     sigma = float(sigma) if sigma is not None else max(2.0, 0.015 * max(h, w))
     feather = float(feather) if feather is not None else sigma / 3.0
     core, alpha = _matte(prob, threshold, feather)
-    if core.all():
-        result = color.copy()
-    else:
-        blurred = _background_blur(color, core, sigma)
-        a = alpha[..., None]
-        result = np.clip(np.rint(a * color + (1.0 - a) * blurred), 0, 255).astype(np.uint8)
-        result[core] = color[core]  # the person, bit-exact
+    result = _composite(color, core, alpha, sigma)
     merged = np.concatenate([result, extra], axis=2) if extra.shape[2] else result
     t_blur = time.perf_counter()
 
-    params: dict[str, Any] = {}
-    if im.info.get("icc_profile"):
-        params["icc_profile"] = im.info["icc_profile"]
-    if len(exif) and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
-        params["exif"] = exif.tobytes()
-    if fmt == "JPEG":
-        params["quality"] = 95
-    _write(Image.fromarray(merged[..., 0] if merged.shape[2] == 1 else merged), out, fmt, params)
+    _write(_as_image(merged), out, fmt, _save_params(im, exif, fmt))
     if mask_path is not None:
-        matte = np.clip(np.rint(alpha * 255.0), 0, 254).astype(np.uint8)
-        matte[core] = 255  # 255 exactly on the person pixels (left bit-exact)
-        _write(Image.fromarray(matte), mask_path, mask_fmt, {})
+        _write(_as_image(_matte_image(core, alpha)), mask_path, mask_fmt, {})
     t_end = time.perf_counter()
 
     return {
@@ -358,3 +316,85 @@ def portrait_blur(
         },
         "seconds": t_end - t0,
     }
+
+
+def _check_options(
+    out: str, mask_path: str | None, threshold: float, sigma: float | None, feather: float | None, overwrite: bool
+) -> str | None:
+    """Refuse options out of range and outputs that exist (or clash) before anything is read; the mask's format."""
+    if not 0.0 < threshold <= 1.0:
+        raise InputError(f"threshold {threshold}: must be in (0, 1]; 0.5 is the usual person cut")
+    if sigma is not None and not sigma > 0:
+        raise InputError(f"sigma {sigma}: the blur's standard deviation must be > 0 pixels")
+    if feather is not None and not feather >= 0:
+        raise InputError(f"feather {feather}: the soft edge width must be >= 0 pixels")
+    if mask_path is not None and os.path.abspath(mask_path) == os.path.abspath(out):
+        raise InputError(f"{out}: the mask and the image would overwrite each other; give mask_out another name")
+    _check_out(out, overwrite)
+    if mask_path is None:
+        return None
+    _check_out(mask_path, overwrite)
+    return _save_format(mask_path, "mask", alpha=False)
+
+
+def _load_image(image: str, out: str) -> tuple[Any, str, np.ndarray, np.ndarray]:
+    """The image, the output's format, and its pixels as colour channels and the rest (alpha), ``(H, W, C)`` each."""
+    im = _read_image(image)
+    n_color = _MODES[im.mode]
+    fmt = _save_format(out, "output", alpha=im.mode in ("RGBA", "LA"))
+    arr = np.asarray(im)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    return im, fmt, arr[..., :n_color], arr[..., n_color:]
+
+
+def _person_probability(person: Callable[[np.ndarray], np.ndarray], color: np.ndarray, exif: Any, model_name: str) -> np.ndarray:
+    """The person probability of every pixel; the model sees the photo upright, the result keeps the stored layout."""
+    from PIL import Image
+
+    rgb = np.ascontiguousarray(color if color.shape[2] == 3 else np.repeat(color, 3, axis=2))
+    upright = _UPRIGHT.get(int(exif.get(0x0112, 1) or 1))
+    if upright:
+        turned = np.asarray(Image.fromarray(rgb).transpose(getattr(Image.Transpose, upright[0])))
+        prob = np.asarray(Image.fromarray(person(np.ascontiguousarray(turned))).transpose(getattr(Image.Transpose, upright[1])))
+    else:
+        prob = person(rgb)
+    if prob.shape != color.shape[:2]:  # pragma: no cover - guarded by the model wrappers
+        raise ModelError(f"{model_name}: person map of shape {prob.shape} for an image of {color.shape[:2]}")
+    return prob
+
+
+def _composite(color: np.ndarray, core: np.ndarray, alpha: np.ndarray, sigma: float) -> np.ndarray:
+    """The original weighted by ``alpha`` over the blurred background; the person core bit-exact."""
+    if core.all():
+        return color.copy()
+    blurred = _background_blur(color, core, sigma)
+    a = alpha[..., None]
+    result = np.clip(np.rint(a * color + (1.0 - a) * blurred), 0, 255).astype(np.uint8)
+    result[core] = color[core]  # the person, bit-exact
+    return result
+
+
+def _save_params(im: Any, exif: Any, fmt: str) -> dict[str, Any]:
+    """Pillow save options that carry the input's colour profile and EXIF over (JPEG at quality 95)."""
+    params: dict[str, Any] = {}
+    if im.info.get("icc_profile"):
+        params["icc_profile"] = im.info["icc_profile"]
+    if len(exif) and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        params["exif"] = exif.tobytes()
+    if fmt == "JPEG":
+        params["quality"] = 95
+    return params
+
+
+def _matte_image(core: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The matte as 8-bit: 255 exactly on the person pixels (left bit-exact), 0 to 254 elsewhere."""
+    matte = np.clip(np.rint(alpha * 255.0), 0, 254).astype(np.uint8)
+    matte[core] = 255
+    return matte
+
+
+def _as_image(arr: np.ndarray):
+    """A Pillow image of ``(H, W)`` or ``(H, W, C)`` pixels (a single channel as greyscale)."""
+    from PIL import Image
+
+    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)

@@ -61,23 +61,59 @@ def _rect(cx: float, cy: float, length: float, width: float, angle: float):
 
 
 def _layout(rng: np.random.Generator, size: int) -> dict:
-    """Shapes in pixel coordinates (x = column, y = row) for both dates."""
+    """Shapes in pixel coordinates (x = column, y = row) for both dates.
+
+    The shapes are drawn in a fixed order from ``rng`` (the same seed gives the same scene):
+    water, forest, building quarter, tank farm, the second date's changes, then the ships.
+    """
+    s = size
+    basin, water = _water(rng, s)
+    forest = _forest(rng, s, water)
+    quarter, road_u, buildings = _building_quarter(rng, s)
+    pad, tanks = _tank_farm(rng, s)
+    forest = forest.difference(pad.buffer(4))
+    # second date: a clear-cut in the forest, new buildings on grassland, other ships
+    cut, new_buildings = _second_date(rng, s, forest, water, quarter, pad)
+    return {
+        "water": water,
+        "forest": forest,
+        "roads": road_u,
+        "buildings": buildings,
+        "pad": pad,
+        "tanks": tanks,
+        "ships": [_ships(rng, s, basin, 24), _ships(rng, s, basin, 20)],
+        "cut": cut,
+        "new_buildings": new_buildings,
+    }
+
+
+def _water(rng: np.random.Generator, s: int) -> tuple:
+    """The harbour basin (a wavy band across the south) and all water (basin and a lake)."""
     import shapely
 
-    s = size
     t = np.linspace(0, 1, 200)
     top = 0.64 * s + 0.02 * s * np.sin(t * 9 + rng.random() * 6)
     bottom = 0.86 * s + 0.02 * s * np.sin(t * 7 + rng.random() * 6)
     basin = shapely.Polygon(list(zip(t * s, top, strict=True)) + list(zip(t[::-1] * s, bottom[::-1], strict=True)))
     lake = shapely.Point(0.15 * s, 0.55 * s).buffer(0.05 * s, 64)
-    water = shapely.union_all([basin, lake])
-    # forest: a lobed blob in the north-east, and a few woods
+    return basin, shapely.union_all([basin, lake])
+
+
+def _forest(rng: np.random.Generator, s: int, water):
+    """A lobed blob in the north-east and a few woods, off the water."""
+    import shapely
+
     angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
     radius = 0.2 * s * (1 + 0.18 * np.sin(3 * angles + rng.random() * 6) + 0.08 * np.sin(7 * angles))
     forest = shapely.Polygon(np.column_stack([0.76 * s + radius * np.cos(angles), 0.26 * s + 0.8 * radius * np.sin(angles)]))
     woods = [shapely.Point(x * s, y * s).buffer(r * s, 32) for x, y, r in ((0.1, 0.92, 0.04), (0.35, 0.93, 0.03))]
-    forest = shapely.union_all([forest, *woods]).difference(water)
-    # building quarter: blocks between roads in the north-west
+    return shapely.union_all([forest, *woods]).difference(water)
+
+
+def _building_quarter(rng: np.random.Generator, s: int) -> tuple:
+    """The quarter in the north-west, its road grid (one geometry), and buildings in the blocks between roads."""
+    import shapely
+
     step = 64
     roads, buildings = [], []
     quarter = shapely.box(0.03 * s, 0.03 * s, 0.5 * s, 0.5 * s)
@@ -96,29 +132,26 @@ def _layout(rng: np.random.Generator, size: int) -> dict:
                 b = b.intersection(quarter)
                 if not b.intersects(road_u) and not any(b.buffer(2).intersects(o) for o in buildings):
                     buildings.append(b)
-    # tank farm on a concrete pad, east of the quarter, north of the basin
+    return quarter, road_u, buildings
+
+
+def _tank_farm(rng: np.random.Generator, s: int) -> tuple:
+    """A concrete pad east of the quarter, north of the basin, with two rows of tanks."""
+    import shapely
+
     pad = shapely.box(0.55 * s, 0.5 * s, 0.95 * s, 0.61 * s)
     tanks = []
     for x in np.arange(0.57 * s, 0.93 * s, 0.05 * s):
         for y in (0.525 * s, 0.585 * s):
             r = rng.uniform(6, 12)
             tanks.append(shapely.Point(x + rng.uniform(-3, 3), y + rng.uniform(-2, 2)).buffer(r, 32))
-    forest = forest.difference(pad.buffer(4))
+    return pad, tanks
 
-    def ships(n: int) -> list:
-        out: list = []
-        inner = basin.buffer(-12)
-        for _ in range(200 * n):  # bounded: small scenes get fewer ships
-            if len(out) == n:
-                break
-            ln, wd = rng.uniform(20, 75), rng.uniform(5, 12)
-            cx, cy = rng.uniform(0.03 * s, 0.97 * s), rng.uniform(0.66 * s, 0.84 * s)
-            sh = _rect(cx, cy, ln, wd, rng.uniform(0, 180))
-            if inner.contains(sh) and not any(sh.buffer(6).intersects(o) for o in out):
-                out.append(sh)
-        return out
 
-    # second date: a clear-cut in the forest, new buildings on grassland, other ships
+def _second_date(rng: np.random.Generator, s: int, forest, water, quarter, pad) -> tuple:
+    """A clear-cut in the forest, and up to 14 new buildings on free grassland."""
+    import shapely
+
     angle = rng.uniform(0, 180)
     cut = _rect(0.78 * s, 0.3 * s, 0.18 * s, 0.1 * s, angle).intersection(forest)
     taken = shapely.union_all([water, forest, quarter, pad])
@@ -129,17 +162,22 @@ def _layout(rng: np.random.Generator, size: int) -> dict:
         b = _rect(rng.uniform(0.25 * s, 0.5 * s), rng.uniform(0.52 * s, 0.62 * s), rng.uniform(10, 20), rng.uniform(8, 12), 0)
         if not b.buffer(3).intersects(taken) and not any(b.buffer(3).intersects(o) for o in new_buildings):
             new_buildings.append(b)
-    return {
-        "water": water,
-        "forest": forest,
-        "roads": road_u,
-        "buildings": buildings,
-        "pad": pad,
-        "tanks": tanks,
-        "ships": [ships(24), ships(20)],
-        "cut": cut,
-        "new_buildings": new_buildings,
-    }
+    return cut, new_buildings
+
+
+def _ships(rng: np.random.Generator, s: int, basin, n: int) -> list:
+    """Up to ``n`` ships well inside the basin, apart from each other."""
+    out: list = []
+    inner = basin.buffer(-12)
+    for _ in range(200 * n):  # bounded: small scenes get fewer ships
+        if len(out) == n:
+            break
+        ln, wd = rng.uniform(20, 75), rng.uniform(5, 12)
+        cx, cy = rng.uniform(0.03 * s, 0.97 * s), rng.uniform(0.66 * s, 0.84 * s)
+        sh = _rect(cx, cy, ln, wd, rng.uniform(0, 180))
+        if inner.contains(sh) and not any(sh.buffer(6).intersects(o) for o in out):
+            out.append(sh)
+    return out
 
 
 def _paint(rng: np.random.Generator, size: int, lay: dict, date: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,20 +266,38 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
     dict
         Paths of the written files.
     """
-    import geopandas as gpd
-    import rasterio
-    from pyproj import Transformer
     from rasterio.transform import from_origin
 
     from geoseg.models.indices import export_index_landcover
-    from geoseg.vector.geometry import pixel_to_world
-    from geoseg.vector.writers import GPKG_VERSION
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     lay = _layout(rng, size)
     transform = from_origin(*ORIGIN, RES, RES)
+    labels = os.path.join(out_dir, "labels.gpkg")
+    if os.path.exists(labels):
+        os.remove(labels)
+    paths = {}
+    for date, name in enumerate(("scene.tif", "scene_after.tif")):
+        data, truth = _paint(rng, size, lay, date)
+        path = os.path.join(out_dir, name)
+        _write_scene(path, data, transform, date)
+        paths["scene" if date == 0 else "scene_after"] = path
+        _labels(lay, truth, date, transform, labels, "truth" if date == 0 else "truth_after")
+    _change_labels(lay, transform, labels)
+    paths["labels"] = labels
+    paths["model"] = export_index_landcover(os.path.join(out_dir, "landcover.onnx"))
+    paths["aoi"] = _write_aoi(os.path.join(out_dir, "aoi.geojson"), size)
+    paths.update(write_halves(out_dir, size))
+    return paths
+
+
+def _write_scene(path: str, data: np.ndarray, transform, date: int) -> None:
+    """One date's 4-band reflectance as a tiled GeoTIFF, with band names, scales and its acquisition date."""
+    import rasterio
+
+    size = data.shape[1]
     profile = {
         "driver": "GTiff",
         "width": size,
@@ -256,22 +312,22 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
         "compress": "deflate",
         "nodata": 0,
     }
-    labels = os.path.join(out_dir, "labels.gpkg")
-    if os.path.exists(labels):
-        os.remove(labels)
-    paths = {}
-    for date, name in enumerate(("scene.tif", "scene_after.tif")):
-        data, truth = _paint(rng, size, lay, date)
-        path = os.path.join(out_dir, name)
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(data)
-            for b, band in enumerate(("blue", "green", "red", "nir"), start=1):
-                dst.set_band_description(b, band)
-            dst.scales = (1e-4,) * 4  # reflectance = value x 0.0001 (what a STAC raster:bands entry says)
-            dst.offsets = (0.0,) * 4
-            dst.update_tags(ACQUISITION_DATE=DATES[date], TIFFTAG_DATETIME=DATES[date].replace("-", ":") + " 10:30:00")
-        paths["scene" if date == 0 else "scene_after"] = path
-        _labels(lay, truth, date, transform, labels, "truth" if date == 0 else "truth_after")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        for b, band in enumerate(("blue", "green", "red", "nir"), start=1):
+            dst.set_band_description(b, band)
+        dst.scales = (1e-4,) * 4  # reflectance = value x 0.0001 (what a STAC raster:bands entry says)
+        dst.offsets = (0.0,) * 4
+        dst.update_tags(ACQUISITION_DATE=DATES[date], TIFFTAG_DATETIME=DATES[date].replace("-", ":") + " 10:30:00")
+
+
+def _change_labels(lay: dict, transform, labels: str) -> None:
+    """The change layers ``forest_loss`` and ``new_building`` of ``labels.gpkg``."""
+    import geopandas as gpd
+
+    from geoseg.vector.geometry import pixel_to_world
+    from geoseg.vector.writers import GPKG_VERSION
+
     change = {
         "forest_loss": [lay["cut"]] if not lay["cut"].is_empty else [],
         "new_building": lay["new_buildings"],
@@ -281,17 +337,19 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
         gpd.GeoDataFrame({"class": [layer] * len(world)}, geometry=list(world), crs=CRS).to_file(
             labels, layer=layer, driver="GPKG", VERSION=GPKG_VERSION
         )
-    paths["labels"] = labels
-    paths["model"] = export_index_landcover(os.path.join(out_dir, "landcover.onnx"))
-    # AOI: a pentagon inside the scene, in lon/lat (EPSG:4326)
+
+
+def _write_aoi(path: str, size: int) -> str:
+    """The AOI: a pentagon inside the scene, in lon/lat (EPSG:4326), as GeoJSON."""
+    from pyproj import Transformer
+
     to_ll = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True)
     x0, y0 = ORIGIN
     ext = size * RES
     pts = [(0.1, 0.2), (0.6, 0.05), (0.95, 0.4), (0.8, 0.9), (0.2, 0.85), (0.1, 0.2)]
     ring = [list(to_ll.transform(x0 + fx * ext, y0 - fy * ext)) for fx, fy in pts]
     ring = [[round(x, 7), round(y, 7)] for x, y in ring][::-1]  # counter-clockwise exterior (RFC 7946)
-    aoi = os.path.join(out_dir, "aoi.geojson")
-    with open(aoi, "w") as f:
+    with open(path, "w") as f:
         json.dump(
             {
                 "type": "FeatureCollection",
@@ -305,9 +363,7 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
             },
             f,
         )
-    paths["aoi"] = aoi
-    paths.update(write_halves(out_dir, size))
-    return paths
+    return path
 
 
 def write_halves(out_dir: str, size: int, block: int = 512) -> dict[str, str]:

@@ -188,6 +188,31 @@ def open_raster_labels(
         class, or no pixel of a class other than background.
     """
     path = os.fspath(path)
+    src = _open_on_grid(path, geobox, image)
+    # every value the raster holds, with counts, and a decimated copy for object centres
+    f = max(1, math.ceil(max(geobox.width, geobox.height) / max_side))
+    found, raw_small, valid_small = _scan_values(src, geobox, f)
+    names = {cid: name for name, cid in classes.items()}
+    table = _value_table(path, found, classes, names, label_values)
+    values = np.array(sorted(table), dtype=np.float64)
+    ids = np.array([table[v] for v in values.tolist()], dtype=np.uint8)
+    counts = {name: 0 for name in classes}
+    for v, n in found.items():
+        if table[v] != IGNORE:
+            counts[names[table[v]]] += n
+    if require_foreground and not any(n for name, n in counts.items() if classes[name] != 0):
+        shown = ", ".join(f"{_fmt(v)} ({n} px)" for v, n in sorted(found.items())[:8]) or "no valid pixel"
+        raise InputError(
+            f"{path}: no pixel has a class other than background; the raster holds {shown}; fix --label-values "
+            "(e.g. 255=<class>) or the card's classes"
+        )
+    labels = RasterLabels(path, src, values, ids, counts, np.zeros((0, 2)))
+    small = labels.classify(raw_small, valid_small)
+    return RasterLabels(path, src, values, ids, counts, _centres(small, f, cell))
+
+
+def _open_on_grid(path: str, geobox: GeoBox, image: str) -> RasterSource:
+    """The label raster's single band on the image's grid: pixel to pixel, or aligned when both are georeferenced."""
     if not os.path.exists(path):
         raise InputError(f"{path}: label raster not found; give a PNG/GeoTIFF of class values the size of {image}")
     with warnings.catch_warnings():  # a plain label image beside a plain image: the image already said so
@@ -199,17 +224,17 @@ def open_raster_labels(
         )
     lab = src.geobox
     if _georeferenced(lab) and _georeferenced(geobox) and not _same_grid(lab, geobox):
-        src = open_source(path, warp_to=geobox, resampling="nearest")  # read aligned onto the image's grid
-    elif lab.shape != geobox.shape:
+        return open_source(path, warp_to=geobox, resampling="nearest")  # read aligned onto the image's grid
+    if lab.shape != geobox.shape:
         raise InputError(
             f"{path}: the label raster is {lab.width}x{lab.height} px but {image} is {geobox.width}x{geobox.height}; "
             "give labels of the image's size (or georeference both)"
         )
-    else:
-        src = replace(src, geobox=geobox)  # pixel to pixel on the image's grid
+    return replace(src, geobox=geobox)  # pixel to pixel on the image's grid
 
-    # every value the raster holds, with counts, and a decimated copy for object centres
-    f = max(1, math.ceil(max(geobox.width, geobox.height) / max_side))
+
+def _scan_values(src: RasterSource, geobox: GeoBox, f: int) -> tuple[dict[float, int], np.ndarray, np.ndarray]:
+    """Read the labels once, in strips: pixels per value, and the raw values and validity decimated by ``f``."""
     step = max(f, (8_000_000 // geobox.width) // f * f)
     found: dict[float, int] = {}
     raws, valids = [], []
@@ -220,8 +245,17 @@ def open_raster_labels(
             found[v] = found.get(v, 0) + c
         raws.append(raw[0, ::f, ::f])
         valids.append(valid[::f, ::f])
+    return found, np.concatenate(raws), np.concatenate(valids)
 
-    names = {cid: name for name, cid in classes.items()}
+
+def _value_table(
+    path: str,
+    found: Mapping[float, int],
+    classes: Mapping[str, int],
+    names: Mapping[int, str],
+    label_values: Mapping[int | float, str] | None,
+) -> dict[float, int]:
+    """Pixel value -> class id for every value found: ``label_values`` first, else the class with that id."""
     table: dict[float, int] = {}
     for v, name in (label_values or {}).items():
         if name.lower() == "ignore":
@@ -252,21 +286,7 @@ def open_raster_labels(
             f"{path}: pixel values {shown} are not class ids ({ids}); map them with --label-values, "
             f"e.g. --label-values {_fmt(sorted(unmapped)[0])}={example} (or =ignore)"
         )
-    values = np.array(sorted(table), dtype=np.float64)
-    ids = np.array([table[v] for v in values.tolist()], dtype=np.uint8)
-    counts = {name: 0 for name in classes}
-    for v, n in found.items():
-        if table[v] != IGNORE:
-            counts[names[table[v]]] += n
-    if require_foreground and not any(n for name, n in counts.items() if classes[name] != 0):
-        shown = ", ".join(f"{_fmt(v)} ({n} px)" for v, n in sorted(found.items())[:8]) or "no valid pixel"
-        raise InputError(
-            f"{path}: no pixel has a class other than background; the raster holds {shown}; fix --label-values "
-            "(e.g. 255=<class>) or the card's classes"
-        )
-    labels = RasterLabels(path, src, values, ids, counts, np.zeros((0, 2)))
-    small = labels.classify(np.concatenate(raws), np.concatenate(valids))
-    return RasterLabels(path, src, values, ids, counts, _centres(small, f, cell))
+    return table
 
 
 def _centres(cls: np.ndarray, f: int, cell: int) -> np.ndarray:

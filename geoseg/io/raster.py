@@ -5,6 +5,9 @@ options). It is what travels in the task graph; every read opens the file by pat
 the task, under a :class:`rasterio.Env` built from the source's own GDAL options, so no
 dataset handle ever crosses a thread or process boundary and no global GDAL state is
 assumed on the workers.
+
+Over 400 lines: the source, the checks that open it (as named steps) and its windowed reads
+belong together, and much of it is docstrings.
 """
 
 from __future__ import annotations
@@ -193,64 +196,29 @@ def open_source(
     import rasterio
     from rasterio.errors import RasterioIOError
 
-    path = os.fspath(path)
-    if not path.startswith(("/vsi", "GTIFF_DIR:")) and "://" not in path:
-        path = os.path.abspath(path)  # workers may run in another folder (or on another host)
-    if not path.startswith("/vsi") and "://" not in path and not os.path.exists(local_file(path)):
-        raise RasterReadError(f"{path}: no such file; check the path (GDAL virtual paths start with /vsi)")
+    path = _worker_path(path)
     opts = dict(DEFAULT_GDAL_OPTIONS)
     opts.update(gdal_options or {})
     try:
         with rasterio.Env(**opts), _open_quiet(path) as ds:
             files = dataset_files(path) if video_frame(path) is None else [local_file(path)]
             check_declared_size(path, ds, files, max_pixels)
-            count = ds.count
-            from rasterio.enums import ColorInterp
-
-            alpha = {b for b in range(1, count + 1) if ds.colorinterp[b - 1] == ColorInterp.alpha}
-            if bands is None or len(bands) == 0:
-                # an alpha band is a validity mask, not a model input
-                bands = tuple(b for b in range(1, count + 1) if b not in alpha) or tuple(range(1, count + 1))
-            bands = tuple(int(b) for b in bands)
-            bad = [b for b in bands if b < 1 or b > count]
-            if bad:
-                raise InputError(f"{path}: band(s) {bad} do not exist (the raster has {count}); fix --bands")
-            dtypes = {ds.dtypes[b - 1] for b in bands}
-            if any(str(d).startswith("complex") for d in dtypes):
-                raise InputError(
-                    f"{path}: complex bands ({sorted(dtypes)}) are not model inputs; convert them first, e.g. to amplitude "
-                    "with gdal_calc.py --calc='abs(A)' --type=Float32"
-                )
-            if len(dtypes) > 1:
-                raise InputError(f"{path}: selected bands mix data types {sorted(dtypes)}; choose bands of one type with --bands")
-            georeferenced = ds.crs is not None and not ds.transform.is_identity
-            if not georeferenced:
-                if require_crs:
-                    raise InputError(
-                        f"{path}: the raster has no CRS or geotransform; assign one (e.g. gdal_edit.py -a_srs EPSG:32633) "
-                        "or use a command that works in pixel coordinates"
-                    )
-                warn_not_georeferenced(path)
+            bands, alpha, dtype = _model_bands(path, ds, bands)
+            _check_georeferenced(path, ds, require_crs)
             crs = ds.crs.to_wkt() if ds.crs is not None else None
             if ds.crs is not None and ds.crs.to_epsg() is not None:
                 crs = f"EPSG:{ds.crs.to_epsg()}"
             geobox = GeoBox(ds.width, ds.height, ds.transform, crs)
             warp = None
             if warp_to is not None:
-                from rasterio.enums import Resampling
-
-                if ds.crs is None or warp_to.crs is None:
-                    raise InputError(f"{path}: aligning onto another grid needs a CRS on both rasters; assign one")
-                if resampling not in Resampling.__members__:
-                    raise InputError(f"resampling {resampling!r} is unknown; use nearest, bilinear, cubic or average")
-                warp = (warp_to.crs, tuple(warp_to.transform)[:6], warp_to.width, warp_to.height, resampling)
+                warp = _warp_onto(path, ds, warp_to, resampling)
                 geobox = warp_to
             return RasterSource(
                 path=path,
                 bands=bands,
                 warp=warp,
                 geobox=geobox,
-                dtype=next(iter(dtypes)),
+                dtype=dtype,
                 band_descriptions=tuple(ds.descriptions[b - 1] for b in bands),
                 nodata=ds.nodatavals[bands[0] - 1],
                 gdal_options=tuple(sorted(opts.items())),
@@ -259,6 +227,63 @@ def open_source(
             )
     except RasterioIOError as exc:
         raise RasterReadError(f"{path}: not a raster GDAL can open ({exc}); check the file is complete and its format") from exc
+
+
+def _worker_path(path: str | os.PathLike) -> str:
+    """``path`` made absolute (workers may run in another folder or host); a local file must exist."""
+    path = os.fspath(path)
+    if not path.startswith(("/vsi", "GTIFF_DIR:")) and "://" not in path:
+        path = os.path.abspath(path)
+    if not path.startswith("/vsi") and "://" not in path and not os.path.exists(local_file(path)):
+        raise RasterReadError(f"{path}: no such file; check the path (GDAL virtual paths start with /vsi)")
+    return path
+
+
+def _model_bands(path: str, ds, bands: tuple[int, ...] | list[int] | None) -> tuple[tuple[int, ...], set[int], str]:
+    """The bands to read (default: all but alpha bands), the alpha bands, and the bands' common data type."""
+    from rasterio.enums import ColorInterp
+
+    count = ds.count
+    alpha = {b for b in range(1, count + 1) if ds.colorinterp[b - 1] == ColorInterp.alpha}
+    if bands is None or len(bands) == 0:
+        # an alpha band is a validity mask, not a model input
+        bands = tuple(b for b in range(1, count + 1) if b not in alpha) or tuple(range(1, count + 1))
+    bands = tuple(int(b) for b in bands)
+    bad = [b for b in bands if b < 1 or b > count]
+    if bad:
+        raise InputError(f"{path}: band(s) {bad} do not exist (the raster has {count}); fix --bands")
+    dtypes = {ds.dtypes[b - 1] for b in bands}
+    if any(str(d).startswith("complex") for d in dtypes):
+        raise InputError(
+            f"{path}: complex bands ({sorted(dtypes)}) are not model inputs; convert them first, e.g. to amplitude "
+            "with gdal_calc.py --calc='abs(A)' --type=Float32"
+        )
+    if len(dtypes) > 1:
+        raise InputError(f"{path}: selected bands mix data types {sorted(dtypes)}; choose bands of one type with --bands")
+    return bands, alpha, next(iter(dtypes))
+
+
+def _check_georeferenced(path: str, ds, require_crs: bool) -> None:
+    """Raise (``require_crs``) or warn when the raster has no CRS or geotransform."""
+    if ds.crs is not None and not ds.transform.is_identity:
+        return
+    if require_crs:
+        raise InputError(
+            f"{path}: the raster has no CRS or geotransform; assign one (e.g. gdal_edit.py -a_srs EPSG:32633) "
+            "or use a command that works in pixel coordinates"
+        )
+    warn_not_georeferenced(path)
+
+
+def _warp_onto(path: str, ds, warp_to: GeoBox, resampling: str) -> tuple:
+    """The ``RasterSource.warp`` that reads ``ds`` aligned onto ``warp_to``."""
+    from rasterio.enums import Resampling
+
+    if ds.crs is None or warp_to.crs is None:
+        raise InputError(f"{path}: aligning onto another grid needs a CRS on both rasters; assign one")
+    if resampling not in Resampling.__members__:
+        raise InputError(f"resampling {resampling!r} is unknown; use nearest, bilinear, cubic or average")
+    return (warp_to.crs, tuple(warp_to.transform)[:6], warp_to.width, warp_to.height, resampling)
 
 
 def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple[np.ndarray, np.ndarray, float]:

@@ -171,32 +171,63 @@ def polygonize_block(
     -------
     Pieces
     """
-    from rasterio import features
-    from rasterio.transform import Affine
-    from scipy import ndimage
-
-    from geoseg.io.gdal import quiet_rasterio_georeference
-
     h, w = block.shape
-    height, width = raster_shape
+    wanted, todo = _classes_to_trace(block, classes, simplify)
+    if not wanted:
+        return Pieces.empty()
+    labels, label_class = _label_regions(block, todo, connectivity)
+    geoms, values = _trace_regions(labels, row_off, col_off, connectivity, simplify)
+    count, first_local, prob_sum = _region_stats(labels, block, len(label_class), prob, prob_band)
+
+    cls = label_class[values]
+    keep = np.isin(cls, wanted)
+    geoms, values, cls = geoms[keep], values[keep], cls[keep]
+    fl = first_local[values]
+    first = (fl // w + row_off) * raster_shape[1] + (fl % w + col_off)
+    return Pieces(
+        geometry=geoms,
+        class_id=cls,
+        count=count[values].astype(np.int64),
+        prob_sum=prob_sum[values],
+        first=first.astype(np.int64),
+        seam=_touches_seam(geoms, row_off, col_off, (h, w), raster_shape),
+        chunk=np.full(len(geoms), chunk, np.int32),
+    )
+
+
+def _classes_to_trace(block: np.ndarray, classes: set[int] | None, simplify: float) -> tuple[list[int], list[int]]:
+    """The block's classes to return, and those to trace (every class when simplifying)."""
     present = [int(v) for v in np.unique(block)]
     wanted = [v for v in present if v != NODATA and (classes is None or v in classes)]
     # simplification needs every class of the block as one coverage; nodata stays outside it, so
     # edges against nodata are coverage boundary and stay fixed (classes never grow into nodata)
     todo = [v for v in present if v != NODATA] if simplify > 0 else wanted
-    if not wanted:
-        return Pieces.empty()
+    return wanted, todo
+
+
+def _label_regions(block: np.ndarray, todo: list[int], connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Connected regions of the ``todo`` classes as one label image (0: not traced), and each label's class."""
+    from scipy import ndimage
 
     structure = _structure(connectivity)
-    labels = np.zeros((h, w), np.int32)
+    labels = np.zeros(block.shape, np.int32)
     label_class = [NODATA]  # label 0: not polygonised
     for v in todo:
         lab, n = ndimage.label(block == v, structure=structure)
         sel = lab > 0
         labels[sel] = lab[sel] + (len(label_class) - 1)
         label_class += [v] * n
-    label_class_arr = np.asarray(label_class, np.uint8)
-    n_labels = len(label_class)
+    return labels, np.asarray(label_class, np.uint8)
+
+
+def _trace_regions(
+    labels: np.ndarray, row_off: int, col_off: int, connectivity: int, simplify: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """GDAL's polygons of the labelled regions in raster pixel coordinates (valid, simplified), and their labels."""
+    from rasterio import features
+    from rasterio.transform import Affine
+
+    from geoseg.io.gdal import quiet_rasterio_georeference
 
     transform = Affine(1.0, 0.0, float(col_off), 0.0, 1.0, float(row_off))
     quiet_rasterio_georeference()  # rasterio's in-memory copy of the array has no georeference
@@ -206,45 +237,51 @@ def polygonize_block(
     geoms = make_valid(geoms)
     if simplify > 0 and len(geoms):
         geoms = shapely.coverage_simplify(geoms, simplify, simplify_boundary=False)
+    return geoms, values
 
+
+def _region_stats(
+    labels: np.ndarray, block: np.ndarray, n_labels: int, prob: np.ndarray | None, prob_band: dict[int, int] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label: pixel count, first pixel (linear index in the block) and probability sum (NaN when unknown)."""
     flat = labels.ravel()
     count = np.bincount(flat, minlength=n_labels)
     first_local = np.full(n_labels, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(first_local, flat, np.arange(flat.size, dtype=np.int64))
     if prob is not None and prob_band:
-        band_of = np.full(256, -1, np.int64)
-        for v, b in prob_band.items():
-            band_of[v] = b
-        bands = band_of[block]
-        own = np.take_along_axis(prob, np.clip(bands, 0, None)[None], axis=0)[0].astype(np.float64)
-        own[bands < 0] = np.nan
-        prob_sum = np.bincount(flat, weights=np.nan_to_num(own, nan=0.0).ravel(), minlength=n_labels)
-        prob_known = np.bincount(flat, weights=np.isfinite(own).astype(np.float64).ravel(), minlength=n_labels)
-        prob_sum[prob_known < count] = np.nan  # a polygon with unknown probabilities has no score
+        prob_sum = _prob_sums(flat, block, count, prob, prob_band)
     else:
         prob_sum = np.full(n_labels, np.nan)
+    return count, first_local, prob_sum
 
-    cls = label_class_arr[values]
-    keep = np.isin(cls, wanted)
-    geoms, values, cls = geoms[keep], values[keep], cls[keep]
-    fl = first_local[values]
-    first = (fl // w + row_off) * width + (fl % w + col_off)
 
+def _prob_sums(flat: np.ndarray, block: np.ndarray, count: np.ndarray, prob: np.ndarray, prob_band: dict[int, int]) -> np.ndarray:
+    """Sum of each pixel's own-class probability per label; NaN for a label with any unknown probability."""
+    band_of = np.full(256, -1, np.int64)
+    for v, b in prob_band.items():
+        band_of[v] = b
+    bands = band_of[block]
+    own = np.take_along_axis(prob, np.clip(bands, 0, None)[None], axis=0)[0].astype(np.float64)
+    own[bands < 0] = np.nan
+    n_labels = len(count)
+    prob_sum = np.bincount(flat, weights=np.nan_to_num(own, nan=0.0).ravel(), minlength=n_labels)
+    prob_known = np.bincount(flat, weights=np.isfinite(own).astype(np.float64).ravel(), minlength=n_labels)
+    prob_sum[prob_known < count] = np.nan  # a polygon with unknown probabilities has no score
+    return prob_sum
+
+
+def _touches_seam(
+    geoms: np.ndarray, row_off: int, col_off: int, block_shape: tuple[int, int], raster_shape: tuple[int, int]
+) -> np.ndarray:
+    """True where a polygon touches a block edge that lies inside the raster (it may continue there)."""
+    h, w = block_shape
+    height, width = raster_shape
     xmin, ymin, xmax, ymax = shapely.bounds(geoms).T
-    seam = (
+    return (
         ((xmin == col_off) & (col_off > 0))
         | ((xmax == col_off + w) & (col_off + w < width))
         | ((ymin == row_off) & (row_off > 0))
         | ((ymax == row_off + h) & (row_off + h < height))
-    )
-    return Pieces(
-        geometry=geoms,
-        class_id=cls,
-        count=count[values].astype(np.int64),
-        prob_sum=prob_sum[values],
-        first=first.astype(np.int64),
-        seam=seam,
-        chunk=np.full(len(geoms), chunk, np.int32),
     )
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from geoseg.errors import InputError, OutputError
 from geoseg.io.outdir import hold_lock_file
-from geoseg.workflows.spec import check_cron
+from geoseg.workflows.spec import Workflow, check_cron, load_workflow
 
 __all__ = ["LOCK_NAME", "LOG_NAME", "next_fire", "run_child", "schedule", "schedule_lock"]
 
@@ -285,9 +285,40 @@ def schedule(
     OutputError
         Another scheduler holds this output folder, or the folder or log is not writable.
     """
-    from geoseg.workflows.spec import load_workflow
+    wf = _scheduled_workflow(workflow, out, max_runs)
+    cron = wf.schedule
+    folder = os.path.abspath(out) if out else wf.outputs.folder
+    cmd = [sys.executable, "-m", "geoseg", "run", wf.path] + (["--out", folder] if out else [])
+    one_run = run or (lambda: run_child(cmd))
+    log = _Log(os.path.join(folder, LOG_NAME), echo or (lambda _msg: None))
 
-    say = echo or (lambda _msg: None)
+    runs = 0
+    with schedule_lock(folder):
+        due = next_fire(cron, now())
+        log.say(f"scheduling {wf.name} ({cron}): first run {_iso(due)}; log {log.path}; Ctrl-C stops")
+        try:
+            while max_runs is None or runs < max_runs:
+                due, t = _wait_for(cron, due, now, sleep)
+                # woken late (suspend, clock stepped forward): run the latest missed fire, skip the older ones
+                count, _, latest = _fires_through(cron, due, t)
+                if count and latest is not None:
+                    log.skipped(count, due, _previous_fire(cron, latest), "the scheduler was not running then")
+                    due = latest
+                finished = _run_once(one_run, due, runs + 1, max_runs, now, log)
+                runs += 1
+                count, first, last = _fires_through(cron, due, finished)
+                if count and first is not None and last is not None:
+                    log.skipped(count, first, last, "the previous run was still going")
+                due = next_fire(cron, finished)
+                if max_runs is None or runs < max_runs:
+                    log.say(f"next run {_iso(due)}")
+        except KeyboardInterrupt as exc:
+            log.say(f"stopped by {signal.Signals(_signum(exc)).name} after {runs} finished run{'s' * (runs != 1)}")
+    return log.records
+
+
+def _scheduled_workflow(workflow: str, out: str | None, max_runs: int | None) -> Workflow:
+    """The workflow, checked to have a cron ``schedule:`` that fires; ``max_runs`` checked too."""
     wf = load_workflow(workflow, out=out)
     if wf.schedule is None:
         raise InputError(
@@ -300,67 +331,65 @@ def schedule(
         raise InputError(f"{_cron_line(workflow)}: schedule: {exc}") from None
     if max_runs is not None and max_runs < 1:
         raise InputError(f"max_runs is {max_runs}; give 1 or more, or leave it out to run until stopped")
-    cron = wf.schedule
-    folder = os.path.abspath(out) if out else wf.outputs.folder
-    cmd = [sys.executable, "-m", "geoseg", "run", wf.path] + (["--out", folder] if out else [])
+    return wf
 
-    one_run = run or (lambda: run_child(cmd))
-    log = os.path.join(folder, LOG_NAME)
-    records: list[dict[str, Any]] = []
 
-    def record(rec: dict[str, Any]) -> None:
-        _append(log, rec)
-        records.append(rec)
+class _Log:
+    """``schedule.log``, the records appended to it in this session, and the echo of each event."""
 
-    def skipped(count: int, first: datetime, last: datetime, reason: str) -> None:
+    def __init__(self, path: str, say: Callable[[str], None]) -> None:
+        self.path = path
+        self.say = say
+        self.records: list[dict[str, Any]] = []
+
+    def record(self, rec: dict[str, Any]) -> None:
+        _append(self.path, rec)
+        self.records.append(rec)
+
+    def skipped(self, count: int, first: datetime, last: datetime, reason: str) -> None:
         rec = {"event": "skipped", "scheduled": _iso(first), "started": None, "finished": None, "exit_code": None}
-        record({**rec, "seconds": None, "count": count, "last": _iso(last), "reason": reason})
+        self.record({**rec, "seconds": None, "count": count, "last": _iso(last), "reason": reason})
         span = f"{_iso(first)} to {_iso(last)}" if count > 1 else _iso(first)
-        say(f"skipped {count} run{'s' * (count > 1)} due {span} ({reason})")
+        self.say(f"skipped {count} run{'s' * (count > 1)} due {span} ({reason})")
 
-    runs = 0
-    with schedule_lock(folder):
-        due = next_fire(cron, now())
-        say(f"scheduling {wf.name} ({cron}): first run {_iso(due)}; log {log}; Ctrl-C stops")
-        try:
-            while max_runs is None or runs < max_runs:
-                while (t := now()) < due:
-                    earlier = next_fire(cron, t)
-                    if earlier < due:  # the clock went back: an earlier fire is now the next one
-                        due = earlier
-                    sleep(min(MAX_SLEEP_S, (due - t).total_seconds()))
-                # woken late (suspend, clock stepped forward): run the latest missed fire, skip the older ones
-                count, _, latest = _fires_through(cron, due, t)
-                if count and latest is not None:
-                    skipped(count, due, _previous_fire(cron, latest), "the scheduler was not running then")
-                    due = latest
-                started = now()
-                rec = {"event": "run", "scheduled": _iso(due), "started": _iso(started)}
-                say(f"run {runs + 1}{f'/{max_runs}' if max_runs else ''} (due {_iso(due)}) started {_iso(started)}")
-                try:
-                    code: int | None = one_run()
-                except KeyboardInterrupt as exc:
-                    finished = now()
-                    code = getattr(exc, "child_exit_code", None)
-                    rec.update(finished=_iso(finished), exit_code=code, seconds=round((finished - started).total_seconds(), 3))
-                    record({**rec, "interrupted": True, "signal": signal.Signals(_signum(exc)).name})
-                    say(f"run {runs + 1} stopped by {signal.Signals(_signum(exc)).name} (exit code {code})")
-                    raise
-                except Exception as exc:  # a launcher failure (e.g. no memory to fork) must not end the schedule
-                    code = None
-                    rec["error"] = f"{type(exc).__name__}: {exc}"
-                finished = now()
-                seconds = (finished - started).total_seconds()
-                record({**rec, "finished": _iso(finished), "exit_code": code, "seconds": round(seconds, 3)})
-                runs += 1
-                status = "ok" if code == 0 else f"FAILED ({rec.get('error') or f'exit code {code}'})"
-                say(f"run {runs} {status} in {seconds:.1f} s")
-                count, first, last = _fires_through(cron, due, finished)
-                if count and first is not None and last is not None:
-                    skipped(count, first, last, "the previous run was still going")
-                due = next_fire(cron, finished)
-                if max_runs is None or runs < max_runs:
-                    say(f"next run {_iso(due)}")
-        except KeyboardInterrupt as exc:
-            say(f"stopped by {signal.Signals(_signum(exc)).name} after {runs} finished run{'s' * (runs != 1)}")
-    return records
+
+def _wait_for(cron: str, due: datetime, now: Callable[[], datetime], sleep: Callable[[float], None]) -> tuple[datetime, datetime]:
+    """Sleep until ``due`` (or an earlier fire, when the clock went back); the fire time and the clock's time then."""
+    while (t := now()) < due:
+        earlier = next_fire(cron, t)
+        if earlier < due:  # the clock went back: an earlier fire is now the next one
+            due = earlier
+        sleep(min(MAX_SLEEP_S, (due - t).total_seconds()))
+    return due, t
+
+
+def _run_once(
+    one_run: Callable[[], int],
+    due: datetime,
+    number: int,
+    max_runs: int | None,
+    now: Callable[[], datetime],
+    log: _Log,
+) -> datetime:
+    """Do run ``number`` (due at ``due``), log it, and return when it finished; a stop signal is logged and re-raised."""
+    started = now()
+    rec: dict[str, Any] = {"event": "run", "scheduled": _iso(due), "started": _iso(started)}
+    log.say(f"run {number}{f'/{max_runs}' if max_runs else ''} (due {_iso(due)}) started {_iso(started)}")
+    try:
+        code: int | None = one_run()
+    except KeyboardInterrupt as exc:
+        finished = now()
+        code = getattr(exc, "child_exit_code", None)
+        rec.update(finished=_iso(finished), exit_code=code, seconds=round((finished - started).total_seconds(), 3))
+        log.record({**rec, "interrupted": True, "signal": signal.Signals(_signum(exc)).name})
+        log.say(f"run {number} stopped by {signal.Signals(_signum(exc)).name} (exit code {code})")
+        raise
+    except Exception as exc:  # a launcher failure (e.g. no memory to fork) must not end the schedule
+        code = None
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+    finished = now()
+    seconds = (finished - started).total_seconds()
+    log.record({**rec, "finished": _iso(finished), "exit_code": code, "seconds": round(seconds, 3)})
+    status = "ok" if code == 0 else f"FAILED ({rec.get('error') or f'exit code {code}'})"
+    log.say(f"run {number} {status} in {seconds:.1f} s")
+    return finished
