@@ -272,3 +272,58 @@ def test_static_stac_catalog_of_single_band_assets(shared_data: Path, tmp_path: 
         assert ds.scales == pytest.approx((1 / 65535,) * 3) and ds.offsets == (0.0, 0.0, 0.0)
     rad = resolve_radiometry(open_source(entry["image"]))
     assert (rad.name, rad.source) == ("sentinelhub-raw16", "band scale/offset")
+
+
+BANDED = """name: banded
+imagery: {glob: data/scene*.tif}
+models: [{model: forest, bands: "nir=4,red=3"}]
+change: {model: forest}
+outputs: {folder: out, formats: [gpkg]}
+scheduler: synchronous
+"""
+
+
+@pytest.fixture(scope="module")
+def undescribed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two dated 4-band scenes whose band descriptions name no band a model knows."""
+    from geoseg.sample import make_sample
+
+    root = tmp_path_factory.mktemp("banded")
+    make_sample(root / "data", size=256)
+    for name in ("scene.tif", "scene_after.tif"):
+        with rasterio.open(root / "data" / name, "r+") as ds:
+            for b in range(1, 5):
+                ds.set_band_description(b, f"layer{b}")
+    return root
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        (BANDED.replace("{model: forest}", '{model: forest, bands: "nir=9,red=3"}'), r"change\[0\]\.bands: .*nir=9"),
+        (BANDED.replace("{model: forest}", "{model: water}"), r"change\[0\]\.bands: .*needs band 'green'"),
+        (BANDED.replace('"nir=4,red=3"', '"nir=4,red=x"'), r"models\[0\]\.bands: .*must be NAME=BAND"),
+        (BANDED.replace('"nir=4,red=3"', '"4,3,2"'), r"models\[0\]\.bands: .*gives 3 band\(s\)"),
+    ],
+)
+def test_workflow_band_mappings_fail_before_any_work_naming_the_yaml_key(undescribed: Path, text: str, key: str) -> None:
+    from geoseg.workflows.run import run_workflow
+
+    f = undescribed / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(InputError, match=key) as err:
+        run_workflow(f, str(undescribed / "bad_out"))
+    assert "--bands" not in str(err.value)
+    assert not (undescribed / "bad_out").exists()  # nothing segmented, no folder made
+
+
+def test_workflow_change_inherits_the_models_band_mapping(undescribed: Path) -> None:
+    from geoseg.workflows.run import run_workflow
+
+    f = undescribed / "banded.yaml"
+    f.write_text(BANDED)
+    summary = run_workflow(f)
+    assert summary["units"] == {"done": 3, "skipped": 0, "failed": 0}
+    assert summary["changes"][0]["model"] == "forest"
+    record = json.loads((undescribed / "out" / "change" / "forest" / "2024-06-15_2025-06-20" / "run.json").read_text())
+    assert record["change"]["valid_hectares"] > 0

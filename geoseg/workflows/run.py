@@ -27,6 +27,7 @@ from typing import Any
 
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.io.outdir import write_json_atomic
+from geoseg.workflows.bands import check_bands, inherit_bands
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
 from geoseg.workflows.units import Tally, card_hash, fingerprint, finish, run_lock, run_unit, unit_params
 
@@ -128,11 +129,13 @@ def _prepare(path: str | os.PathLike, out: str | None, say: Callable[[str], None
         by_date=all(dates) and len(set(dates)) == len(dates),
     )
     _check_folders(plan)
+    if found:
+        _check_bands(plan)
     return plan
 
 
 def _resolve_models(wf: Workflow) -> tuple[list[tuple[Any, Any, Any]], list[tuple[Any, Any]]]:
-    """Every model and band mapping of the segment and change steps, resolved (errors name the step)."""
+    """Every model and band mapping of the segment and change steps, resolved (errors name the step or YAML key)."""
     from geoseg.models.card import parse_band_option
     from geoseg.models.spec import resolve_model
 
@@ -142,20 +145,30 @@ def _resolve_models(wf: Workflow) -> tuple[list[tuple[Any, Any, Any]], list[tupl
         local = os.path.join(base, os.path.expanduser(name))
         return local if os.path.isfile(local) else name  # a model file relative to the workflow, else a bundled name
 
+    def resolved(step: str, name: str) -> Any:
+        try:
+            return resolve_model(model_arg(name))
+        except GeosegError as exc:
+            raise InputError(f"{wf.path}: {step}: {name}: {exc}") from None
+
     runs, changes = [], []
-    for run in wf.runs():
+    for i, run in enumerate(wf.runs()):
+        spec = resolved("models", run.model)
         try:
-            runs.append((run, resolve_model(model_arg(run.model)), parse_band_option(run.bands)))
+            runs.append((run, spec, parse_band_option(run.bands)))
         except GeosegError as exc:
-            raise InputError(f"{wf.path}: models: {run.model}: {exc}") from None
-    for ch in wf.change:
-        try:
-            spec = resolve_model(model_arg(ch.model))
-            parse_band_option(ch.bands)
-        except GeosegError as exc:
-            raise InputError(f"{wf.path}: change: {ch.model}: {exc}") from None
-        changes.append((ch, spec))
+            raise InputError(f"{wf.path}: models[{i}].bands: {str(exc).replace('--bands', 'bands')}") from None
+    for ch, _key in inherit_bands(wf):
+        changes.append((ch, resolved("change", ch.model)))
     return runs, changes
+
+
+def _check_bands(plan: _Plan) -> None:
+    """Every step's band mapping matched against the first scene, as the engine will match it."""
+    steps = [(f"models[{i}].bands", spec, run.bands) for i, (run, spec, _) in enumerate(plan.runs)]
+    keys = [key for _, key in inherit_bands(plan.wf)]
+    steps += [(key, spec, ch.bands) for key, (ch, spec) in zip(keys, plan.changes, strict=True)]
+    check_bands(plan.wf.path, plan.scenes[0].path, steps)
 
 
 def _find_scenes(wf: Workflow, folder: str, say: Callable[[str], None]) -> list[Any]:
