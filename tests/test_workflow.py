@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -322,8 +323,29 @@ def test_workflow_change_inherits_the_models_band_mapping(undescribed: Path) -> 
 
     f = undescribed / "banded.yaml"
     f.write_text(BANDED)
-    summary = run_workflow(f)
+    lines: list[str] = []
+    summary = run_workflow(f, echo=lines.append)
     assert summary["units"] == {"done": 3, "skipped": 0, "failed": 0}
     assert summary["changes"][0]["model"] == "forest"
     record = json.loads((undescribed / "out" / "change" / "forest" / "2024-06-15_2025-06-20" / "run.json").read_text())
     assert record["change"]["valid_hectares"] > 0
+    # the log line gives hectares rounded for people (run.json keeps them whole)
+    (line,) = [x for x in lines if x.startswith("change/forest/")]
+    assert re.fullmatch(r"change/forest/\S+: forest_gain [\d,]+\.\d\d ha, forest_loss [\d,]+\.\d\d ha \(.* s\)", line), line
+
+
+def test_hectares_are_rounded_where_people_read_them() -> None:
+    from geoseg.change import format_change
+    from geoseg.workflows.run import format_summary
+    from geoseg.workflows.units import found_text
+
+    classes = {"forest_loss": {"hectares": 10489.9456, "polygons": 3}, "forest_gain": {"hectares": 0.0004, "polygons": 0}}
+    assert found_text({"classes": classes}) == "forest_loss 10,489.95 ha, forest_gain 0.00 ha"
+    assert found_text({"classes": {"building": {"objects": 12, "area_ha": 1.23456}}}) == "building 12"
+    change = {"before": {"date": "2024-06-15"}, "after": {"date": "2025-06-20"}, "model": "forest"}
+    change |= {"hectares": {"forest_loss": 10489.9456}, "valid_hectares": 123456.78901}
+    text = format_change({"change": change, "vectors": {"forest_loss": 3}})
+    assert "10,489.95" in text and "123,456.79" in text and "10489.9456" not in text
+    summary = {"images": [], "changes": [{"before": "a", "after": "b", "model": "forest", "folder": "f", "classes": classes}]}
+    text = format_summary(summary | {"out": "o", "seconds": 1.0, "units": {}})
+    assert "10,489.95 ha" in text and "10489.9456" not in text

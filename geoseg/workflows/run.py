@@ -27,6 +27,7 @@ from typing import Any
 
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.io.outdir import write_json_atomic
+from geoseg.records import hectares_text
 from geoseg.workflows.bands import check_bands, inherit_bands
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
 from geoseg.workflows.units import Tally, card_hash, fingerprint, finish, run_lock, run_unit, unit_params
@@ -396,14 +397,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {'model':<12} {'class':<16} {'objects':>8} {'area (ha)':>10} {'time (s)':>9}")
         for model, m in entry["models"].items():
             for name, c in m["classes"].items() or [("-", {"objects": 0, "area_ha": 0.0})]:
-                area = "-" if c["area_ha"] is None else f"{c['area_ha']:.2f}"
+                area = "-" if c["area_ha"] is None else hectares_text(c["area_ha"])
                 lines.append(f"  {model:<12} {name:<16} {c['objects']:>8} {area:>10} {m['seconds']:>9.1f}")
         if entry.get("quicklook"):
             lines.append(f"  quicklook: {entry['quicklook']}")
     for c in summary.get("changes", []):
         lines.append(f"change {c['before']} -> {c['after']} ({c['model']}) -> {c['folder']}")
         for name, v in c["classes"].items():
-            lines.append(f"  {name:<24} {v['hectares']:>10.2f} ha {v['polygons']:>7} polygons")
+            lines.append(f"  {name:<24} {hectares_text(v['hectares']):>10} ha {v['polygons']:>7} polygons")
     u = summary.get("units", {})
     lines.append(
         f"units: {u.get('done', 0)} done, {u.get('skipped', 0)} skipped, {u.get('failed', 0)} failed; "
