@@ -13,7 +13,7 @@ from typing import Any
 from geoseg.errors import GeosegError, InputError
 from geoseg.workflows.spec import Change, Workflow
 
-__all__ = ["check_bands", "inherit_bands"]
+__all__ = ["check_bands", "inherit_bands", "yaml_words"]
 
 
 def inherit_bands(wf: Workflow) -> list[tuple[Change, str]]:
@@ -35,22 +35,24 @@ def inherit_bands(wf: Workflow) -> list[tuple[Change, str]]:
     return out
 
 
-def _yaml_words(message: str) -> str:
+def yaml_words(message: str) -> str:
     """A band error worded for the workflow file: the CLI's ``--bands`` is the step's ``bands`` key."""
     return message.replace("--bands", "bands")
 
 
-def check_bands(path: str, scene: str, steps: list[tuple[str, Any, str | None]]) -> None:
+def check_bands(wf: Workflow, runs: list[tuple[Any, Any, Any]], changes: list[tuple[Change, Any]], scene: str) -> None:
     """Match every step's bands against the first scene, as the engine will; errors name the YAML key.
 
     Parameters
     ----------
-    path : str
-        The workflow file (for the message).
+    wf : Workflow
+        The workflow (its file names the error).
+    runs : list of (ModelRun, ModelSpec, parsed bands)
+        The segment steps, in ``models:`` order.
+    changes : list of (Change, ModelSpec)
+        The change steps from :func:`inherit_bands`, in ``change:`` order.
     scene : str
         The first scene's raster.
-    steps : list of (str, ModelSpec, str or None)
-        The YAML key of each step's mapping, its model and the mapping (``nir=4,red=3`` or ``3,2,1``).
 
     Raises
     ------
@@ -60,12 +62,15 @@ def check_bands(path: str, scene: str, steps: list[tuple[str, Any, str | None]])
     """
     from geoseg.io.raster import open_source
 
+    steps = [(f"models[{i}].bands", spec, run.bands) for i, (run, spec, _) in enumerate(runs)]
+    keys = [key for _, key in inherit_bands(wf)]
+    steps += [(key, spec, ch.bands) for key, (ch, spec) in zip(keys, changes, strict=True)]
     src = open_source(scene, require_crs=False)
     for key, spec, bands in steps:
         try:
             _match(spec.card, bands, src)
         except GeosegError as exc:
-            raise InputError(f"{path}: {key}: {_yaml_words(str(exc))}") from None
+            raise InputError(f"{wf.path}: {key}: {yaml_words(str(exc))}") from None
 
 
 def _match(card: Any, bands: str | None, src: Any) -> None:

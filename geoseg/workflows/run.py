@@ -28,7 +28,7 @@ from typing import Any
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.io.outdir import write_json_atomic
 from geoseg.records import hectares_text
-from geoseg.workflows.bands import check_bands, inherit_bands
+from geoseg.workflows.bands import check_bands, inherit_bands, yaml_words
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
 from geoseg.workflows.units import Tally, card_hash, fingerprint, finish, run_lock, run_unit, unit_params
 
@@ -131,7 +131,7 @@ def _prepare(path: str | os.PathLike, out: str | None, say: Callable[[str], None
     )
     _check_folders(plan)
     if found:
-        _check_bands(plan)
+        check_bands(wf, runs, changes, found[0].path)
     return plan
 
 
@@ -158,18 +158,10 @@ def _resolve_models(wf: Workflow) -> tuple[list[tuple[Any, Any, Any]], list[tupl
         try:
             runs.append((run, spec, parse_band_option(run.bands)))
         except GeosegError as exc:
-            raise InputError(f"{wf.path}: models[{i}].bands: {str(exc).replace('--bands', 'bands')}") from None
+            raise InputError(f"{wf.path}: models[{i}].bands: {yaml_words(str(exc))}") from None
     for ch, _key in inherit_bands(wf):
         changes.append((ch, resolved("change", ch.model)))
     return runs, changes
-
-
-def _check_bands(plan: _Plan) -> None:
-    """Every step's band mapping matched against the first scene, as the engine will match it."""
-    steps = [(f"models[{i}].bands", spec, run.bands) for i, (run, spec, _) in enumerate(plan.runs)]
-    keys = [key for _, key in inherit_bands(plan.wf)]
-    steps += [(key, spec, ch.bands) for key, (ch, spec) in zip(keys, plan.changes, strict=True)]
-    check_bands(plan.wf.path, plan.scenes[0].path, steps)
 
 
 def _find_scenes(wf: Workflow, folder: str, say: Callable[[str], None]) -> list[Any]:
