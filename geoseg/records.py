@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["Record"]
+__all__ = ["Record", "hectares_text"]
 
 
 class Record(Mapping[str, Any]):
@@ -30,3 +30,11 @@ class Record(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.record)
+
+
+def hectares_text(value: float) -> str:
+    """Hectares as people read them in logs and tables: two decimals, thousands separated (``10,489.95``).
+
+    JSON records keep the full value; only what is printed is rounded.
+    """
+    return f"{value:,.2f}"

@@ -89,6 +89,21 @@ def test_band_matching() -> None:
         parse_band_option("3,nir=2")
 
 
+def test_assumed_band_order_is_announced_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Undescribed bands taken in the model's order: one warning line naming the order and how to set it."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        for _ in range(3):
+            assert match_bands(["nir", "red"], [None, ""], origin="undescribed.tif") == (1, 2)
+        match_bands(["nir", "red"], ["nir", "red"], origin="described.tif")  # described: nothing to say
+        match_bands(["red", "nir"], ["", ""], {"nir": 2, "red": 1}, origin="mapped.tif")  # mapped: nothing assumed
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = record.getMessage()
+    assert "\n" not in message and message.startswith("undescribed.tif: no band descriptions")
+    assert "1=nir, 2=red" in message and "bands=" in message and "band_map={'nir': N, 'red': N}" in message
+
+
 def _described_raster(path: Path, descriptions: tuple[str, ...], seed: int = 4) -> Path:
     write_raster(path, 150, 170, bands=len(descriptions), seed=seed)
     with rasterio.open(path, "r+") as ds:

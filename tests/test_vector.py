@@ -614,3 +614,36 @@ def test_card_class_kind_reaches_the_layers(tmp_path: Path) -> None:
         geoseg.write(geoseg.predict(str(src), Net(), card=card), str(tmp_path / "o"))
         report = vectorize(str(tmp_path / "o" / "mask.tif"), str(tmp_path / "v"), formats=["geojson"], project=False)
     assert [(ly["name"], ly["kind"]) for ly in report["layers"]] == [("solar_panel", "object")]  # by name: an area
+
+
+def test_value_field_writes_one_layer_equal_to_whole_raster_by_value(tmp_path: Path) -> None:
+    """``field="value"`` (a loss-year raster, no class names): one layer, the value as an attribute, seams merged exactly."""
+    rng = np.random.default_rng(17)
+    mask = np.zeros((96, 96), np.uint8)
+    for value in (1, 5, 23):  # blobs of a few values, many cut by the 32 px chunk seams, some touching each other
+        for _ in range(6):
+            r, c = rng.integers(0, 80, 2)
+            mask[r : r + rng.integers(4, 30), c : c + rng.integers(4, 30)] = value
+    mask[40:50, 20:70] = 5  # one object across two seams
+    mask[40:50, 70:75] = 23  # a different value beside it: never merged with it
+    mask[90:, 90:] = 255  # nodata
+    p = write_mask(tmp_path / "lossyear.tif", mask, classes=None, block=16)
+    with dask.config.set(scheduler="threads"):
+        report = vectorize(str(p), str(tmp_path / "o"), formats=["gpkg", "geojson", "fgb", "parquet"], chunk=32, field="value")
+    out = tmp_path / "o"
+    assert [ly["name"] for ly in report["layers"]] == ["lossyear"] and report["layers"][0]["values"] == [1, 5, 23]
+    assert report["chunks"] == 9 and report["seam_objects"] > 0
+    assert sorted(str(f.relative_to(out)) for f in (out / "vectors").iterdir()) == [
+        f"vectors/lossyear.{ext}" for ext in ("fgb", "geojson", "parquet")
+    ]
+    assert sorted(set(pyogrio.list_layers(out / "geoseg.gpkg")[:, 0]) - {"layer_styles"}) == ["lossyear"]
+    df = pyogrio.read_dataframe(out / "geoseg.gpkg", layer="lossyear")
+    assert "class" not in df and "class_id" not in df and df["value"].dtype.kind == "i"
+    assert np.allclose(df["area_ha"], df["area_px"] * 4.0 / 1e4)
+    ref = reference(mask, 4, transform=ORIGIN)
+    del ref[0]  # 0 is no loss: not vectorised by default, as class_0
+    assert_same_polygons(ref, df.geometry.values, df["value"], tol=1e-12)
+    for ext in ("fgb", "geojson"):
+        assert sorted(pyogrio.read_dataframe(out / "vectors" / f"lossyear.{ext}")["value"]) == sorted(df["value"])
+    with pytest.raises(InputError, match="--field 'area_m2'"):
+        vectorize(str(p), str(tmp_path / "bad"), field="area_m2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,10 +103,12 @@ def test_run_generates_the_sample_and_writes_everything(tmp_path: Path) -> None:
         assert (out / name / "vectors" / f"{cls}.geojson").exists() and (out / name / "project.qgz").exists()
     from PIL import Image
 
-    img = np.asarray(Image.open(out / "quicklook.png").convert("RGB"))
-    assert img.shape == (512, 512, 3)
-    # the legend box holds the forest and water swatches in their class colours
-    legend = img[:60, :200].reshape(-1, 3)
+    im = Image.open(out / "quicklook.png")
+    left, top, w, h = map(int, im.text["geoseg:scene_box"].split(","))
+    img = np.asarray(im.convert("RGB"))
+    assert (w, h) == (512, 512) and img.shape[0] > top + h + 40 and img.shape[1] > left + w
+    # the legend band below the scene holds the forest and water swatches in their class colours
+    legend = img[top + h + 1 :].reshape(-1, 3)
     for model, cls in (("forest", "forest"), ("water", "water")):
         with rasterio.open(out / model / "mask.tif") as ds:
             meta = json.loads(ds.tags()["GEOSEG_CLASSES"])
@@ -272,3 +275,136 @@ def test_static_stac_catalog_of_single_band_assets(shared_data: Path, tmp_path: 
         assert ds.scales == pytest.approx((1 / 65535,) * 3) and ds.offsets == (0.0, 0.0, 0.0)
     rad = resolve_radiometry(open_source(entry["image"]))
     assert (rad.name, rad.source) == ("sentinelhub-raw16", "band scale/offset")
+
+
+BANDED = """name: banded
+imagery: {glob: data/scene*.tif}
+models: [{model: forest, bands: "nir=4,red=3"}]
+change: {model: forest}
+outputs: {folder: out, formats: [gpkg]}
+scheduler: synchronous
+"""
+
+
+@pytest.fixture(scope="module")
+def undescribed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two dated 4-band scenes whose band descriptions name no band a model knows."""
+    from geoseg.sample import make_sample
+
+    root = tmp_path_factory.mktemp("banded")
+    make_sample(root / "data", size=256)
+    for name in ("scene.tif", "scene_after.tif"):
+        with rasterio.open(root / "data" / name, "r+") as ds:
+            for b in range(1, 5):
+                ds.set_band_description(b, f"layer{b}")
+    return root
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        (BANDED.replace("{model: forest}", '{model: forest, bands: "nir=9,red=3"}'), r"change\[0\]\.bands: .*nir=9"),
+        (BANDED.replace("{model: forest}", "{model: water}"), r"change\[0\]\.bands: .*needs band 'green'"),
+        (BANDED.replace('"nir=4,red=3"', '"nir=4,red=x"'), r"models\[0\]\.bands: .*must be NAME=BAND"),
+        (BANDED.replace('"nir=4,red=3"', '"4,3,2"'), r"models\[0\]\.bands: .*gives 3 band\(s\)"),
+    ],
+)
+def test_workflow_band_mappings_fail_before_any_work_naming_the_yaml_key(undescribed: Path, text: str, key: str) -> None:
+    from geoseg.workflows.run import run_workflow
+
+    f = undescribed / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(InputError, match=key) as err:
+        run_workflow(f, str(undescribed / "bad_out"))
+    assert "--bands" not in str(err.value)
+    assert not (undescribed / "bad_out").exists()  # nothing segmented, no folder made
+
+
+def test_workflow_change_inherits_the_models_band_mapping(undescribed: Path) -> None:
+    from geoseg.workflows.run import run_workflow
+
+    f = undescribed / "banded.yaml"
+    f.write_text(BANDED)
+    lines: list[str] = []
+    summary = run_workflow(f, echo=lines.append)
+    assert summary["units"] == {"done": 3, "skipped": 0, "failed": 0}
+    assert summary["changes"][0]["model"] == "forest"
+    record = json.loads((undescribed / "out" / "change" / "forest" / "2024-06-15_2025-06-20" / "run.json").read_text())
+    assert record["change"]["valid_hectares"] > 0
+    # the log line gives hectares rounded for people (run.json keeps them whole)
+    (line,) = [x for x in lines if x.startswith("change/forest/")]
+    assert re.fullmatch(r"change/forest/\S+: forest_gain [\d,]+\.\d\d ha, forest_loss [\d,]+\.\d\d ha \(.* s\)", line), line
+
+
+def test_hectares_are_rounded_where_people_read_them() -> None:
+    from geoseg.change import format_change
+    from geoseg.workflows.run import format_summary
+    from geoseg.workflows.units import found_text
+
+    classes = {"forest_loss": {"hectares": 10489.9456, "polygons": 3}, "forest_gain": {"hectares": 0.0004, "polygons": 0}}
+    assert found_text({"classes": classes}) == "forest_loss 10,489.95 ha, forest_gain 0.00 ha"
+    assert found_text({"classes": {"building": {"objects": 12, "area_ha": 1.23456}}}) == "building 12"
+    change = {"before": {"date": "2024-06-15"}, "after": {"date": "2025-06-20"}, "model": "forest"}
+    change |= {"hectares": {"forest_loss": 10489.9456}, "valid_hectares": 123456.78901}
+    text = format_change({"change": change, "vectors": {"forest_loss": 3}})
+    assert "10,489.95" in text and "123,456.79" in text and "10489.9456" not in text
+    summary = {"images": [], "changes": [{"before": "a", "after": "b", "model": "forest", "folder": "f", "classes": classes}]}
+    text = format_summary(summary | {"out": "o", "seconds": 1.0, "units": {}})
+    assert "10,489.95 ha" in text and "10489.9456" not in text
+
+
+def _geo_raster(path: Path, data: np.ndarray, transform, crs: str, **kw) -> Path:
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype.name)
+    with rasterio.open(path, "w", **profile, transform=transform, crs=crs, **kw) as ds:
+        ds.write(data)
+    return path
+
+
+@pytest.mark.parametrize("crs, origin, pixel", [("EPSG:4326", (10.0, 0.5), 0.001), ("EPSG:32632", (560000.0, 5935000.0), 2.0)])
+def test_quicklook_frames_the_scene_with_legend_scale_bar_and_coordinates(tmp_path: Path, crs, origin, pixel) -> None:
+    """The scene is drawn whole (nothing over it); legend, scale bar and coordinates sit around it."""
+    from PIL import Image
+    from rasterio.transform import from_origin
+
+    from geoseg.workflows.quicklook import Overlay, quicklook, scale_bar
+
+    # a scene of 0 and 255 only renders exactly (the 2-98 % stretch of it is the identity)
+    rng = np.random.default_rng(0)
+    data = (rng.random((3, 150, 200)) > 0.5).astype(np.uint8) * 255
+    transform = from_origin(*origin, pixel, pixel)
+    scene = _geo_raster(tmp_path / "scene.tif", data, transform, crs)
+    mask = np.zeros((1, 150, 200), np.uint8)
+    mask[0, 40:80, 60:120] = 1
+    color = [230, 25, 75]
+    classes = [{"id": 0, "name": "background", "color": [0, 0, 0]}, {"id": 1, "name": "building", "color": color}]
+    _geo_raster(tmp_path / "mask.tif", mask, transform, crs, nodata=255)
+    with rasterio.open(tmp_path / "mask.tif", "r+") as ds:
+        ds.update_tags(GEOSEG_CLASSES=json.dumps(classes))
+    png = quicklook(str(scene), [Overlay(str(tmp_path / "mask.tif"), "")], str(tmp_path / "q.png"), title="t", max_side=100)
+    im = Image.open(png)
+    left, top, w, h = map(int, im.text["geoseg:scene_box"].split(","))
+    assert (w, h) == (100, 75) and im.text["geoseg:scene_step"] == "2"
+    img = np.asarray(im.convert("RGB")).astype(int)
+    expected = data[:, ::2, ::2].transpose(1, 2, 0).astype(int)
+    scene_px = img[top : top + h, left : left + w]
+    outside = np.ones((h, w), bool)
+    outside[19:41, 29:61] = False  # the class (rows 20-39, cols 30-59 of the image) and its outline
+    assert np.array_equal(scene_px[outside], expected[outside])  # no legend, text or bar over the scene
+    assert (scene_px[~outside] == color).all(axis=1).any()  # the class outline is drawn
+    # the PNG is larger than the scene: coordinate labels left and below, the legend band below them
+    assert left >= 30 and im.height >= top + h + 3 * 16
+    band = img[top + h + 1 :]
+    assert (band == color).all(axis=2).sum() >= 80  # the class swatch is in the band
+    assert (band == 0).all(axis=2).sum() >= 100  # the text, ticks and the scale bar's black half
+    # the scale bar: a round distance, true ground metres (geodesic in degrees: 0.001 deg = 111.3 m at the equator)
+    px, label = scale_bar(_geobox(scene), 2, w)
+    per_px = 2 * (111_319.5 * pixel if crs == "EPSG:4326" else pixel)
+    value, unit = label.split()
+    assert float(value) * (1000 if unit == "km" else 1) == pytest.approx(px * per_px, abs=0.6 * per_px)  # to a pixel
+    assert px <= 0.3 * w and float(value) in (1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+
+def _geobox(path: Path):
+    from geoseg.io.raster import open_source
+
+    return open_source(str(path)).geobox

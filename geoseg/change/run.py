@@ -31,7 +31,7 @@ from geoseg.change.codes import Transition, code_classes, code_map, code_table, 
 from geoseg.change.dates import raster_date
 from geoseg.classes import NODATA
 from geoseg.errors import InputError
-from geoseg.records import Record
+from geoseg.records import Record, hectares_text
 
 __all__ = ["ChangeReport", "change", "format_change"]
 
@@ -251,6 +251,6 @@ def format_change(report: dict[str, Any]) -> str:
     lines = [f"change {c['before']['date'] or '?'} -> {c['after']['date'] or '?'} ({c['model']})"]
     lines.append(f"  {'transition':<24} {'hectares':>12} {'polygons':>9}")
     for name, ha in c["hectares"].items():
-        lines.append(f"  {name:<24} {ha:>12.2f} {report.get('vectors', {}).get(name, 0):>9}")
-    lines.append(f"  {'valid on both dates':<24} {c['valid_hectares']:>12.2f}")
+        lines.append(f"  {name:<24} {hectares_text(ha):>12} {report.get('vectors', {}).get(name, 0):>9}")
+    lines.append(f"  {'valid on both dates':<24} {hectares_text(c['valid_hectares']):>12}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""``geoseg vectorize``: a class mask to polygon layers, one per class, styled for QGIS."""
+"""``geoseg vectorize``: a class mask to polygon layers, one per class (or one with a value field), styled for QGIS."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ def echo_vectors(out_dir: str, report: dict) -> None:
 )
 @click.option("--precision", type=click.IntRange(1, 15), default=None, help="GeoJSON decimals [7 ~ 1 cm; more for finer pixels].")
 @click.option("--regularize", is_flag=True, help="Right-angled building footprints.")
+@click.option(
+    "--field",
+    default=None,
+    help="One layer with the pixel value in this attribute (as gdal_polygonize -f), for rasters of values "
+    "such as a loss year, instead of one layer per value.",
+)
 @click.option("--no-project", is_flag=True, help="Skip the QGIS project (project.qgz).")
 @click.option("--chunk", type=click.IntRange(min=64), default=2048, show_default=True, help="Pixels per Dask task side.")
 @cluster_options("Worker processes for the local cluster [cores].")
@@ -71,13 +77,14 @@ def vectorize(
     formats,
     precision,
     regularize,
+    field,
     no_project,
     chunk,
     scheduler,
     workers,
     overwrite,
 ) -> None:
-    """Turn the class mask MASK into polygon layers, one per class, styled for QGIS."""
+    """Turn the class mask MASK into polygon layers, one per class (one layer with --field), styled for QGIS."""
     from geoseg.engine import scheduler as use_scheduler
     from geoseg.vector import vectorize as run_vectorize
 
@@ -95,6 +102,7 @@ def vectorize(
             formats=[f for f in formats.split(",") if f.strip()],
             precision=precision,
             regularize=regularize,
+            field=field,
             chunk=chunk,
             project=not no_project,
             overwrite=overwrite,

@@ -100,6 +100,7 @@ def match_bands(
             out.append(hits[0])
             continue
         if not any(desc) and count == len(wanted) and not mapping:
+            _announce_order(wanted, origin)
             return tuple(range(1, count + 1))
         shown = ", ".join(f"{i + 1}={d or '?'}" for i, d in enumerate(desc))
         if count == 1 and set(wanted) <= {"red", "green", "blue"} and not mapping:
@@ -113,3 +114,25 @@ def match_bands(
             f"(bands: {shown}); map it with --bands {name}=N"
         )
     return tuple(out)
+
+
+#: rasters whose assumed band order was announced already (once per raster and order in a process)
+_ANNOUNCED: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _announce_order(wanted: Sequence[str], origin: str) -> None:
+    """Say once, as one logging warning, that undescribed bands are taken in the model's order, and how to set them."""
+    import logging
+
+    if (origin, tuple(wanted)) in _ANNOUNCED:
+        return
+    _ANNOUNCED.add((origin, tuple(wanted)))
+    order = ", ".join(f"{i}={name}" for i, name in enumerate(wanted, start=1))
+    mapping = ", ".join(f"{name!r}: N" for name in wanted)
+    logging.getLogger(__name__).warning(
+        "%s: no band descriptions; assuming the model's band order %s; if that is wrong, give bands=(...) "
+        "(band numbers in the model's order) or band_map={%s}",
+        origin,
+        order,
+        mapping,
+    )

@@ -179,7 +179,7 @@ def layer_totals(parts: Sequence[str], layers: Sequence[Layer], geo: bool) -> tu
 
     counts = dict.fromkeys((ly.name for ly in layers), 0)
     sums = dict.fromkeys(counts, 0.0)
-    by_id = {ly.class_id: ly.name for ly in layers}
+    by_id = {cid: ly.name for ly in layers for cid in ly.ids}
     for p in parts:
         table = pq.read_table(p, columns=["class_id", "area_m2"])
         ids = table.column("class_id").to_numpy()

@@ -332,7 +332,7 @@ def write_project(
 
 def mask_classes(src: MaskSource) -> list[MaskClass]:
     """A mask's classes, each with a colour (geoseg's default palette where the mask names none)."""
-    from geoseg.models.card import default_palette
+    from geoseg.classes import default_palette
 
     palette = default_palette(256)
     return [c if c.color else MaskClass(c.id, c.name, tuple(palette[c.id % len(palette)])) for c in src.classes]

@@ -90,10 +90,7 @@ def vector_record(
         "probabilities": src.prob_path,
         "crs": {"mask": gb.crs, "outputs": out_crs, "geojson": "EPSG:4326" if gb.crs else None, "metric": params.metric_crs},
         "parameters": parameters,
-        "layers": [
-            {"name": ly.name, "class_id": ly.class_id, "kind": ly.kind, "color": list(ly.color), "features": counts[ly.name]}
-            for ly in layers
-        ],
+        "layers": [_layer_entry(ly, counts[ly.name]) for ly in layers],
         "features": int(sum(counts.values())),
         "outputs": written,
         "chunks": len(results),
@@ -110,3 +107,9 @@ def vector_record(
         },
         "values_present": run.present,
     }
+
+
+def _layer_entry(ly: Layer, features: int) -> dict[str, Any]:
+    """A layer in ``vectors.json``: its class, or (a value layer) its value field and the values it holds."""
+    which = {"field": ly.field, "values": list(ly.values)} if ly.field else {"class_id": ly.class_id}
+    return {"name": ly.name, **which, "kind": ly.kind, "color": list(ly.color), "features": features}

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -45,11 +46,19 @@ from geoseg.io.outdir import (
 )
 from geoseg.vector.attributes import features_table, write_part
 from geoseg.vector.geometry import metric_crs
-from geoseg.vector.layers import REPORT_NAME, check_out, layer_names, layer_totals, planned_outputs, write_outputs
+from geoseg.vector.layers import (
+    REPORT_NAME,
+    check_out,
+    layer_names,
+    layer_totals,
+    planned_outputs,
+    safe_name,
+    write_outputs,
+)
 from geoseg.vector.params import VectorParams, pixel_size_m
 from geoseg.vector.polygonize import Pieces, merge_seams, polygonize_block
 from geoseg.vector.report import VectorReport, vector_record
-from geoseg.vector.writers import FORMATS, Layer
+from geoseg.vector.writers import FORMATS, KIND_COLUMNS, VALUE_COLUMNS, Layer
 
 __all__ = ["vectorize"]
 
@@ -75,8 +84,9 @@ def vectorize(
     progress: bool = False,
     attributes: dict[str, str] | None = None,
     kind: str | None = None,
+    field: str | None = None,
 ) -> VectorReport:
-    """Turn a class mask into styled polygon layers, one per class.
+    """Turn a class mask into styled polygon layers, one per class (or one layer with a value field).
 
     Runs on the active Dask scheduler (see :func:`geoseg.scheduler`): one task per chunk
     polygonises its window and writes the polygons that do not touch a chunk seam; the
@@ -130,6 +140,11 @@ def vectorize(
     kind : str, optional
         Treat every class as this kind (``area``: hectares; change transitions) instead of
         guessing it from the class name.
+    field : str, optional
+        Write ONE layer, named after the mask file, holding the polygons of every value
+        vectorised, with the pixel value in this attribute (as ``gdal_polygonize -f``): for
+        rasters whose values are data, not classes (Hansen loss year 1..23). Polygons still
+        merge only with neighbours of the same value; every value is an area (``area_ha``).
 
     Returns
     -------
@@ -139,11 +154,13 @@ def vectorize(
     """
     t_start = time.perf_counter()
     formats = _check_formats(formats, connectivity)
+    _check_field(field, formats, attributes)
+    kind = kind or ("area" if field else None)  # a value raster's polygons are areas
     min_area, max_length = _size_rules(mask, min_area, simplify)
     src, out_crs, formats = _open_source(mask, probabilities, crs, formats)
+    formats = tuple(f for f in formats if f != "coco") if field else formats  # COCO is per class
     out_dir = os.path.abspath(out_dir)
     full, ids = resolve_classes(src, classes)
-    names = layer_names(full)
     chunk = max(src.block, math.ceil(chunk / src.block) * src.block)
     run_params = {
         "classes": ids,
@@ -155,11 +172,12 @@ def vectorize(
         "crs": out_crs,
         "attributes": dict(attributes or {}),
         "kind": kind,
+        **({"field": field} if field else {}),
     }
     kind_of = (lambda _c: kind) if kind else (lambda c: object_kind(c.name, c.kind))
     params = _vector_params(src, full, run_params, kind_of)
     precision = _geojson_precision(src, formats, precision, params.pixel_size_m)
-    outputs = planned_outputs(formats, [names[i] for i in ids], project)
+    outputs = planned_outputs(formats, [ly.name for ly in _layers(mask, full, ids, params, kind_of, field)], project)
     check_out(out_dir, outputs, overwrite)
     lock = ExitStack()
     lock.enter_context(output_lock(out_dir))  # one writer per folder: a second run is refused
@@ -171,8 +189,7 @@ def vectorize(
         run = _polygonize(src, params, staging, chunk, progress)
         if not src.named and (classes is None or str(classes[0]).lower() == "all"):
             ids = [i for i in ids if i in run.present]
-        extra_cols = tuple(k for k, _ in params.attributes)
-        layers = [Layer(names[i], i, kind_of(full[i]), tuple(full[i].color), extra_cols) for i in ids]
+        layers = _layers(mask, full, ids, params, kind_of, field)
         counts, areas = layer_totals(run.parts, layers, geo=src.geobox.crs is not None)
         written, write_s = write_outputs(staging, out_dir, run.parts, layers, formats, src, out_crs, precision, params, project)
         parameters = {**run_params, "formats": list(formats), "precision": precision, "chunk": chunk}
@@ -204,6 +221,30 @@ def _check_formats(formats: Sequence[str], connectivity: int) -> tuple[str, ...]
     if connectivity not in (4, 8):
         raise InputError(f"--connectivity must be 4 or 8, got {connectivity}")
     return formats
+
+
+def _check_field(field: str | None, formats: Sequence[str], attributes: dict[str, str] | None) -> None:
+    """A value field's name: a plain column name no other column has; no COCO (its instances are per class)."""
+    if field is None:
+        return
+    taken = {"id", "geometry", "geom", *VALUE_COLUMNS, *KIND_COLUMNS["area"], *(attributes or {})}
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", field) or field.lower() in taken:
+        raise InputError(f"--field {field!r}: give a column name of letters, digits and _ not among {', '.join(sorted(taken))}")
+    if "coco" in formats:
+        raise InputError("--field writes one layer of values; COCO instances are per class: leave out coco or --field")
+
+
+def _layers(
+    mask: str, full: Sequence[MaskClass], ids: Sequence[int], params: VectorParams, kind_of: Callable, field: str | None
+) -> list[Layer]:
+    """The output layers: one per class id, or one value layer (named after the mask file) holding every id."""
+    extra = tuple(k for k, _ in params.attributes)
+    if field:
+        name = safe_name(os.path.splitext(os.path.basename(mask))[0])
+        color = tuple(full[ids[0]].color) if ids else (230, 25, 75)
+        return [Layer(name, -1, "area", color, extra, field=field, values=tuple(ids))]  # a value raster's polygons are areas
+    names = layer_names(full)
+    return [Layer(names[i], i, kind_of(full[i]), tuple(full[i].color), extra) for i in ids]
 
 
 def _size_rules(mask: str, min_area: float | None, simplify: float) -> tuple[float, float]:

@@ -19,7 +19,16 @@ import shapely
 from geoseg.errors import OutputError
 from geoseg.vector.geometry import reproject
 
-__all__ = ["FORMATS", "GPKG_VERSION", "PIXEL_SPACE_MEMBER", "Layer", "layer_batches", "write_layer"]
+__all__ = [
+    "FORMATS",
+    "GPKG_VERSION",
+    "KIND_COLUMNS",
+    "PIXEL_SPACE_MEMBER",
+    "VALUE_COLUMNS",
+    "Layer",
+    "layer_batches",
+    "write_layer",
+]
 
 FORMATS = ("geojson", "gpkg", "fgb", "parquet")
 EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "fgb": ".fgb", "parquet": ".parquet"}
@@ -35,6 +44,8 @@ PIXEL_SPACE_MEMBER = {
 
 #: columns every layer has, then the extra columns per kind of class
 BASE_COLUMNS = ("id", "class", "class_id", "run_id", "area_px", "area_m2", "perimeter_m", "score")
+#: a value layer's columns after ``id`` and its value field (no class names or scores: the values are the data)
+VALUE_COLUMNS = ("run_id", "area_px", "area_m2", "perimeter_m")
 KIND_COLUMNS = {
     "area": ("area_ha",),
     "tank": ("diameter_m", "circularity", "center_lon", "center_lat"),
@@ -46,18 +57,30 @@ KIND_COLUMNS = {
 
 @dataclass(frozen=True)
 class Layer:
-    """One output layer: the features of one class."""
+    """One output layer: the features of one class, or (a value layer) of several pixel values with the value in ``field``."""
 
     name: str
     class_id: int
     kind: str
     color: tuple[int, int, int]
     attributes: tuple[str, ...] = ()  # constant text columns (e.g. date_before, date_after)
+    field: str | None = None  # a value layer (``vectorize --field``): the pixel value's column
+    values: tuple[int, ...] = ()  # the pixel values a value layer holds
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The mask values whose features this layer holds."""
+        return self.values if self.field else (self.class_id,)
 
     @property
     def columns(self) -> tuple[str, ...]:
         """Attribute columns of this layer, in order."""
-        return BASE_COLUMNS + KIND_COLUMNS.get(self.kind, ()) + self.attributes
+        base = ("id", self.field, *VALUE_COLUMNS) if self.field else BASE_COLUMNS
+        return base + KIND_COLUMNS.get(self.kind, ()) + self.attributes
+
+    def read_columns(self) -> list[str]:
+        """The parquet parts' columns this layer reads (a value layer's field is the parts' ``class_id``)."""
+        return [("class_id" if c == self.field else c) for c in self.columns]
 
 
 def layer_batches(
@@ -91,11 +114,14 @@ def layer_batches(
     """
     import pyarrow.parquet as pq
 
-    cols = [*layer.columns, "geometry"]
+    if not layer.ids:
+        return
+    cols = [*layer.read_columns(), "geometry"]
     for path in parts:
-        table = pq.read_table(path, columns=cols, filters=[("class_id", "=", layer.class_id)])
+        table = pq.read_table(path, columns=cols, filters=[("class_id", "in", list(layer.ids))])
         if table.num_rows == 0:
             continue
+        table = table.rename_columns([*layer.columns, "geometry"])
         geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
         if src_crs and dst_crs:
             geoms = reproject(geoms, src_crs, dst_crs, densify=densify)
@@ -129,6 +155,8 @@ def schema(layer: Layer):
         "area_px": pa.int64(),
     }
     types.update({c: pa.string() for c in layer.attributes})
+    if layer.field:
+        types[layer.field] = pa.int16()
     return pa.schema([(c, types.get(c, pa.float64())) for c in layer.columns] + [("geometry", pa.binary())])
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.io.outdir import write_json_atomic
+from geoseg.records import hectares_text
+from geoseg.workflows.bands import check_bands, inherit_bands, yaml_words
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
 from geoseg.workflows.units import Tally, card_hash, fingerprint, finish, run_lock, run_unit, unit_params
 
@@ -128,11 +130,13 @@ def _prepare(path: str | os.PathLike, out: str | None, say: Callable[[str], None
         by_date=all(dates) and len(set(dates)) == len(dates),
     )
     _check_folders(plan)
+    if found:
+        check_bands(wf, runs, changes, found[0].path)
     return plan
 
 
 def _resolve_models(wf: Workflow) -> tuple[list[tuple[Any, Any, Any]], list[tuple[Any, Any]]]:
-    """Every model and band mapping of the segment and change steps, resolved (errors name the step)."""
+    """Every model and band mapping of the segment and change steps, resolved (errors name the step or YAML key)."""
     from geoseg.models.bands import parse_band_option
     from geoseg.models.spec import resolve_model
 
@@ -142,19 +146,21 @@ def _resolve_models(wf: Workflow) -> tuple[list[tuple[Any, Any, Any]], list[tupl
         local = os.path.join(base, os.path.expanduser(name))
         return local if os.path.isfile(local) else name  # a model file relative to the workflow, else a bundled name
 
+    def resolved(step: str, name: str) -> Any:
+        try:
+            return resolve_model(model_arg(name))
+        except GeosegError as exc:
+            raise InputError(f"{wf.path}: {step}: {name}: {exc}") from None
+
     runs, changes = [], []
-    for run in wf.runs():
+    for i, run in enumerate(wf.runs()):
+        spec = resolved("models", run.model)
         try:
-            runs.append((run, resolve_model(model_arg(run.model)), parse_band_option(run.bands)))
+            runs.append((run, spec, parse_band_option(run.bands)))
         except GeosegError as exc:
-            raise InputError(f"{wf.path}: models: {run.model}: {exc}") from None
-    for ch in wf.change:
-        try:
-            spec = resolve_model(model_arg(ch.model))
-            parse_band_option(ch.bands)
-        except GeosegError as exc:
-            raise InputError(f"{wf.path}: change: {ch.model}: {exc}") from None
-        changes.append((ch, spec))
+            raise InputError(f"{wf.path}: models[{i}].bands: {yaml_words(str(exc))}") from None
+    for ch, _key in inherit_bands(wf):
+        changes.append((ch, resolved("change", ch.model)))
     return runs, changes
 
 
@@ -381,14 +387,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {'model':<12} {'class':<16} {'objects':>8} {'area (ha)':>10} {'time (s)':>9}")
         for model, m in entry["models"].items():
             for name, c in m["classes"].items() or [("-", {"objects": 0, "area_ha": 0.0})]:
-                area = "-" if c["area_ha"] is None else f"{c['area_ha']:.2f}"
+                area = "-" if c["area_ha"] is None else hectares_text(c["area_ha"])
                 lines.append(f"  {model:<12} {name:<16} {c['objects']:>8} {area:>10} {m['seconds']:>9.1f}")
         if entry.get("quicklook"):
             lines.append(f"  quicklook: {entry['quicklook']}")
     for c in summary.get("changes", []):
         lines.append(f"change {c['before']} -> {c['after']} ({c['model']}) -> {c['folder']}")
         for name, v in c["classes"].items():
-            lines.append(f"  {name:<24} {v['hectares']:>10.2f} ha {v['polygons']:>7} polygons")
+            lines.append(f"  {name:<24} {hectares_text(v['hectares']):>10} ha {v['polygons']:>7} polygons")
     u = summary.get("units", {})
     lines.append(
         f"units: {u.get('done', 0)} done, {u.get('skipped', 0)} skipped, {u.get('failed', 0)} failed; "

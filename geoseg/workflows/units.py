@@ -17,7 +17,7 @@ from typing import Any
 from geoseg.errors import DiskFullError, GeosegError
 from geoseg.io.outdir import hold_lock_file, write_json_atomic
 
-__all__ = ["RUN_LOCK", "Tally", "card_hash", "fingerprint", "finish", "run_lock", "run_unit", "unit_params"]
+__all__ = ["RUN_LOCK", "Tally", "card_hash", "fingerprint", "finish", "found_text", "run_lock", "run_unit", "unit_params"]
 
 RUN_LOCK = ".geoseg-run.lock"
 
@@ -143,6 +143,15 @@ def run_unit(
         time.perf_counter() - t,
     )
     counts["done"] += 1
-    found = ", ".join(f"{k} {v.get('objects', v.get('hectares'))}" for k, v in result.get("classes", {}).items())
-    say(f"{unit_id}: {found or 'done'} ({result['seconds']:.1f} s)")
+    say(f"{unit_id}: {found_text(result) or 'done'} ({result['seconds']:.1f} s)")
     return result
+
+
+def found_text(result: dict[str, Any]) -> str:
+    """What a unit found, for its log line: objects per class, or hectares per transition (rounded for people)."""
+    from geoseg.records import hectares_text
+
+    return ", ".join(
+        f"{k} {v['objects']}" if "objects" in v else f"{k} {hectares_text(v['hectares'])} ha"
+        for k, v in result.get("classes", {}).items()
+    )
