@@ -17,7 +17,8 @@ __all__ = ["Record", "hectares_text"]
 class Record(Mapping[str, Any]):
     """Base of a report: indexable like its JSON ``record`` (``report["layers"]``), read-only.
 
-    Subclasses are frozen dataclasses whose first field is ``record`` (a dict).
+    Subclasses are frozen dataclasses (``eq=False``: a report equals a mapping with the same
+    items, as :class:`~collections.abc.Mapping` compares) whose first field is ``record`` (a dict).
     """
 
     record: dict[str, Any]

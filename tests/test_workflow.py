@@ -101,6 +101,16 @@ def test_run_generates_the_sample_and_writes_everything(tmp_path: Path) -> None:
         class_id = 1
         assert gdf["area_m2"].sum() == pytest.approx((mask == class_id).sum() * px_area, rel=0.002 if name == "water" else 1e-9)
         assert (out / name / "vectors" / f"{cls}.geojson").exists() and (out / name / "project.qgz").exists()
+    # one project over the whole run: a group per model, each with the imagery, the mask and the polygons
+    import zipfile
+
+    assert summary["project"] == str(out / "project.qgz")
+    with zipfile.ZipFile(out / "project.qgz") as z:
+        qgs = z.read(next(n for n in z.namelist() if n.endswith(".qgs"))).decode()
+    for name in ("forest", "water"):
+        assert f'<layer-tree-group name="{summary["images"][0]["date"]} {name}"' in qgs
+        assert f"./{name}/mask.tif" in qgs and f"./{name}/geoseg.gpkg" in qgs
+    assert "scene.tif" in qgs  # the imagery under the masks
     from PIL import Image
 
     im = Image.open(out / "quicklook.png")
@@ -338,7 +348,7 @@ def test_workflow_change_inherits_the_models_band_mapping(undescribed: Path) -> 
 
 def test_hectares_are_rounded_where_people_read_them() -> None:
     from geoseg.change import format_change
-    from geoseg.workflows.run import format_summary
+    from geoseg.workflows.summary import format_summary
     from geoseg.workflows.units import found_text
 
     classes = {"forest_loss": {"hectares": 10489.9456, "polygons": 3}, "forest_gain": {"hectares": 0.0004, "polygons": 0}}

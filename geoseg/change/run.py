@@ -36,7 +36,7 @@ from geoseg.records import Record, hectares_text
 __all__ = ["ChangeReport", "change", "format_change"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ChangeReport(Record):
     """What :func:`change` made: reads like its ``run.json`` record, with the polygon layers' report.
 

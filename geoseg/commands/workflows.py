@@ -15,7 +15,8 @@ from geoseg.commands.options import workflow_argument, workflow_out_option
 @click.pass_context
 def run_cmd(ctx: click.Context, workflow: str, out_dir: str | None) -> None:
     """Run the workflow file WORKFLOW: every model, masks, polygons, a summary and a quicklook PNG."""
-    from geoseg.workflows.run import format_summary, run_workflow
+    from geoseg.workflows.run import run_workflow
+    from geoseg.workflows.summary import format_summary
 
     quiet = ctx.obj["quiet"]
     summary = run_workflow(workflow, out_dir, echo=None if quiet else click.echo)

@@ -88,7 +88,7 @@ def class_entry(c: Any) -> dict[str, Any]:
     return entry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunReport(Record):
     """What :func:`geoseg.write` made: reads like its ``run.json`` record (``report["outputs"]``).
 

@@ -21,7 +21,7 @@ from geoseg.vector.writers import Layer
 __all__ = ["VectorReport", "vector_record"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VectorReport(Record):
     """The outcome of :func:`geoseg.vector.vectorize`.
 

@@ -27,12 +27,12 @@ from typing import Any
 
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.io.outdir import write_json_atomic
-from geoseg.records import hectares_text
 from geoseg.workflows.bands import check_bands, inherit_bands, yaml_words
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
+from geoseg.workflows.summary import run_project
 from geoseg.workflows.units import Tally, card_hash, fingerprint, finish, run_lock, run_unit, unit_params
 
-__all__ = ["format_summary", "run_workflow"]
+__all__ = ["run_workflow"]
 
 #: how to fix a unit folder that would leave the output folder
 FIX = "rename the scene, model or STAC item"
@@ -235,6 +235,11 @@ def _execute(plan: _Plan, say: Callable[[str], None]) -> tuple[dict[str, Any], T
         finish(ledger, interrupted, tally)
     summary["units"] = tally.counts
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    project = os.path.join(plan.folder, "project.qgz")
+    if "gpkg" in wf.outputs.formats and (summary["images"] or summary["changes"]):
+        if tally.counts["done"] or not os.path.exists(project):  # nothing new: keep it as it is
+            run_project(project, summary, f"geoseg run: {wf.name}")
+        summary["project"] = project
     write_json_atomic(os.path.join(plan.folder, "summary.json"), summary, indent=2)
     return summary, tally
 
@@ -298,7 +303,7 @@ def _change_pairs(
             lambda cdir=cdir, a=a, b=b, spec=spec, kwargs=kwargs: _change(a, b, spec, kwargs, cdir),
         )  # fmt: skip
         if res is not None:
-            out.append({"before": a.date, "after": b.date, "model": ch.model, **res})
+            out.append({"before": a.date, "after": b.date, "model": ch.model, "after_image": b.path, **res})
     return out
 
 
@@ -377,27 +382,3 @@ def _change(a: Any, b: Any, spec: Any, kwargs: dict[str, Any], cdir: str) -> tup
     c = report["change"]
     classes = {k: {"hectares": v, "polygons": report["vectors"].get(k, 0)} for k, v in c["hectares"].items()}
     return {"folder": cdir, "classes": classes, "valid_hectares": c["valid_hectares"]}, report.files()
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a plain-text table."""
-    lines = []
-    for entry in summary["images"]:
-        lines.append(f"{entry['image']} ({entry.get('date') or 'no date'}) -> {entry['folder']}")
-        lines.append(f"  {'model':<12} {'class':<16} {'objects':>8} {'area (ha)':>10} {'time (s)':>9}")
-        for model, m in entry["models"].items():
-            for name, c in m["classes"].items() or [("-", {"objects": 0, "area_ha": 0.0})]:
-                area = "-" if c["area_ha"] is None else hectares_text(c["area_ha"])
-                lines.append(f"  {model:<12} {name:<16} {c['objects']:>8} {area:>10} {m['seconds']:>9.1f}")
-        if entry.get("quicklook"):
-            lines.append(f"  quicklook: {entry['quicklook']}")
-    for c in summary.get("changes", []):
-        lines.append(f"change {c['before']} -> {c['after']} ({c['model']}) -> {c['folder']}")
-        for name, v in c["classes"].items():
-            lines.append(f"  {name:<24} {hectares_text(v['hectares']):>10} ha {v['polygons']:>7} polygons")
-    u = summary.get("units", {})
-    lines.append(
-        f"units: {u.get('done', 0)} done, {u.get('skipped', 0)} skipped, {u.get('failed', 0)} failed; "
-        f"summary: {os.path.join(summary['out'], 'summary.json')}; total {summary['seconds']:.1f} s"
-    )
-    return "\n".join(lines)
