@@ -55,3 +55,24 @@ def test_segment_equals_predict_then_write(sample: Path, tmp_path: Path) -> None
     with rasterio.open(done.mask) as a, rasterio.open(tmp_path / "b" / "mask.tif") as b:
         assert a.transform == b.transform and a.crs == b.crs
         assert np.array_equal(a.read(), b.read())
+
+
+def test_area_classes_drop_speckle_by_the_cards_minimum_mapping_unit(sample: Path, tmp_path: Path) -> None:
+    """Forest and water polygons under the card's minimum mapping unit (4 px by default) are speckle: never features."""
+    import rasterio
+    from scipy import ndimage
+
+    with geoseg.scheduler("synchronous"):
+        done = geoseg.segment(str(sample / "scene.tif"), "water", tmp_path / "a", vectorize={"formats": ("gpkg",)})
+        every = geoseg.vector.vectorize(done.mask, tmp_path / "b", formats=("gpkg",), min_pixels=0)
+    assert done.run["parameters"]["mmu_px"] == 4  # shown in run.json
+    with rasterio.open(done.mask) as ds:
+        assert json.loads(ds.tags()["GEOSEG_OBJECTS"]) == {"mmu_px": 4}  # and carried by the mask
+        water = ds.read(1) == 1
+    sizes = np.bincount(ndimage.label(water)[0].ravel())[1:]
+    assert (sizes < 4).any()  # the scene has speckle
+    assert done.vectors["parameters"]["min_pixels"] == 4
+    df = pyogrio.read_dataframe(tmp_path / "a" / "geoseg.gpkg", layer="water")
+    assert len(df) == (sizes >= 4).sum() and df["area_px"].min() >= 4
+    assert done.classes()["water"]["objects"] == len(df)  # summaries count features, never speckle
+    assert every["layers"][0]["features"] == len(sizes)  # min_pixels=0 keeps every patch

@@ -30,6 +30,12 @@ def echo_vectors(out_dir: str, report: dict) -> None:
     help="Drop polygons below this (m²) [the model's object rules carried by the mask, else 0].",
 )
 @click.option(
+    "--min-pixels",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Minimum mapping unit of area classes, in pixels; 0 keeps every patch [the model's, carried by the mask].",
+)
+@click.option(
     "--simplify",
     type=click.FloatRange(min=0),
     default=0.0,
@@ -71,6 +77,7 @@ def vectorize(
     probabilities,
     classes,
     min_area,
+    min_pixels,
     simplify,
     connectivity,
     crs,
@@ -96,6 +103,7 @@ def vectorize(
             probabilities=probabilities,
             classes=[c for c in classes.split(",") if c.strip()] if classes else None,
             min_area=min_area,
+            min_pixels=min_pixels,
             simplify=simplify,
             connectivity=int(connectivity),
             crs=crs,

@@ -205,7 +205,7 @@ def _job_entries(job: Job, stats: list[dict], n_chunks: int) -> dict[str, Any]:
             "backend": job.info.backend,
             "classes": [class_entry(c) for c in job.card.classes],
         },
-        "parameters": job.params(),
+        "parameters": {**job.params(), "mmu_px": job.card.mmu},  # the minimum mapping unit vectorize applies
         "device": {"requested": job.runtime.device, "used": job.info.device, "name": job.info.device_name},
         "tiles": {
             "total": int(sum(s.get("tiles", 0) for s in stats)),

@@ -386,7 +386,11 @@ def _tags(target: _Target) -> dict[str, str] | None:
     tags = {CLASSES_TAG: json.dumps([class_entry(c) for c in target.table])}
     card = target.job.card if target.job else None
     rules = {k: getattr(card, k) for k in ("min_area_m2", "max_length_m") if card and getattr(card, k) is not None}
-    if rules and card.task == "objects":  # the model's object rules travel with its mask
+    if card is None or card.task != "objects":
+        rules = {}
+    if card is not None and card.mmu:
+        rules["mmu_px"] = card.mmu  # the area classes' minimum mapping unit
+    if rules:  # the model's object rules travel with its mask
         tags[OBJECTS_TAG] = json.dumps(rules)
     return tags
 

@@ -77,7 +77,8 @@ class MaskSource:
     class_source : str
         Where ``classes`` came from: ``tag``, ``run.json``, ``colormap`` or ``none``.
     object_rules : tuple of (str, float)
-        The model's object rules from :data:`OBJECTS_TAG` (``min_area_m2``, ``max_length_m``).
+        The model's rules from :data:`OBJECTS_TAG`: object rules (``min_area_m2``,
+        ``max_length_m``) and the area classes' minimum mapping unit (``mmu_px``).
     """
 
     path: str
@@ -209,7 +210,7 @@ def _rules_from(tag: str | None) -> tuple[tuple[str, float], ...]:
     except ValueError:
         return ()
     out = []
-    for key in ("min_area_m2", "max_length_m"):
+    for key in ("min_area_m2", "max_length_m", "mmu_px"):
         v = d.get(key) if isinstance(d, dict) else None
         if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v >= 0:
             out.append((key, float(v)))

@@ -53,8 +53,11 @@ CARD_KEYS = {
     "training",
     "tta",
     "objects",
+    "mmu_px",
 }
 TASKS = ("area", "objects")
+#: minimum mapping unit (pixels) of an area model whose card gives none: a 2 x 2 patch; single pixels are speckle
+DEFAULT_MMU_PX = 4
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 INFO_KEYS = ("description", "license", "metrics", "training")
 
@@ -101,6 +104,10 @@ class ModelCard:
         Object rules for ``task: objects`` models: polygons smaller than ``min_area_m2`` or
         longer than ``max_length_m`` are not objects of the model's kind (a ship model's
         breakwaters, a speck); vectorize and evaluate apply them by default.
+    mmu_px : int, optional
+        Minimum mapping unit of the area classes, in pixels: smaller patches are speckle, not
+        features (vectorize drops them; summaries never count them). None: :data:`DEFAULT_MMU_PX`
+        for ``task: area`` models, none for objects models (their object rules apply); 0: none.
     info_json : str
         Description, licence, metrics and training recipe (JSON), carried for the record.
     """
@@ -122,6 +129,14 @@ class ModelCard:
     tta: int = 1
     min_area_m2: float | None = None
     max_length_m: float | None = None
+    mmu_px: int | None = None
+
+    @property
+    def mmu(self) -> int:
+        """The minimum mapping unit in pixels that applies: the card's, else the default of its task."""
+        if self.mmu_px is not None:
+            return self.mmu_px
+        return DEFAULT_MMU_PX if self.task == "area" else 0
 
     def with_classes(self, n_outputs: int) -> ModelCard:
         """The card with default classes for a model with ``n_outputs`` channels."""
@@ -154,6 +169,7 @@ class CardDocument(Document):
     architecture: ArchitectureDocument | None = None
     tta: int = 1
     objects: ObjectsDocument = ObjectsDocument()
+    mmu_px: int | None = None
     tile: int | None = None
     halo: int | None = None
     size_multiple: int | None = None
@@ -248,6 +264,15 @@ class CardDocument(Document):
             raise ValueError(f"gsd_range_m must be [low, high] metres per pixel with 0 < low <= high, got {gsd_range!r}")
         return (pair[0], pair[1])
 
+    @field_validator("mmu_px", mode="before")
+    @classmethod
+    def _mmu(cls, mmu: Any) -> int | None:
+        if mmu is None:
+            return None
+        if isinstance(mmu, bool) or not isinstance(mmu, int) or mmu < 0:
+            raise ValueError(f"mmu_px must be a whole number of pixels >= 0 (0: no minimum mapping unit), got {mmu!r}")
+        return mmu
+
     @field_validator("tta", mode="before")
     @classmethod
     def _tta(cls, tta: Any) -> int:
@@ -283,6 +308,7 @@ class CardDocument(Document):
             tta=self.tta,
             min_area_m2=self.objects.min_area_m2,
             max_length_m=self.objects.max_length_m,
+            mmu_px=self.mmu_px,
         )
 
 
@@ -363,5 +389,7 @@ def card_to_dict(card: ModelCard) -> dict[str, Any]:
     rules = {k: getattr(card, k) for k in ("min_area_m2", "max_length_m") if getattr(card, k) is not None}
     if rules:
         out["objects"] = rules
+    if card.mmu_px is not None:
+        out["mmu_px"] = card.mmu_px
     out.update(json.loads(card.info_json or "{}"))
     return out

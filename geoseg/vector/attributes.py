@@ -75,11 +75,15 @@ def _measure(pieces: Pieces, world: np.ndarray, gb: GeoBox, params: VectorParams
 
 
 def _keep(pieces: Pieces, metric: np.ndarray, size: np.ndarray, gb: GeoBox, params: VectorParams) -> np.ndarray:
-    """Which pieces stay: at least ``min_area``, and objects no longer than ``max_length``."""
+    """Which pieces stay: at least ``min_area``, area patches of ``min_pixels``, objects no longer than ``max_length``."""
     keep = size >= params.min_area if params.min_area > 0 else np.ones(len(metric), bool)
+    if params.max_length <= 0 and params.min_pixels <= 0:
+        return keep
+    kinds = dict(params.kinds)
+    kinds_ = np.array([kinds[int(c)] for c in pieces.class_id], dtype=object)
+    if params.min_pixels > 0:  # speckle of an area class is not a feature (the minimum mapping unit)
+        keep &= (kinds_ != "area") | (pieces.count >= params.min_pixels)
     if params.max_length > 0 and gb.crs:  # too long to be one object of the model's kind (a breakwater)
-        kinds = dict(params.kinds)
-        kinds_ = np.array([kinds[int(c)] for c in pieces.class_id], dtype=object)
         sel = np.flatnonzero(keep & (kinds_ != "area"))
         if len(sel):
             length = oriented_box(metric[sel])[0]

@@ -25,6 +25,7 @@ class VectorParams:
     connectivity: int = 4
     min_area: float = 0.0
     max_length: float = 0.0  # objects longer than this (m; oriented box) dropped; 0 = no limit
+    min_pixels: int = 0  # area-class polygons of fewer pixels are speckle, dropped (the minimum mapping unit)
     simplify: float = 0.0
     regularize: bool = False
     run_id: str = ""

@@ -72,6 +72,7 @@ def vectorize(
     probabilities: str | None = None,
     classes: Sequence[str | int] | None = None,
     min_area: float | None = None,
+    min_pixels: int | None = None,
     simplify: float = 0.0,
     connectivity: int = 4,
     crs: str | None = None,
@@ -107,6 +108,10 @@ def vectorize(
         Class names or values to vectorise; default every class but background ones
         (``background``, ``other``, ...; class 0 when the mask has no class names); ``["all"]``
         for every class.
+    min_pixels : int, optional
+        Minimum mapping unit of area classes (forest, water, land cover, change), in pixels:
+        smaller patches are speckle and are not written. Default: the model's, carried by the
+        mask (its card's ``mmu_px``, 4 for area models), else 0; ``0`` keeps every patch.
     min_area : float, optional
         Drop polygons smaller than this (m²; pixels for pixel-space masks). Default: the
         model's object rule carried by the mask (its card's ``objects.min_area_m2``), else 0;
@@ -156,7 +161,7 @@ def vectorize(
     formats = _check_formats(formats, connectivity)
     _check_field(field, formats, attributes)
     kind = kind or ("area" if field else None)  # a value raster's polygons are areas
-    min_area, max_length = _size_rules(mask, min_area, simplify)
+    min_area, max_length, min_pixels = _size_rules(mask, min_area, min_pixels, simplify)
     src, out_crs, formats = _open_source(mask, probabilities, crs, formats)
     formats = tuple(f for f in formats if f != "coco") if field else formats  # COCO is per class
     out_dir = os.path.abspath(out_dir)
@@ -166,6 +171,7 @@ def vectorize(
         "classes": ids,
         "min_area": min_area,
         "max_length": max_length,
+        **({"min_pixels": min_pixels} if min_pixels else {}),
         "simplify": simplify,
         "connectivity": connectivity,
         "regularize": regularize,
@@ -247,18 +253,24 @@ def _layers(
     return [Layer(names[i], i, kind_of(full[i]), tuple(full[i].color), extra) for i in ids]
 
 
-def _size_rules(mask: str, min_area: float | None, simplify: float) -> tuple[float, float]:
-    """``(min_area, max_length)``: the given minimum area, else the model's object rules carried by the mask."""
+def _size_rules(mask: str, min_area: float | None, min_pixels: int | None, simplify: float) -> tuple[float, float, int]:
+    """``(min_area, max_length, min_pixels)``: the given ones, else the model's rules carried by the mask."""
+    rules = dict(open_mask(mask, None).object_rules) if min_area is None or min_pixels is None else {}
     if min_area is None:  # the model's object rules, from the mask's metadata
-        rules = dict(open_mask(mask, None).object_rules)
         min_area = rules.get("min_area_m2", 0.0)
         max_length = rules.get("max_length_m", 0.0)
     else:
         max_length = 0.0
+    if min_pixels is None:
+        min_pixels = int(rules.get("mmu_px", 0))
+    if isinstance(min_pixels, bool) or not isinstance(min_pixels, int) or min_pixels < 0:
+        raise InputError(
+            f"min_pixels must be a whole number >= 0, got {min_pixels!r}; give e.g. min_pixels=4 (0: keep every patch)"
+        )
     for name, value in (("--min-area", min_area), ("--simplify", simplify)):
         if not math.isfinite(value) or value < 0:
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}; give e.g. {name} 0")
-    return min_area, max_length
+    return min_area, max_length, min_pixels
 
 
 def _open_source(
@@ -300,6 +312,7 @@ def _vector_params(
         connectivity=run_params["connectivity"],
         min_area=run_params["min_area"],
         max_length=run_params["max_length"],
+        min_pixels=run_params.get("min_pixels", 0),
         simplify=run_params["simplify"],
         regularize=run_params["regularize"],
         run_id=run_id(src, run_params),
