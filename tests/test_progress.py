@@ -127,3 +127,26 @@ def test_cli_plain_lines_count_tiles_to_the_total(make_raster, torchscript_model
         [sys.executable, "-m", "geoseg", "-q", "predict", *args, "--overwrite"], capture_output=True, text=True, env=env
     )
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_workflow_units_are_numbered_and_say_start_and_end() -> None:
+    """``geoseg run``: every unit numbered of the total (skipped ones too), a running one's lines under its number."""
+    from geoseg.workflows.progress import Units
+
+    out = io.StringIO()
+    units = Units(3, Progress(stream=out, live=False))
+    units.unit("scene/water", lambda progress: None)  # skipped: never run, keeps its number
+
+    def work(progress):
+        c = progress.counter(2, "tiles", "predict scene.tif")
+        c.add(2)
+        c.close()
+        return "made"
+
+    assert units.unit("scene/forest", work)() == "made"
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[2/3] scene/forest: started"
+    assert lines[1].startswith("[2/3] scene/forest: predict scene.tif: 2/2 tiles in ")
+    assert re.fullmatch(r"\[2/3\] scene/forest: finished in [0-9.]+ s", lines[2]) and len(lines) == 3
+    quiet = Units(1, False)
+    assert quiet.unit("x", lambda progress: progress)() is False

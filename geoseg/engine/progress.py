@@ -116,7 +116,7 @@ class Counter:
         self.done, self.closed = 0, False
         self.t0 = self.last_line = time.monotonic()
         self.tenth = 0
-        self.bar = self._bar() if progress.live and progress.callback is None else None
+        self.bar = self._bar() if progress.live and progress.callback is None and self.total else None
         self._lock = threading.Lock()
 
     def add(self, n: int) -> None:
@@ -135,8 +135,6 @@ class Counter:
             if finished and self.done < self.total:
                 before, self.done = self.done, self.total
                 self._show(before)
-            elif finished and self.progress.callback is None and self.bar is None and self.tenth < 10:
-                self._line()  # a total of 0, or reached without a line yet
             self.closed = True
             if self.bar is not None:
                 self.bar.close()
