@@ -87,8 +87,7 @@ def run_workflow(
     echo : callable, optional
         Receives one line per unit.
     progress : bool
-        Show units done of the total and the running unit's tiles: a bar on a terminal,
-        plain lines in logs and CI (on stderr).
+        Units done of the total and the running unit's tiles on stderr (a bar on a terminal, else plain lines).
 
     Returns
     -------
@@ -106,7 +105,8 @@ def run_workflow(
     say = echo or (lambda _line: None)
     plan = _prepare(path, out, say)  # everything that can be checked is checked before any work
     with run_lock(plan.folder):
-        summary, tally = _execute(plan, say, Units(_unit_count(plan), progress))
+        n_units = len(plan.scenes) * len(plan.runs) + len(plan.changes) * max(len(plan.scenes) - 1, 0)  # pairs: n - 1
+        summary, tally = _execute(plan, say, Units(n_units, progress))
     if tally.failures:
         raise OutputError(f"{plan.wf.path}: {len(tally.failures)} unit(s) failed (see `geoseg runs`); first: {tally.failures[0]}")
     return summary
@@ -207,11 +207,6 @@ def _check_folders(plan: _Plan) -> None:
             check_inside(plan.folder, os.path.join(plan.image_dir(scene), mdir_name), f"the output folder of {scene.name}", FIX)
     for ch_dir in plan.change_dirs:
         check_inside(plan.folder, os.path.join(plan.folder, "change", ch_dir), "a change output folder", FIX)
-
-
-def _unit_count(plan: _Plan) -> int:
-    """Units in the run: every scene with every model, and the date pairs of every change step."""
-    return len(plan.scenes) * len(plan.runs) + len(plan.changes) * max(len(plan.scenes) - 1, 0)
 
 
 def _execute(plan: _Plan, say: Callable[[str], None], units: Units) -> tuple[dict[str, Any], Tally]:
@@ -357,9 +352,7 @@ def _change_options(wf: Workflow, ch: Any, a: Any, b: Any, given: tuple[str | No
     }
 
 
-def _segment(
-    image: str, spec: Any, options: dict[str, Any], mdir: str, sched: Any, progress: Any = False
-) -> tuple[dict[str, Any], list[str]]:
+def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: Any, progress: Any) -> tuple[dict, list[str]]:
     from geoseg.pipeline import segment
 
     done = segment(
@@ -381,9 +374,7 @@ def _segment(
     return summary, done.files()
 
 
-def _change(
-    a: Any, b: Any, spec: Any, kwargs: dict[str, Any], cdir: str, progress: Any = False
-) -> tuple[dict[str, Any], list[str]]:
+def _change(a: Any, b: Any, spec: Any, kwargs: dict[str, Any], cdir: str, progress: Any) -> tuple[dict[str, Any], list[str]]:
     from geoseg.change import change
 
     report = change(a.path, b.path, spec, cdir, overwrite=True, progress=progress, **kwargs)
