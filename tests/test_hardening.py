@@ -4,7 +4,6 @@ no traceback and no partial output; and runs survive a killed Dask worker and fl
 from __future__ import annotations
 
 import os
-import re
 import resource
 import signal
 import subprocess
@@ -20,11 +19,9 @@ import rasterio
 import shapely
 import torch
 
-from tests.conftest import read, write_raster
+from tests.conftest import PROGRESS_LINE, read, write_raster
 
 TILE = ["--tile", "32", "--halo", "4"]
-#: geoseg's plain progress lines (not a terminal): the tiles done before a failure are not error noise
-PROGRESS_LINE = re.compile(r"^\S.*: \d+/\d+ (tiles|chunks|chunk windows)( |$)")
 
 
 def run_cli(*args: str, preexec_fn=None) -> subprocess.CompletedProcess:

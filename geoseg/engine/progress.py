@@ -320,6 +320,8 @@ def _compute(tasks: list, client: Any, counting: tuple[Counter, list[int]] | Non
             for f, w in zip(futures, weights, strict=True):
                 by_key[f.key] = by_key.get(f.key, 0) + w
             for f in as_completed(futures):
+                if f.status != "finished":
+                    break  # gather raises its error now, as it would without counting
                 count.add(by_key.pop(f.key, 0))
         return client.gather(futures)
     if counting is None:
