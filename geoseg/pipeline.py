@@ -13,10 +13,11 @@ report with each layer's area, the list of files written), not from the files.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from geoseg.engine.progress import Progress
 from geoseg.engine.report import RunReport
 from geoseg.vector.report import VectorReport
 
@@ -63,7 +64,7 @@ def segment(
     *,
     vectorize: Mapping[str, Any] | None = None,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: bool | Callable[[int, int, str], None] | Progress = False,
     probabilities_dtype: str = "uint8",
     extra: dict[str, Any] | None = None,
     **predict_kwargs: Any,
@@ -85,8 +86,10 @@ def segment(
         an empty mapping vectorises with its defaults, None writes no polygons.
     overwrite : bool
         Replace existing outputs.
-    progress : bool
-        Show progress bars.
+    progress : bool, callable or Progress
+        Count the model's tiles (then the chunk windows polygonized), with MP/s and an ETA:
+        True for a bar on a terminal (plain lines in logs), or a callable receiving
+        ``(done, total, unit)`` (see :mod:`geoseg.engine.progress`).
     probabilities_dtype : {"uint8", "float32"}
         Encoding of ``probabilities.tif`` (with ``probabilities=True``).
     extra : dict, optional

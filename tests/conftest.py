@@ -4,6 +4,7 @@ whole-image reference inference, and the real data folder (skipped when absent).
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,12 @@ from rasterio.transform import from_origin
 # (`cmd &` without job control) hands it SIGINT ignored, and every child would inherit that
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+#: geoseg's plain progress lines on stderr when it is not a terminal (tiles, chunks, chunk windows; a workflow
+#: unit's start and end): the work done before an error, not noise beside its one line
+PROGRESS_LINE = re.compile(
+    r"^(?!geoseg: )(\[\d+/\d+\] .*: (started|finished in .*)|\S.*: \d+/\d+ (tiles|chunks|chunk windows)( .*)?)$"
+)
 
 # the real test data sits beside the repository (../shared/data); GEOSEG_TEST_DATA points elsewhere
 SHARED_DATA = Path(os.environ.get("GEOSEG_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")

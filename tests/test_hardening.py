@@ -19,7 +19,7 @@ import rasterio
 import shapely
 import torch
 
-from tests.conftest import read, write_raster
+from tests.conftest import PROGRESS_LINE, read, write_raster
 
 TILE = ["--tile", "32", "--halo", "4"]
 
@@ -180,7 +180,7 @@ def test_bad_input_is_one_clear_line(case, make_raster, torchscript_model, tmp_p
     proc = run_cli("predict", *args, preexec_fn=preexec)
     try:
         assert proc.returncode == 1, proc.stderr
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]  # work done first
         assert len(lines) == 1 and lines[0].startswith("geoseg: error:"), proc.stderr
         assert "Traceback" not in proc.stderr
         line = lines[0]

@@ -28,7 +28,7 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from tests.conftest import conv_net, read, write_raster
+from tests.conftest import PROGRESS_LINE, conv_net, read, write_raster
 
 TILE = ["--tile", "32", "--halo", "4"]
 
@@ -52,7 +52,8 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     """The single ``geoseg: error:`` line of a failed command (exit 1, no traceback, short)."""
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("geoseg: warning:")]
+    said = [ln for ln in proc.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]  # work done before
+    lines = [ln for ln in said if not ln.startswith("geoseg: warning:")]
     assert len(lines) == 1 and lines[0].startswith("geoseg: error: "), proc.stderr
     assert len(lines[0]) < 700, lines[0]
     return lines[0]

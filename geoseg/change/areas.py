@@ -50,7 +50,7 @@ def hectares(path: str, step: int = 2048) -> np.ndarray:
     """
     import dask
 
-    from geoseg.engine.write import compute_tasks
+    from geoseg.engine.progress import compute_tasks
     from geoseg.grid import chunk_windows, regular_chunks
     from geoseg.io.mask import open_mask
 
@@ -62,4 +62,4 @@ def hectares(path: str, step: int = 2048) -> np.ndarray:
         for row in chunk_windows(regular_chunks(gb.height, gb.width, step))
         for w in row
     ]
-    return np.sum(compute_tasks(tasks, progress=False), axis=0)
+    return np.sum(compute_tasks(tasks), axis=0)

@@ -80,6 +80,7 @@ def change(
     masks: tuple[str, str] | None = None,
     crs: str | None = None,
     radiometry: str | None = None,
+    progress: Any = False,
 ) -> ChangeReport:
     """Detect change between two rasters with one model.
 
@@ -120,6 +121,10 @@ def change(
         CRS of the GeoPackage/FlatGeobuf/GeoParquet polygons (default the grid's).
     radiometry : str, optional
         How both dates store reflectance, for models that take it (see :func:`geoseg.predict`).
+    progress : bool, callable or Progress
+        Count each date's model tiles, then the change map's chunks and polygon windows, with
+        MP/s and an ETA: True for a bar on a terminal (plain lines in logs), or a callable
+        receiving ``(done, total, unit)`` (see :mod:`geoseg.engine.progress`).
 
     Returns
     -------
@@ -142,8 +147,8 @@ def change(
     dates = {"before": date_before or raster_date(before), "after": date_after or raster_date(after)}
     src_b = _aligned(before, bands_before, spec, target, resampling)
     src_a = _aligned(after, bands_after, spec, target, resampling)
-    made = _date_masks(masks, src_b, src_a, spec, out_dir, aoi=aoi, chunk=chunk, radiometry=radiometry)
-    cloud_masks = [] if mspec is None else _cloud_masks(mspec, before, after, target, resampling, out_dir, aoi, chunk)
+    made = _date_masks(masks, src_b, src_a, spec, out_dir, progress=progress, aoi=aoi, chunk=chunk, radiometry=radiometry)
+    cloud_masks = [] if mspec is None else _cloud_masks(mspec, before, after, target, resampling, out_dir, aoi, chunk, progress)
     mb = open_mask(made["before"])
     trans = transitions([(c.id, c.name, tuple(c.color or (0, 0, 0))) for c in mb.classes], spec.card.task)
     codes = code_map(made, cloud_masks, trans, mb.geobox, min_area)
@@ -160,12 +165,15 @@ def change(
         "cloud_masks": cloud_masks,
         "resampling": resampling,
     }
-    written = write(codes, out_dir, overwrite=True, classes=code_classes(trans), extra={"change": record}, mask_name="change.tif")
+    written = write(
+        codes, out_dir, overwrite=True, classes=code_classes(trans), extra={"change": record}, mask_name="change.tif",
+        progress=progress,
+    )  # fmt: skip
     report = dict(written.record)  # run.json again at the end, with hectares and polygons
     ha = hectares(os.path.join(out_dir, "change.tif"))
     report["change"]["hectares"] = {t.name: round(float(ha[t.code]), 4) for t in trans}
     report["change"]["valid_hectares"] = round(float(ha[:NODATA].sum()), 4)
-    vrep = _polygons(out_dir, trans, min_area, formats, crs, dates)
+    vrep = _polygons(out_dir, trans, min_area, formats, crs, dates, progress)
     report["vectors"] = {ly["name"]: ly["features"] for ly in vrep["layers"]}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     write_json_atomic(os.path.join(out_dir, "run.json"), report, indent=2)  # the report with hectares and polygons, last
@@ -199,7 +207,7 @@ def _aligned(path: str, bands: str | None, model_spec: Any, target: Any, resampl
 
 
 def _date_masks(
-    masks: tuple[str, str] | None, src_b: Any, src_a: Any, spec: Any, out_dir: str, **predict_kwargs: Any
+    masks: tuple[str, str] | None, src_b: Any, src_a: Any, spec: Any, out_dir: str, progress: Any, **predict_kwargs: Any
 ) -> dict[str, str]:
     """Both dates' class masks: the given ones when they share a grid, else both segmented on one grid."""
     from geoseg.io.mask import open_mask
@@ -209,12 +217,20 @@ def _date_masks(
         return {"before": os.path.abspath(masks[0]), "after": os.path.abspath(masks[1])}
     made = {}
     for name, src in (("before", src_b), ("after", src_a)):
-        made[name] = segment(src, spec, os.path.join(out_dir, name), overwrite=True, **predict_kwargs).mask
+        made[name] = segment(src, spec, os.path.join(out_dir, name), overwrite=True, progress=progress, **predict_kwargs).mask
     return made
 
 
 def _cloud_masks(
-    mspec: Any, before: str, after: str, target: Any, resampling: str, out_dir: str, aoi: str | None, chunk: int | None
+    mspec: Any,
+    before: str,
+    after: str,
+    target: Any,
+    resampling: str,
+    out_dir: str,
+    aoi: str | None,
+    chunk: int | None,
+    progress: Any = False,
 ) -> list[str]:
     """The mask model's class masks of both dates (``mask_before/``, ``mask_after/``), on the target grid."""
     from geoseg.pipeline import segment
@@ -222,12 +238,19 @@ def _cloud_masks(
     out = []
     for name, path in (("before", before), ("after", after)):
         src = _aligned(path, None, mspec, target, resampling)
-        out.append(segment(src, mspec, os.path.join(out_dir, f"mask_{name}"), overwrite=True, aoi=aoi, chunk=chunk).mask)
+        where = os.path.join(out_dir, f"mask_{name}")
+        out.append(segment(src, mspec, where, overwrite=True, aoi=aoi, chunk=chunk, progress=progress).mask)
     return out
 
 
 def _polygons(
-    out_dir: str, trans: list[Transition], min_area: float, formats: tuple[str, ...], crs: str | None, dates: dict
+    out_dir: str,
+    trans: list[Transition],
+    min_area: float,
+    formats: tuple[str, ...],
+    crs: str | None,
+    dates: dict,
+    progress: Any = False,
 ) -> Any:
     """Transition polygons with both dates as attributes (every transition an area class)."""
     from geoseg.vector import vectorize
@@ -242,6 +265,7 @@ def _polygons(
         overwrite=True,
         attributes={"date_before": dates["before"] or "", "date_after": dates["after"] or ""},
         kind="area",
+        progress=progress,
     )
 
 

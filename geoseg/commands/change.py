@@ -52,6 +52,7 @@ def change(ctx: click.Context, before, after, model, out_dir, grid, aoi, bands_b
             date_before=date_before,
             date_after=date_after,
             overwrite=overwrite,
+            progress=not ctx.obj["quiet"],  # a bar on a terminal, plain lines in logs and CI
         )
     if not ctx.obj["quiet"]:
         click.echo(format_change(report))

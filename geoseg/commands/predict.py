@@ -106,7 +106,7 @@ def predict(
     check_output_dir(out_dir, overwrite)  # fail before starting a cluster
     band_idx, band_map = parse_bands(bands)
     quiet = ctx.obj["quiet"]
-    progress = sys.stderr.isatty() and not quiet
+    progress = not quiet  # a bar on a terminal, plain lines in logs and CI
     frames = None if src.startswith("/vsi") or "://" in src else list_frames(src)
 
     def engine_options(sched) -> dict:
@@ -129,7 +129,10 @@ def predict(
 
     with use_scheduler(scheduler, workers=workers, device=device) as sched:
         if frames:  # a folder of frames, a video, a multi-page TIFF: one engine run per frame
-            _frames(src, model, out_dir, frames, vectorize_, overwrite, progress, quiet, engine_options(sched))
+            # a line per frame says how far it is; bars only where they redraw in place
+            _frames(
+                src, model, out_dir, frames, vectorize_, overwrite, progress and sys.stderr.isatty(), quiet, engine_options(sched)
+            )
             return
         done = segment(
             src,

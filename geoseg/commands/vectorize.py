@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
@@ -114,7 +113,7 @@ def vectorize(
             chunk=chunk,
             project=not no_project,
             overwrite=overwrite,
-            progress=sys.stderr.isatty() and not quiet,
+            progress=not quiet,  # a bar on a terminal, plain lines in logs and CI
         )
     if not quiet:
         echo_vectors(out_dir, report)

@@ -19,7 +19,7 @@ def run_cmd(ctx: click.Context, workflow: str, out_dir: str | None) -> None:
     from geoseg.workflows.summary import format_summary
 
     quiet = ctx.obj["quiet"]
-    summary = run_workflow(workflow, out_dir, echo=None if quiet else click.echo)
+    summary = run_workflow(workflow, out_dir, echo=None if quiet else click.echo, progress=not quiet)
     if not quiet:
         click.echo(format_summary(summary))
 

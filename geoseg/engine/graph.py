@@ -161,6 +161,7 @@ def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) ->
 
     src, spec, runtime, plan, blend, aoi = job.source, job.spec, job.runtime, job.plan, job.blend, job.aoi
     token = dask.base.tokenize(src, spec, runtime, plan, blend, aoi, probabilities, len(job.card.classes))
+    job.channel = f"geoseg-tiles-{token}"  # not part of any key: the graph stays the same
     # The model spec and the AOI are one graph key each: shipped once per worker, not per task.
     d_spec = dask.delayed(spec, name=f"geoseg-model-{dask.base.tokenize(spec)}")
     d_aoi = dask.delayed(aoi, name=f"geoseg-aoi-{token}") if aoi is not None else None
@@ -180,6 +181,7 @@ def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) ->
                 blend,
                 len(job.card.classes),
                 probabilities,
+                job.channel,
                 dask_key_name=f"geoseg-predict-{token}-{i}-{j}",
             )
     return _blended(pred, plan, probabilities, token) if blend == "cosine" else pred

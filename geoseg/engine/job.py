@@ -35,6 +35,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     radiometry: dict[str, Any] | None = None  # how raw values became reflectance (reflectance-scaled cards)
+    channel: str | None = None  # where its chunk tasks report finished tiles (engine.progress.TileReport)
 
     def params(self) -> dict[str, Any]:
         """Every parameter of the job, JSON-ready."""

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.classes import NODATA
+from geoseg.engine.progress import TileReport
 from geoseg.grid import TilePlan, Window, blend_window_1d
 from geoseg.io.aoi import AOI
 from geoseg.io.raster import RasterSource, read_window
@@ -106,8 +107,9 @@ def predict_chunk(
     blend: str,
     n_classes: int,
     probabilities: bool,
+    channel: str | None = None,
 ) -> dict[str, Any]:
-    """Segment the tiles of chunk ``(i, j)``.
+    """Segment the tiles of chunk ``(i, j)``; finished tiles are reported on ``channel`` (progress).
 
     With ``blend="crop"`` each tile's core is written straight into the chunk: the result
     is final. With ``blend="cosine"`` each tile's probabilities are weighted and summed
@@ -123,27 +125,37 @@ def predict_chunk(
     batches, n_tiles, skipped = _batches(plan, i, j, valid, runtime.batch_size)
     stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"], "overflow": overflow, "nonfinite": 0}
     model_t: dict[str, float] = {"forward_s": 0.0, "wait_s": 0.0}
-    run = _Forward(predictor, runtime, data, chunk["window"], model_t)
+    report = TileReport(channel)
+    report.add(skipped)  # nothing to segment in those: done
+    run = _Forward(predictor, runtime, data, chunk["window"], model_t, report)
     if blend == "crop":
         out = _crop(run, batches, cw, valid, n_classes, probabilities)
         stats["nonfinite"] = out.pop("nonfinite")
     else:
         out = _accumulate(run, batches, plan.accumulator_window(i, j), plan.halo, n_classes)
         out["valid"] = valid
+    report.flush()
     blend_s = out.pop("blend_s")
     stats.update(predict_s=model_t["forward_s"], wait_s=model_t["wait_s"], blend_s=blend_s, total_s=time.perf_counter() - t0)
     return {**out, "stats": stats}
 
 
 class _Forward:
-    """The model on batches of a chunk's tiles: inputs stacked from the chunk's data, times summed in ``timings``."""
+    """The model on batches of a chunk's tiles: inputs stacked from the chunk's data, times summed in ``timings``,
+    each batch's tiles reported done.
+    """
 
-    def __init__(self, predictor: Any, runtime: Runtime, data: np.ndarray, origin: Window, timings: dict) -> None:
+    def __init__(
+        self, predictor: Any, runtime: Runtime, data: np.ndarray, origin: Window, timings: dict, report: TileReport
+    ) -> None:
         self.predictor, self.runtime, self.data, self.origin, self.timings = predictor, runtime, data, origin, timings
+        self.report = report
 
     def __call__(self, batch: list, want: str) -> np.ndarray:
         x = _stack(self.data, self.origin, batch)
-        return self.predictor(x, want=want, timings=self.timings, size=_model_size(self.runtime), tta=self.runtime.tta)
+        y = self.predictor(x, want=want, timings=self.timings, size=_model_size(self.runtime), tta=self.runtime.tta)
+        self.report.add(len(batch))
+        return y
 
 
 def _crop(run: _Forward, batches: list, cw: Window, valid: np.ndarray, n_classes: int, probabilities: bool) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 from geoseg.classes import NODATA
 from geoseg.engine.job import Job, job_from
 from geoseg.engine.parts import Staging, finished_part, write_mask_part, write_prob_part
+from geoseg.engine.progress import Callback, Counter, Progress, compute_tasks, counter
 from geoseg.engine.report import RunReport, check_nonfinite, class_entry, no_job_message, run_report
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError, OutputExistsError
 from geoseg.grid import GeoBox, Window, chunk_windows
@@ -36,7 +37,7 @@ from geoseg.io.styles import mask_colormap, publish_mask_sidecars, write_mask_si
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_output_dir", "compute_tasks", "write"]
+__all__ = ["check_output_dir", "write"]
 
 MASK_NAME = "mask.tif"
 PROB_NAME = "probabilities.tif"
@@ -67,38 +68,13 @@ def check_output_dir(out_dir: str, overwrite: bool, names: tuple[str, ...] = (MA
         raise OutputError(f"{out_dir}: cannot write here ({exc.strerror}); choose a folder you can write to") from None
 
 
-def compute_tasks(tasks: list, progress: bool) -> list:
-    """Compute delayed tasks on the active Dask client (else the current Dask scheduler)."""
-    import dask
-
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):
-        client = None
-    if client is not None:
-        futures = client.compute(tasks)
-        if progress:
-            from distributed import progress as dprogress
-
-            dprogress(futures)
-        return client.gather(futures)
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar():
-            return list(dask.compute(*tasks))
-    return list(dask.compute(*tasks))
-
-
 def write(
     result: Any,
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
     probabilities_dtype: str = "uint8",
-    progress: bool = False,
+    progress: bool | Callback | Progress = False,
     extra: dict[str, Any] | None = None,
     classes: list | None = None,
     mask_name: str = MASK_NAME,
@@ -120,8 +96,10 @@ def write(
         Replace existing outputs; otherwise an existing output is an error.
     probabilities_dtype : {"uint8", "float32"}
         Encoding of ``probabilities.tif``.
-    progress : bool
-        Show a progress bar.
+    progress : bool, callable or Progress
+        Count the model's tiles as they finish, with MP/s and an ETA: True for a bar on a
+        terminal (plain lines in logs), or a callable receiving ``(done, total, unit)``
+        (see :mod:`geoseg.engine.progress`). An array without predict's job counts chunks.
     extra : dict, optional
         More entries for ``run.json`` (e.g. the scheduler used).
     classes : list of ClassInfo, optional
@@ -292,11 +270,11 @@ def _resumed(target: _Target, stage: Staging) -> dict[tuple[int, int], dict]:
         )
         for i, j, win in found
     ]  # fmt: skip
-    got = compute_tasks(checks, False) if checks else []
+    got = compute_tasks(checks) if checks else []
     return {(i, j): part for (i, j, _), part in zip(found, got, strict=True) if part is not None}
 
 
-def _compute_parts(target: _Target, stage: Staging, reused: dict, progress: bool) -> tuple[list[dict], list[Part]]:
+def _compute_parts(target: _Target, stage: Staging, reused: dict, progress: Any) -> tuple[list[dict], list[Part]]:
     """Write every chunk part not reused (on the workers); each chunk's mask result and the probability parts."""
     import dask
 
@@ -318,7 +296,8 @@ def _compute_parts(target: _Target, stage: Staging, reused: dict, progress: bool
             )
             for _, i, j, win in todo
         ]
-    results = compute_tasks(tasks, progress) if tasks else []
+    count, how = _counting(target, [(i, j, win) for _, i, j, win in todo], len(tasks), progress)
+    results = compute_tasks(tasks, count, **how)
     new_mask, new_prob = iter(results[: len(todo)]), iter(results[len(todo) :])
     mask_res = [reused[i, j] if (i, j) in reused else next(new_mask) for i, j, _ in cells]
     if probs is None:
@@ -327,6 +306,16 @@ def _compute_parts(target: _Target, stage: Staging, reused: dict, progress: bool
         Part(stage.part("probabilities", i, j), win) if (i, j) in reused else next(new_prob)["part"] for i, j, win in cells
     ]
     return mask_res, prob_parts
+
+
+def _counting(target: _Target, todo: list, n_tasks: int, progress: Any) -> tuple[Counter | None, dict[str, Any]]:
+    """What ``progress`` counts: the model's tiles of the chunks to do (the chunk tasks report them), else chunks."""
+    job, px = target.job, sum(win.height * win.width for _, _, win in todo)
+    if job is not None and job.channel and target.mask.data.chunks == job.plan.chunks:
+        tiles = sum(len(job.plan.tiles(i, j)) for i, j, _ in todo)
+        return counter(progress, tiles, "tiles", f"predict {os.path.basename(job.source.path)}", px), {"channel": job.channel}
+    weights = [1] * len(todo) + [0] * (n_tasks - len(todo))  # mask parts; probability parts go with them
+    return counter(progress, len(todo), "chunks", f"write {target.mask_name}", px), {"weights": weights}
 
 
 def _check_results(target: _Target, mask_res: list[dict]) -> tuple[np.ndarray, dict[str, Any] | None]:

@@ -373,7 +373,7 @@ def _coco(src: MaskSource, parts: list[str], layers: list[Layer], connectivity: 
     """The COCO file of one mask: one image, a category per layer, an instance per polygon (one task per part)."""
     import dask
 
-    from geoseg.engine.write import compute_tasks
+    from geoseg.engine.progress import compute_tasks
 
     gb = src.geobox
     folder = os.path.join(staging, "coco-parts")
@@ -383,7 +383,7 @@ def _coco(src: MaskSource, parts: list[str], layers: list[Layer], connectivity: 
     tasks = [
         dask.delayed(annotate_part, pure=True)(src, part, ids, connectivity, out) for part, out in zip(parts, outs, strict=True)
     ]
-    compute_tasks(tasks, False)
+    compute_tasks(tasks)
     image = {"file_name": os.path.basename(_source_image(src)), "width": gb.width, "height": gb.height}
     return write_coco_stream(path, image, [(ly.class_id, ly.name) for ly in layers], outs)
 

@@ -82,7 +82,7 @@ def vectorize(
     chunk: int = 2048,
     project: bool = True,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: bool | Callable[[int, int, str], None] = False,
     attributes: dict[str, str] | None = None,
     kind: str | None = None,
     field: str | None = None,
@@ -138,8 +138,9 @@ def vectorize(
         Also write ``project.qgz`` (a QGIS project with the mask and every layer, styled).
     overwrite : bool
         Replace existing outputs.
-    progress : bool
-        Show a progress bar.
+    progress : bool or callable
+        Count the chunk windows polygonized, with MP/s and an ETA: True for a bar on a terminal
+        (plain lines in logs), or a callable receiving ``(done, total, unit)``.
     attributes : dict, optional
         Constant text attributes added to every feature (e.g. ``date_before``).
     kind : str, optional
@@ -349,11 +350,11 @@ class _ChunkRun:
     merge_s: float
 
 
-def _polygonize(src: MaskSource, params: VectorParams, staging: str, chunk: int, progress: bool) -> _ChunkRun:
+def _polygonize(src: MaskSource, params: VectorParams, staging: str, chunk: int, progress: Any) -> _ChunkRun:
     """One Dask task per chunk window (interior pieces written as parts), then the seam pieces merged on the client."""
     import dask
 
-    from geoseg.engine.write import compute_tasks
+    from geoseg.engine.progress import compute_tasks, counter
 
     gb = src.geobox
     os.makedirs(os.path.join(staging, "parts"))
@@ -370,7 +371,8 @@ def _polygonize(src: MaskSource, params: VectorParams, staging: str, chunk: int,
         for k, w in enumerate(windows)
     ]
     t0 = time.perf_counter()
-    results = compute_tasks(tasks, progress)
+    count = counter(progress, len(tasks), "chunk windows", f"vectorize {os.path.basename(src.path)}", gb.width * gb.height)
+    results = compute_tasks(tasks, count)
     t1 = time.perf_counter()
     seam = Pieces.concat([Pieces.from_wire(r["seam"]) for r in results])
     merged = merge_seams(seam, params.connectivity)

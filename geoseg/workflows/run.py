@@ -23,11 +23,13 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.io.outdir import write_json_atomic
 from geoseg.workflows.bands import check_bands, inherit_bands, yaml_words
+from geoseg.workflows.progress import Units
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
 from geoseg.workflows.summary import run_project
 from geoseg.workflows.units import Tally, card_hash, fingerprint, finish, run_lock, run_unit, unit_params
@@ -73,7 +75,9 @@ class _Plan:
         return self.folder if self.single else os.path.join(self.folder, scene.name)
 
 
-def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_workflow(
+    path: str | os.PathLike, out: str | None = None, echo: Callable[[str], None] | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Run the workflow file at ``path``: every unit that is new or changed.
 
     Parameters
@@ -84,6 +88,8 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
         Output folder; overrides the workflow's ``outputs.folder``.
     echo : callable, optional
         Receives one line per unit.
+    progress : bool
+        Units done of the total and the running unit's tiles on stderr (a bar on a terminal, else plain lines).
 
     Returns
     -------
@@ -101,7 +107,8 @@ def run_workflow(path: str | os.PathLike, out: str | None = None, echo: Callable
     say = echo or (lambda _line: None)
     plan = _prepare(path, out, say)  # everything that can be checked is checked before any work
     with run_lock(plan.folder):
-        summary, tally = _execute(plan, say)
+        n_units = len(plan.scenes) * len(plan.runs) + len(plan.changes) * max(len(plan.scenes) - 1, 0)  # pairs: n - 1
+        summary, tally = _execute(plan, say, Units(n_units, progress))
     if tally.failures:
         raise OutputError(f"{plan.wf.path}: {len(tally.failures)} unit(s) failed (see `geoseg runs`); first: {tally.failures[0]}")
     return summary
@@ -208,7 +215,7 @@ def _check_folders(plan: _Plan) -> None:
         check_inside(plan.folder, os.path.join(plan.folder, "change", ch_dir), "a change output folder", FIX)
 
 
-def _execute(plan: _Plan, say: Callable[[str], None]) -> tuple[dict[str, Any], Tally]:
+def _execute(plan: _Plan, say: Callable[[str], None], units: Units) -> tuple[dict[str, Any], Tally]:
     """Every unit under the ledger, on one scheduler; the summary written last."""
     from geoseg.engine import scheduler
     from geoseg.workflows.ledger import Ledger
@@ -227,9 +234,9 @@ def _execute(plan: _Plan, say: Callable[[str], None]) -> tuple[dict[str, Any], T
         with scheduler(wf.scheduler, workers=wf.workers) as sched:
             masks: dict[tuple[str, str], str] = {}
             for scene in plan.scenes:
-                summary["images"].append(_scene(plan, scene, ledger, tally, sched, masks, say))
+                summary["images"].append(_scene(plan, scene, ledger, tally, sched, masks, say, units))
             for (ch, spec), ch_dir in zip(plan.changes, plan.change_dirs, strict=True):
-                summary["changes"] += _change_pairs(plan, ch, spec, ch_dir, ledger, tally, masks, say)
+                summary["changes"] += _change_pairs(plan, ch, spec, ch_dir, ledger, tally, masks, say, units)
         interrupted = False
     finally:
         finish(ledger, interrupted, tally)
@@ -244,7 +251,9 @@ def _execute(plan: _Plan, say: Callable[[str], None]) -> tuple[dict[str, Any], T
     return summary, tally
 
 
-def _scene(plan: _Plan, scene: Any, ledger: Any, tally: Tally, sched: Any, masks: dict, say: Callable) -> dict[str, Any]:
+def _scene(
+    plan: _Plan, scene: Any, ledger: Any, tally: Tally, sched: Any, masks: dict, say: Callable, units: Units
+) -> dict[str, Any]:
     """Every model on one scene (a unit each), then the scene's quicklook."""
     from geoseg.workflows.quicklook import Overlay
 
@@ -263,7 +272,7 @@ def _scene(plan: _Plan, scene: Any, ledger: Any, tally: Tally, sched: Any, masks
         }
         res = run_unit(
             ledger, plan.folder, mdir, "segment", scene.name, run.model, params, tally, say,
-            lambda mdir=mdir, spec=spec, options=options, scene=scene: _segment(scene.path, spec, options, mdir, sched),
+            units.unit(os.path.relpath(mdir, plan.folder), partial(_segment, scene.path, spec, options, mdir, sched)),
         )  # fmt: skip
         if res is not None:
             entry["models"][run.model] = res
@@ -280,7 +289,7 @@ def _scene(plan: _Plan, scene: Any, ledger: Any, tally: Tally, sched: Any, masks
 
 
 def _change_pairs(
-    plan: _Plan, ch: Any, spec: Any, ch_dir: str, ledger: Any, tally: Tally, masks: dict, say: Callable
+    plan: _Plan, ch: Any, spec: Any, ch_dir: str, ledger: Any, tally: Tally, masks: dict, say: Callable, units: Units
 ) -> list[dict[str, Any]]:
     """One change unit per date pair (consecutive, or each against the first)."""
     found, out = plan.scenes, []
@@ -300,7 +309,7 @@ def _change_pairs(
         }
         res = run_unit(
             ledger, plan.folder, cdir, "change", f"{a.name}->{b.name}", ch.model, params, tally, say,
-            lambda cdir=cdir, a=a, b=b, spec=spec, kwargs=kwargs: _change(a, b, spec, kwargs, cdir),
+            units.unit(os.path.relpath(cdir, plan.folder), partial(_change, a, b, spec, kwargs, cdir)),
         )  # fmt: skip
         if res is not None:
             out.append({"before": a.date, "after": b.date, "model": ch.model, "after_image": b.path, **res})
@@ -354,7 +363,7 @@ def _change_options(wf: Workflow, ch: Any, a: Any, b: Any, given: tuple[str | No
     }
 
 
-def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: Any) -> tuple[dict[str, Any], list[str]]:
+def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: Any, progress: Any) -> tuple[dict, list[str]]:
     from geoseg.pipeline import segment
 
     done = segment(
@@ -363,6 +372,7 @@ def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: A
         mdir,
         vectorize=options["vectorize"],
         overwrite=True,
+        progress=progress,
         **options["predict"],
         **sched.predict_options(),
     )
@@ -375,10 +385,10 @@ def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: A
     return summary, done.files()
 
 
-def _change(a: Any, b: Any, spec: Any, kwargs: dict[str, Any], cdir: str) -> tuple[dict[str, Any], list[str]]:
+def _change(a: Any, b: Any, spec: Any, kwargs: dict[str, Any], cdir: str, progress: Any) -> tuple[dict[str, Any], list[str]]:
     from geoseg.change import change
 
-    report = change(a.path, b.path, spec, cdir, overwrite=True, **kwargs)
+    report = change(a.path, b.path, spec, cdir, overwrite=True, progress=progress, **kwargs)
     c = report["change"]
     classes = {k: {"hectares": v, "polygons": report["vectors"].get(k, 0)} for k, v in c["hectares"].items()}
     return {"folder": cdir, "classes": classes, "valid_hectares": c["valid_hectares"]}, report.files()
