@@ -19,6 +19,9 @@ import numpy as np
 
 from geoseg.errors import InputError, ModelError, OutputError, OutputExistsError
 from geoseg.io.outdir import atomic_path, existing_outputs, fsync_replace
+from geoseg.models import Runtime, resolve_model
+from geoseg.models.runtime import get_predictor
+from geoseg.models.tflite import SELFIE_MODELS, TFLitePredictor, find_selfie_model
 
 __all__ = ["portrait_blur"]
 
@@ -84,8 +87,6 @@ def _selfie_person(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], str,
     """Person probability from a MediaPipe selfie-segmentation ``.tflite`` model (whole image resized to its input)."""
     from PIL import Image
 
-    from geoseg.models.tflite import TFLitePredictor, find_selfie_model
-
     path = find_selfie_model(model)
     pred = TFLitePredictor(path)
     h, w = pred.size
@@ -124,9 +125,6 @@ def _to_probability(y: np.ndarray, activation: str, origin: str) -> np.ndarray:
 
 def _user_person(model: Any, device: str) -> tuple[Callable[[np.ndarray], np.ndarray], str, str]:
     """Person probability from a TorchScript / ONNX model taking ``(1, 3, H, W)`` RGB in [0, 1]."""
-    from geoseg.models import Runtime, resolve_model
-    from geoseg.models.runtime import get_predictor
-
     spec = resolve_model(model)
     pred = get_predictor(spec, Runtime(device=device))
     origin = spec.path or spec.id
@@ -146,7 +144,6 @@ def _user_person(model: Any, device: str) -> tuple[Callable[[np.ndarray], np.nda
 
 
 def _is_selfie(model: Any) -> bool:
-    from geoseg.models.tflite import SELFIE_MODELS
 
     if not isinstance(model, (str, os.PathLike)):
         return False

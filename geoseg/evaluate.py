@@ -20,9 +20,12 @@ from typing import Any
 import numpy as np
 import shapely
 
-from geoseg.classes import NODATA
+from geoseg.classes import NODATA, object_kind
 from geoseg.errors import InputError
-from geoseg.io.mask import open_mask
+from geoseg.io.labels import IGNORE, is_raster_labels, open_raster_labels
+from geoseg.io.mask import open_mask, read_mask_window
+from geoseg.vector.geometry import metric_crs, oriented_box, pixel_to_world, to_metric
+from geoseg.vector.polygonize import polygonize_block
 
 __all__ = ["evaluate", "evaluate_raster", "format_table", "match_objects"]
 
@@ -124,9 +127,6 @@ def evaluate(
         for object classes, ``objects_true, objects_pred, object_tp, object_precision,
         object_recall, object_f1``; plus ``mask``, ``labels``, ``valid_pixels``.
     """
-    from geoseg.io.labels import is_raster_labels
-    from geoseg.io.mask import read_mask_window
-
     if is_raster_labels(labels):
         return evaluate_raster(pred, labels, label_values=label_values)
     if label_values:
@@ -225,8 +225,6 @@ def _burn(geoms: np.ndarray, ids: np.ndarray, gb: Any) -> np.ndarray:
 
 def _is_object(name: str, kind: str | None, object_classes: Sequence[str] | None) -> bool:
     """Whether class ``name`` is scored as objects too (by default: buildings, ships, tanks; the card's kind first)."""
-    from geoseg.classes import object_kind
-
     if object_classes is not None:
         return name in set(object_classes)
     return object_kind(name, kind) in ("building", "ship", "tank")
@@ -242,9 +240,6 @@ def _object_rules(rules: Mapping[str, float], min_area: float | None, max_length
 
 def _mask_objects(mask: np.ndarray, valid: np.ndarray, classes: list[int], gb: Any) -> tuple[Any, Any]:
     """The mask's polygons (pixel coordinates) and its valid area (the mask's CRS)."""
-    from geoseg.vector.geometry import pixel_to_world
-    from geoseg.vector.polygonize import polygonize_block
-
     pieces = polygonize_block(mask, 0, 0, (gb.height, gb.width), classes=set(classes))
     valid_px = polygonize_block(valid.astype(np.uint8), 0, 0, valid.shape, classes={1}).geometry
     valid_area = pixel_to_world(np.array([shapely.union_all(valid_px)]), gb.transform)[0]
@@ -253,13 +248,9 @@ def _mask_objects(mask: np.ndarray, valid: np.ndarray, classes: list[int], gb: A
 
 def _sized(polygons: np.ndarray, gb: Any, rules: tuple[float, float]) -> np.ndarray:
     """One class's predicted objects (pixel polygons) in the mask's CRS, less those the object rules leave out."""
-    from geoseg.vector.geometry import pixel_to_world
-
     pred_polys = pixel_to_world(polygons, gb.transform)
     lo, hi = rules
     if (lo > 0 or hi > 0) and len(pred_polys):  # true metres, as vectorize measures them
-        from geoseg.vector.geometry import metric_crs, oriented_box, to_metric
-
         sized = to_metric(pred_polys, gb.crs, metric_crs(gb.crs, gb.bounds))[0] if gb.crs else pred_polys
         keep = shapely.area(sized) >= lo
         if hi > 0:
@@ -334,9 +325,6 @@ def evaluate_raster(pred: str, labels: str, *, label_values: Mapping[int | float
         ``valid_pixels`` (valid in the mask and labelled, not ignored),
         ``ignored_label_classes`` (empty: every value maps to a class or to ignore).
     """
-    from geoseg.io.labels import IGNORE, open_raster_labels
-    from geoseg.io.mask import read_mask_window
-
     src = open_mask(pred)
     gb = src.geobox
     names = {v: f"class_{v}" for v in range(NODATA)}  # values the mask does not name are ids

@@ -14,6 +14,9 @@ import os
 
 import numpy as np
 
+from geoseg.vector.geometry import pixel_to_world
+from geoseg.vector.writers import GPKG_VERSION
+
 __all__ = ["make_sample"]
 
 # Near Hamburg's harbour, UTM zone 32N; 2 m pixels.
@@ -231,8 +234,6 @@ def _labels(lay: dict, truth: np.ndarray, date: int, transform, path: str, layer
     mask = np.isin(truth, (1, 2))
     for geom, value in features.shapes(truth, mask=mask, transform=transform):
         rows.append((CLASSES[int(value)], shapely.geometry.shape(geom)))
-    from geoseg.vector.geometry import pixel_to_world
-    from geoseg.vector.writers import GPKG_VERSION
 
     def world(geoms: list) -> list:
         return list(pixel_to_world(np.asarray(geoms, dtype=object), transform)) if geoms else []
@@ -268,7 +269,7 @@ def make_sample(out_dir: str | os.PathLike, size: int = 2048, seed: int = 42) ->
     """
     from rasterio.transform import from_origin
 
-    from geoseg.models.indices import export_index_landcover
+    from geoseg.models.indices import export_index_landcover  # lazy: torch
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -325,9 +326,6 @@ def _change_labels(lay: dict, transform, labels: str) -> None:
     """The change layers ``forest_loss`` and ``new_building`` of ``labels.gpkg``."""
     import geopandas as gpd
 
-    from geoseg.vector.geometry import pixel_to_world
-    from geoseg.vector.writers import GPKG_VERSION
-
     change = {
         "forest_loss": [lay["cut"]] if not lay["cut"].is_empty else [],
         "new_building": lay["new_buildings"],
@@ -373,8 +371,6 @@ def write_halves(out_dir: str, size: int, block: int = 512) -> dict[str, str]:
     """
     import geopandas as gpd
     import shapely
-
-    from geoseg.vector.writers import GPKG_VERSION
 
     x0, y0 = ORIGIN
     n = -(-size // block)

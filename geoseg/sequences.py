@@ -23,6 +23,10 @@ from geoseg.errors import InputError, OutputExistsError
 from geoseg.io.files import file_fingerprint
 from geoseg.io.frames import Frame, list_frames
 from geoseg.io.outdir import existing_outputs, write_json_atomic
+from geoseg.models.spec import resolve_model
+from geoseg.pipeline import segment
+from geoseg.vector import vectorize as run_vectorize
+from geoseg.vector.coco import coco_document, track_instances, write_coco
 
 __all__ = ["predict_frames"]
 
@@ -58,9 +62,6 @@ def _frame(
     frame: Frame, spec: Any, frame_dir: str, vectorize: bool, overwrite: bool, progress: bool, predict_kwargs: dict[str, Any]
 ) -> tuple[dict[str, Any], Any]:
     """One frame through the pipeline (or its earlier outputs reused): its row for ``frames.json`` and its vector report."""
-    from geoseg.pipeline import segment
-    from geoseg.vector import vectorize as run_vectorize
-
     report = None if overwrite else _done(frame_dir, frame, spec.id)
     vrep, reused = None, report is not None
     vector = {"formats": ("geojson", "coco")} if vectorize else None
@@ -95,8 +96,6 @@ class _SequenceCoco:
 
     def write(self, path: str, track: bool, description: str) -> dict[str, Any]:
         """Write ``coco.json``; return the entries of ``frames.json`` that describe it."""
-        from geoseg.vector.coco import coco_document, track_instances, write_coco
-
         tracks = track_instances(self.anns) if track else None
         write_coco(path, coco_document(self.images, sorted(self.categories.items()), self.anns, description=description))
         return {"coco": os.path.basename(path), "objects": sum(len(a) for a in self.anns), "tracks": tracks}
@@ -152,8 +151,6 @@ def predict_frames(
     OutputExistsError
         ``frames.json`` exists from another input and ``overwrite`` is False.
     """
-    from geoseg.models.spec import resolve_model
-
     t0 = time.perf_counter()
     src = os.path.abspath(os.fspath(src))
     out_dir = os.path.abspath(os.fspath(out_dir))

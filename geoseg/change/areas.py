@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from geoseg.engine.progress import compute_tasks
 from geoseg.errors import InputError
+from geoseg.grid import chunk_windows, regular_chunks
+from geoseg.io.mask import open_mask, read_mask_window
 
 __all__ = ["hectares", "pixel_areas"]
 
@@ -30,8 +33,6 @@ def pixel_areas(geobox, rows: np.ndarray, col: float) -> np.ndarray:
 
 def _hectares_chunk(path: str, window) -> np.ndarray:
     """Hectares per code over one window of a code raster, with each pixel's true area."""
-    from geoseg.io.mask import open_mask, read_mask_window
-
     src = open_mask(path)
     code = read_mask_window(src, window)
     px = pixel_areas(src.geobox, np.arange(window.row_off, window.row_stop, dtype=float), window.col_off + window.width / 2)
@@ -49,10 +50,6 @@ def hectares(path: str, step: int = 2048) -> np.ndarray:
     wide UTM rasters alike.
     """
     import dask
-
-    from geoseg.engine.progress import compute_tasks
-    from geoseg.grid import chunk_windows, regular_chunks
-    from geoseg.io.mask import open_mask
 
     gb = open_mask(path).geobox
     if gb.crs is None:

@@ -8,8 +8,11 @@ from typing import Any
 import numpy as np
 
 from geoseg.change.areas import pixel_areas
-from geoseg.classes import NODATA, is_background
+from geoseg.classes import NODATA, ClassInfo, is_background
 from geoseg.errors import InputError
+from geoseg.grid import chunk_windows, regular_chunks
+from geoseg.io.files import file_fingerprint
+from geoseg.io.mask import open_mask, read_mask_window
 
 __all__ = ["Transition", "as_dataarray", "code_chunk", "code_classes", "code_map", "code_table", "transitions"]
 
@@ -63,8 +66,6 @@ def code_chunk(
     so a patch cut by a chunk edge is judged whole. ``inputs`` (fingerprints of the mask
     files) only keys the task: a resumed write never reuses parts made from other masks.
     """
-    from geoseg.io.mask import open_mask, read_mask_window
-
     src_b = open_mask(before_path)
     # the sieve judges a patch cut by the chunk edge whole: read the window grown by a margin wider than any patch it removes
     margin = 2 * int(np.ceil(np.sqrt(sieve_px))) + 2 if sieve_px > 1 else 0
@@ -93,9 +94,6 @@ def code_map(masks: dict[str, str], cloud_masks: list[str], trans: list[Transiti
     import dask
     import dask.array as da
 
-    from geoseg.grid import chunk_windows, regular_chunks
-    from geoseg.io.files import file_fingerprint
-
     lut = np.zeros(256 * 256, np.uint8)
     for t in trans:
         lut[t.before * 256 + t.after] = t.code
@@ -119,8 +117,6 @@ def code_map(masks: dict[str, str], cloud_masks: list[str], trans: list[Transiti
 
 def code_classes(trans: list[Transition]) -> list[Any]:
     """The change map's class table: ``no_change`` and one class per transition."""
-    from geoseg.classes import ClassInfo
-
     return [ClassInfo(0, "no_change", (235, 235, 235))] + [ClassInfo(t.code, t.name, t.color) for t in trans]
 
 

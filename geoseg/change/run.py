@@ -30,8 +30,18 @@ from geoseg.change.areas import hectares
 from geoseg.change.codes import Transition, code_classes, code_map, code_table, transitions
 from geoseg.change.dates import raster_date
 from geoseg.classes import NODATA
+from geoseg.engine import write
+from geoseg.engine.write import check_output_dir
 from geoseg.errors import InputError
+from geoseg.io.mask import open_mask
+from geoseg.io.outdir import write_json_atomic
+from geoseg.io.raster import open_source
+from geoseg.models.bands import match_bands, parse_band_option
+from geoseg.models.spec import resolve_model
+from geoseg.pipeline import segment
 from geoseg.records import Record, hectares_text
+from geoseg.vector import vectorize
+from geoseg.vector.writers import FORMATS
 
 __all__ = ["ChangeReport", "change", "format_change"]
 
@@ -132,12 +142,6 @@ def change(
         The report (its record is also ``run.json``): code table, hectares per transition,
         paths, timings; with the polygons' report.
     """
-    from geoseg.engine import write
-    from geoseg.io.mask import open_mask
-    from geoseg.io.outdir import write_json_atomic
-    from geoseg.io.raster import open_source
-    from geoseg.models.spec import resolve_model
-
     t0 = time.perf_counter()
     out_dir = os.path.abspath(out_dir)
     _check_arguments(out_dir, overwrite, formats, resampling)
@@ -182,9 +186,6 @@ def change(
 
 def _check_arguments(out_dir: str, overwrite: bool, formats: tuple[str, ...], resampling: str) -> None:
     """Refuse existing outputs, unknown vector formats and an unknown resampling before any work."""
-    from geoseg.engine.write import check_output_dir
-    from geoseg.vector.writers import FORMATS
-
     check_output_dir(out_dir, overwrite, ("change.tif", "run.json"))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -195,9 +196,6 @@ def _check_arguments(out_dir: str, overwrite: bool, formats: tuple[str, ...], re
 
 def _aligned(path: str, bands: str | None, model_spec: Any, target: Any, resampling: str) -> Any:
     """``path`` with the bands ``model_spec``'s card names, read on the ``target`` grid."""
-    from geoseg.io.raster import open_source
-    from geoseg.models.bands import match_bands, parse_band_option
-
     idx, mapping = parse_band_option(bands)
     if idx is None and model_spec.card.bands:
         everything = open_source(path)
@@ -210,9 +208,6 @@ def _date_masks(
     masks: tuple[str, str] | None, src_b: Any, src_a: Any, spec: Any, out_dir: str, progress: Any, **predict_kwargs: Any
 ) -> dict[str, str]:
     """Both dates' class masks: the given ones when they share a grid, else both segmented on one grid."""
-    from geoseg.io.mask import open_mask
-    from geoseg.pipeline import segment
-
     if masks is not None and open_mask(masks[0]).geobox == open_mask(masks[1]).geobox:
         return {"before": os.path.abspath(masks[0]), "after": os.path.abspath(masks[1])}
     made = {}
@@ -233,8 +228,6 @@ def _cloud_masks(
     progress: Any = False,
 ) -> list[str]:
     """The mask model's class masks of both dates (``mask_before/``, ``mask_after/``), on the target grid."""
-    from geoseg.pipeline import segment
-
     out = []
     for name, path in (("before", before), ("after", after)):
         src = _aligned(path, None, mspec, target, resampling)
@@ -253,8 +246,6 @@ def _polygons(
     progress: Any = False,
 ) -> Any:
     """Transition polygons with both dates as attributes (every transition an area class)."""
-    from geoseg.vector import vectorize
-
     return vectorize(
         os.path.join(out_dir, "change.tif"),
         out_dir,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.classes import NODATA
+from geoseg.engine import tasks
 from geoseg.engine.job import JOB_ATTR, Job, JobRef
 from geoseg.engine.plan import plan_job
 from geoseg.io.raster import RasterSource
@@ -157,8 +158,6 @@ def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) ->
     """The final task of every chunk (row-major ``(i, j)``), a dict with ``mask``, ``probs`` and ``stats``."""
     import dask
 
-    from geoseg.engine import tasks
-
     src, spec, runtime, plan, blend, aoi = job.source, job.spec, job.runtime, job.plan, job.blend, job.aoi
     token = dask.base.tokenize(src, spec, runtime, plan, blend, aoi, probabilities, len(job.card.classes))
     job.channel = f"geoseg-tiles-{token}"  # not part of any key: the graph stays the same
@@ -190,8 +189,6 @@ def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) ->
 def _blended(pred: dict, plan, probabilities: bool, token: str) -> dict[tuple[int, int], Any]:
     """Cosine blending: each chunk's accumulator plus its neighbours' halo strips, normalised."""
     import dask
-
-    from geoseg.engine import tasks
 
     final = {}
     for i, j in plan.iter_chunks():

@@ -21,8 +21,11 @@ from geoseg.engine.job import Job
 from geoseg.errors import InputError
 from geoseg.grid import TilePlan
 from geoseg.io.aoi import read_aoi
-from geoseg.io.raster import RasterSource, open_source, raster_gsd_m
+from geoseg.io.radiometry import resolve_radiometry
+from geoseg.io.raster import RasterSource, band_percentiles, open_source, raster_gsd_m
+from geoseg.models.bands import match_bands
 from geoseg.models.card import ModelCard
+from geoseg.models.runtime import probe
 from geoseg.models.spec import ModelSpec, Runtime, resolve_model
 
 __all__ = ["gsd_plan", "max_threads", "plan_job"]
@@ -117,8 +120,6 @@ def plan_job(
 
 def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int], require_crs: bool = False) -> RasterSource:
     """Open the source with the bands the model's card asks for, in its order; scaling resolved."""
-    from geoseg.models.bands import match_bands
-
     card = spec.card
     if isinstance(source, RasterSource):
         src = source
@@ -148,15 +149,11 @@ def _resolve_scaling(spec: ModelSpec, src: RasterSource, radiometry: Any = None)
     """
     method = spec.card.scaling.method
     if method == "reflectance":
-        from geoseg.io.radiometry import resolve_radiometry
-        from geoseg.io.raster import band_percentiles
-
         rad = resolve_radiometry(src, radiometry)
         scaling = spec.card.scaling.resolve(lambda lo, hi: band_percentiles(src, lo, hi), radiometry=rad, n_bands=src.count)
         return replace(spec, card=replace(spec.card, scaling=scaling)), rad
     if method != "percentile":
         return spec, None
-    from geoseg.io.raster import band_percentiles
 
     scaling = spec.card.scaling.resolve(lambda lo, hi: band_percentiles(src, lo, hi))
     return replace(spec, card=replace(spec.card, scaling=scaling)), None
@@ -228,8 +225,6 @@ def _probe(spec: ModelSpec, runtime: Runtime, src: RasterSource, tile: int | Non
     holds (tiles shrink at its edges). Returns the probe result and its seconds.
     """
     import dask
-
-    from geoseg.models.runtime import probe
 
     mult = spec.card.size_multiple
     size = max(mult, -(-64 // mult) * mult)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from geoseg._version import __version__
 from geoseg.classes import NODATA
 from geoseg.engine.job import JOB_ATTR, Job
 from geoseg.errors import InputError, ModelError
@@ -252,8 +253,6 @@ def _versions() -> dict[str, str]:
     import dask
     import rasterio
     import xarray
-
-    from geoseg._version import __version__
 
     v = {
         "geoseg": __version__,

@@ -18,6 +18,7 @@ from geoseg.engine.progress import TileReport
 from geoseg.grid import TilePlan, Window, blend_window_1d
 from geoseg.io.aoi import AOI
 from geoseg.io.raster import RasterSource, read_window
+from geoseg.models.runtime import get_predictor
 from geoseg.models.spec import ModelSpec, Runtime
 
 __all__ = ["blend_chunk", "predict_chunk", "read_chunk"]
@@ -116,8 +117,6 @@ def predict_chunk(
     into an accumulator over the chunk grown by the halo; :func:`blend_chunk` adds the
     neighbours' overlaps and normalises.
     """
-    from geoseg.models.runtime import get_predictor
-
     t0 = time.perf_counter()
     predictor = get_predictor(spec, runtime)
     cw = plan.chunk_window(i, j)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from geoseg.errors import InputError
 from geoseg.grid import GeoBox, Window
+from geoseg.io.gdal import quiet_rasterio_georeference
 
 __all__ = ["AOI", "check_aoi", "read_aoi"]
 
@@ -27,8 +28,6 @@ class AOI:
         """Bool array, True for pixels of ``window`` whose centre lies inside the AOI."""
         import shapely
         from rasterio.features import geometry_mask
-
-        from geoseg.io.gdal import quiet_rasterio_georeference
 
         geoms = shapely.from_wkb(list(self.wkb))
         quiet_rasterio_georeference()  # GDAL's scratch dataset inside rasterize has no georeference

@@ -21,6 +21,7 @@ import numpy as np
 
 from geoseg.errors import OutputError
 from geoseg.grid import GeoBox, Window
+from geoseg.io.gdal import quiet_rasterio_georeference
 from geoseg.io.outdir import atomic_path, disk_full_error, disk_full_reason, fsync_dir, fsync_replace
 
 __all__ = ["Part", "assemble_cog", "read_part", "write_part"]
@@ -130,8 +131,6 @@ def write_part(
     # Encoded in memory, written to disk by Python: a full disk is then a clean OSError (ENOSPC/EFBIG)
     # instead of libtiff printing to stderr from inside a worker.
     from rasterio.io import MemoryFile
-
-    from geoseg.io.gdal import quiet_rasterio_georeference
 
     quiet_rasterio_georeference()  # pixel-space parts: geoseg already said so
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as mem:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.errors import InputError, RasterReadError
+from geoseg.io.gdal import quiet_rasterio_georeference
 
 __all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "Frame", "list_frames", "local_file", "read_video_frame", "video_frame"]
 
@@ -167,8 +168,6 @@ def _tiff_pages(path: str) -> list[Frame] | None:
     """Pages of a multi-page TIFF of equal size, or None for a one-image (or pyramidal) TIFF."""
     import rasterio
     from rasterio.errors import RasterioIOError
-
-    from geoseg.io.gdal import quiet_rasterio_georeference
 
     quiet_rasterio_georeference()
     try:

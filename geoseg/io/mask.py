@@ -21,6 +21,7 @@ from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window
 from geoseg.io.files import check_declared_size, dataset_files
 from geoseg.io.gdal import quiet_rasterio_georeference
+from geoseg.io.outdir import atomic_path, fsync_replace
 
 __all__ = [
     "CLASSES_TAG",
@@ -303,7 +304,6 @@ def write_mask_png(mask_tif: str, png: str, colors: dict[int, tuple[int, int, in
     palette[NODATA] = (0, 0, 0)
     img = Image.frombytes("P", (data.shape[1], data.shape[0]), np.ascontiguousarray(data).tobytes())
     img.putpalette(palette.ravel().tolist())
-    from geoseg.io.outdir import atomic_path, fsync_replace
 
     tmp = atomic_path(png)
     try:

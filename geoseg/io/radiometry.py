@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.errors import InputError
+from geoseg.io.raster import read_overview
 
 __all__ = ["PRESETS", "Radiometry", "parse_radiometry", "resolve_radiometry"]
 
@@ -198,8 +199,6 @@ def resolve_radiometry(source, given: str | Radiometry | Mapping | None = None, 
         Its ``source`` says which evidence decided; ``value range (assumed)`` means none
         did and the caller should log it with the fix.
     """
-    from geoseg.io.raster import read_overview
-
     r = parse_radiometry(given)
     if r is not None:
         return r

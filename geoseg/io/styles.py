@@ -28,6 +28,7 @@ from xml.etree import ElementTree as ET
 from geoseg.classes import NODATA, is_background
 from geoseg.errors import InputError
 from geoseg.io.outdir import fsync_replace, write_text_atomic
+from geoseg.io.raster import open_source, read_overview
 
 __all__ = [
     "QGIS_VERSION",
@@ -298,8 +299,6 @@ def true_colour(path: str) -> TrueColour | None:
     """
     import numpy as np
     import rasterio
-
-    from geoseg.io.raster import open_source, read_overview
 
     try:
         with rasterio.open(path) as ds:

@@ -25,6 +25,9 @@ import json
 import os
 from dataclasses import dataclass
 
+from geoseg.errors import ModelError
+from geoseg.models.card_sources import onnx_metadata
+
 __all__ = ["BUNDLED", "BundledModel", "bundled_card", "bundled_path"]
 
 
@@ -51,8 +54,6 @@ BUNDLED: dict[str, BundledModel] = {
 def _csmask_card(variant: str) -> dict:
     """Card of a ukis-csmask ONNX model, from its JSON statistics (reflectance x 10000 inputs)."""
     import importlib.resources
-
-    from geoseg.errors import ModelError
 
     try:
         folder = importlib.resources.files("ukis_csmask")
@@ -92,7 +93,6 @@ def weights_dir() -> str:
 
 
 def _weights_file(name: str) -> str:
-    from geoseg.errors import ModelError
 
     path = os.path.join(weights_dir(), BUNDLED[name].file)
     if not os.path.isfile(path):
@@ -105,12 +105,9 @@ def _weights_file(name: str) -> str:
 
 def bundled_card(name: str) -> dict:
     """The card (a dictionary) of bundled model ``name``, as stored in its ONNX metadata."""
-    from geoseg.errors import ModelError
-
     m = BUNDLED[name]
     if m.source == "package":
         return _csmask_card(m.file)
-    from geoseg.models.card_sources import onnx_metadata
 
     meta = onnx_metadata(_weights_file(name))
     if "geoseg_card" not in meta:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from geoseg.errors import ModelError
+from geoseg.models.card import card_from_dict
 
 __all__ = ["LogitBias", "export_onnx"]
 
@@ -107,8 +108,6 @@ def export_onnx(
         The card is refused, the export fails, or onnxruntime disagrees with torch.
     """
     import onnx
-
-    from geoseg.models.card import card_from_dict
 
     path = os.fspath(path)
     card_from_dict(card, f"{path} (card)")

@@ -12,6 +12,8 @@ import os
 import torch
 from torch import nn
 
+from geoseg.models.export import export_onnx
+
 __all__ = ["DarkLines", "IndexLandcover", "NormalizedDifference", "export_index_landcover"]
 
 
@@ -43,8 +45,6 @@ class IndexLandcover(nn.Module):
 
 def export_index_landcover(path: str | os.PathLike) -> str:
     """Save :class:`IndexLandcover` as ONNX (card inside) at ``path``; returns the path."""
-    from geoseg.models.export import export_onnx
-
     path = os.fspath(path)
     card = {
         "name": "landcover",

@@ -13,7 +13,7 @@ import os
 import sys
 
 from geoseg.errors import DeviceError, ModelError
-from geoseg.models.spec import IN_MEMORY_MODELS, ModelSpec, Runtime
+from geoseg.models.spec import IN_MEMORY_MODELS, ModelSpec, Runtime, sha256_file
 
 __all__ = [
     "default_threads",
@@ -88,7 +88,7 @@ def load_state_dict_model(spec: ModelSpec):
             "CVE-2025-32434 was fixed); upgrade torch, or export the model as TorchScript/ONNX"
         )
 
-    from geoseg.models.nets import build_architecture
+    from geoseg.models.nets import build_architecture  # lazy: torch
 
     card = spec.card
     origin = spec.path or spec.id
@@ -123,8 +123,6 @@ def load_state_dict_model(spec: ModelSpec):
 
 def _verify_unchanged(spec: ModelSpec) -> None:
     """Refuse a model file whose content changed since :func:`geoseg.models.spec.resolve_model` checked it."""
-    from geoseg.models.spec import sha256_file
-
     try:
         now = sha256_file(spec.path)
     except OSError as exc:

@@ -32,8 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from geoseg.errors import ModelError
+from geoseg.grid import Window
 from geoseg.io.labels import IGNORE
 from geoseg.models.batches import augment, finish_inputs, read_batch
+from geoseg.models.export import LogitBias, export_onnx
+from geoseg.models.loading import resolve_device
 from geoseg.models.nets import build_architecture
 from geoseg.models.train_config import Augment, TrainConfig
 
@@ -110,8 +113,6 @@ def start(
     DeviceError, ModelError
         CUDA asked for where there is none; a checkpoint that is damaged or from another configuration.
     """
-    from geoseg.models.loading import resolve_device
-
     dev = resolve_device(config.device)  # CUDA asked for where there is none: a DeviceError
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -293,8 +294,6 @@ def _mine(model: torch.nn.Module, images: Sequence, post: Any, dev, tile: int = 
     """
     from scipy import ndimage
 
-    from geoseg.grid import Window
-
     model.eval()
     found = 0
     with torch.inference_mode():
@@ -375,8 +374,6 @@ def export(model: torch.nn.Module, card: dict[str, Any], path: str, in_channels:
     With ``threshold`` (a binary model), class 1 is decided from that probability on: the
     exported graph adds ``-log(t / (1 - t))`` to class 1's logit.
     """
-    from geoseg.models.export import LogitBias, export_onnx
-
     if threshold is not None:
         model = LogitBias(model, [0.0, -math.log(threshold / (1 - threshold))])
         card = {**card, "training": {**card.get("training", {}), "threshold": threshold}}

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from geoseg.errors import ModelError
-from geoseg.models.card import ModelCard
+from geoseg.models.bundled import BUNDLED, bundled_card, bundled_path
+from geoseg.models.card import ModelCard, card_from_dict
+from geoseg.models.card_sources import find_card
+from geoseg.models.safety import scan_model
 
 __all__ = ["IN_MEMORY_MODELS", "ModelSpec", "Runtime", "resolve_model", "sha256_file"]
 
@@ -172,11 +175,7 @@ def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False
     if isinstance(model, ModelSpec):
         return model if card is None else replace(model, card=card)
     if isinstance(model, str):
-        from geoseg.models.bundled import BUNDLED, bundled_card, bundled_path
-
         if model in BUNDLED:  # a bare bundled name, never a file in the current folder
-            from geoseg.models.card import card_from_dict
-
             name = model
             card = card or card_from_dict(bundled_card(name), f"bundled model {name!r}")
             model = bundled_path(name)
@@ -188,13 +187,10 @@ def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False
                 "model name (see `geoseg models`)"
             )
         kind = _sniff_kind(path)
-        from geoseg.models.safety import scan_model
 
         scan_model(path, kind, trust)
         name = os.path.splitext(os.path.basename(path))[0]
         if card is None:
-            from geoseg.models.card_sources import find_card
-
             card = find_card(path, kind)
         if kind == "checkpoint":
             if card is None or not card.architecture_json:

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import InputError
-from geoseg.io.raster import RasterSource
+from geoseg.io.labels import is_raster_labels, open_raster_labels
+from geoseg.io.radiometry import resolve_radiometry
+from geoseg.io.raster import RasterSource, band_percentiles, open_source
 from geoseg.models.bands import match_bands
 from geoseg.models.card import ModelCard
 from geoseg.models.scaling import Scaling
@@ -65,8 +67,6 @@ def _pick(values: list, k: int) -> Any:
 
 def _open(cfg: TrainConfig, card: ModelCard, path: str) -> RasterSource:
     """The raster with the card's bands (by name); plain images train in pixel coordinates."""
-    from geoseg.io.raster import open_source
-
     everything = open_source(path, require_crs=False)
     bands = match_bands(card.bands, everything.band_descriptions, cfg.band_map, origin=everything.path) if card.bands else None
     src = open_source(path, bands, require_crs=False)
@@ -77,8 +77,6 @@ def _open(cfg: TrainConfig, card: ModelCard, path: str) -> RasterSource:
 
 def _labels(cfg: TrainConfig, classes: dict[str, int], src: RasterSource, k: int, path: str) -> Any:
     """Image ``k``'s labels: a label raster checked against its grid, or vector labels on its CRS."""
-    from geoseg.io.labels import is_raster_labels, open_raster_labels
-
     label_path = _pick(cfg.labels, k)
     if is_raster_labels(label_path):
         return open_raster_labels(label_path, src.geobox, classes, cfg.label_values, image=path)
@@ -113,11 +111,8 @@ def _allowed(aoi: str | None, src: RasterSource) -> np.ndarray | None:
 
 def _scaling(cfg: TrainConfig, card: ModelCard, src: RasterSource, k: int) -> tuple[Scaling, dict | None]:
     """The card's scaling resolved on image ``k``, and its radiometry record (reflectance cards, else None)."""
-    from geoseg.io.raster import band_percentiles
-
     if card.scaling.method != "reflectance":
         return card.scaling.resolve(lambda lo, hi, s=src: band_percentiles(s, lo, hi)), None
-    from geoseg.io.radiometry import resolve_radiometry
 
     rad = resolve_radiometry(src, _pick(cfg.radiometry, k))
     # chips in (dark-object subtracted) reflectance: the card's mean/std come after augmenting

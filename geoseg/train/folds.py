@@ -92,9 +92,9 @@ def train_on(
     """Train ``recipe`` (an entry of :data:`geoseg.train.recipes.RECIPES`) on ``places`` into ``out``
     (ONNX) with ``geoseg train``; returns its report.
     """
-    from geoseg.models.card import card_from_dict
-    from geoseg.models.train_config import TrainConfig
-    from geoseg.train.run import train
+    from geoseg.models.card import card_from_dict  # lazy: numpy; python -m geoseg.recipes stays light
+    from geoseg.models.train_config import TrainConfig  # lazy: numpy; python -m geoseg.recipes stays light
+    from geoseg.train.run import train  # lazy: torch
 
     images = [im for p in places for im in p.images]
     labels = [lb for p in places for lb in p.labels]
@@ -172,7 +172,7 @@ def score_place(
     break them are left out of the scores, as the shipped model's polygon layers leave them out.
     """
     rules = rules or {}
-    from geoseg.evaluate import evaluate
+    from geoseg.evaluate import evaluate  # lazy: numpy; python -m geoseg.recipes stays light
 
     cls = place.label_class
     res: dict[float, dict[str, Any]] = {}

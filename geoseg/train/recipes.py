@@ -261,7 +261,7 @@ def _finish(name: str, model: str, out_dir: str, threshold: float, report: dict[
 
     import onnx
 
-    from geoseg.models.card_sources import onnx_metadata
+    from geoseg.models.card_sources import onnx_metadata  # lazy: numpy; python -m geoseg.recipes stays light
 
     card = json.loads(onnx_metadata(model)["geoseg_card"])
     card["metrics"] = {**card.get("metrics", {}), **_card_metrics(report)}
@@ -307,9 +307,9 @@ def _card_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_rule(name: str, out_dir: str) -> dict[str, Any]:
-    from geoseg.models.circles import RoofCircles
-    from geoseg.models.export import export_onnx
-    from geoseg.models.indices import DarkLines, NormalizedDifference
+    from geoseg.models.circles import RoofCircles  # lazy: torch
+    from geoseg.models.export import export_onnx  # lazy: torch
+    from geoseg.models.indices import DarkLines, NormalizedDifference  # lazy: torch
 
     if name in PHYSICS:
         _, threshold = PHYSICS[name]["builder"]

@@ -16,12 +16,16 @@ from typing import Any
 import numpy as np
 import shapely
 
+from geoseg.engine.progress import compute_tasks
 from geoseg.errors import OutputError, OutputExistsError
 from geoseg.io.mask import MaskClass, MaskSource
 from geoseg.io.outdir import check_is_folder, existing_outputs, fsync_replace
+from geoseg.io.styles import legend_label, true_colour
+from geoseg.vector import qgis
 from geoseg.vector.coco import annotate_part, write_coco_stream
 from geoseg.vector.geometry import reproject
 from geoseg.vector.params import VectorParams
+from geoseg.vector.project import mask_classes, project_source, write_project
 from geoseg.vector.writers import EXTENSIONS, Layer, layer_batches, write_layer
 
 __all__ = [
@@ -292,8 +296,6 @@ def _write_gpkg(
     out: str, layers: list[Layer], batches: Callable, out_crs: str | None, gtype: str, staged: dict, written: dict
 ) -> None:
     """The GeoPackage (every layer, styles stored inside) and ``styles/<layer>.qml``, staged under ``out``."""
-    from geoseg.vector import qgis
-
     path = os.path.join(out, GPKG_NAME)
     for ly in layers:
         write_layer("gpkg", path, ly, batches(ly, out_crs), crs=out_crs, geometry_type=gtype)
@@ -321,10 +323,6 @@ def _write_project(
     written: dict,
 ) -> None:
     """``project.qgz``: the input imagery, the mask (by paths relative to ``out_dir``) and every GeoPackage layer, styled."""
-    from geoseg.io.styles import legend_label
-    from geoseg.vector import qgis
-    from geoseg.vector.project import mask_classes, write_project
-
     gb = src.geobox
     mask_rel = os.path.relpath(src.path, out_dir)
     raster = (mask_rel, "mask", {c.id: (tuple(c.color), c.name) for c in mask_classes(src)}) if src.classes else None
@@ -348,9 +346,6 @@ def _imagery(src: MaskSource, out_dir: str):
     """The mask's input imagery (its run.json's ``input.path``) and its stretch, by its path from ``out_dir``; or None."""
     import dataclasses
 
-    from geoseg.io.styles import true_colour
-    from geoseg.vector.project import project_source
-
     image = _source_image(src)
     if image == src.path:
         return None
@@ -372,8 +367,6 @@ def _source_image(src: MaskSource) -> str:
 def _coco(src: MaskSource, parts: list[str], layers: list[Layer], connectivity: int, staging: str, path: str) -> int:
     """The COCO file of one mask: one image, a category per layer, an instance per polygon (one task per part)."""
     import dask
-
-    from geoseg.engine.progress import compute_tasks
 
     gb = src.geobox
     folder = os.path.join(staging, "coco-parts")

@@ -14,6 +14,7 @@ import numpy as np
 import shapely
 
 from geoseg.classes import NODATA
+from geoseg.io.gdal import quiet_rasterio_georeference
 
 __all__ = ["Pieces", "merge_seams", "polygonize_block"]
 
@@ -226,8 +227,6 @@ def _trace_regions(
     """GDAL's polygons of the labelled regions in raster pixel coordinates (valid, simplified), and their labels."""
     from rasterio import features
     from rasterio.transform import Affine
-
-    from geoseg.io.gdal import quiet_rasterio_georeference
 
     transform = Affine(1.0, 0.0, float(col_off), 0.0, 1.0, float(row_off))
     quiet_rasterio_georeference()  # rasterio's in-memory copy of the array has no georeference

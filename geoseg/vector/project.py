@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from xml.etree import ElementTree as ET
 
+from geoseg.classes import default_palette
 from geoseg.errors import InputError, OutputError
-from geoseg.io.mask import MaskClass, MaskSource
+from geoseg.io.mask import MaskClass, MaskSource, open_mask
 from geoseg.io.styles import (
     QGIS_VERSION,
     QML_DOCTYPE,
@@ -34,9 +35,11 @@ from geoseg.io.styles import (
     imagery_pipe,
     legend_label,
     paletted_pipe,
+    true_colour,
     xml_child,
     xml_text,
 )
+from geoseg.vector.geometry import reproject
 
 __all__ = [
     "IMAGERY_NAME",
@@ -332,8 +335,6 @@ def write_project(
 
 def mask_classes(src: MaskSource) -> list[MaskClass]:
     """A mask's classes, each with a colour (geoseg's default palette where the mask names none)."""
-    from geoseg.classes import default_palette
-
     palette = default_palette(256)
     return [c if c.color else MaskClass(c.id, c.name, tuple(palette[c.id % len(palette)])) for c in src.classes]
 
@@ -368,9 +369,6 @@ def _gpkg_layers(path: str) -> list[tuple[str, str | None, str | None]]:
 def _run_group(name: str, mask: str, vectors: Sequence[str], imagery: str | None, folder: str, first: bool):
     """One workflow unit as a project group, and its mask's bounds in the mask's CRS."""
     import dataclasses
-
-    from geoseg.io.mask import open_mask
-    from geoseg.io.styles import true_colour
 
     src = open_mask(mask)
     layers, qml, crs = [], {}, src.geobox.crs
@@ -418,8 +416,6 @@ def write_run_project(
     """
     import numpy as np
     import shapely
-
-    from geoseg.vector.geometry import reproject
 
     folder = os.path.dirname(os.path.abspath(path))
     groups, extent, crs = [], None, None

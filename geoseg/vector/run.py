@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.classes import NODATA, default_palette, is_background, object_kind
+from geoseg.engine.progress import compute_tasks, counter
 from geoseg.errors import DiskFullError, GeosegError, InputError, OutputError, OutputExistsError
 from geoseg.grid import Window, chunk_windows, regular_chunks
 from geoseg.io.mask import MaskClass, MaskSource, open_mask, read_mask_window, read_prob_window
@@ -353,8 +354,6 @@ class _ChunkRun:
 def _polygonize(src: MaskSource, params: VectorParams, staging: str, chunk: int, progress: Any) -> _ChunkRun:
     """One Dask task per chunk window (interior pieces written as parts), then the seam pieces merged on the client."""
     import dask
-
-    from geoseg.engine.progress import compute_tasks, counter
 
     gb = src.geobox
     os.makedirs(os.path.join(staging, "parts"))

@@ -17,6 +17,7 @@ import numpy as np
 import shapely
 
 from geoseg.errors import OutputError
+from geoseg.io.outdir import disk_full_error, disk_full_now, disk_full_reason
 from geoseg.vector.geometry import reproject
 
 __all__ = [
@@ -227,7 +228,6 @@ def write_layer(
     except Exception as exc:  # GDAL errors surface as pyogrio's own exception types ("Cannot write feature")
         if not isinstance(exc, OSError) and not type(exc).__module__.startswith(("pyogrio", "pyarrow")):
             raise
-        from geoseg.io.outdir import disk_full_error, disk_full_now, disk_full_reason
 
         reason = disk_full_reason(exc) or disk_full_now(path, path)
         if reason:

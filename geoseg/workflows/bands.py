@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from geoseg.errors import GeosegError, InputError
+from geoseg.io.raster import open_source
+from geoseg.models.bands import match_bands, parse_band_option
 from geoseg.workflows.spec import Change, Workflow
 
 __all__ = ["check_bands", "inherit_bands", "yaml_words"]
@@ -60,8 +62,6 @@ def check_bands(wf: Workflow, runs: list[tuple[Any, Any, Any]], changes: list[tu
         A mapping that does not parse, names bands the model or the scene does not have, or
         selects a different number of bands than the model takes.
     """
-    from geoseg.io.raster import open_source
-
     steps = [(f"models[{i}].bands", spec, run.bands) for i, (run, spec, _) in enumerate(runs)]
     keys = [key for _, key in inherit_bands(wf)]
     steps += [(key, spec, ch.bands) for key, (ch, spec) in zip(keys, changes, strict=True)]
@@ -75,8 +75,6 @@ def check_bands(wf: Workflow, runs: list[tuple[Any, Any, Any]], changes: list[tu
 
 def _match(card: Any, bands: str | None, src: Any) -> None:
     """Select the bands ``card`` takes from ``src`` with the mapping ``bands``, as the engine does."""
-    from geoseg.models.bands import match_bands, parse_band_option
-
     idx, mapping = parse_band_option(bands)
     if not card.bands:
         if mapping:

@@ -22,6 +22,10 @@ import numpy as np
 from geoseg.classes import NODATA, is_background
 from geoseg.errors import InputError, ModelError
 from geoseg.grid import GeoBox
+from geoseg.io.mask import open_mask
+from geoseg.io.outdir import atomic_path, fsync_replace
+from geoseg.io.raster import open_source, read_overview
+from geoseg.models.bands import match_bands
 
 __all__ = ["Overlay", "quicklook", "scale_bar"]
 
@@ -38,8 +42,6 @@ class Overlay:
 
 
 def _true_colour(path: str, max_side: int) -> tuple[np.ndarray, int, GeoBox]:
-    from geoseg.io.raster import open_source, read_overview
-    from geoseg.models.bands import match_bands
 
     src = open_source(path)
     try:  # described red/green/blue (B04, SR_B4, ...); else the first three bands, or one grey band
@@ -116,8 +118,6 @@ def _draw_overlays(
     rgb: np.ndarray, f: int, gb: GeoBox, scene: str, overlays: Sequence[Overlay], alpha: float
 ) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int]]]]:
     """The scene with every overlay's classes filled and outlined (outside every mask dimmed), and the legend entries."""
-    from geoseg.io.mask import open_mask
-
     img = rgb.astype(np.float32)
     h, w = rgb.shape[:2]
     legend: list[tuple[str, tuple[int, int, int]]] = []
@@ -341,8 +341,6 @@ def _draw_band(draw: Any, font: Any, rows: list, band_top: int) -> None:
 def _save(canvas: Any, box: tuple[int, int, int, int], f: int, out: str) -> None:
     """Write the PNG atomically, with where the scene sits and its pixel step as text chunks."""
     from PIL.PngImagePlugin import PngInfo
-
-    from geoseg.io.outdir import atomic_path, fsync_replace
 
     info = PngInfo()
     info.add_text("geoseg:scene_box", ",".join(map(str, box)))

@@ -15,7 +15,8 @@ from xml.sax.saxutils import escape
 
 from geoseg.change import raster_date
 from geoseg.errors import InputError
-from geoseg.workflows.spec import Imagery
+from geoseg.io.outdir import write_text_atomic
+from geoseg.workflows.spec import Imagery, check_inside
 
 __all__ = ["Scene", "scenes"]
 
@@ -116,8 +117,6 @@ def _stack_vrt(
         lines.append("      <SourceBand>1</SourceBand></SimpleSource>")
         lines.append("  </VRTRasterBand>")
     lines.append("</VRTDataset>")
-    from geoseg.io.outdir import write_text_atomic
-    from geoseg.workflows.spec import check_inside
 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{file_stem or _slug(item_id)}.vrt")

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from geoseg.records import hectares_text
+from geoseg.vector.project import write_run_project
 
 __all__ = ["format_summary", "run_project"]
 
@@ -51,8 +52,6 @@ def run_project(path: str, summary: dict[str, Any], title: str) -> str:
     str
         ``path``.
     """
-    from geoseg.vector.project import write_run_project
-
     units = []
     for entry in summary["images"]:
         for model, res in entry["models"].items():

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geoseg.errors import DiskFullError, GeosegError
+from geoseg.io.files import file_fingerprint
 from geoseg.io.outdir import hold_lock_file, write_json_atomic
+from geoseg.models.card import card_to_dict
+from geoseg.records import hectares_text
+from geoseg.workflows.ledger import params_hash
 
 __all__ = ["RUN_LOCK", "Tally", "card_hash", "fingerprint", "finish", "found_text", "run_lock", "run_unit", "unit_params"]
 
@@ -32,8 +36,6 @@ class Tally:
 
 def fingerprint(path: str | None, stamp: str = "") -> str | None:
     """Size and mtime of ``path`` and of every file it is read from (a VRT's sources), plus ``stamp``."""
-    from geoseg.io.files import file_fingerprint
-
     if path is None:
         return None
     return file_fingerprint(path) + (f"|{stamp}" if stamp else "")
@@ -55,9 +57,6 @@ def run_lock(folder: str):
 
 def card_hash(spec: Any) -> str:
     """A hash of the model card (its classes, scaling and rules decide the outputs as much as the weights)."""
-    from geoseg.models.card import card_to_dict
-    from geoseg.workflows.ledger import params_hash
-
     return params_hash(card_to_dict(spec.card))
 
 
@@ -95,8 +94,6 @@ def run_unit(
     work: Callable[[], tuple[dict[str, Any], list[str]]],
 ) -> dict[str, Any] | None:
     """Run one unit through the ledger: skip it when done, else do it and record the outcome."""
-    from geoseg.workflows.ledger import params_hash
-
     counts, failures = tally.counts, tally.failures
 
     unit_id = os.path.relpath(folder, root)
@@ -149,8 +146,6 @@ def run_unit(
 
 def found_text(result: dict[str, Any]) -> str:
     """What a unit found, for its log line: objects per class, or hectares per transition (rounded for people)."""
-    from geoseg.records import hectares_text
-
     return ", ".join(
         f"{k} {v['objects']}" if "objects" in v else f"{k} {hectares_text(v['hectares'])} ha"
         for k, v in result.get("classes", {}).items()
