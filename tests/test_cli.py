@@ -63,13 +63,21 @@ def test_predict_on_local_process_cluster(make_raster, torchscript_model, tmp_pa
     import pyogrio
     from rasterio import features
 
+    from shapely.geometry import shape
+
     vec = json.loads((out / "vectors.json").read_text())
     assert [ly["name"] for ly in vec["layers"]] == ["class_1", "class_2", "class_3"]
+    mmu = run["parameters"]["mmu_px"]  # a cardless model's classes are areas: speckle under the default unit is dropped
+    assert mmu == 4 and vec["parameters"]["min_pixels"] == mmu
+    speckle = 0
     for ly in vec["layers"]:
-        expected = sum(1 for _, v in features.shapes(mask, mask=mask == ly["class_id"]) if v == ly["class_id"])
+        shapes = [g for g, v in features.shapes(mask, mask=mask == ly["class_id"]) if v == ly["class_id"]]
+        expected = sum(1 for g in shapes if shape(g).area >= mmu)  # shapes in pixel units (no transform given)
+        speckle += len(shapes) - expected
         df = pyogrio.read_dataframe(out / "geoseg.gpkg", layer=ly["name"])
         assert len(df) == ly["features"] == expected
         assert df["score"].between(0, 1).all() and df.geometry.is_valid.all()
+    assert speckle > 0  # the mask has patches under the unit: the rule is exercised
     assert (out / "project.qgz").exists() and (out / "vectors" / "class_1.geojson").exists()
 
 
