@@ -218,7 +218,7 @@ def _execute(plan: _Plan, say: Callable[[str], None]) -> tuple[dict[str, Any], T
     summary: dict[str, Any] = {"workflow": wf.name, "file": wf.path, "out": plan.folder, "images": [], "changes": []}
     interrupted = True
     try:
-        with scheduler(wf.scheduler, workers=wf.workers) as sched:
+        with scheduler(wf.scheduler, workers=wf.workers, chunks=_chunks(plan)) as sched:
             masks: dict[tuple[str, str], str] = {}
             for scene in plan.scenes:
                 summary["images"].append(_scene(plan, scene, ledger, tally, sched, masks, say))
@@ -231,6 +231,15 @@ def _execute(plan: _Plan, say: Callable[[str], None]) -> tuple[dict[str, Any], T
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(os.path.join(plan.folder, "summary.json"), summary, indent=2)
     return summary, tally
+
+
+def _chunks(plan: _Plan) -> int | None:
+    """The run's size for ``scheduler: auto``: chunks summed over the scenes (each model's pass is one such job)."""
+    if plan.wf.scheduler != "auto":
+        return None
+    from geoseg.engine.preflight import raster_chunks
+
+    return sum(raster_chunks(scene.path, plan.wf.aoi, plan.wf.chunk) for scene in plan.scenes)
 
 
 def _scene(plan: _Plan, scene: Any, ledger: Any, tally: Tally, sched: Any, masks: dict, say: Callable) -> dict[str, Any]:
