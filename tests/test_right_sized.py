@@ -133,3 +133,20 @@ def test_a_successful_run_leaves_no_log_file(make_raster, torchscript_model, tmp
     import tempfile
 
     assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"geoseg-{proc.pid}.log"))
+
+
+def test_a_failed_workflow_unit_leaves_no_empty_folder(torchscript_model, tmp_path) -> None:
+    import shutil
+
+    src = write_raster(tmp_path / "truncated.tif", 128, 128, blocksize=32, seed=32)
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    shutil.copy(torchscript_model, tmp_path / "net.pt")
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "name: t\nimagery: [truncated.tif]\nmodels: [{model: net.pt, tile: 32, halo: 4}]\n"
+        "outputs: {folder: out, formats: [gpkg], quicklook: false}\n"
+    )
+    proc = run_cli("run", str(wf))
+    assert proc.returncode == 1 and "1 unit(s) failed" in proc.stderr, proc.stderr
+    assert (tmp_path / "out" / "ledger.sqlite").exists()  # the run's record of the failure stays
+    assert not (tmp_path / "out" / "net").exists()

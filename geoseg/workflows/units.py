@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geoseg.errors import DiskFullError, GeosegError
-from geoseg.io.outdir import hold_lock_file, write_json_atomic
+from geoseg.io.outdir import hold_lock_file, removed_if_failed, write_json_atomic
 
 __all__ = ["RUN_LOCK", "Tally", "card_hash", "fingerprint", "finish", "run_lock", "run_unit", "unit_params"]
 
@@ -115,7 +115,8 @@ def run_unit(
     ledger.begin(unit_id, kind, scene, model, params, digest)
     t = time.perf_counter()
     try:
-        result, outputs = work()
+        with removed_if_failed(folder):  # a failed unit leaves no empty folder
+            result, outputs = work()
     except GeosegError as exc:
         counts["failed"] += 1
         if isinstance(exc, DiskFullError):  # nothing else can be written either: stop the run
