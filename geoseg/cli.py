@@ -39,6 +39,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         import tempfile
 
         os.environ[DASK_LOG_ENV] = os.path.join(tempfile.gettempdir(), f"geoseg-{os.getpid()}.log")
+        _dask_log(keep=False)  # a file an earlier process of the same id left
 
 
 def _dask_log(keep: bool) -> str | None:
