@@ -18,6 +18,9 @@ import click
 from geoseg._version import __version__
 from geoseg.commands import register
 
+#: read by geoseg.engine.cluster (``DASK_LOG_ENV``): the file Dask's own log lines go to, in every process of a run
+DASK_LOG_ENV = "GEOSEG_DASK_LOG"
+
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
@@ -28,6 +31,29 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.setLevel(level)
+    # Dask's worker errors (with their tracebacks) and nanny warnings: to a file of this run, named by the one-line
+    # error if the command fails, unless -v (then the terminal, as Dask prints them)
+    if verbose:
+        os.environ.pop(DASK_LOG_ENV, None)
+    else:
+        import tempfile
+
+        os.environ[DASK_LOG_ENV] = os.path.join(tempfile.gettempdir(), f"geoseg-{os.getpid()}.log")
+        _dask_log(keep=False)  # a file an earlier process of the same id left
+
+
+def _dask_log(keep: bool) -> str | None:
+    """The file Dask logged to in this run, if it holds anything; removed unless ``keep`` (the command failed)."""
+    path = os.environ.get(DASK_LOG_ENV)
+    if not path or not os.path.isfile(path) or not path.endswith(f"geoseg-{os.getpid()}.log"):
+        return None
+    if keep and os.path.getsize(path) > 0:
+        return path
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+    return None
 
 
 def _one_line_warnings(quiet: bool) -> None:
@@ -141,11 +167,14 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             with _stop_signals():
-                return super().invoke(ctx)
+                result = super().invoke(ctx)
+            _dask_log(keep=False)
+            return result
         except KeyboardInterrupt as exc:
             import signal
 
             _quiet_shutdown()  # a KeyboardInterrupt that did not come through the handler (another thread's)
+            _dask_log(keep=False)
             signum = _signum(exc)
             click.echo(f"geoseg: {'interrupted (Ctrl-C)' if signum == signal.SIGINT else f'stopped by {exc}'}", err=True)
             ctx.exit(128 + signum)
@@ -166,7 +195,9 @@ class _Group(click.Group):
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln[:1].isspace()]
             lines = [ln for ln in lines if not ln.startswith("Traceback ")]
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-            click.echo(f"geoseg: error: {as_flags(' '.join(lines), command)}", err=True)  # the API's keywords as flags
+            log = _dask_log(keep=True)
+            details = f" (details in {log})" if log else ""
+            click.echo(f"geoseg: error: {as_flags(' '.join(lines), command)}{details}", err=True)  # API keywords as flags
             ctx.exit(1)
 
 

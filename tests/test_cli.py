@@ -62,7 +62,6 @@ def test_predict_on_local_process_cluster(make_raster, torchscript_model, tmp_pa
     # --vectorize: one styled layer per class but the background class_0, equal to the whole-mask polygons
     import pyogrio
     from rasterio import features
-
     from shapely.geometry import shape
 
     vec = json.loads((out / "vectors.json").read_text())

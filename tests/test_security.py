@@ -251,16 +251,17 @@ def test_killed_worker_becomes_one_line_with_the_fix() -> None:
     assert "\n" not in msg and "--chunk" in msg and "--tile" in msg and "geoseg-predict" in msg and "0000" not in msg
 
 
-def test_default_cli_cluster_records_a_tls_loopback_address(make_raster, torchscript_model, tmp_path) -> None:
+def test_local_cli_cluster_records_a_tls_loopback_address(make_raster, torchscript_model, tmp_path) -> None:
     import json
 
     src = make_raster(40, 40, seed=3)
     out = tmp_path / "o"
-    proc = _geoseg("-v", "predict", str(src), "-m", str(torchscript_model), "-o", str(out), "--tile", "32", "--halo", "4")
+    args = ("-o", str(out), "--tile", "32", "--halo", "4", "--scheduler", "local")
+    proc = _geoseg("-v", "predict", str(src), "-m", str(torchscript_model), *args)
     assert proc.returncode == 0, proc.stderr
     address = json.loads((out / "run.json").read_text())["scheduler"]["address"]
     assert address.startswith("tls://127.0.0.1:")
-    assert f"local Dask cluster at {address} (TLS" in proc.stderr and "no dashboard" in proc.stderr
+    assert f"running on a local cluster of 1 worker(s) at {address} (TLS" in proc.stderr and "no dashboard" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

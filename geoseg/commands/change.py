@@ -32,10 +32,12 @@ def change(ctx: click.Context, before, after, model, out_dir, grid, aoi, bands_b
     from geoseg.change import change as run_change
     from geoseg.change import format_change
     from geoseg.engine import scheduler as use_scheduler
+    from geoseg.engine.preflight import raster_chunks
+    from geoseg.io.outdir import removed_if_failed
 
     if clouds and mask_model:
         raise click.BadParameter("give --clouds or --mask-model, not both")
-    with use_scheduler(scheduler, workers=workers):
+    with removed_if_failed(out_dir), use_scheduler(scheduler, workers=workers, chunks=raster_chunks(grid or before, aoi)):
         report = run_change(
             before,
             after,

@@ -133,7 +133,13 @@ def cluster_options(workers_help: str) -> Callable[[F], F]:
         A decorator adding both options.
     """
     return _stack(
-        click.option("--scheduler", default="local", show_default=True, help="local, threads, synchronous or tcp://HOST:PORT."),
+        click.option(
+            "--scheduler",
+            default="auto",
+            show_default=True,
+            help="auto (in-process threads for up to 2 chunks, else local), local (a process cluster), threads, "
+            "synchronous or tcp://HOST:PORT.",
+        ),
         click.option("--workers", type=click.IntRange(min=1), default=None, help=workers_help),
     )
 

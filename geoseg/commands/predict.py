@@ -99,15 +99,12 @@ def predict(
 ) -> None:
     """Segment the raster SRC with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif."""
     from geoseg.engine import scheduler as use_scheduler
-    from geoseg.engine.write import check_output_dir
-    from geoseg.io.frames import list_frames
+    from geoseg.io.outdir import removed_if_failed
     from geoseg.pipeline import segment
 
-    check_output_dir(out_dir, overwrite)  # fail before starting a cluster
     band_idx, band_map = parse_bands(bands)
     quiet = ctx.obj["quiet"]
     progress = not quiet  # a bar on a terminal, plain lines in logs and CI
-    frames = None if src.startswith("/vsi") or "://" in src else list_frames(src)
 
     def engine_options(sched) -> dict:
         return {
@@ -127,31 +124,50 @@ def predict(
             "tta": int(tta) if tta else None,
         }
 
-    with use_scheduler(scheduler, workers=workers, device=device) as sched:
-        if frames:  # a folder of frames, a video, a multi-page TIFF: one engine run per frame
-            # a line per frame says how far it is; bars only where they redraw in place
-            _frames(
-                src, model, out_dir, frames, vectorize_, overwrite, progress and sys.stderr.isatty(), quiet, engine_options(sched)
-            )
-            return
-        done = segment(
-            src,
-            model,
-            out_dir,
-            vectorize={} if vectorize_ else None,
-            overwrite=overwrite,
-            progress=progress,
-            probabilities_dtype=probabilities_dtype,
-            extra={
-                "scheduler": {"kind": sched.kind, "address": sched.address, "workers": sched.workers, "gpus": list(sched.gpus)}
-            },
-            probabilities=probabilities,
-            **engine_options(sched),
+    with removed_if_failed(out_dir):  # a failed run leaves no empty folder behind
+        frames, model, chunks = _preflight(
+            src, model, out_dir, overwrite, bands=band_idx, band_map=band_map, aoi=aoi, chunk=chunk, trust_model=trust_model
         )
+        with use_scheduler(scheduler, workers=workers, device=device, chunks=chunks) as sched:
+            if frames:  # a folder of frames, a video, a multi-page TIFF: one engine run per frame
+                # a line per frame says how far it is; bars only where they redraw in place
+                frames_progress = progress and sys.stderr.isatty()
+                _frames(src, model, out_dir, frames, vectorize_, overwrite, frames_progress, quiet, engine_options(sched))
+                return
+            done = segment(
+                src,
+                model,
+                out_dir,
+                vectorize={} if vectorize_ else None,
+                overwrite=overwrite,
+                progress=progress,
+                probabilities_dtype=probabilities_dtype,
+                extra={"scheduler": sched.record()},
+                probabilities=probabilities,
+                **engine_options(sched),
+            )
     if not quiet:
         _echo_run(out_dir, done.run)
         if done.vectors:
             echo_vectors(out_dir, done.vectors)
+
+
+def _preflight(src: str, model: str, out_dir: str, overwrite: bool, **checked) -> tuple[list | None, object, int]:
+    """Everything checked before a scheduler starts (and before torch, onnxruntime or Dask are imported).
+
+    Returns the frames (None for one raster), the model (resolved, for one raster) and the
+    job's size in chunks (one per frame for a sequence), which ``--scheduler auto`` decides by.
+    """
+    from geoseg.engine.preflight import check_predict
+    from geoseg.engine.write import check_output_dir
+    from geoseg.io.frames import list_frames
+
+    check_output_dir(out_dir, overwrite)
+    frames = None if src.startswith("/vsi") or "://" in src else list_frames(src)
+    if frames:
+        return frames, model, len(frames)
+    pre = check_predict(src, model, **checked)  # bands, band_map, aoi, chunk, trust_model
+    return None, pre.spec, pre.chunks
 
 
 def _frames(src, model, out_dir, frames, vectorize_, overwrite, progress, quiet, options) -> None:

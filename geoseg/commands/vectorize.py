@@ -92,10 +92,17 @@ def vectorize(
 ) -> None:
     """Turn the class mask MASK into polygon layers, one per class (one layer with --field), styled for QGIS."""
     from geoseg.engine import scheduler as use_scheduler
+    from geoseg.engine.preflight import mask_chunks
+    from geoseg.io.outdir import removed_if_failed
     from geoseg.vector import vectorize as run_vectorize
 
     quiet = ctx.obj["quiet"]
-    with use_scheduler(scheduler, workers=workers or (os.cpu_count() or 1), device="cpu"):
+    with (
+        removed_if_failed(out_dir),  # a failed run leaves no empty folder behind
+        use_scheduler(
+            scheduler, workers=workers or (os.cpu_count() or 1), device="cpu", chunks=mask_chunks(mask, probabilities, chunk)
+        ),
+    ):
         report = run_vectorize(
             mask,
             out_dir,

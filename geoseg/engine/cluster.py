@@ -1,7 +1,12 @@
 """Where the graph runs: a local Dask cluster, an existing scheduler, or in-process.
 
 :func:`scheduler` sets one up for the block it opens and says what it set up
-(:class:`Scheduling`); who may connect to it, and how, is :mod:`geoseg.engine.security`'s.
+(:class:`Scheduling`); ``auto`` sizes it to the job (:func:`auto_kind`: in-process threads
+for a few chunks, a local cluster beyond). Who may connect to it, and how, is
+:mod:`geoseg.engine.security`'s. Dask's own log lines go to the file named by
+:data:`DASK_LOG_ENV` when it is set (the command line sets it unless ``-v``), in this
+process and in the local cluster's worker processes (:func:`route_dask_logs`). A little over
+400 lines: every kind of scheduler, how it is chosen, started (signals held, TLS, GPUs) and heard from, in one place.
 """
 
 from __future__ import annotations
@@ -22,7 +27,17 @@ from typing import Any
 from geoseg.engine.security import DASHBOARD_ENV, connect, dashboard_address, local_security
 from geoseg.errors import GeosegError, InputError
 
-__all__ = ["Scheduling", "WorkerLostError", "active_scheduling", "scheduler", "visible_gpus"]
+__all__ = [
+    "AUTO_MAX_CHUNKS",
+    "DASK_LOG_ENV",
+    "Scheduling",
+    "WorkerLostError",
+    "active_scheduling",
+    "auto_kind",
+    "route_dask_logs",
+    "scheduler",
+    "visible_gpus",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +45,12 @@ _ACTIVE: contextvars.ContextVar[Scheduling | None] = contextvars.ContextVar("geo
 
 #: most worker processes a local cluster may start per core (or one per GPU, when there are more GPUs)
 WORKERS_PER_CORE = 4
+#: ``auto``: jobs of at most this many chunks (of 2048 px a side by default: about 8 MP) run in-process, on
+#: threads; starting a process cluster takes seconds, more than such a job's work
+AUTO_MAX_CHUNKS = 2
+#: environment variable naming the file that Dask's own log lines (worker errors with their tracebacks,
+#: nanny warnings) go to instead of stderr; inherited by the local cluster's worker processes
+DASK_LOG_ENV = "GEOSEG_DASK_LOG"
 
 
 class WorkerLostError(GeosegError, RuntimeError):
@@ -47,6 +68,11 @@ class Scheduling:
     resources: dict[str, float] | None
     gpus: tuple[str, ...] = ()
     dashboard: str | None = None
+    auto: bool = False  # chosen by ``auto`` from the job's size
+
+    def record(self) -> dict[str, Any]:
+        """The ``scheduler`` entry of run.json: kind, address, workers, GPUs and whether ``auto`` chose it."""
+        return {"kind": self.kind, "address": self.address, "workers": self.workers, "gpus": list(self.gpus), "auto": self.auto}
 
     def predict_options(self, device: str = "auto", num_threads: int | None = None) -> dict[str, Any]:
         """The keywords of :func:`geoseg.predict` that this scheduler decides.
@@ -115,10 +141,55 @@ def dask_setup(worker: Any) -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    route_dask_logs()  # a task's error is geoseg's one line; Dask's "Compute Failed" traceback goes to the file
     # tasks cancelled because the cluster closes (a stopped command) are not warnings
     logging.getLogger("distributed.worker.state_machine").addFilter(
         lambda record: "ended with CancelledError" not in record.getMessage()
     )
+
+
+def route_dask_logs() -> str | None:
+    """Send this process's ``distributed`` log records to the file :data:`DASK_LOG_ENV` names, not to stderr.
+
+    Called where Dask runs: the local cluster's client (its scheduler and nannies live in
+    this process) and each worker process (from :func:`dask_setup`). The file is created at
+    the first record, so a run that logs nothing leaves none.
+
+    Returns
+    -------
+    str or None
+        The file, or None when the variable is not set (logs stay where Dask puts them).
+    """
+    path = os.environ.get(DASK_LOG_ENV)
+    if not path:
+        return None
+    logger = logging.getLogger("distributed")
+    if not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in logger.handlers):
+        for h in list(logger.handlers):
+            if type(h) is logging.StreamHandler:  # Dask's own, to stderr
+                logger.removeHandler(h)
+        handler = logging.FileHandler(path, delay=True)
+        handler.setLevel(logging.WARNING)  # what went wrong, not the start-up chatter
+        handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(name)s %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    return path
+
+
+def auto_kind(chunks: int | None) -> str:
+    """What ``auto`` runs a job of ``chunks`` chunks on: ``threads`` up to :data:`AUTO_MAX_CHUNKS`, else ``local``.
+
+    Parameters
+    ----------
+    chunks : int or None
+        The job's chunks (an estimate from the input's size and the chunk size); None when unknown.
+
+    Returns
+    -------
+    str
+        ``threads`` or ``local``.
+    """
+    return "threads" if chunks is not None and chunks <= AUTO_MAX_CHUNKS else "local"
 
 
 def _killed_worker(exc: BaseException) -> WorkerLostError:
@@ -133,14 +204,18 @@ def _killed_worker(exc: BaseException) -> WorkerLostError:
 
 
 @contextmanager
-def scheduler(kind: str = "local", workers: int | None = None, device: str = "auto") -> Iterator[Scheduling]:
+def scheduler(
+    kind: str = "local", workers: int | None = None, device: str = "auto", chunks: int | None = None
+) -> Iterator[Scheduling]:
     """Run the enclosed Dask work on the chosen scheduler.
 
     Parameters
     ----------
     kind : str
         ``local`` (a local cluster of worker processes, only usable by this process; the
-        default), ``threads`` or ``synchronous`` (in-process, for debugging), or the address
+        default here, as a caller may not know the job's size yet), ``auto`` (in-process
+        threads for a job of at most :data:`AUTO_MAX_CHUNKS` chunks, else ``local``; the
+        commands' default), ``threads`` or ``synchronous`` (in-process), or the address
         ``tcp://HOST:PORT`` of a running cluster (``tls://HOST:PORT`` with certificates from
         the Dask config).
     workers : int, optional
@@ -150,6 +225,9 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
     device : str
         The device asked for; ``cuda``/``auto`` with GPUs present starts one worker per GPU,
         each seeing only its own GPU and holding a ``GPU`` resource of 1.
+    chunks : int, optional
+        The job's size in chunks, for ``auto`` (see :func:`auto_kind`; unknown: ``local``).
+        The choice is logged at INFO and recorded in :class:`Scheduling` (``auto``).
 
     Yields
     ------
@@ -172,16 +250,28 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
     import dask
 
     cores = os.cpu_count() or 1
+    auto = kind == "auto"
+    gpus = _check_workers(workers, device, cores) if kind in ("auto", "local") else ()
+    if auto:
+        kind = auto_kind(chunks)
+    size = f"{chunks} chunk{'s' * (chunks != 1)}" if chunks is not None else "job size unknown"
     if kind in ("threads", "synchronous"):
+        if auto:
+            log.info("%s, running in-process (threads; --scheduler local starts a cluster)", size)
         with dask.config.set(scheduler=kind):
-            yield from _activate(Scheduling(kind, None, 1, None, None))
+            yield from _activate(Scheduling(kind, None, 1, None, None, auto=auto))
         return
     if "://" in kind:
         yield from _remote(kind)
         return
     if kind != "local":
         shown = kind if len(kind) <= 80 else kind[:77] + "..."
-        raise InputError(f"unknown scheduler {shown!r}; use local, threads, synchronous or tcp://HOST:PORT")
+        raise InputError(f"unknown scheduler {shown!r}; use auto, local, threads, synchronous or tcp://HOST:PORT")
+    yield from _local(workers, gpus, cores, size if auto else None)
+
+
+def _check_workers(workers: int | None, device: str, cores: int) -> tuple[str, ...]:
+    """The GPUs a local cluster would use, after refusing a ``--workers`` this machine cannot hold."""
     gpus = visible_gpus() if device in ("auto", "cuda") else ()
     limit = max(WORKERS_PER_CORE * cores, len(gpus))
     if workers is not None and not 1 <= workers <= limit:
@@ -189,10 +279,13 @@ def scheduler(kind: str = "local", workers: int | None = None, device: str = "au
             f"--workers {workers}: give 1 to {limit} ({WORKERS_PER_CORE} per core on this machine of {cores} core(s)"
             f"{', or one per GPU' if gpus else ''}); each worker is a process holding its own copy of the model"
         )
-    yield from _local(workers, gpus, cores)
+    return gpus
 
 
 def _remote(kind: str) -> Iterator[Scheduling]:
+    import distributed  # noqa: F401  (its import sets up its loggers: route them after)
+
+    route_dask_logs()
     with connect(kind) as client:
         if not client.scheduler_info().get("workers"):
             try:
@@ -203,9 +296,11 @@ def _remote(kind: str) -> Iterator[Scheduling]:
         yield from _guarded(Scheduling(kind, kind, n, None, None))
 
 
-def _local(workers: int | None, gpus: tuple[str, ...], cores: int) -> Iterator[Scheduling]:
+def _local(workers: int | None, gpus: tuple[str, ...], cores: int, auto_size: str | None) -> Iterator[Scheduling]:
+    """A local cluster for the block; ``auto_size`` is the job's size when ``auto`` chose it (for the log)."""
     from distributed import Client
 
+    route_dask_logs()
     security = local_security()
     dashboard = dashboard_address()
     with ExitStack() as stack:
@@ -215,8 +310,11 @@ def _local(workers: int | None, gpus: tuple[str, ...], cores: int) -> Iterator[S
         client = stack.enter_context(Client(cluster))
         held.release()  # a stop signal that came while the cluster started is acted on now, inside the `with`
         link, where = _dashboard_link(client, dashboard)
-        sched = replace(sched, address=client.scheduler.address, dashboard=link)
-        log.info("local Dask cluster at %s (TLS, this process only) with %d worker(s); %s", sched.address, sched.workers, where)
+        sched = replace(sched, address=client.scheduler.address, dashboard=link, auto=auto_size is not None)
+        doing = f"{auto_size}, running" if auto_size else "running"
+        log.info(
+            "%s on a local cluster of %d worker(s) at %s (TLS, this process only); %s", doing, sched.workers, sched.address, where
+        )
         yield from _guarded(sched)
 
 

@@ -28,7 +28,7 @@ from geoseg.models.card import ModelCard
 from geoseg.models.runtime import probe
 from geoseg.models.spec import ModelSpec, Runtime, resolve_model
 
-__all__ = ["gsd_plan", "max_threads", "plan_job"]
+__all__ = ["gsd_plan", "max_threads", "open_for_model", "plan_job"]
 
 DEFAULT_TILE = 512
 DEFAULT_HALO = 32
@@ -83,7 +83,7 @@ def plan_job(
     if blend not in ("crop", "cosine"):
         raise InputError(f"blend must be 'crop' or 'cosine', got {blend!r}")
     spec = resolve_model(model, card, trust=trust_model)
-    src = _open_for(source, spec, bands, band_map or {}, require_crs=aoi is not None)  # plain images: pixel space
+    src = open_for_model(source, spec, bands, band_map or {}, require_crs=aoi is not None)  # plain images: pixel space
     spec, rad = _resolve_scaling(spec, src, radiometry)
     num_threads = _model_threads(num_threads)
     scale, gsd_note = gsd_plan(src, spec.card, resample)
@@ -118,8 +118,31 @@ def plan_job(
     return job
 
 
-def _open_for(source, spec: ModelSpec, bands, band_map: dict[str, int], require_crs: bool = False) -> RasterSource:
-    """Open the source with the bands the model's card asks for, in its order; scaling resolved."""
+def open_for_model(source: Any, spec: ModelSpec, bands: Any, band_map: dict[str, int], require_crs: bool = False) -> RasterSource:
+    """Open the source with the bands the model's card asks for, in its order.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or RasterSource
+        The raster (a :class:`RasterSource` is taken as it is).
+    spec : ModelSpec
+        The model; its card names the bands and their scaling.
+    bands : sequence of int or None
+        1-based band numbers given by the user (``--bands 3,2,1``).
+    band_map : dict
+        Card band names to band numbers (``--bands nir=4,red=3``).
+    require_crs : bool
+        Refuse a raster without a CRS (an AOI needs one).
+
+    Returns
+    -------
+    RasterSource
+
+    Raises
+    ------
+    InputError
+        Bands that do not match the card, or a scaling that does not fit them.
+    """
     card = spec.card
     if isinstance(source, RasterSource):
         src = source

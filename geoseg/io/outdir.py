@@ -6,7 +6,8 @@ once: :func:`existing_outputs` (does the folder already hold these outputs?),
 folders of a run (:func:`make_staging`, :func:`adopt_staging`, :func:`sweep_staging`),
 atomic publishing (:func:`atomic_path`, :func:`fsync_replace`, :func:`write_text_atomic`,
 :func:`write_json_atomic`) and disk-full detection (:func:`disk_full_reason`,
-:func:`disk_full_now`, :func:`disk_full_error`). A little over 400 lines, most of them
+:func:`disk_full_now`, :func:`disk_full_error`), and no empty folder left by a failed
+command (:func:`removed_if_failed`). A little over 400 lines, most of them
 docstrings: one room for one chore (the output folder), not worth splitting.
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "make_staging",
     "open_lock_file",
     "output_lock",
+    "removed_if_failed",
     "sweep_staging",
     "write_json_atomic",
     "write_text_atomic",
@@ -255,6 +257,35 @@ def output_lock(out_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def removed_if_failed(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Remove ``folder`` (and the parents made for it) when the block fails and leaves it empty.
+
+    Only folders that did not exist when the block began are removed, deepest first, and only
+    while empty: a folder that existed, or holds anything (a failed run's ledger, a killed
+    run's chunk parts kept for resuming), stays.
+
+    Parameters
+    ----------
+    folder : str, os.PathLike or None
+        The output folder (None: nothing to do).
+    """
+    new: list[str] = []
+    path = os.path.abspath(os.fspath(folder)) if folder is not None else None
+    while path and not os.path.lexists(path):
+        new.append(path)
+        path = os.path.dirname(path)
+    try:
+        yield
+    except BaseException:
+        for path in new:  # deepest first
+            try:
+                os.rmdir(path)
+            except OSError:
+                break  # not empty (or not ours to remove): its parents are not empty either
+        raise
 
 
 _OWNER = "owner.json"

@@ -231,7 +231,7 @@ def _execute(plan: _Plan, say: Callable[[str], None], units: Units) -> tuple[dic
     summary: dict[str, Any] = {"workflow": wf.name, "file": wf.path, "out": plan.folder, "images": [], "changes": []}
     interrupted = True
     try:
-        with scheduler(wf.scheduler, workers=wf.workers) as sched:
+        with scheduler(wf.scheduler, workers=wf.workers, chunks=_chunks(plan)) as sched:
             masks: dict[tuple[str, str], str] = {}
             for scene in plan.scenes:
                 summary["images"].append(_scene(plan, scene, ledger, tally, sched, masks, say, units))
@@ -249,6 +249,15 @@ def _execute(plan: _Plan, say: Callable[[str], None], units: Units) -> tuple[dic
         summary["project"] = project
     write_json_atomic(os.path.join(plan.folder, "summary.json"), summary, indent=2)
     return summary, tally
+
+
+def _chunks(plan: _Plan) -> int | None:
+    """The run's size for ``scheduler: auto``: chunks summed over the scenes (each model's pass is one such job)."""
+    if plan.wf.scheduler != "auto":
+        return None
+    from geoseg.engine.preflight import raster_chunks
+
+    return sum(raster_chunks(scene.path, plan.wf.aoi, plan.wf.chunk) for scene in plan.scenes)
 
 
 def _scene(

@@ -175,7 +175,7 @@ class Workflow(_Strict):
     models: list[str | ModelRun] = Field(default_factory=list)
     change: list[Change] = Field(default_factory=list)
     outputs: Outputs
-    scheduler: str = "local"
+    scheduler: str = "auto"
     workers: int | None = Field(None, ge=1)
     chunk: int | None = Field(None, ge=16)
     schedule: str | None = None
@@ -195,11 +195,11 @@ class Workflow(_Strict):
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str) -> str:
-        """``local``/``threads``/``synchronous`` or a well-formed scheduler address, checked before any work."""
-        if v in ("local", "threads", "synchronous"):
+        """``auto``/``local``/``threads``/``synchronous`` or a well-formed scheduler address, checked before any work."""
+        if v in ("auto", "local", "threads", "synchronous"):
             return v
         if "://" not in v:
-            raise ValueError(f"{v!r}: use local, threads, synchronous or a scheduler address such as tcp://HOST:8786")
+            raise ValueError(f"{v!r}: use auto, local, threads, synchronous or a scheduler address such as tcp://HOST:8786")
         from geoseg.engine.security import check_address
 
         try:

@@ -16,7 +16,7 @@ from typing import Any
 
 from geoseg.errors import DiskFullError, GeosegError
 from geoseg.io.files import file_fingerprint
-from geoseg.io.outdir import hold_lock_file, write_json_atomic
+from geoseg.io.outdir import hold_lock_file, removed_if_failed, write_json_atomic
 from geoseg.models.card import card_to_dict
 from geoseg.records import hectares_text
 from geoseg.workflows.ledger import params_hash
@@ -112,7 +112,8 @@ def run_unit(
     ledger.begin(unit_id, kind, scene, model, params, digest)
     t = time.perf_counter()
     try:
-        result, outputs = work()
+        with removed_if_failed(folder):  # a failed unit leaves no empty folder
+            result, outputs = work()
     except GeosegError as exc:
         counts["failed"] += 1
         if isinstance(exc, DiskFullError):  # nothing else can be written either: stop the run

@@ -1,0 +1,152 @@
+"""Right-sized execution and errors in a second (issue 17, items 5 and 6): ``--scheduler auto`` runs small jobs
+in-process, inputs are checked before torch and Dask start, failed commands leave no empty folder, and Dask's own
+log lines stay out of the terminal (in a file the error names)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geoseg.engine.cluster import AUTO_MAX_CHUNKS, auto_kind
+from geoseg.engine.preflight import count_chunks
+from geoseg.grid import Window
+from geoseg.io.outdir import removed_if_failed
+from tests.conftest import write_raster
+
+TILE = ["--tile", "32", "--halo", "4"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "geoseg", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_auto_runs_a_few_chunks_in_process_and_more_on_a_cluster() -> None:
+    assert AUTO_MAX_CHUNKS == 2
+    assert count_chunks(Window(0, 0, 718, 791)) == 1  # rasterio's RGB.byte.tif
+    assert count_chunks(Window(0, 0, 2048, 4096)) == 2
+    assert count_chunks(Window(0, 0, 2049, 4096)) == 4
+    assert count_chunks(Window(0, 0, 300, 420), chunk=160) == 6
+    assert [auto_kind(n) for n in (1, 2, 3, None)] == ["threads", "threads", "local", "local"]
+
+
+def test_small_predict_runs_in_process_and_says_so(make_raster, torchscript_model, tmp_path) -> None:
+    src = make_raster(40, 40, seed=3)
+    out = tmp_path / "o"
+    proc = run_cli("-v", "predict", str(src), "-m", str(torchscript_model), "-o", str(out), *TILE)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 chunk, running in-process (threads" in proc.stderr
+    sched = json.loads((out / "run.json").read_text())["scheduler"]
+    assert sched == {"kind": "threads", "address": None, "workers": 1, "gpus": [], "auto": True}
+
+
+@pytest.mark.parametrize("case", ["missing_input", "unknown_model"])
+def test_bad_input_fails_before_torch_and_dask(case, make_raster, tmp_path) -> None:
+    src = str(tmp_path / "missing.tif") if case == "missing_input" else str(make_raster(40, 40, seed=4))
+    model = "buildings" if case == "missing_input" else "no_such_model"
+    out = tmp_path / "new" / "out"
+    code = (
+        "import sys\n"
+        "from geoseg.cli import main\n"
+        f"rc = main(['predict', {src!r}, '--model', {model!r}, '-o', {str(out)!r}], standalone_mode=False)\n"
+        "heavy = [m for m in ('torch', 'distributed', 'onnxruntime') if m in sys.modules]\n"
+        "print(rc, heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "1 []", proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("geoseg: error: "), proc.stderr
+    assert (src if case == "missing_input" else model) in lines[0]
+    assert not (tmp_path / "new").exists()  # no folder left, not even the parent made for it
+
+
+def test_failed_commands_leave_no_new_folder(make_raster, torchscript_model, tmp_path) -> None:
+    empty = tmp_path / "empty.tif"
+    empty.write_bytes(b"")
+    out = tmp_path / "a" / "b" / "out"
+    proc = run_cli("predict", str(empty), "-m", str(torchscript_model), "-o", str(out), *TILE)
+    assert proc.returncode == 1 and "not a raster GDAL can open" in proc.stderr, proc.stderr
+    assert not (tmp_path / "a").exists()
+    # not a class mask (three uint16 bands): vectorize refuses it and leaves nothing
+    proc = run_cli("vectorize", str(make_raster(40, 40, seed=5)), "-o", str(out))
+    assert proc.returncode == 1 and "a class mask must be one uint8 band" in proc.stderr, proc.stderr
+    assert not (tmp_path / "a").exists()
+    # a folder that existed stays, empty or not
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    proc = run_cli("predict", str(empty), "-m", str(torchscript_model), "-o", str(kept), *TILE)
+    assert proc.returncode == 1 and kept.is_dir()
+
+
+def test_removed_if_failed_keeps_what_existed_or_holds_files(tmp_path) -> None:
+    with pytest.raises(RuntimeError), removed_if_failed(tmp_path / "x" / "y"):
+        (tmp_path / "x" / "y").mkdir(parents=True)
+        raise RuntimeError("boom")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(RuntimeError), removed_if_failed(tmp_path / "p" / "q"):
+        (tmp_path / "p" / "q").mkdir(parents=True)
+        (tmp_path / "p" / "q" / "ledger.sqlite").write_text("kept: it records the failure")
+        raise RuntimeError("boom")
+    assert (tmp_path / "p" / "q" / "ledger.sqlite").exists()
+    with removed_if_failed(tmp_path / "ok"):
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir()
+
+
+def test_worker_error_on_the_local_cluster_is_one_line_naming_the_log(torchscript_model, tmp_path) -> None:
+    src = write_raster(tmp_path / "truncated.tif", 128, 128, blocksize=32, seed=32)
+    raw = src.read_bytes()
+    src.write_bytes(raw[: len(raw) // 2])
+    out = tmp_path / "out"
+    proc = run_cli("predict", str(src), "-m", str(torchscript_model), "-o", str(out), "--scheduler", "local", *TILE)
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("geoseg: error: "), proc.stderr
+    assert "distributed" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "failed after 3 attempts" in lines[0] and str(src) in lines[0]
+    found = re.search(r"\(details in (\S+geoseg-\d+\.log)\)$", lines[0])
+    assert found, lines[0]
+    log = Path(found.group(1))
+    try:
+        text = log.read_text()
+        assert "Compute Failed" in text and "RasterReadError" in text
+    finally:
+        log.unlink(missing_ok=True)
+    assert not out.exists()
+
+
+def test_a_successful_run_leaves_no_log_file(make_raster, torchscript_model, tmp_path) -> None:
+    src = make_raster(40, 40, seed=6)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "geoseg", "predict", str(src), "-m", str(torchscript_model), "-o", str(tmp_path / "o"),
+         "--scheduler", "local", *TILE],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert err == "", err  # no nanny warnings, no Dask lines
+    import tempfile
+
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"geoseg-{proc.pid}.log"))
+
+
+def test_a_failed_workflow_unit_leaves_no_empty_folder(torchscript_model, tmp_path) -> None:
+    import shutil
+
+    src = write_raster(tmp_path / "truncated.tif", 128, 128, blocksize=32, seed=32)
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    shutil.copy(torchscript_model, tmp_path / "net.pt")
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "name: t\nimagery: [truncated.tif]\nmodels: [{model: net.pt, tile: 32, halo: 4}]\n"
+        "outputs: {folder: out, formats: [gpkg], quicklook: false}\n"
+    )
+    proc = run_cli("run", str(wf))
+    assert proc.returncode == 1 and "1 unit(s) failed" in proc.stderr, proc.stderr
+    assert (tmp_path / "out" / "ledger.sqlite").exists()  # the run's record of the failure stays
+    assert not (tmp_path / "out" / "net").exists()
