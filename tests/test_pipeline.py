@@ -76,3 +76,19 @@ def test_area_classes_drop_speckle_by_the_cards_minimum_mapping_unit(sample: Pat
     assert len(df) == (sizes >= 4).sum() and df["area_px"].min() >= 4
     assert done.classes()["water"]["objects"] == len(df)  # summaries count features, never speckle
     assert every["layers"][0]["features"] == len(sizes)  # min_pixels=0 keeps every patch
+
+
+def test_predict_refuses_an_xarray_cube_in_one_line_saying_what_to_do(sample: Path) -> None:
+    """An odc-stac/stackstac DataArray is not read silently wrong, nor with a bare TypeError: one clear refusal."""
+    import rioxarray
+    import xarray as xr
+
+    from geoseg.errors import InputError
+
+    cube = rioxarray.open_rasterio(sample / "scene.tif", chunks=256)
+    assert isinstance(cube, xr.DataArray)
+    with pytest.raises(InputError, match=r"not an xarray DataArray: write it to a GeoTIFF first .*rio\.to_raster") as err:
+        geoseg.predict(cube, "water")
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="raster path .* got int"):
+        geoseg.predict(3, "water")

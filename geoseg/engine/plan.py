@@ -82,6 +82,7 @@ def plan_job(
     """
     if blend not in ("crop", "cosine"):
         raise InputError(f"blend must be 'crop' or 'cosine', got {blend!r}")
+    _check_source(source)
     spec = resolve_model(model, card, trust=trust_model)
     src = open_for_model(source, spec, bands, band_map or {}, require_crs=aoi is not None)  # plain images: pixel space
     spec, rad = _resolve_scaling(spec, src, radiometry)
@@ -116,6 +117,19 @@ def plan_job(
     job.warnings += _notes(src, rad, gsd_note, scale)  # reported once, by the writer (run.json and the log)
     job.timings["probe_s"] = probe_s
     return job
+
+
+def _check_source(source: Any) -> None:
+    """Refuse, in one line that says what to do, a source that is not a raster path or :class:`RasterSource`."""
+    if isinstance(source, (str, os.PathLike, RasterSource)):
+        return
+    kind = type(source).__name__
+    if hasattr(source, "dims") and hasattr(source, "values"):  # an xarray object (odc-stac, stackstac, rioxarray)
+        raise InputError(
+            f"predict takes a raster path, not an xarray {kind}: write it to a GeoTIFF first "
+            "(data_array.rio.to_raster('scene.tif', tiled=True) keeps its CRS and transform) and pass that path"
+        )
+    raise InputError(f"predict takes a raster path (str or os.PathLike), got {kind}; give the file's path")
 
 
 def open_for_model(source: Any, spec: ModelSpec, bands: Any, band_map: dict[str, int], require_crs: bool = False) -> RasterSource:
