@@ -87,7 +87,7 @@ def match_bands(
     count = len(descriptions)
     for k, b in mapping.items():
         if b > count:
-            raise ModelError(f"{origin}: band_map= maps {k!r} to band {b} but the raster has {count} band(s)")
+            raise ModelError(f"{origin}: band_map={{{k!r}: {b}}} but the raster has {count} band(s)")
     desc = [(d or "").strip().lower() for d in descriptions]
     out = []
     for name in wanted:
