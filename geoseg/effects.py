@@ -66,7 +66,7 @@ def _check_out(path: str, overwrite: bool) -> None:
         raise InputError(f"{path}: is a folder; give an output file name such as portrait_blur.png")
     folder, name = os.path.split(os.fspath(path))
     if existing_outputs(folder, [name]) and not overwrite:
-        raise OutputExistsError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"{path}: already exists; pass overwrite=True to replace it")
 
 
 def _write(im, path: str, fmt: str, params: dict[str, Any]) -> None:

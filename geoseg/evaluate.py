@@ -130,7 +130,7 @@ def evaluate(
     if is_raster_labels(labels):
         return evaluate_raster(pred, labels, label_values=label_values)
     if label_values:
-        raise InputError(f"{labels}: --label-values applies to label rasters, this is a vector file; drop it")
+        raise InputError(f"{labels}: label_values= applies to label rasters, this is a vector file; drop it")
     src = open_mask(pred)
     gb = src.geobox
     df = _read_labels(labels, layer, gb.crs, pred)
@@ -190,7 +190,7 @@ def _label_ids(df: Any, names: dict[int, str], labels: str, pred: str, label_cla
             raise InputError(f"{pred}: has no class {label_class!r}; its classes are {', '.join(by_name)}")
         return np.full(len(df), by_name[label_class])
     if class_field not in df.columns:
-        raise InputError(f"{labels}: no {class_field!r} attribute; name it with --class-field or give --label-class")
+        raise InputError(f"{labels}: no {class_field!r} attribute; name it with class_field= or give label_class=")
     ids = []
     for v in df[class_field]:
         if isinstance(v, str) and v in by_name:
@@ -204,7 +204,7 @@ def _label_ids(df: Any, names: dict[int, str], labels: str, pred: str, label_cla
         found = ", ".join(sorted({str(v) for v in df[class_field]})[:8])
         raise InputError(
             f"{labels}: no label has a class of {pred} ({', '.join(by_name)}); labels have {found}; "
-            "fix --class-field or give --label-class"
+            "fix class_field= or give label_class="
         )
     return ids
 

@@ -286,7 +286,7 @@ class TilePlan:
             raise InputError(f"tile must be >= 1 and halo >= 0 pixels, got tile={self.tile}, halo={self.halo}")
         if self.tile <= 2 * self.halo:
             raise InputError(
-                f"tile ({self.tile} px) must be larger than twice the halo ({self.halo} px); raise --tile or lower --halo"
+                f"tile ({self.tile} px) must be larger than twice the halo ({self.halo} px); raise tile= or lower halo="
             )
         if self.size_multiple < 1:
             raise InputError(f"size_multiple must be >= 1, got {self.size_multiple}")

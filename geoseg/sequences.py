@@ -55,7 +55,7 @@ def _check_previous(out_dir: str, src: str, overwrite: bool) -> None:
     except (OSError, ValueError, AttributeError):
         previous = None
     if previous != src:
-        raise OutputExistsError(f"{out_dir}: holds the frames of {previous}; pass --overwrite or choose another --out")
+        raise OutputExistsError(f"{out_dir}: holds the frames of {previous}; pass overwrite=True or choose another out_dir=")
 
 
 def _frame(

@@ -137,7 +137,7 @@ def test_buildings_on_a_place_no_training_saw(shared_data: Path, tmp_path: Path)
 
 def test_buildings_pan_mode(shared_data: Path, tmp_path: Path) -> None:
     pan = shared_data / "geo" / "spacenet_atlanta_buildings" / "sample_geotiff.tif"
-    with pytest.raises(ModelError, match=r"pan mode with --bands red=1,green=1,blue=1"):
+    with pytest.raises(ModelError, match=r"pan mode with band_map=\{'red': 1, 'green': 1, 'blue': 1\}"):
         geoseg.predict(str(pan), "buildings")
     with geoseg.scheduler("threads"):
         geoseg.write(geoseg.predict(str(pan), "buildings", band_map={"red": 1, "green": 1, "blue": 1}), str(tmp_path / "p"))

@@ -81,7 +81,7 @@ def test_band_matching() -> None:
     assert match_bands(["nir", "red"], ["B02", "B03", "B04", "B08"]) == (4, 3)
     assert match_bands(["red", "nir"], ["", "", "", ""], {"nir": 4, "red": 3}) == (3, 4)
     assert match_bands(["blue", "green"], [None, None]) == (1, 2)  # undescribed, same count: file order
-    with pytest.raises(ModelError, match=r"needs band 'nir'.*map it with --bands nir=N"):
+    with pytest.raises(ModelError, match=r"needs band 'nir'.*map it with band_map=\{'nir': N\}"):
         match_bands(["red", "nir"], ["red", "green", "blue"], origin="s.tif")
     assert parse_band_option("nir=4, red=3") == (None, {"nir": 4, "red": 3})
     assert parse_band_option("3,2,1") == ((3, 2, 1), {})
@@ -172,7 +172,7 @@ def test_cards_that_lie_fail_before_reading(carded_model, tmp_path: Path) -> Non
 
     model, _ = carded_model
     src = write_raster(tmp_path / "plain.tif", 64, 64, bands=4)  # 4 undescribed bands, the card wants 3 named ones
-    with pytest.raises(ModelError, match=r"needs band 'red'.*--bands red=N"):
+    with pytest.raises(ModelError, match=r"needs band 'red'.*band_map=\{'red': N\}"):
         geoseg.predict(str(src), str(model))
     with pytest.raises(InputError, match="takes 3 bands"):
         geoseg.predict(str(src), str(model), bands=[1, 2])

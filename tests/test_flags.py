@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from geoseg.commands.flags import as_flags
+from geoseg.commands.flags import FlagsFilter, as_flags
 
 
 @pytest.mark.parametrize(
@@ -21,6 +23,13 @@ from geoseg.commands.flags import as_flags
         ("raise GEOSEG_MAX_PIXELS=1000 or crop", "raise GEOSEG_MAX_PIXELS=1000 or crop"),  # not an option: unchanged
         ("a path like a=b/c=d stays", "a path like a=b/c=d stays"),
         ("use num_threads=2", "use --threads 2"),
+        ("or band_map={'nir': N, 'red': N}", "or --bands nir=N,red=N"),  # a dict literal: NAME=N pairs
+        ("give band numbers instead (bands=[3, 2, 1])", "give band numbers instead (--bands 3,2,1)"),
+        ("give bands=(...) in the model's order", "give --bands ... in the model's order"),
+        ("use device='cpu' or device='auto'", "use --device cpu or --device auto"),
+        ("such as label_values={0: 'membrane', 255: 'cell'} (CLASS", "such as --label-values 0=membrane,255=cell (CLASS"),
+        ("train: give layers= one entry; check aois=", "train: give --layer one entry; check --aoi"),
+        ("or use kind='local'", "or use --scheduler local"),
     ],
 )
 def test_keywords_become_flags(message: str, expected: str) -> None:
@@ -48,3 +57,12 @@ def test_a_library_error_reaches_the_terminal_as_flags(tmp_path) -> None:
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1
     assert "--overwrite" in again.output and "overwrite=True" not in again.output
+
+
+def test_logged_warnings_become_flags() -> None:
+    """The band-order warning of :mod:`geoseg.models.bands` names band_map={...}; the filter words it as --bands."""
+    record = logging.LogRecord("geoseg", logging.WARNING, __file__, 1, "%s: or band_map={%s}", ("a.tif", "'nir': N"), None)
+    assert FlagsFilter().filter(record)
+    assert record.getMessage() == "a.tif: or --bands nir=N"
+    plain = logging.LogRecord("geoseg", logging.INFO, __file__, 1, "%s: radiometry %s", ("a.tif", "s2"), None)
+    assert FlagsFilter().filter(plain) and plain.args == ("a.tif", "s2")  # nothing to translate: left alone

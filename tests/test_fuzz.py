@@ -513,7 +513,7 @@ def test_output_folder_outside_the_project_is_refused(tmp_path: Path, sub: str, 
         load_workflow(f)
     msg = str(err.value)
     assert msg.startswith(f"{f}:6: outputs.folder {folder!r} is outside the project folder {project}"), msg
-    assert msg.endswith(f"give a folder inside {project}, or pass --out on the command line") and "\n" not in msg
+    assert msg.endswith(f"give a folder inside {project}, or pass out=") and "\n" not in msg
 
 
 def test_output_folder_through_a_symlink_out_of_the_project_is_refused(tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ def test_existing_output_is_never_clobbered(make_raster, tmp_path) -> None:
     out = tmp_path / "o"
     _predict_write(src, conv_net(depth=1), out, tile=32, halo=4)
     before = (out / "mask.tif").read_bytes()
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
         _predict_write(src, conv_net(depth=1, seed=9), out, tile=32, halo=4)
     assert (out / "mask.tif").read_bytes() == before
     _predict_write(src, conv_net(depth=1, seed=9), out, tile=32, halo=4, overwrite=True)

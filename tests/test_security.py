@@ -427,9 +427,9 @@ def test_sizes_past_the_machine_are_refused_before_work(make_raster, torchscript
     with scheduler("synchronous"):
         predict(src, torchscript_model, tile=128, **common)  # fits
         cases = [
-            ({"tile": 512}, "--tile 512: a forward pass of one tile of 512x512 px", "lower --tile"),
+            ({"tile": 512}, "tile=512: a forward pass of one tile of 512x512 px", "lower tile="),
             # 128 px tiles (112 px cores): 7 x 7 tiles per chunk, so a batch of 64 is 49 tiles
-            ({"tile": 128, "batch_size": 64}, "--tile 128: a forward pass of 49 tiles of 128x128 px", "--batch-size"),
+            ({"tile": 128, "batch_size": 64}, "tile=128: a forward pass of 49 tiles of 128x128 px", "batch_size="),
         ]
         for kw, needle, fix in cases:
             with pytest.raises(InputError) as err:
@@ -439,9 +439,9 @@ def test_sizes_past_the_machine_are_refused_before_work(make_raster, torchscript
         monkeypatch.setattr(plan, "_machine_memory", lambda: 8 * 2**20)
         with pytest.raises(InputError) as err:
             predict(src, torchscript_model, tile=64, chunk=4096, **common)
-        assert "--chunk 4096: one task holds 716x716 px" in str(err.value) and "lower --chunk" in str(err.value)
+        assert "chunk=4096: one task holds 716x716 px" in str(err.value) and "lower chunk=" in str(err.value)
         monkeypatch.setattr(plan, "MAX_CHUNKS", 100)
         monkeypatch.setattr(plan, "_machine_memory", lambda: None)
         with pytest.raises(InputError) as err:
             predict(src, torchscript_model, tile=24, halo=4, chunk=1)
-        assert "would be 1,936 tasks (at most 100); raise --chunk" in str(err.value)
+        assert "would be 1,936 tasks (at most 100); raise chunk=" in str(err.value)

@@ -72,7 +72,7 @@ def test_parse_label_values() -> None:
     ):
         with pytest.raises(InputError, match=why) as err:
             parse_label_values(bad)
-        assert "\n" not in str(err.value) and "--label-values" in str(err.value)
+        assert "\n" not in str(err.value) and "label_values=" in str(err.value)
     assert is_raster_labels("a/L.PNG") and is_raster_labels("l.tif") and not is_raster_labels("l.gpkg")
 
 
@@ -173,9 +173,9 @@ def test_raster_label_errors(tmp_path: Path) -> None:
     lab[10:20, 10:20] = 255
     lab[0, 0] = 7
     label = _png(tmp_path / "label.png", lab)
-    with pytest.raises(InputError, match=r"label\.png: pixel values 7, 255 are not class ids .*--label-values 7=disc"):
+    with pytest.raises(InputError, match=r"label\.png: pixel values 7, 255 are not class ids .*label_values=\{7: 'disc'\}"):
         open_raster_labels(label, src.geobox, classes)
-    with pytest.raises(InputError, match=r"--label-values 255=ship: 'ship' is not a class \(background, disc\)"):
+    with pytest.raises(InputError, match=r"label_values= maps 255 to 'ship', not a class \(background, disc\)"):
         open_raster_labels(label, src.geobox, classes, {255: "ship", 7: "ignore"})
     ok = open_raster_labels(label, src.geobox, classes, {255: "disc", 7: "ignore"})
     y = ok.read(Window(0, 0, 128, 128))
@@ -193,10 +193,10 @@ def test_raster_label_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"small_label\.png: the label raster is 100x100"):
         train(TrainConfig(labels=[str(small)], **cfg), card)
     ok_labels = dict(labels=[str(label)], label_values={255: "disc", 7: "ignore"})
-    with pytest.raises(InputError, match=r"leaves no validation block: the images cover 1 block\(s\) of --block 128 px"):
+    with pytest.raises(InputError, match=r"leaves no validation block: the images cover 1 block\(s\) of block=128 px"):
         train(TrainConfig(**{**cfg, "block": 128}, **ok_labels), card)  # one image, one block: nothing to validate on
     _, vector_labels, _ = _scene(tmp_path, 64)
-    with pytest.raises(InputError, match="--label-values applies to label rasters"):
+    with pytest.raises(InputError, match="label_values= applies to label rasters"):
         train(TrainConfig(labels=[str(vector_labels)], label_values={255: "disc"}, **cfg), card)
     (tmp_path / "card.json").write_text(json.dumps(CARD))
     base = ["train", "-i", str(image), "--card", str(tmp_path / "card.json"), "-o", str(tmp_path / "m.onnx")]

@@ -370,7 +370,7 @@ def test_errors_and_overwrite(scene, tmp_path: Path) -> None:
     path, _ = scene
     with dask.config.set(scheduler="synchronous"):
         vectorize(str(path), str(tmp_path), formats=["gpkg"], chunk=64, project=False)
-        with pytest.raises(OutputExistsError, match="--overwrite"):
+        with pytest.raises(OutputExistsError, match="overwrite=True"):
             vectorize(str(path), str(tmp_path), formats=["gpkg"], chunk=64, project=False)
         with pytest.raises(InputError, match="unknown class 'trees'"):
             vectorize(str(path), str(tmp_path / "x"), classes=["trees"])
@@ -560,7 +560,7 @@ def test_pixel_space_min_area_counts_pixels(tmp_path: Path) -> None:
 
 def test_too_coarse_geojson_precision_is_an_error(scene, tmp_path: Path) -> None:
     path, _ = scene
-    with pytest.raises(InputError, match="use --precision 6"):
+    with pytest.raises(InputError, match="use precision=6"):
         vectorize(str(path), str(tmp_path), formats=["geojson"], precision=3)
     assert not (tmp_path / "vectors").exists()
 
@@ -645,5 +645,5 @@ def test_value_field_writes_one_layer_equal_to_whole_raster_by_value(tmp_path: P
     assert_same_polygons(ref, df.geometry.values, df["value"], tol=1e-12)
     for ext in ("fgb", "geojson"):
         assert sorted(pyogrio.read_dataframe(out / "vectors" / f"lossyear.{ext}")["value"]) == sorted(df["value"])
-    with pytest.raises(InputError, match="--field 'area_m2'"):
+    with pytest.raises(InputError, match="field='area_m2'"):
         vectorize(str(p), str(tmp_path / "bad"), field="area_m2")

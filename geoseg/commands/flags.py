@@ -2,22 +2,50 @@
 
 :func:`as_flags` rewrites a :class:`~geoseg.errors.GeosegError` message for the command that
 raised it: ``pass overwrite=True`` becomes ``pass --overwrite``, ``lower tile=`` becomes
-``lower --tile``, ``resample=False`` becomes ``--no-resample``. The table comes from the
+``lower --tile``, ``resample=False`` becomes ``--no-resample``, ``bands=[3, 2, 1]`` becomes
+``--bands 3,2,1`` and ``band_map={'nir': 4}`` becomes ``--bands nir=4``. The table comes from the
 commands' own click options, so a renamed flag can never leave a stale hint behind.
+:class:`FlagsFilter` does the same for the library's logged warnings.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 import click
 
-__all__ = ["API_NAMES", "as_flags"]
+__all__ = ["API_NAMES", "FlagsFilter", "as_flags"]
 
 #: Keyword arguments of the library whose command-line option has another name.
-API_NAMES = {"band_map": "bands", "num_threads": "threads", "vectorize": "vectorize_"}
+API_NAMES = {
+    "aois": "aoi",
+    "band_map": "bands",
+    "kind": "scheduler",
+    "layers": "layer",
+    "num_threads": "threads",
+    "vectorize": "vectorize_",
+}
 
-_KEYWORD = re.compile(r"(?<![\w.=/-])(?P<name>[a-z][a-z0-9_]*)=(?P<value>True\b|False\b|[^\s,;)]*)")
+_KEYWORD = re.compile(
+    r"(?<![\w.=/-])(?P<name>[a-z][a-z0-9_]*)="
+    r"(?P<value>True\b|False\b|\{[^{}]*\}|\([^()]*\)|\[[^\[\]]*\]|[^\s,;)]*)"
+)
+_PAIR = re.compile(r"""['"]?(?P<key>[^'":,\s{}]+)['"]?\s*:\s*['"]?(?P<value>[^'",\s{}]+)['"]?""")
+_QUOTED = re.compile(r"""(['"])(?P<text>[^'"\s]*)\1""")
+
+
+def _cli_value(value: str) -> str:
+    """A Python literal as the command line writes it.
+
+    ``{'nir': 4, 'red': 3}`` -> ``nir=4,red=3``, ``[3, 2, 1]`` -> ``3,2,1``, ``'cpu'`` -> ``cpu``.
+    """
+    if value.startswith("{"):
+        return ",".join(f"{m['key']}={m['value']}" for m in _PAIR.finditer(value))
+    if value[:1] in ("(", "["):
+        return ",".join(v.strip() for v in value[1:-1].split(",") if v.strip())
+    quoted = _QUOTED.fullmatch(value)
+    return quoted["text"] if quoted else value
 
 
 def _options(commands: list[click.Command]) -> dict[str, click.Option]:
@@ -61,6 +89,29 @@ def as_flags(message: str, command: click.Command | None = None) -> str:
         if value == "False":
             negative = [o for o in option.secondary_opts if o.startswith("--")]
             return negative[0] if negative else f"--no-{long[2:]}"
+        value = _cli_value(value)
         return f"{long} {value}" if value else long
 
     return _KEYWORD.sub(flag, message)
+
+
+class FlagsFilter(logging.Filter):
+    """A logging filter that words the library's log records for the command line (:func:`as_flags`).
+
+    Parameters
+    ----------
+    command : click.Command, optional
+        The command that runs; its options win.
+    """
+
+    def __init__(self, command: click.Command | None = None) -> None:
+        super().__init__()
+        self.command = command
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite ``record``'s message (its arguments merged in) with flags; never drops a record."""
+        message = record.getMessage()
+        flagged = as_flags(message, self.command)
+        if flagged != message:
+            record.msg, record.args = flagged, ()
+        return True

@@ -169,13 +169,13 @@ def open_for_model(source: Any, spec: ModelSpec, bands: Any, band_map: dict[str,
         )
     else:
         if band_map:
-            raise InputError("--bands NAME=N needs a model card that names its bands; give band numbers (e.g. 3,2,1) instead")
+            raise InputError("band_map= needs a model card that names its bands; give band numbers instead (bands=[3, 2, 1])")
         src = open_source(source, bands, require_crs=require_crs)
     card.scaling.validate(src.count, f"{spec.path or card.name} (card scaling)")
     if card.bands and src.count != len(card.bands):
         raise InputError(
             f"{src.path}: the model {card.name!r} takes {len(card.bands)} bands ({', '.join(card.bands)}) but "
-            f"{src.count} were selected; fix --bands"
+            f"{src.count} were selected; fix bands= or band_map="
         )
     return src
 
@@ -205,7 +205,7 @@ def _model_threads(num_threads: int | None) -> int | None:
     """``num_threads`` checked; when not given, the active scheduler's threads per worker (None without one)."""
     if num_threads is not None and not 1 <= num_threads <= max_threads():
         raise InputError(
-            f"--threads {num_threads}: give 1 to {max_threads()} (model threads per worker; this machine has "
+            f"num_threads={num_threads}: give 1 to {max_threads()} (model threads per worker; this machine has "
             f"{os.cpu_count() or 1} core(s))"
         )
     active = active_scheduling()
@@ -249,7 +249,7 @@ def gsd_plan(src: RasterSource, card: ModelCard, allow: bool = True) -> tuple[fl
             units = target / gsd * math.sqrt(abs(src.geobox.transform.a * src.geobox.transform.e))  # in the CRS's units
             fix = f"resample to the model's pixel size with gdalwarp -tr {units:.6g} {units:.6g} -r average"
             if not allow:
-                fix += ", or drop --no-resample"
+                fix += ", or drop resample=False"
         why = "resampling is off" if not allow else f"more than {MAX_RESAMPLE:g}x away"
         return 1.0, f"{src.path}: pixels are {gsd:.3g} m but the model {card.name!r} was made for {made} ({why}); {fix}"
     return scale, f"{src.path}: pixels are {gsd:.3g} m; tiles resampled on the fly to the model's {target:.3g} m (x{scale:.3g})"
@@ -273,7 +273,7 @@ def _probe(spec: ModelSpec, runtime: Runtime, src: RasterSource, tile: int | Non
         info = dask.delayed(probe, pure=True)(spec, runtime, src.count, size).compute()
     except MemoryError:
         raise InputError(
-            f"the model ran out of memory on one {size}x{size} px probe tile; lower --tile (or --halo, --batch-size)"
+            f"the model ran out of memory on one {size}x{size} px probe tile; lower tile= (or halo=, batch_size=)"
         ) from None
     return info, time.perf_counter() - t0
 
@@ -294,7 +294,7 @@ def _tile_and_halo(
         if info.fixed_size and tile is not None:
             raise InputError(
                 f"{spec.path}: with resampling the tile is the model's fixed {info.fixed_size} px input; "
-                "drop --tile, or use --no-resample"
+                "drop tile=, or use resample=False"
             )
         if info.fixed_size:
             size = info.fixed_size
@@ -309,11 +309,11 @@ def _tile_and_halo(
     tile = tile or spec.card.tile or info.fixed_size or DEFAULT_TILE
     if info.fixed_size and tile != info.fixed_size and scale == 1.0:
         raise InputError(
-            f"{spec.path}: the model takes fixed {info.fixed_size}x{info.fixed_size} inputs; use --tile {info.fixed_size}"
+            f"{spec.path}: the model takes fixed {info.fixed_size}x{info.fixed_size} inputs; use tile={info.fixed_size}"
         )
     halo = spec.card.halo if halo is None and spec.card.halo is not None else (DEFAULT_HALO if halo is None else halo)
     if tile <= 2 * halo:
-        raise InputError(f"tile ({tile} px) must be larger than twice the halo ({halo} px); raise --tile or lower --halo")
+        raise InputError(f"tile ({tile} px) must be larger than twice the halo ({halo} px); raise tile= or lower halo=")
     return runtime, tile, halo, mult
 
 
@@ -323,7 +323,7 @@ def _notes(src: RasterSource, rad: Any, gsd_note: str | None, scale: float) -> l
     if rad is not None and rad.source.endswith("(assumed)"):
         warnings.append(
             f"{src.path}: no radiometric metadata (band scale/offset, Sentinel-2 processing baseline); from its value range "
-            f"geoseg assumes {rad.describe()}; if that is wrong pass radiometry= (--radiometry) one of "
+            f"geoseg assumes {rad.describe()}; if that is wrong pass radiometry= one of "
             "s2-l2a, s2-l2a-harmonized, sentinelhub-raw16, reflectance or scale=S,offset=O"
         )
     elif rad is not None:
@@ -359,10 +359,10 @@ def _check_forward(rows: int, cols: int, batch: int, bands: int, n_classes: int,
     need = batch * rows * cols * 4 * (bands + 2 * n_classes + ACTIVATION_FLOATS)
     if memory and need > memory:
         what = f"{batch} tiles" if batch > 1 else "one tile"
-        fix = "lower --tile" + (" or --batch-size" if batch > 1 else "")
-        fix += " or --halo" if halo and 4 * halo >= min(rows, cols) else ""
+        fix = "lower tile=" + (" or batch_size=" if batch > 1 else "")
+        fix += " or halo=" if halo and 4 * halo >= min(rows, cols) else ""
         raise InputError(
-            f"--tile {tile}: a forward pass of {what} of {cols}x{rows} px needs at least {_gib(need)}, more than this "
+            f"tile={tile}: a forward pass of {what} of {cols}x{rows} px needs at least {_gib(need)}, more than this "
             f"machine's {_gib(memory)}; {fix}"
         )
 
@@ -382,8 +382,8 @@ def _check_costs(plan: TilePlan, runtime: Runtime, bands: int, n_classes: int, c
     n_chunks = -(-region.height // plan.chunk_px) * -(-region.width // plan.chunk_px)
     if n_chunks > MAX_CHUNKS:
         raise InputError(
-            f"--chunk {chunk or DEFAULT_CHUNK}: the {region.width}x{region.height} px region would be {n_chunks:,} tasks "
-            f"(at most {MAX_CHUNKS:,}); raise --chunk (it is rounded to whole tile cores of {plan.core} px)"
+            f"chunk={chunk or DEFAULT_CHUNK}: the {region.width}x{region.height} px region would be {n_chunks:,} tasks "
+            f"(at most {MAX_CHUNKS:,}); raise chunk= (it is rounded to whole tile cores of {plan.core} px)"
         )
     if plan.fixed_size:  # every tile is whole (and resampled ones are model_size px)
         rows = cols = max(plan.tile, runtime.model_size or 0)
@@ -398,7 +398,7 @@ def _check_costs(plan: TilePlan, runtime: Runtime, bands: int, n_classes: int, c
     held = rows * cols * (4 * bands + 4 * n_classes + 2)
     if memory and held > memory:
         raise InputError(
-            f"--chunk {chunk or DEFAULT_CHUNK}: one task holds {cols}x{rows} px (chunk and halo, {bands} bands, "
-            f"{n_classes} classes): {_gib(held)}, more than this machine's {_gib(memory)}; lower --chunk"
-            + (" or --halo" if plan.halo > plan.chunk_px else "")
+            f"chunk={chunk or DEFAULT_CHUNK}: one task holds {cols}x{rows} px (chunk and halo, {bands} bands, "
+            f"{n_classes} classes): {_gib(held)}, more than this machine's {_gib(memory)}; lower chunk="
+            + (" or halo=" if plan.halo > plan.chunk_px else "")
         )

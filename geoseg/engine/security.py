@@ -49,14 +49,14 @@ def check_address(address: str) -> tuple[str, str, int]:
     scheme = address.partition("://")[0]
     if scheme not in ("tcp", "tls"):
         raise InputError(
-            f"--scheduler {shown!r}: {scheme or '(no scheme)'}:// is not supported; give tcp://HOST:PORT "
+            f"kind={shown!r}: {scheme or '(no scheme)'}:// is not supported; give tcp://HOST:PORT "
             "(or tls://HOST:PORT) of a running Dask scheduler, or local, threads or synchronous"
         )
     m = _ADDRESS.fullmatch(address)
     port = int(m["port"]) if m and m["port"] else 8786
     if not m or not 1 <= port <= 65535:
         raise InputError(
-            f"--scheduler {shown!r} is not a scheduler address; give {scheme}://HOST:PORT, e.g. {scheme}://10.0.0.5:8786 "
+            f"kind={shown!r} is not a scheduler address; give {scheme}://HOST:PORT, e.g. {scheme}://10.0.0.5:8786 "
             f"or {scheme}://[::1]:8786 (port 1-65535)"
         )
     return scheme, m["v6"] or m["host"], port
@@ -87,7 +87,7 @@ def connect(address: str):
         return Client(address, timeout="20s", security=security)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         raise InputError(
-            f"no Dask scheduler answers at {address} ({_one_line(exc)}); start one with `dask scheduler` or use --scheduler local"
+            f"no Dask scheduler answers at {address} ({_one_line(exc)}); start one with `dask scheduler` or use kind='local'"
         ) from None
 
 
@@ -99,7 +99,7 @@ def _remote_security(address: str, scheme: str):
         security = Security()
         if scheme == "tls" and security.get_connection_args("client").get("ssl_context") is None:
             raise InputError(
-                f"--scheduler {address}: tls:// needs the cluster's certificates in the Dask config: set "
+                f"kind={address}: tls:// needs the cluster's certificates in the Dask config: set "
                 "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
                 "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (or distributed.comm.tls.* in ~/.config/dask)"
             )
@@ -107,7 +107,7 @@ def _remote_security(address: str, scheme: str):
         if isinstance(exc, GeosegError):
             raise
         raise InputError(
-            f"--scheduler {address}: the Dask TLS settings cannot be used ({_one_line(exc)}); fix distributed.comm.tls.*"
+            f"kind={address}: the Dask TLS settings cannot be used ({_one_line(exc)}); fix distributed.comm.tls.*"
         ) from None
     return security
 
@@ -157,5 +157,5 @@ def local_security():
     except ImportError:
         raise InputError(
             "the local cluster needs the 'cryptography' package for its TLS credentials; "
-            "pip install cryptography (or use --scheduler threads)"
+            "pip install cryptography (or use kind='threads')"
         ) from None

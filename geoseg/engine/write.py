@@ -50,7 +50,7 @@ def check_output_dir(out_dir: str, overwrite: bool, names: tuple[str, ...] = (MA
     existing = existing_outputs(out_dir, names)
     if existing and not overwrite:
         raise OutputExistsError(
-            f"{out_dir}: {', '.join(existing)} already exist; pass --overwrite to replace them or choose another --out"
+            f"{out_dir}: {', '.join(existing)} already exist; pass overwrite=True to replace them or choose another out_dir="
         )
     parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
     while parent and not os.path.exists(parent):
@@ -363,7 +363,7 @@ def _assemble(target: _Target, stage: Staging, mask_res: list[dict], prob_parts:
         # parts a killed run left could not be assembled: say where they are (the folder is removed now)
         raise OutputError(
             f"{target.out_dir}: the chunk parts resumed from the hidden folder {os.path.basename(stage.folder)} could not be "
-            f"assembled ({exc}); it is removed now: run again (with --overwrite) to redo every chunk"
+            f"assembled ({exc}); it is removed now: run again (with overwrite=True) to redo every chunk"
         ) from exc
     return outputs
 

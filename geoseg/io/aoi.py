@@ -40,7 +40,7 @@ def _read_polygons(path: str):
     import numpy as np
 
     if not os.path.exists(path) and not path.startswith("/vsi"):
-        raise InputError(f"{path}: AOI file not found; check the --aoi path")
+        raise InputError(f"{path}: AOI file not found; check the aoi= path")
     try:
         gdf = gpd.read_file(path)
     except Exception as exc:  # pyogrio raises its own DataSourceError family

@@ -32,7 +32,7 @@ IGNORE = 255
 #: file name endings read as label rasters (anything else is a vector file); ``.vrt`` is sniffed
 RASTER_LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".jp2", ".img", ".vrt")
 
-_EXAMPLE = "give VALUE=CLASS pairs such as --label-values 0=membrane,255=cell (CLASS a class name or id, or ignore)"
+_EXAMPLE = "give VALUE=CLASS pairs such as label_values={0: 'membrane', 255: 'cell'} (CLASS a class name or id, or ignore)"
 
 
 def is_raster_labels(path: str | os.PathLike) -> bool:
@@ -74,19 +74,19 @@ def parse_label_values(value: str | Mapping[Any, Any] | None) -> dict[int | floa
     out: dict[int | float, str] = {}
     for pair in pairs:
         if len(pair) != 2:
-            raise InputError(f"--label-values {value!r}: {'='.join(pair)!r} has no '='; {_EXAMPLE}")
+            raise InputError(f"label_values={value!r}: {'='.join(pair)!r} has no '='; {_EXAMPLE}")
         raw, name = str(pair[0]).strip(), str(pair[1]).strip()
         try:
             num = float(raw)
         except ValueError:
             num = math.nan
         if not math.isfinite(num):
-            raise InputError(f"--label-values {value!r}: {raw!r} is not a pixel value (a finite number); {_EXAMPLE}")
+            raise InputError(f"label_values={value!r}: {raw!r} is not a pixel value (a finite number); {_EXAMPLE}")
         if not name:
-            raise InputError(f"--label-values {value!r}: value {raw} has no class; {_EXAMPLE}")
+            raise InputError(f"label_values={value!r}: value {raw} has no class; {_EXAMPLE}")
         key: int | float = int(num) if num.is_integer() else num
         if key in out:
-            raise InputError(f"--label-values {value!r}: value {raw} is given twice; give each pixel value once")
+            raise InputError(f"label_values={value!r}: value {raw} is given twice; give each pixel value once")
         out[key] = name
     return out
 
@@ -203,7 +203,7 @@ def open_raster_labels(
     if require_foreground and not any(n for name, n in counts.items() if classes[name] != 0):
         shown = ", ".join(f"{_fmt(v)} ({n} px)" for v, n in sorted(found.items())[:8]) or "no valid pixel"
         raise InputError(
-            f"{path}: no pixel has a class other than background; the raster holds {shown}; fix --label-values "
+            f"{path}: no pixel has a class other than background; the raster holds {shown}; fix label_values= "
             "(e.g. 255=<class>) or the card's classes"
         )
     labels = RasterLabels(path, src, values, ids, counts, np.zeros((0, 2)))
@@ -266,7 +266,7 @@ def _value_table(
             table[float(v)] = int(name)
         else:
             raise InputError(
-                f"{path}: --label-values {_fmt(v)}={name}: {name!r} is not a class ({', '.join(list(classes)[:8])}"
+                f"{path}: label_values= maps {_fmt(v)} to {name!r}, not a class ({', '.join(list(classes)[:8])}"
                 f"{', ...' if len(classes) > 8 else ''}); "
                 "give a class name, a class id or ignore"
             )
@@ -283,8 +283,8 @@ def _value_table(
         ids = ", ".join(f"{cid}={name}" for cid, name in sorted(names.items())[:8]) + (", ..." if len(names) > 8 else "")
         example = names[min((k for k in names if k > 0), default=max(names))]
         raise InputError(
-            f"{path}: pixel values {shown} are not class ids ({ids}); map them with --label-values, "
-            f"e.g. --label-values {_fmt(sorted(unmapped)[0])}={example} (or =ignore)"
+            f"{path}: pixel values {shown} are not class ids ({ids}); map them with label_values=, "
+            f"e.g. label_values={{{_fmt(sorted(unmapped)[0])}: {example!r}}} (or 'ignore')"
         )
     return table
 

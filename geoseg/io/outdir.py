@@ -73,7 +73,7 @@ def check_is_folder(out_dir: str) -> None:
         ``out_dir`` exists and is not a folder.
     """
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"{out_dir}: exists and is not a folder; give --out a folder path")
+        raise OutputError(f"{out_dir}: exists and is not a folder; give out_dir= a folder path")
 
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -131,7 +131,7 @@ def disk_full_now(path: str, written: str | None = None) -> str | None:
 
 def disk_full_error(path: str, reason: str) -> DiskFullError:
     """The one-line :class:`~geoseg.errors.DiskFullError` for ``path`` (``reason`` from :func:`disk_full_reason`)."""
-    err = DiskFullError(f"{path}: the disk is full ({reason}); free space or choose another --out")
+    err = DiskFullError(f"{path}: the disk is full ({reason}); free space or choose another out_dir=")
     err.reason = reason
     return err
 
@@ -252,7 +252,7 @@ def output_lock(out_dir: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputError(
-                f"{out_dir}: another geoseg process is writing to this folder; wait for it or choose another --out"
+                f"{out_dir}: another geoseg process is writing to this folder; wait for it or choose another out_dir="
             ) from None
         yield
     finally:
@@ -428,7 +428,7 @@ def hold_lock_file(folder: str, name: str, what: str, stamp: str, busy: Callable
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); choose a writable --out") from None
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); choose a writable out_dir=") from None
     fd = open_lock_file(path, what)  # O_NOFOLLOW: a planted link is refused, never truncated
     try:
         try:

@@ -251,7 +251,7 @@ def _model_bands(path: str, ds, bands: tuple[int, ...] | list[int] | None) -> tu
     bands = tuple(int(b) for b in bands)
     bad = [b for b in bands if b < 1 or b > count]
     if bad:
-        raise InputError(f"{path}: band(s) {bad} do not exist (the raster has {count}); fix --bands")
+        raise InputError(f"{path}: band(s) {bad} do not exist (the raster has {count}); fix bands=")
     dtypes = {ds.dtypes[b - 1] for b in bands}
     if any(str(d).startswith("complex") for d in dtypes):
         raise InputError(
@@ -259,7 +259,7 @@ def _model_bands(path: str, ds, bands: tuple[int, ...] | list[int] | None) -> tu
             "with gdal_calc.py --calc='abs(A)' --type=Float32"
         )
     if len(dtypes) > 1:
-        raise InputError(f"{path}: selected bands mix data types {sorted(dtypes)}; choose bands of one type with --bands")
+        raise InputError(f"{path}: selected bands mix data types {sorted(dtypes)}; choose bands of one type with bands=")
     return bands, alpha, next(iter(dtypes))
 
 

@@ -49,16 +49,16 @@ def parse_band_option(value: str | None) -> tuple[tuple[int, ...] | None, dict[s
         for v in items:
             k, _, b = (x.strip() for x in v.partition("="))
             if not k or not number.fullmatch(b) or int(b) < 1:
-                raise ModelError(f"--bands {value!r}: {v!r} must be NAME=BAND with a 1-based band number, e.g. nir=4")
+                raise ModelError(f"bands={value!r}: {v!r} must be NAME=BAND with a 1-based band number, e.g. nir=4")
             if k.lower() in mapping:
-                raise ModelError(f"--bands {value!r}: {k!r} is given twice")
+                raise ModelError(f"bands={value!r}: {k!r} is given twice")
             mapping[k.lower()] = int(b)
         return None, mapping
     if any("=" in v for v in items):
-        raise ModelError(f"--bands {value!r}: give 1-based band numbers (3,2,1) or NAME=BAND pairs (nir=4,red=3), not a mix")
+        raise ModelError(f"bands={value!r}: give 1-based band numbers (3,2,1) or NAME=BAND pairs (nir=4,red=3), not a mix")
     if all(number.fullmatch(v) and int(v) >= 1 for v in items):
         return tuple(int(v) for v in items), {}
-    raise ModelError(f"--bands {value!r}: band numbers start at 1, e.g. 3,2,1")
+    raise ModelError(f"bands={value!r}: band numbers start at 1, e.g. 3,2,1")
 
 
 def match_bands(
@@ -82,12 +82,12 @@ def match_bands(
     unknown = sorted(set(mapping) - set(wanted))
     if unknown:
         raise ModelError(
-            f"{origin}: --bands names {', '.join(unknown)} are not bands of the model (it takes {', '.join(wanted)})"
+            f"{origin}: band_map= names {', '.join(unknown)} are not bands of the model (it takes {', '.join(wanted)})"
         )
     count = len(descriptions)
     for k, b in mapping.items():
         if b > count:
-            raise ModelError(f"{origin}: --bands {k}={b} but the raster has {count} band(s)")
+            raise ModelError(f"{origin}: band_map={{{k!r}: {b}}} but the raster has {count} band(s)")
     desc = [(d or "").strip().lower() for d in descriptions]
     out = []
     for name in wanted:
@@ -104,14 +104,13 @@ def match_bands(
             return tuple(range(1, count + 1))
         shown = ", ".join(f"{i + 1}={d or '?'}" for i, d in enumerate(desc))
         if count == 1 and set(wanted) <= {"red", "green", "blue"} and not mapping:
-            pan = ",".join(f"{b}=1" for b in wanted)
             raise ModelError(
                 f"{origin}: one band (panchromatic?) but the model takes {', '.join(wanted)}; run it in pan mode with "
-                f"--bands {pan} (band_map={{{', '.join(repr(b) + ': 1' for b in wanted)}}})"
+                f"band_map={{{', '.join(repr(b) + ': 1' for b in wanted)}}}"
             )
         raise ModelError(
             f"{origin}: the model needs band {name!r} (bands {', '.join(wanted)}) but no raster band is described as it "
-            f"(bands: {shown}); map it with --bands {name}=N"
+            f"(bands: {shown}); map it with band_map={{'{name}': N}}"
         )
     return tuple(out)
 

@@ -51,7 +51,7 @@ def resolve_device(device: str):
         if not torch.cuda.is_available():
             raise DeviceError(
                 f"device {device!r} was asked for but this worker has no usable CUDA GPU "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu or auto"
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use device='cpu' or device='auto'"
             )
         dev = torch.device(device)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -263,7 +263,7 @@ def onnx_session(spec: ModelSpec, runtime: Runtime):
     if want_cuda and not has_cuda:
         raise DeviceError(
             f"device {runtime.device!r} was asked for but onnxruntime has no CUDA provider here "
-            "(install onnxruntime-gpu); use --device cpu"
+            "(install onnxruntime-gpu); use device='cpu'"
         )
     if has_cuda and runtime.device != "cpu":
         idx = int(runtime.device.split(":")[1]) if ":" in runtime.device else 0
@@ -279,6 +279,6 @@ def onnx_session(spec: ModelSpec, runtime: Runtime):
         # onnxruntime quietly falls back to the CPU when its CUDA provider fails to start
         raise DeviceError(
             f"{spec.path}: device {runtime.device!r} was asked for but onnxruntime started on {active}; "
-            "check the GPU driver and CUDA libraries, or use --device cpu"
+            "check the GPU driver and CUDA libraries, or use device='cpu'"
         )
     return session

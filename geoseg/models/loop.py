@@ -147,7 +147,7 @@ def _resume(session: Session) -> None:
     except Exception as exc:  # damaged file, or not ours
         raise ModelError(f"{ckpt}: cannot read the checkpoint ({exc}); delete it to start over") from exc
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
-        raise ModelError(f"{ckpt}: not a geoseg training checkpoint; delete it or choose another --out")
+        raise ModelError(f"{ckpt}: not a geoseg training checkpoint; delete it or choose another out=")
     if state.get("fingerprint") != session.fingerprint:
         raise ModelError(
             f"{ckpt}: the checkpoint is from another configuration or card; delete it or train with the same settings"

@@ -175,7 +175,8 @@ class Predictor:
     def _forward_onnx(self, batch: np.ndarray, want: str) -> np.ndarray:
         if self._in_channels is not None and batch.shape[1] != self._in_channels:
             raise ModelError(
-                f"{self.spec.path}: the model takes {self._in_channels} bands but got {batch.shape[1]}; choose bands with --bands"
+                f"{self.spec.path}: the model takes {self._in_channels} bands but got {batch.shape[1]}; "
+                "choose bands with bands= or band_map="
             )
         y = self.session.run(None, {self._input_name: batch})[0].astype(np.float32, copy=False)
         self._check_output(y.shape, batch.shape)
@@ -248,17 +249,17 @@ class Predictor:
             if "out of memory" in str(exc).lower():
                 raise DeviceError(
                     f"{self.spec.path or self.spec.id}: out of memory on {self.device_name} for a batch of shape "
-                    f"{batch.shape}; lower --batch-size or --tile"
+                    f"{batch.shape}; lower batch_size= or tile="
                 ) from exc
             need = getattr(self, "_in_channels", None)
             if need is not None and need != batch.shape[1]:
                 raise ModelError(
                     f"{self.spec.path or self.spec.id}: the model takes {need} bands but {batch.shape[1]} were selected; "
-                    "choose them with --bands (or fix the card's bands)"
+                    "choose them with bands= or band_map= (or fix the card's bands)"
                 ) from exc
             raise ModelError(
                 f"{self.spec.path or self.spec.id}: the model failed on a batch of shape {batch.shape} ({exc}); "
-                "check the band count (--bands) and tile size (--tile)"
+                "check the band count (bands=, band_map=) and tile size (tile=)"
             ) from exc
         finally:
             if timings is not None and started:

@@ -46,7 +46,7 @@ _MAX_CODE_BYTES = 64 << 20
 
 def _refuse(path: str, why: str, trusted_ok: bool = True) -> ModelError:
     fix = (
-        "; if you wrote this model and trust it, pass trust_model=True (--trust-model), or export it as ONNX"
+        "; if you wrote this model and trust it, pass trust_model=True, or export it as ONNX"
         if trusted_ok
         else "; export the model again with torch.export.save from plain tensors, or as ONNX"
     )

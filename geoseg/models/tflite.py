@@ -33,7 +33,7 @@ SELFIE_MEMBER = "mediapipe/modules/selfie_segmentation/{}.tflite"
 SELFIE_MODELS = {"mediapipe": "selfie_segmentation", "mediapipe-landscape": "selfie_segmentation_landscape"}
 WHEEL_ENV = "GEOSEG_MEDIAPIPE_WHEEL"
 _HOW_TO_GET = (
-    "pip download --no-deps mediapipe==0.10.21 -d DIR, then give --model DIR/mediapipe-0.10.21-*.whl "
+    "pip download --no-deps mediapipe==0.10.21 -d DIR, then give model=DIR/mediapipe-0.10.21-*.whl "
     f"or set {WHEEL_ENV} to that file (installing mediapipe itself needs numpy<2)"
 )
 _WHEEL_KEYS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, so a wheel is hashed once

@@ -153,25 +153,23 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise :class:`InputError` for settings that cannot train."""
         if not self.images:
-            raise InputError("train: give at least one --images raster")
+            raise InputError("train: give at least one raster in images=")
         for key in ("labels", "layers", "aois", "radiometry"):
             n = len(getattr(self, key))
             if n not in (1, len(self.images)):
-                raise InputError(
-                    f"train: give one --{key.rstrip('s')} for all images or one per image (got {n} for {len(self.images)})"
-                )
+                raise InputError(f"train: give {key}= one entry for all images or one per image (got {n} for {len(self.images)})")
         for key in ("epochs", "steps", "batch", "val_chips"):
             if getattr(self, key) < 1:
-                raise InputError(f"train: --{key.replace('_', '-')} must be >= 1")
+                raise InputError(f"train: {key}= must be >= 1")
         if self.chip < 32 or self.chip % 8:
-            raise InputError("train: --chip must be a multiple of 8 and >= 32")
+            raise InputError("train: chip= must be a multiple of 8 and >= 32")
         if not 0 <= self.val_fraction < 1:
-            raise InputError("train: --val-fraction must be in [0, 1)")
+            raise InputError("train: val_fraction= must be in [0, 1)")
         if not (self.scales[0] >= 1 and self.scales[1] >= self.scales[0]):
-            raise InputError("train: --scales must be LOW,HIGH with 1 <= LOW <= HIGH (multiples of the images' pixel size)")
+            raise InputError("train: scales= must be LOW,HIGH with 1 <= LOW <= HIGH (multiples of the images' pixel size)")
         if not str(self.out).endswith(".onnx"):
             raise InputError(
-                f"train: --out {self.out} must end in .onnx (geoseg exports ONNX with the card inside; TorchScript is "
+                f"train: out={self.out} must end in .onnx (geoseg exports ONNX with the card inside; TorchScript is "
                 "deprecated in torch)"
             )
         if isinstance(self.augment, str) and self.augment not in AUGMENTS:
@@ -189,14 +187,14 @@ class TrainConfig:
             raise InputError(f"train: threshold must be a probability strictly between 0 and 1, got {self.threshold}")
         folder = os.path.dirname(os.path.abspath(self.out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise InputError(f"train: --out {self.out}: the folder {folder} does not exist or is not writable; create it first")
+            raise InputError(f"train: out={self.out}: the folder {folder} does not exist or is not writable; create it first")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError("train: --lr must be a positive number")
+            raise InputError("train: lr= must be a positive number")
         if not all(math.isfinite(v) for v in self.scales) or self.scales[1] > 16:
-            raise InputError("train: --scales must be finite, at most 16")
+            raise InputError("train: scales= must be finite, at most 16")
         d = self.device
         if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise InputError(f"train: --device must be auto, cpu, cuda or cuda:N, got {d!r}")
+            raise InputError(f"train: device= must be auto, cpu, cuda or cuda:N, got {d!r}")
 
 
 def parse_scales(value: str | Sequence[float] | None) -> tuple[float, float]:
@@ -207,9 +205,9 @@ def parse_scales(value: str | Sequence[float] | None) -> tuple[float, float]:
     try:
         nums = [float(p) for p in parts]
     except ValueError:
-        raise InputError(f"--scales {value!r}: give LOW,HIGH such as 1,4") from None
+        raise InputError(f"scales={value!r}: give LOW,HIGH such as 1,4") from None
     if len(nums) == 1:
         nums = nums * 2
     if len(nums) != 2:
-        raise InputError(f"--scales {value!r}: give LOW,HIGH such as 1,4")
+        raise InputError(f"scales={value!r}: give LOW,HIGH such as 1,4")
     return (nums[0], nums[1])

@@ -95,13 +95,13 @@ def load_labels(
         df = df.to_crs(crs)
     if label_class is not None:
         if label_class not in classes:
-            raise InputError(f"{path}: --label-class {label_class!r} is not a class of the model ({', '.join(classes)})")
+            raise InputError(f"{path}: label_class={label_class!r} is not a class of the model ({', '.join(classes)})")
         names = [label_class] * len(df)
     elif class_field in df.columns:
         by_id = {v: k for k, v in classes.items()}
         names = [str(v) if str(v) in classes else by_id.get(_as_int(v), str(v)) for v in df[class_field]]
     else:
-        raise InputError(f"{path}: no {class_field!r} attribute; name it with --class-field or give --label-class")
+        raise InputError(f"{path}: no {class_field!r} attribute; name it with class_field= or give label_class=")
     geoms = df.geometry.values
     ids = np.array([classes.get(n, 0) for n in names], dtype=np.int64)
     keep = ~(shapely.is_empty(geoms) | shapely.is_missing(geoms)) & np.isin(shapely.get_type_id(geoms), (3, 6))
@@ -112,7 +112,7 @@ def load_labels(
         found = ", ".join(sorted(set(names))[:8]) or "none"
         raise InputError(
             f"{path}: no label has a class of the model ({', '.join(n for n, c in classes.items() if c)}); the labels have "
-            f"{found}; fix --class-field, --layer or the card's class names"
+            f"{found}; fix class_field=, layers= or the card's class names"
         )
     return Labels(path, geoms, ids, counts)
 
@@ -328,7 +328,7 @@ class ChipSampler:
         """``n`` chip draws: (image index, read window, output size)."""
         weights = np.array([im.area(split) for im in self.images])
         if weights.sum() <= 0:
-            raise InputError(f"no {split} area: lower --val-fraction's block size (--block) or give larger images")
+            raise InputError(f"no {split} area: lower block= (the validation block size) or give larger images")
         weights = weights / weights.sum()
         out = []
         lo, hi = np.log(self.scales[0]), np.log(self.scales[1])

@@ -71,7 +71,7 @@ def _open(cfg: TrainConfig, card: ModelCard, path: str) -> RasterSource:
     bands = match_bands(card.bands, everything.band_descriptions, cfg.band_map, origin=everything.path) if card.bands else None
     src = open_source(path, bands, require_crs=False)
     if card.bands and src.count != len(card.bands):
-        raise InputError(f"{path}: the card takes {len(card.bands)} bands but {src.count} were selected; fix --bands")
+        raise InputError(f"{path}: the card takes {len(card.bands)} bands but {src.count} were selected; fix band_map=")
     return src
 
 
@@ -81,7 +81,7 @@ def _labels(cfg: TrainConfig, classes: dict[str, int], src: RasterSource, k: int
     if is_raster_labels(label_path):
         return open_raster_labels(label_path, src.geobox, classes, cfg.label_values, image=path)
     if cfg.label_values:
-        raise InputError(f"{label_path}: --label-values applies to label rasters, this is a vector file; drop it")
+        raise InputError(f"{label_path}: label_values= applies to label rasters, this is a vector file; drop it")
     return load_labels(
         label_path,
         src.geobox.crs,
@@ -100,7 +100,7 @@ def _allowed(aoi: str | None, src: RasterSource) -> np.ndarray | None:
     import shapely
 
     if not os.path.exists(aoi):
-        raise InputError(f"{aoi}: AOI file not found; check --aoi")
+        raise InputError(f"{aoi}: AOI file not found; check aois=")
     df = gpd.read_file(aoi)
     if src.geobox.crs is None:  # a plain image: the AOI is in its pixel coordinates
         return shapely.make_valid(df.geometry.values)
@@ -128,8 +128,8 @@ def _split(cfg: TrainConfig, images: list[ChipImage]) -> None:
     if cfg.val_fraction > 0 and not len(keys):  # e.g. one plain 512 px image in 512 px blocks
         n = len(np.unique(np.concatenate([im.usable_keys for im in images])))
         raise InputError(
-            f"train: --val-fraction {cfg.val_fraction} leaves no validation block: the images cover {n} block(s) of "
-            f"--block {cfg.block} px; give a smaller --block (e.g. {max(32, cfg.block // 4)}) or --val-fraction 0"
+            f"train: val_fraction={cfg.val_fraction} leaves no validation block: the images cover {n} block(s) of "
+            f"block={cfg.block} px; give a smaller block= (e.g. {max(32, cfg.block // 4)}) or val_fraction=0"
         )
 
 

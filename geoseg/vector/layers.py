@@ -154,10 +154,10 @@ def check_out(out_dir: str, outputs: Sequence[str], overwrite: bool) -> None:
     if not overwrite:
         existing = existing_outputs(out_dir, outputs)
         if existing:
-            raise OutputExistsError(f"{os.path.join(out_dir, existing[0])}: already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{os.path.join(out_dir, existing[0])}: already exists; pass overwrite=True to replace it")
     parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(out_dir) or "."
     if os.path.isdir(parent) and not os.access(parent, os.W_OK):
-        raise OutputError(f"{out_dir}: not writable; choose another --out folder")
+        raise OutputError(f"{out_dir}: not writable; choose another out_dir= folder")
 
 
 def layer_totals(parts: Sequence[str], layers: Sequence[Layer], geo: bool) -> tuple[dict[str, int], dict[str, float | None]]:

@@ -206,13 +206,13 @@ def vectorize(
         return VectorReport(record, out_dir, areas)
     except DiskFullError as exc:  # name the folder the user chose, not a staging file that is removed now
         reason = disk_full_reason(exc) or "No space left on device"
-        raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another --out") from None
+        raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another out_dir=") from None
     except OSError as exc:  # a write that failed for lack of room, reported by GDAL without its cause
         if isinstance(exc, OutputExistsError) or (isinstance(exc, GeosegError) and not isinstance(exc, OutputError)):
             raise
         reason = disk_full_reason(exc) or disk_full_now(staging or out_dir)
         if reason:
-            raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another --out") from None
+            raise DiskFullError(f"{out_dir}: the disk is full ({reason}); free space or choose another out_dir=") from None
         raise
     finally:
         if staging:
@@ -227,7 +227,7 @@ def _check_formats(formats: Sequence[str], connectivity: int) -> tuple[str, ...]
     if bad or not formats:
         raise InputError(f"unknown vector format(s) {bad or formats}; choose from {', '.join(FORMATS)}, coco")
     if connectivity not in (4, 8):
-        raise InputError(f"--connectivity must be 4 or 8, got {connectivity}")
+        raise InputError(f"connectivity= must be 4 or 8, got {connectivity}")
     return formats
 
 
@@ -237,9 +237,11 @@ def _check_field(field: str | None, formats: Sequence[str], attributes: dict[str
         return
     taken = {"id", "geometry", "geom", *VALUE_COLUMNS, *KIND_COLUMNS["area"], *(attributes or {})}
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", field) or field.lower() in taken:
-        raise InputError(f"--field {field!r}: give a column name of letters, digits and _ not among {', '.join(sorted(taken))}")
+        raise InputError(f"field={field!r}: give a column name of letters, digits and _ not among {', '.join(sorted(taken))}")
     if "coco" in formats:
-        raise InputError("--field writes one layer of values; COCO instances are per class: leave out coco or --field")
+        raise InputError(
+            "field= writes one layer of values; COCO instances are per class: leave coco out of formats= or drop field="
+        )
 
 
 def _layers(
@@ -269,9 +271,9 @@ def _size_rules(mask: str, min_area: float | None, min_pixels: int | None, simpl
         raise InputError(
             f"min_pixels must be a whole number >= 0, got {min_pixels!r}; give e.g. min_pixels=4 (0: keep every patch)"
         )
-    for name, value in (("--min-area", min_area), ("--simplify", simplify)):
+    for name, value in (("min_area", min_area), ("simplify", simplify)):
         if not math.isfinite(value) or value < 0:
-            raise InputError(f"{name} must be a finite number >= 0, got {value!r}; give e.g. {name} 0")
+            raise InputError(f"{name}= must be a finite number >= 0, got {value!r}; give e.g. {name}=0")
     return min_area, max_length, min_pixels
 
 
@@ -285,7 +287,7 @@ def _open_source(
     src = open_mask(mask, probabilities)
     gb = src.geobox
     if gb.crs is None and crs:
-        raise InputError(f"{mask}: has no CRS, so it cannot be reprojected to {crs}; leave out --crs")
+        raise InputError(f"{mask}: has no CRS, so it cannot be reprojected to {crs}; leave out crs=")
     out_crs = crs or gb.crs
     if gb.crs is None and formats == DEFAULT_FORMATS:
         formats = (*formats, "coco")  # a plain image: objects also as COCO instances (pixel coordinates)
@@ -296,7 +298,7 @@ def _open_source(
         try:
             CRS.from_user_input(crs)
         except CRSError as exc:
-            raise InputError(f"--crs {crs!r} is not a CRS pyproj knows ({exc}); use e.g. EPSG:32632") from exc
+            raise InputError(f"crs={crs!r} is not a CRS pyproj knows ({exc}); use e.g. EPSG:32632") from exc
     return src, out_crs, formats
 
 
@@ -332,8 +334,8 @@ def _geojson_precision(src: MaskSource, formats: Sequence[str], precision: int |
             precision = max(7, needed)
         elif precision < needed:
             raise InputError(
-                f"--precision {precision} rounds lon/lat coarser than a tenth of a {pixel_m:.3g} m pixel; "
-                f"use --precision {needed} or more"
+                f"precision={precision} rounds lon/lat coarser than a tenth of a {pixel_m:.3g} m pixel; "
+                f"use precision={needed} or more"
             )
     return 7 if precision is None else precision
 
@@ -447,7 +449,7 @@ def resolve_classes(src: MaskSource, classes: Sequence[str | int] | None) -> tup
                 ids.append(int(s))
             else:
                 names = ", ".join(sorted(by_name)) or "none recorded; use class values"
-                raise InputError(f"{src.path}: unknown class {s!r} in --classes; known classes: {names}")
+                raise InputError(f"{src.path}: unknown class {s!r} in classes=; known classes: {names}")
     full = [known.get(i) or MaskClass(i, f"class_{i}", tuple(palette[i % len(palette)])) for i in range(NODATA)]
     full = [c if c.color else MaskClass(c.id, c.name, tuple(palette[c.id % len(palette)])) for c in full]
     return full, sorted(set(ids))

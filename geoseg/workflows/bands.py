@@ -38,8 +38,20 @@ def inherit_bands(wf: Workflow) -> list[tuple[Change, str]]:
 
 
 def yaml_words(message: str) -> str:
-    """A band error worded for the workflow file: the CLI's ``--bands`` is the step's ``bands`` key."""
-    return message.replace("--bands", "bands")
+    """A band error worded for the workflow file: the API's ``bands=`` and ``band_map=`` are the step's ``bands`` key.
+
+    ``band_map={'nir': 4, 'red': 3}`` reads ``bands nir=4,red=3``, ``bands='3,2'`` reads ``bands '3,2'``.
+    """
+    while "band_map={" in message:
+        head, _, rest = message.partition("band_map={")
+        pairs, _, tail = rest.partition("}")
+        keys = (pair.partition(":") for pair in pairs.split(","))
+        mapping = ",".join(f"{k.strip().strip(chr(39) + chr(34))}={v.strip()}" for k, _, v in keys)
+        message = f"{head}bands {mapping}{tail}"
+    for api in ("band_map=", "bands="):
+        parts = message.split(api)
+        message = parts[0] + "".join(("bands " if p[:1] not in ("", " ", ",", ";", ")") else "bands") + p for p in parts[1:])
+    return message
 
 
 def check_bands(wf: Workflow, runs: list[tuple[Any, Any, Any]], changes: list[tuple[Change, Any]], scene: str) -> None:
@@ -78,11 +90,11 @@ def _match(card: Any, bands: str | None, src: Any) -> None:
     idx, mapping = parse_band_option(bands)
     if not card.bands:
         if mapping:
-            raise InputError("--bands NAME=N needs a model card that names its bands; give band numbers (e.g. 3,2,1)")
+            raise InputError("band_map= needs a model card that names its bands; give band numbers (bands=3,2,1)")
     elif idx is None:
         idx = match_bands(card.bands, src.band_descriptions, mapping, origin=src.path)
     elif len(idx) != len(card.bands):
-        raise InputError(f"--bands gives {len(idx)} band(s) but the model {card.name!r} takes {', '.join(card.bands)}")
+        raise InputError(f"bands= gives {len(idx)} band(s) but the model {card.name!r} takes {', '.join(card.bands)}")
     over = [b for b in idx or () if b > src.count]
     if over:
-        raise InputError(f"--bands band {over[0]} but {src.path} has {src.count} band(s)")
+        raise InputError(f"bands= band {over[0]} but {src.path} has {src.count} band(s)")

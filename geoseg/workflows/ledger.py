@@ -122,7 +122,7 @@ class Ledger:
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); choose a writable --out") from None
+            raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); choose a writable out=") from None
         self.path = os.path.join(folder, LEDGER_NAME)
         self.readonly = False
         self.run: int | None = None
@@ -228,7 +228,7 @@ class Ledger:
             )
         if self._is_readonly(exc):
             return OutputError(
-                f"{self.path}: the run ledger is read-only ({text}); make it and its folder writable, or choose another --out"
+                f"{self.path}: the run ledger is read-only ({text}); make it and its folder writable, or choose another out="
             )
         if "full" in low or "quota" in low:
             return disk_full_error(self.path, text)
@@ -252,7 +252,7 @@ class Ledger:
     def _tx(self, doing: str) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             raise OutputError(
-                f"{self.path}: the run ledger is read-only; make it and its folder writable, or choose another --out"
+                f"{self.path}: the run ledger is read-only; make it and its folder writable, or choose another out="
             )
         assert self.db is not None
         try:

@@ -141,7 +141,7 @@ def schedule_lock(folder: str) -> Iterator[str]:
         f"pid {os.getpid()} on {socket.gethostname()}\n",
         lambda holder: (
             f"{folder}: another geoseg schedule is already running on this output folder"
-            f"{f' ({holder})' if holder else ''}; stop it first or give this one another --out"
+            f"{f' ({holder})' if holder else ''}; stop it first or give this one another out="
         ),
     ) as path:
         yield path

@@ -402,7 +402,7 @@ def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None)
     elif os.path.commonpath([real, project]) != project:
         raise InputError(
             f"{at(('outputs', 'folder'))}: outputs.folder {_flat(repr(wf.outputs.folder))} is outside the project folder "
-            f"{project} (it resolves to {real}); give a folder inside {project}, or pass --out on the command line"
+            f"{project} (it resolves to {real}); give a folder inside {project}, or pass out="
         )
     sample = resolve(wf.sample, ("sample",))
     if sample is not None:  # geoseg writes the sample scene there: never outside the project
