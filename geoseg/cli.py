@@ -17,6 +17,7 @@ import click
 
 from geoseg._version import __version__
 from geoseg.commands import register
+from geoseg.commands.flags import FlagsFilter
 
 #: read by geoseg.engine.cluster (``DASK_LOG_ENV``): the file Dask's own log lines go to, in every process of a run
 DASK_LOG_ENV = "GEOSEG_DASK_LOG"
@@ -26,6 +27,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(FlagsFilter())  # log lines name flags, as the one-line error does
     names = ["geoseg"] + (["distributed"] if verbose >= 2 else [])  # Dask's own INFO chatter only with -vv
     for name in names:
         logger = logging.getLogger(name)

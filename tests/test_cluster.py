@@ -31,7 +31,7 @@ def test_too_many_workers_is_refused_before_anything_starts() -> None:
     limit = 4 * (os.cpu_count() or 1)
     with pytest.raises(InputError) as err, scheduler("local", workers=limit + 1, device="cpu"):
         raise AssertionError("a cluster started")
-    assert f"--workers {limit + 1}: give 1 to {limit}" in str(err.value) and "\n" not in str(err.value)
+    assert f"workers={limit + 1}: give 1 to {limit}" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_stop_signals_are_held_while_a_cluster_starts() -> None:

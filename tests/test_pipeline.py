@@ -90,5 +90,5 @@ def test_predict_refuses_an_xarray_cube_in_one_line_saying_what_to_do(sample: Pa
     with pytest.raises(InputError, match=r"not an xarray DataArray: write it to a GeoTIFF first .*rio\.to_raster") as err:
         geoseg.predict(cube, "water")
     assert "\n" not in str(err.value)
-    with pytest.raises(InputError, match="raster path .* got int"):
+    with pytest.raises(InputError, match=r"raster path .* got int"):
         geoseg.predict(3, "water")

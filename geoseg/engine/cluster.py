@@ -199,7 +199,7 @@ def _killed_worker(exc: BaseException) -> WorkerLostError:
     tries = getattr(exc, "allowed_failures", 0) + 1
     return WorkerLostError(
         f"a Dask worker died {tries} time{'s' * (tries > 1)} running {stage} (usually out of memory); "
-        "lower --chunk or --tile (or --batch-size, --workers), or give the workers more memory"
+        "lower chunk= or tile= (or batch_size=, workers=), or give the workers more memory"
     )
 
 
@@ -257,7 +257,7 @@ def scheduler(
     size = f"{chunks} chunk{'s' * (chunks != 1)}" if chunks is not None else "job size unknown"
     if kind in ("threads", "synchronous"):
         if auto:
-            log.info("%s, running in-process (threads; --scheduler local starts a cluster)", size)
+            log.info("%s, running in-process (threads; kind='local' starts a cluster)", size)
         with dask.config.set(scheduler=kind):
             yield from _activate(Scheduling(kind, None, 1, None, None, auto=auto))
         return
@@ -276,7 +276,7 @@ def _check_workers(workers: int | None, device: str, cores: int) -> tuple[str, .
     limit = max(WORKERS_PER_CORE * cores, len(gpus))
     if workers is not None and not 1 <= workers <= limit:
         raise InputError(
-            f"--workers {workers}: give 1 to {limit} ({WORKERS_PER_CORE} per core on this machine of {cores} core(s)"
+            f"workers={workers}: give 1 to {limit} ({WORKERS_PER_CORE} per core on this machine of {cores} core(s)"
             f"{', or one per GPU' if gpus else ''}); each worker is a process holding its own copy of the model"
         )
     return gpus
