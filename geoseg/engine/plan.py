@@ -4,7 +4,7 @@
 with the bands its card names, resolve the card's scaling on the whole raster, bridge the
 raster's and the model's pixel sizes (:func:`gsd_plan`), probe the model where it will run,
 size tiles, halo and chunks, and refuse sizes this machine cannot hold. Every check that can
-fail runs here, before any graph exists.
+fail runs here, before any graph exists (which is why the file is just over 400 lines).
 """
 
 from __future__ import annotations

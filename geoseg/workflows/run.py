@@ -32,7 +32,17 @@ from geoseg.workflows.bands import check_bands, inherit_bands, yaml_words
 from geoseg.workflows.progress import Units
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
 from geoseg.workflows.summary import run_project
-from geoseg.workflows.units import Tally, card_hash, fingerprint, finish, run_lock, run_unit, unit_params
+from geoseg.workflows.units import (
+    Tally,
+    card_hash,
+    change_options,
+    fingerprint,
+    finish,
+    run_lock,
+    run_unit,
+    segment_options,
+    unit_params,
+)
 
 __all__ = ["run_workflow"]
 
@@ -272,7 +282,7 @@ def _scene(
     done_before = tally.counts["done"]
     for (run, spec, bands), mdir_name in zip(plan.runs, plan.model_dirs, strict=True):
         mdir = os.path.join(img_dir, mdir_name)
-        options = _segment_options(wf, run, bands)
+        options = segment_options(wf, run, bands)
         params = {
             "scene": fingerprint(scene.path, scene.stamp),
             "model": spec.sha256,
@@ -307,7 +317,7 @@ def _change_pairs(
         pair = f"{a.date}_{b.date}" if plan.by_date else f"{a.name}_{b.name}"
         cdir = check_inside(plan.folder, os.path.join(plan.folder, "change", ch_dir, pair), "a change output folder", FIX)
         given = (masks.get((a.name, spec.sha256)), masks.get((b.name, spec.sha256)))
-        kwargs = _change_options(plan.wf, ch, a, b, given)
+        kwargs = change_options(plan.wf, ch, a, b, given)
         params = {
             "before": fingerprint(a.path, a.stamp),
             "after": fingerprint(b.path, b.stamp),
@@ -323,53 +333,6 @@ def _change_pairs(
         if res is not None:
             out.append({"before": a.date, "after": b.date, "model": ch.model, "after_image": b.path, **res})
     return out
-
-
-def _radiometry(wf: Workflow) -> str | None:
-    """The imagery's radiometry setting (models that take reflectance), if the workflow gives one."""
-    return getattr(wf.imagery, "radiometry", None)
-
-
-def _segment_options(wf: Workflow, run: Any, bands: tuple[Any, Any]) -> dict[str, Any]:
-    """What a segment unit is run with; the ledger hashes exactly this (files by fingerprint)."""
-    band_idx, band_map = bands
-    return {
-        "predict": {
-            "bands": band_idx,
-            "band_map": band_map,
-            "aoi": wf.aoi,
-            "tile": run.tile,
-            "halo": run.halo,
-            "chunk": wf.chunk,
-            "radiometry": _radiometry(wf),
-        },
-        "vectorize": {
-            "formats": wf.outputs.formats,
-            "crs": wf.outputs.crs,
-            "min_area": run.min_area_m2,
-            "simplify": run.simplify_m,
-            "regularize": run.regularize,
-        },
-    }
-
-
-def _change_options(wf: Workflow, ch: Any, a: Any, b: Any, given: tuple[str | None, str | None]) -> dict[str, Any]:
-    """The keyword arguments of a change unit's :func:`geoseg.change.change` call."""
-    return {
-        "aoi": wf.aoi,
-        "bands_before": ch.bands,
-        "bands_after": ch.bands,
-        "mask_model": "clouds" if ch.clouds else None,
-        "min_area": ch.min_area_m2,
-        "formats": tuple(wf.outputs.formats),
-        "resampling": ch.resampling,
-        "date_before": a.date,
-        "date_after": b.date,
-        "chunk": wf.chunk,
-        "masks": given if all(given) else None,
-        "crs": wf.outputs.crs,
-        "radiometry": _radiometry(wf),
-    }
 
 
 def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: Any, progress: Any) -> tuple[dict, list[str]]:

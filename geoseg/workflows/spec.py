@@ -340,9 +340,27 @@ def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None)
     its parent when that folder is named ``workflows``), compared after resolving ``..`` and
     symbolic links. The command line's ``--out`` (``out``) is not subject to this rule.
     """
+    path = os.fspath(path)
+    data, root = _read_document(path)
+    wf = _validate(path, data, root)
+    if not wf.runs() and not wf.change:
+        raise InputError(f"{path}: nothing to do; give models (segmentation) or change (change detection)")
+    paths = _Paths(path, root)
+    project = _project_folder(path)
+    return wf.model_copy(
+        update={
+            "sample": _sample_folder(wf, paths, project),
+            "aoi": paths.resolve(wf.aoi, ("aoi",)),
+            "imagery": _imagery(wf, paths),
+            "outputs": wf.outputs.model_copy(update={"folder": _output_folder(wf, paths, project, out)}),
+        }
+    )
+
+
+def _read_document(path: str) -> tuple[dict, Any]:
+    """The file's mapping of keys and its YAML node tree (for line numbers); one-line errors for anything else."""
     from geoseg._yaml import read_text_file
 
-    path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: workflow file not found; give a YAML file such as workflows/sample_aoi.yaml")
     text = read_text_file(path, path, InputError, "workflow file")
@@ -355,8 +373,13 @@ def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None)
         raise InputError(f"{path}{f':{line}' if line else ''}: {_flat(repr(odd[0]))}: unknown key (keys are names)")
     if "path" in data:
         raise InputError(f"{path}: 'path' is not a workflow key")
+    return data, root
+
+
+def _validate(path: str, data: dict, root: Any) -> Workflow:
+    """The schema's verdict, its first refusal as one line naming the file, the line and the key."""
     try:
-        wf = Workflow.model_validate({**data, "path": os.path.abspath(path)})
+        return Workflow.model_validate({**data, "path": os.path.abspath(path)})
     except ValidationError as exc:
         err = max(exc.errors(), key=lambda e: len(e["loc"]))  # in a union, the branch that got furthest
         skip = ("str", "ModelRun", "list[str]", "Imagery", "function-after[_some(), union[list[str],Imagery]]")
@@ -365,58 +388,67 @@ def load_workflow(path: str | os.PathLike, out: str | os.PathLike | None = None)
         line = _line_of(root, loc)
         msg = "unknown key" if err["type"] == "extra_forbidden" else _flat(err["msg"])
         raise InputError(f"{path}{f':{line}' if line else ''}: {key}: {msg}") from None
-    base = os.path.dirname(os.path.abspath(path))
 
-    def at(loc: tuple) -> str:
-        line = _line_of(root, loc)
-        return f"{path}{f':{line}' if line else ''}"
 
-    def resolve(p: str | None, loc: tuple, pattern: bool = False) -> str | None:
+class _Paths:
+    """Paths of the file made absolute against its folder; ``at(loc)`` is ``file:line`` of a key, for messages."""
+
+    def __init__(self, path: str, root: Any) -> None:
+        self.path, self.root = path, root
+        self.base = os.path.dirname(os.path.abspath(path))
+
+    def at(self, loc: tuple) -> str:
+        line = _line_of(self.root, loc)
+        return f"{self.path}{f':{line}' if line else ''}"
+
+    def resolve(self, p: str | None, loc: tuple, pattern: bool = False) -> str | None:
         if p is None:
             return None
         if "\x00" in p:
-            raise InputError(f"{at(loc)}: {'.'.join(map(str, loc))}: a path cannot contain a NUL character; fix the path")
+            raise InputError(f"{self.at(loc)}: {'.'.join(map(str, loc))}: a path cannot contain a NUL character; fix the path")
         if pattern:  # a glob: the folder it is relative to is literal, even with [ ] * ? in its name
             import glob as globlib
 
-            return os.path.normpath(os.path.join(globlib.escape(base), os.path.expanduser(p)))
-        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+            return os.path.normpath(os.path.join(globlib.escape(self.base), os.path.expanduser(p)))
+        return os.path.normpath(os.path.join(self.base, os.path.expanduser(p)))
 
+
+def _imagery(wf: Workflow, paths: _Paths) -> Imagery:
+    """The imagery with its files, glob and STAC catalogue absolute."""
     im = wf.imagery_spec()
     listed = isinstance(wf.imagery, list)
-    files = [resolve(p, ("imagery", i) if listed else ("imagery", "files", i)) for i, p in enumerate(im.files or [])]
-    imagery = im.model_copy(
+    files = [paths.resolve(p, ("imagery", i) if listed else ("imagery", "files", i)) for i, p in enumerate(im.files or [])]
+    return im.model_copy(
         update={
             "files": files or None,
-            "glob": resolve(im.glob, ("imagery", "glob"), pattern=True),
-            "stac": resolve(im.stac, ("imagery", "stac")),
+            "glob": paths.resolve(im.glob, ("imagery", "glob"), pattern=True),
+            "stac": paths.resolve(im.stac, ("imagery", "stac")),
         }
     )
-    if not wf.runs() and not wf.change:
-        raise InputError(f"{path}: nothing to do; give models (segmentation) or change (change detection)")
-    folder = resolve(wf.outputs.folder, ("outputs", "folder"))
-    project = _project_folder(path)
-    real = os.path.realpath(folder)
+
+
+def _output_folder(wf: Workflow, paths: _Paths, project: str, out: str | os.PathLike | None) -> str:
+    """``out`` when given (the user's own choice), else ``outputs.folder``, which must stay inside the project."""
+    folder = paths.resolve(wf.outputs.folder, ("outputs", "folder"))
     if out is not None:
-        folder = os.path.abspath(os.fspath(out))
-    elif os.path.commonpath([real, project]) != project:
+        return os.path.abspath(os.fspath(out))
+    real = os.path.realpath(folder)
+    if os.path.commonpath([real, project]) != project:
         raise InputError(
-            f"{at(('outputs', 'folder'))}: outputs.folder {_flat(repr(wf.outputs.folder))} is outside the project folder "
-            f"{project} (it resolves to {real}); give a folder inside {project}, or pass out="
+            f"{paths.at(('outputs', 'folder'))}: outputs.folder {_flat(repr(wf.outputs.folder))} is outside the project "
+            f"folder {project} (it resolves to {real}); give a folder inside {project}, or pass out="
         )
-    sample = resolve(wf.sample, ("sample",))
-    if sample is not None:  # geoseg writes the sample scene there: never outside the project
+    return folder
+
+
+def _sample_folder(wf: Workflow, paths: _Paths, project: str) -> str | None:
+    """Where geoseg may write the sample scene: never outside the project."""
+    sample = paths.resolve(wf.sample, ("sample",))
+    if sample is not None:
         real_sample = os.path.realpath(sample)
         if os.path.commonpath([real_sample, project]) != project:
             raise InputError(
-                f"{at(('sample',))}: sample {_flat(repr(wf.sample))} is outside the project folder {project} "
+                f"{paths.at(('sample',))}: sample {_flat(repr(wf.sample))} is outside the project folder {project} "
                 f"(it resolves to {_flat(real_sample)}); give a folder inside {project}"
             )
-    return wf.model_copy(
-        update={
-            "sample": sample,
-            "aoi": resolve(wf.aoi, ("aoi",)),
-            "imagery": imagery,
-            "outputs": wf.outputs.model_copy(update={"folder": folder}),
-        }
-    )
+    return sample

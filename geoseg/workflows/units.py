@@ -20,8 +20,22 @@ from geoseg.io.outdir import hold_lock_file, removed_if_failed, write_json_atomi
 from geoseg.models.card import card_to_dict
 from geoseg.records import hectares_text
 from geoseg.workflows.ledger import params_hash
+from geoseg.workflows.spec import Workflow
 
-__all__ = ["RUN_LOCK", "Tally", "card_hash", "fingerprint", "finish", "found_text", "run_lock", "run_unit", "unit_params"]
+__all__ = [
+    "RUN_LOCK",
+    "Tally",
+    "card_hash",
+    "change_options",
+    "fingerprint",
+    "finish",
+    "found_text",
+    "run_lock",
+    "run_unit",
+    "segment_options",
+    "unit_params",
+    "workflow_radiometry",
+]
 
 RUN_LOCK = ".geoseg-run.lock"
 
@@ -151,3 +165,50 @@ def found_text(result: dict[str, Any]) -> str:
         f"{k} {v['objects']}" if "objects" in v else f"{k} {hectares_text(v['hectares'])} ha"
         for k, v in result.get("classes", {}).items()
     )
+
+
+def workflow_radiometry(wf: Workflow) -> str | None:
+    """The imagery's radiometry setting (models that take reflectance), if the workflow gives one."""
+    return getattr(wf.imagery, "radiometry", None)
+
+
+def segment_options(wf: Workflow, run: Any, bands: tuple[Any, Any]) -> dict[str, Any]:
+    """What a segment unit is run with; the ledger hashes exactly this (files by fingerprint)."""
+    band_idx, band_map = bands
+    return {
+        "predict": {
+            "bands": band_idx,
+            "band_map": band_map,
+            "aoi": wf.aoi,
+            "tile": run.tile,
+            "halo": run.halo,
+            "chunk": wf.chunk,
+            "radiometry": workflow_radiometry(wf),
+        },
+        "vectorize": {
+            "formats": wf.outputs.formats,
+            "crs": wf.outputs.crs,
+            "min_area": run.min_area_m2,
+            "simplify": run.simplify_m,
+            "regularize": run.regularize,
+        },
+    }
+
+
+def change_options(wf: Workflow, ch: Any, a: Any, b: Any, given: tuple[str | None, str | None]) -> dict[str, Any]:
+    """The keyword arguments of a change unit's :func:`geoseg.change.change` call."""
+    return {
+        "aoi": wf.aoi,
+        "bands_before": ch.bands,
+        "bands_after": ch.bands,
+        "mask_model": "clouds" if ch.clouds else None,
+        "min_area": ch.min_area_m2,
+        "formats": tuple(wf.outputs.formats),
+        "resampling": ch.resampling,
+        "date_before": a.date,
+        "date_after": b.date,
+        "chunk": wf.chunk,
+        "masks": given if all(given) else None,
+        "crs": wf.outputs.crs,
+        "radiometry": workflow_radiometry(wf),
+    }
