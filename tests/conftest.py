@@ -167,3 +167,24 @@ def _fresh_not_georeferenced_warning():
 
     geoseg.errors._warned_not_georeferenced = False
     yield
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_undone():
+    """A test that runs the CLI in-process (click's CliRunner) sets up the CLI's logging on the ``geoseg`` and
+    ``distributed`` loggers (handlers, levels, the Dask log file's variable): undo it, so later tests see
+    the library's own logging, as a fresh process would."""
+    import logging
+
+    names = ("geoseg", "distributed")
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in names}
+    env = os.environ.get("GEOSEG_DASK_LOG")
+    yield
+    for n, (level, handlers) in saved.items():
+        logger = logging.getLogger(n)
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+    if env is None:
+        os.environ.pop("GEOSEG_DASK_LOG", None)
+    else:
+        os.environ["GEOSEG_DASK_LOG"] = env

@@ -248,7 +248,7 @@ def test_killed_worker_becomes_one_line_with_the_fix() -> None:
             dask.delayed(os._exit)(1, dask_key_name="geoseg-predict-" + "0" * 32 + "-0-0").compute()
     msg = str(err.value)
     assert isinstance(err.value, GeosegError) and isinstance(err.value, RuntimeError)
-    assert "\n" not in msg and "--chunk" in msg and "--tile" in msg and "geoseg-predict" in msg and "0000" not in msg
+    assert "\n" not in msg and "chunk=" in msg and "tile=" in msg and "geoseg-predict" in msg and "0000" not in msg
 
 
 def test_local_cli_cluster_records_a_tls_loopback_address(make_raster, torchscript_model, tmp_path) -> None:
