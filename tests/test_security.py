@@ -154,6 +154,36 @@ def test_listening_check_sees_a_socket_open_to_the_network() -> None:
     assert ("0.0.0.0", port) not in listening(process_tree(os.getpid()))
 
 
+class _Records(logging.Handler):
+    """The records of one logger, kept for a test (independent of what earlier tests did to propagation)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def cluster_log():
+    """What :mod:`geoseg.engine.cluster` logs at INFO and above during the test."""
+    logger = logging.getLogger("geoseg.engine.cluster")
+    keep = logger.level, logger.disabled
+    handler = _Records()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(keep[0])
+    logger.disabled = keep[1]
+
+
 def _check_owner_only(sched, caplog, http_off: bool = True) -> None:
     from distributed import get_client
     from distributed.security import Security
@@ -204,9 +234,9 @@ def _check_owner_only(sched, caplog, http_off: bool = True) -> None:
 
 
 @needs_proc
-def test_local_cluster_is_tls_on_loopback_and_refuses_strangers(caplog, monkeypatch) -> None:
+def test_local_cluster_is_tls_on_loopback_and_refuses_strangers(cluster_log, monkeypatch) -> None:
     monkeypatch.delenv("GEOSEG_DASHBOARD", raising=False)
-    caplog.set_level(logging.INFO, logger="geoseg")
+    caplog = cluster_log
     t0 = time.monotonic()
     with scheduler("local", workers=1, device="cpu") as sched:
         assert sched.dashboard is None
@@ -216,13 +246,13 @@ def test_local_cluster_is_tls_on_loopback_and_refuses_strangers(caplog, monkeypa
 
 
 @needs_proc
-def test_gpu_style_cluster_is_tls_on_loopback_too(caplog, monkeypatch) -> None:
+def test_gpu_style_cluster_is_tls_on_loopback_too(cluster_log, monkeypatch) -> None:
     """The one-worker-per-GPU branch (a SpecCluster), started here with a pretend GPU and the dashboard asked for."""
     import geoseg.engine.cluster as cluster
 
     monkeypatch.setattr(cluster, "visible_gpus", lambda: ("0",))
     monkeypatch.setenv("GEOSEG_DASHBOARD", "on")
-    caplog.set_level(logging.INFO, logger="geoseg")
+    caplog = cluster_log
     with scheduler("local", device="auto") as sched:
         assert sched.gpus == ("0",) and sched.resources == {"GPU": 1}
         _check_owner_only(sched, caplog, http_off=False)
