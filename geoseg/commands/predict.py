@@ -125,7 +125,7 @@ def predict(
         }
 
     with removed_if_failed(out_dir):  # a failed run leaves no empty folder behind
-        frames, model, chunks = _preflight(
+        frames, source, model, chunks = _preflight(
             src, model, out_dir, overwrite, bands=band_idx, band_map=band_map, aoi=aoi, chunk=chunk, trust_model=trust_model
         )
         with use_scheduler(scheduler, workers=workers, device=device, chunks=chunks) as sched:
@@ -135,7 +135,7 @@ def predict(
                 _frames(src, model, out_dir, frames, vectorize_, overwrite, frames_progress, quiet, engine_options(sched))
                 return
             done = segment(
-                src,
+                source,  # opened once, by the preflight, with the model's bands
                 model,
                 out_dir,
                 vectorize={} if vectorize_ else None,
@@ -152,11 +152,12 @@ def predict(
             echo_vectors(out_dir, done.vectors)
 
 
-def _preflight(src: str, model: str, out_dir: str, overwrite: bool, **checked) -> tuple[list | None, object, int]:
+def _preflight(src: str, model: str, out_dir: str, overwrite: bool, **checked) -> tuple[list | None, object, object, int]:
     """Everything checked before a scheduler starts (and before torch, onnxruntime or Dask are imported).
 
-    Returns the frames (None for one raster), the model (resolved, for one raster) and the
-    job's size in chunks (one per frame for a sequence), which ``--scheduler auto`` decides by.
+    Returns the frames (None for one raster), the source (for one raster: opened with the model's
+    bands), the model (resolved, for one raster) and the job's size in chunks (one per frame for a
+    sequence), which ``--scheduler auto`` decides by.
     """
     from geoseg.engine.preflight import check_predict
     from geoseg.engine.write import check_output_dir
@@ -165,9 +166,9 @@ def _preflight(src: str, model: str, out_dir: str, overwrite: bool, **checked) -
     check_output_dir(out_dir, overwrite)
     frames = None if src.startswith("/vsi") or "://" in src else list_frames(src)
     if frames:
-        return frames, model, len(frames)
+        return frames, src, model, len(frames)
     pre = check_predict(src, model, **checked)  # bands, band_map, aoi, chunk, trust_model
-    return None, pre.spec, pre.chunks
+    return None, pre.source, pre.spec, pre.chunks
 
 
 def _frames(src, model, out_dir, frames, vectorize_, overwrite, progress, quiet, options) -> None:

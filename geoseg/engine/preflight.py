@@ -18,7 +18,7 @@ from geoseg.engine.plan import DEFAULT_CHUNK, open_for_model
 from geoseg.grid import Window, regular_chunks
 from geoseg.io.aoi import read_aoi
 from geoseg.io.mask import open_mask
-from geoseg.io.raster import open_source
+from geoseg.io.raster import RasterSource, open_source
 from geoseg.models.spec import ModelSpec, resolve_model
 
 __all__ = ["Preflight", "check_predict", "count_chunks", "mask_chunks", "raster_chunks"]
@@ -26,10 +26,11 @@ __all__ = ["Preflight", "check_predict", "count_chunks", "mask_chunks", "raster_
 
 @dataclass(frozen=True)
 class Preflight:
-    """What :func:`check_predict` found: the model resolved, and the job's size in chunks."""
+    """What :func:`check_predict` found: the model resolved, the source opened with its bands, the job's size in chunks."""
 
     spec: ModelSpec
     chunks: int
+    source: RasterSource | None = None
 
 
 def count_chunks(window: Window, chunk: int | None = None) -> int:
@@ -118,8 +119,9 @@ def check_predict(
     Returns
     -------
     Preflight
-        The resolved model (pass it on as ``model``: it is not resolved again) and the
-        job's size in chunks.
+        The resolved model and the source opened with the bands its card takes (pass both on
+        as ``model`` and ``source``: neither is resolved or opened again), and the job's size
+        in chunks.
 
     Raises
     ------
@@ -129,9 +131,9 @@ def check_predict(
     """
     if not isinstance(source, (str, os.PathLike)):
         spec = resolve_model(model, trust=trust_model)
-        return Preflight(spec, count_chunks(source.geobox.window, chunk))
+        return Preflight(spec, count_chunks(source.geobox.window, chunk), source)
     open_source(source, require_crs=aoi is not None)  # the file first: it is the commonest mistake, and the cheapest check
     spec = resolve_model(model, trust=trust_model)
     src = open_for_model(source, spec, bands, band_map or {}, require_crs=aoi is not None)
     window = read_aoi(aoi, src.geobox).window if aoi is not None else src.geobox.window
-    return Preflight(spec, count_chunks(window, chunk))
+    return Preflight(spec, count_chunks(window, chunk), src)
