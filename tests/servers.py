@@ -1,0 +1,137 @@
+"""Real servers on the loopback address for tests: static files over HTTP with byte ranges.
+
+:func:`range_server` serves a folder at ``http://127.0.0.1:PORT/`` from a thread of the test
+process, honouring ``Range: bytes=a-b`` (what GDAL's ``/vsicurl/`` sends for each block), and
+records every request so a test can count the bytes it served. Failures can be injected: the
+next ``fail_next`` requests for a path answer ``503 Service Unavailable`` (a transient error a
+client must retry). Nothing listens beyond 127.0.0.1; the server stops when the block ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+
+
+@dataclass
+class Served:
+    """What a :func:`range_server` did: its base URL, each request, bytes sent, failures to inject."""
+
+    url: str
+    root: Path
+    requests: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, bytes sent)
+    fail_next: dict[str, int] = field(default_factory=dict)  # path -> how many 503s still to answer
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def bytes_sent(self, path: str | None = None) -> int:
+        """Body bytes sent (for ``path``, e.g. ``"/scene.tif"``, or for all paths)."""
+        with self.lock:
+            return sum(n for _, p, n in self.requests if path is None or p == path)
+
+    def count(self, path: str | None = None) -> int:
+        """Requests answered (for ``path`` or all)."""
+        with self.lock:
+            return sum(1 for _, p, _ in self.requests if path is None or p == path)
+
+
+def _handler(served: Served) -> type[SimpleHTTPRequestHandler]:
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, directory=str(served.root), **kwargs)
+
+        def log_message(self, format: str, *args) -> None:  # quiet test output
+            pass
+
+        def _record(self, n: int) -> None:
+            with served.lock:
+                served.requests.append((self.command, self.path.split("?")[0], n))
+
+        def _injected_failure(self) -> bool:
+            path = self.path.split("?")[0]
+            with served.lock:
+                left = served.fail_next.get(path, 0)
+                if left <= 0:
+                    return False
+                served.fail_next[path] = left - 1
+            self.send_response(HTTPStatus.SERVICE_UNAVAILABLE)
+            self.send_header("Content-Length", "0")
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            self._record(0)
+            return True
+
+        def do_HEAD(self) -> None:
+            if not self._injected_failure():
+                super().do_HEAD()
+                self._record(0)
+
+        def do_GET(self) -> None:
+            if self._injected_failure():
+                return
+            target = Path(self.translate_path(self.path))
+            m = _RANGE.match(self.headers.get("Range", "").strip())
+            if not target.is_file() or m is None:
+                f = self.send_head()
+                if f:
+                    with f:
+                        data = f.read()
+                    self.wfile.write(data)
+                    self._record(len(data))
+                return
+            size = target.stat().st_size
+            first, last = m.group(1), m.group(2)
+            if first == "":  # suffix range: the last N bytes
+                start, end = max(0, size - int(last or 0)), size - 1
+            else:
+                start, end = int(first), min(int(last) if last else size - 1, size - 1)
+            if start >= size or start > end:
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                self._record(0)
+                return
+            with target.open("rb") as fh:
+                fh.seek(start)
+                data = fh.read(end - start + 1)
+            self.send_response(HTTPStatus.PARTIAL_CONTENT)
+            self.send_header("Content-Type", self.guess_type(str(target)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            self._record(len(data))
+
+    return Handler
+
+
+@contextlib.contextmanager
+def range_server(root: str | Path) -> Iterator[Served]:
+    """Serve ``root`` over HTTP with byte ranges on ``127.0.0.1`` (a free port) for the block.
+
+    Yields
+    ------
+    Served
+        ``.url`` (no trailing slash), the request log and the failure injector.
+    """
+    served = Served(url="", root=Path(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(served))
+    server.daemon_threads = True
+    served.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
