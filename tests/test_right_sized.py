@@ -32,7 +32,35 @@ def test_auto_runs_a_few_chunks_in_process_and_more_on_a_cluster() -> None:
     assert count_chunks(Window(0, 0, 2048, 4096)) == 2
     assert count_chunks(Window(0, 0, 2049, 4096)) == 4
     assert count_chunks(Window(0, 0, 300, 420), chunk=160) == 6
-    assert [auto_kind(n) for n in (1, 2, 3, None)] == ["threads", "threads", "local", "local"]
+    assert [auto_kind(n) for n in (1, 2, 3, None)] == ["threads", "threads", "inproc", "inproc"]
+    # worker processes only where they pay: one per GPU, or as many as asked for
+    assert auto_kind(1, gpus=("0",)) == auto_kind(40, gpus=("0", "1")) == "local"
+    assert auto_kind(1, workers=2) == "local" and auto_kind(40, workers=1) == "inproc"
+
+
+def test_larger_predict_runs_on_a_local_cluster_inside_this_process(make_raster, torchscript_model, tmp_path) -> None:
+    """More than 2 chunks on one CPU machine: Dask distributed's scheduler and one worker in the geoseg process."""
+    src = make_raster(96, 80, seed=6)
+    out = tmp_path / "o"
+    proc = run_cli("-v", "predict", str(src), "-m", str(torchscript_model), "-o", str(out), "--chunk", "32", *TILE)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\d+ chunks, running on a local cluster in this process", proc.stderr), proc.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["scheduler"] == {
+        "kind": "local",
+        "address": run["scheduler"]["address"],
+        "workers": 1,
+        "gpus": [],
+        "auto": True,
+        "processes": False,
+    }
+    assert run["scheduler"]["address"].startswith("inproc://")
+    # a model that fails on its tiles fails there too: one line, non-zero, nothing left behind
+    bad = tmp_path / "bad"
+    proc = run_cli("predict", str(src), "-m", str(torchscript_model), "-o", str(bad), "--chunk", "32", "--bands", "1,2", *TILE)
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("geoseg: error: "), proc.stderr
+    assert not bad.exists()
 
 
 def test_small_predict_runs_in_process_and_says_so(make_raster, torchscript_model, tmp_path) -> None:

@@ -349,10 +349,10 @@ def slow_job(tmp_path_factory) -> tuple[Path, Path]:
     return src, model
 
 
-def _stop_mid_compute(slow_job, out: Path, signum: int, group: bool) -> subprocess.CompletedProcess:
+def _stop_mid_compute(slow_job, out: Path, signum: int, group: bool, scheduler: str = "local") -> subprocess.CompletedProcess:
     src, model = slow_job
     cmd = [sys.executable, "-m", "geoseg", "predict", str(src), "-m", str(model), "-o", str(out)]
-    cmd += ["--tile", "128", "--chunk", "256"]
+    cmd += ["--tile", "128", "--chunk", "256", "--scheduler", scheduler]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -361,7 +361,7 @@ def _stop_mid_compute(slow_job, out: Path, signum: int, group: bool) -> subproce
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()
         group_members = process_tree(proc.pid)
-        assert len(group_members) >= 2  # geoseg and its worker
+        assert len(group_members) >= (2 if scheduler == "local" else 1)  # geoseg (and its worker process)
         (os.killpg if group else os.kill)(proc.pid, signum)  # a terminal's Ctrl-C reaches the whole group
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -382,9 +382,10 @@ def _state(pid: int) -> str:
 
 
 @needs_proc
-def test_ctrl_c_during_compute_exits_130_with_one_line(slow_job, tmp_path) -> None:
+@pytest.mark.parametrize("scheduler", ["local", "auto"])  # worker processes; the default, a cluster in-process
+def test_ctrl_c_during_compute_exits_130_with_one_line(slow_job, tmp_path, scheduler) -> None:
     out = tmp_path / "o"
-    proc = _stop_mid_compute(slow_job, out, signal.SIGINT, group=True)
+    proc = _stop_mid_compute(slow_job, out, signal.SIGINT, group=True, scheduler=scheduler)
     assert _one_line_error(proc, 130) == "geoseg: interrupted (Ctrl-C)"
     assert "AllExit" not in proc.stderr and not (out / "mask.tif").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]

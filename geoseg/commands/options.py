@@ -137,8 +137,9 @@ def cluster_options(workers_help: str) -> Callable[[F], F]:
             "--scheduler",
             default="auto",
             show_default=True,
-            help="auto (in-process threads for up to 2 chunks, else local), local (a process cluster), threads, "
-            "synchronous or tcp://HOST:PORT.",
+            help="auto (in-process: threads for up to 2 chunks, else a local cluster whose worker runs in this process; "
+            "worker processes with GPUs or --workers > 1), local (a cluster of worker processes), threads, synchronous "
+            "or tcp://HOST:PORT.",
         ),
         click.option("--workers", type=click.IntRange(min=1), default=None, help=workers_help),
     )

@@ -69,10 +69,16 @@ class Scheduling:
     gpus: tuple[str, ...] = ()
     dashboard: str | None = None
     auto: bool = False  # chosen by ``auto`` from the job's size
+    processes: bool = True  # a local cluster's workers are processes (False: threads of this process)
 
     def record(self) -> dict[str, Any]:
-        """The ``scheduler`` entry of run.json: kind, address, workers, GPUs and whether ``auto`` chose it."""
-        return {"kind": self.kind, "address": self.address, "workers": self.workers, "gpus": list(self.gpus), "auto": self.auto}
+        """The ``scheduler`` entry of run.json: kind, address, workers, GPUs, whether ``auto`` chose it and, for a
+        local cluster, whether its workers are processes.
+        """
+        out = {"kind": self.kind, "address": self.address, "workers": self.workers, "gpus": list(self.gpus), "auto": self.auto}
+        if self.kind == "local":
+            out["processes"] = self.processes
+        return out
 
     def predict_options(self, device: str = "auto", num_threads: int | None = None) -> dict[str, Any]:
         """The keywords of :func:`geoseg.predict` that this scheduler decides.
@@ -176,20 +182,33 @@ def route_dask_logs() -> str | None:
     return path
 
 
-def auto_kind(chunks: int | None) -> str:
-    """What ``auto`` runs a job of ``chunks`` chunks on: ``threads`` up to :data:`AUTO_MAX_CHUNKS`, else ``local``.
+def auto_kind(chunks: int | None, gpus: tuple[str, ...] = (), workers: int | None = None) -> str:
+    """What ``auto`` runs a job of ``chunks`` chunks on.
+
+    ``threads`` (in-process, no cluster) up to :data:`AUTO_MAX_CHUNKS`; with GPUs or more than one
+    worker asked for, ``local`` (worker processes: one per GPU, each seeing only its own); else
+    ``inproc``: a local cluster whose one worker runs in this process. On one machine's CPU a
+    worker process only adds costs (measured in DESIGN.md: its start, a second copy of the
+    imports, every chunk's result crossing a socket), and forward passes are serialised per
+    process anyway.
 
     Parameters
     ----------
     chunks : int or None
         The job's chunks (an estimate from the input's size and the chunk size); None when unknown.
+    gpus : tuple of str
+        GPUs the workers would use.
+    workers : int, optional
+        Workers asked for.
 
     Returns
     -------
     str
-        ``threads`` or ``local``.
+        ``threads``, ``inproc`` or ``local``.
     """
-    return "threads" if chunks is not None and chunks <= AUTO_MAX_CHUNKS else "local"
+    if gpus or (workers or 1) > 1:
+        return "local"
+    return "threads" if chunks is not None and chunks <= AUTO_MAX_CHUNKS else "inproc"
 
 
 def _killed_worker(exc: BaseException) -> WorkerLostError:
@@ -253,7 +272,7 @@ def scheduler(
     auto = kind == "auto"
     gpus = _check_workers(workers, device, cores) if kind in ("auto", "local") else ()
     if auto:
-        kind = auto_kind(chunks)
+        kind = auto_kind(chunks, gpus, workers)
     size = f"{chunks} chunk{'s' * (chunks != 1)}" if chunks is not None else "job size unknown"
     if kind in ("threads", "synchronous"):
         if auto:
@@ -264,10 +283,10 @@ def scheduler(
     if "://" in kind:
         yield from _remote(kind)
         return
-    if kind != "local":
+    if kind not in ("local", "inproc") or (kind == "inproc" and not auto):
         shown = kind if len(kind) <= 80 else kind[:77] + "..."
         raise InputError(f"unknown scheduler {shown!r}; use auto, local, threads, synchronous or tcp://HOST:PORT")
-    yield from _local(workers, gpus, cores, size if auto else None)
+    yield from _local(workers, gpus, cores, size if auto else None, processes=not (auto and kind == "inproc"))
 
 
 def _check_workers(workers: int | None, device: str, cores: int) -> tuple[str, ...]:
@@ -296,30 +315,38 @@ def _remote(kind: str) -> Iterator[Scheduling]:
         yield from _guarded(Scheduling(kind, kind, n, None, None))
 
 
-def _local(workers: int | None, gpus: tuple[str, ...], cores: int, auto_size: str | None) -> Iterator[Scheduling]:
-    """A local cluster for the block; ``auto_size`` is the job's size when ``auto`` chose it (for the log)."""
+def _local(
+    workers: int | None, gpus: tuple[str, ...], cores: int, auto_size: str | None, processes: bool = True
+) -> Iterator[Scheduling]:
+    """A local cluster for the block; ``auto_size`` is the job's size when ``auto`` chose it (for the log).
+
+    ``processes=False``: one worker in this process, reached in memory (no TLS: no comm listens; Dask's HTTP servers
+    serve no routes on 127.0.0.1).
+    """
     from distributed import Client
 
     route_dask_logs()
-    security = local_security()
+    security = local_security() if processes else None
     dashboard = dashboard_address()
     with ExitStack() as stack:
         held = stack.enter_context(_held_signals())
-        cluster, sched = _start_local(workers, gpus, cores, security, dashboard)
+        cluster, sched = _start_local(workers, gpus, cores, security, dashboard, processes)
         stack.enter_context(cluster)
         client = stack.enter_context(Client(cluster))
         held.release()  # a stop signal that came while the cluster started is acted on now, inside the `with`
         link, where = _dashboard_link(client, dashboard)
         sched = replace(sched, address=client.scheduler.address, dashboard=link, auto=auto_size is not None)
         doing = f"{auto_size}, running" if auto_size else "running"
-        log.info(
-            "%s on a local cluster of %d worker(s) at %s (TLS, this process only); %s", doing, sched.workers, sched.address, where
-        )
+        if processes:
+            how = f"of {sched.workers} worker(s) at {sched.address} (TLS, this process only)"
+        else:
+            how = "in this process (one worker, reached in memory; kind='local' starts worker processes)"
+        log.info("%s on a local cluster %s; %s", doing, how, where)
         yield from _guarded(sched)
 
 
 def _start_local(
-    workers: int | None, gpus: tuple[str, ...], cores: int, security: Any, dashboard: str | None
+    workers: int | None, gpus: tuple[str, ...], cores: int, security: Any, dashboard: str | None, processes: bool = True
 ) -> tuple[Any, Scheduling]:
     """Start the local cluster: one worker per GPU (each seeing only its own), else ``workers`` CPU workers."""
     import dask
@@ -332,6 +359,8 @@ def _start_local(
     with dask.config.set(quiet_http):
         if gpus:
             return _gpu_cluster(workers or len(gpus), gpus, cores, security, http, worker_opts)
+        if not processes:
+            return _inproc_cluster(cores, dashboard, http)
         return _cpu_cluster(workers or 1, cores, security, dashboard, http, worker_opts)
 
 
@@ -387,6 +416,26 @@ def _cpu_cluster(
         **worker_opts,
     )
     return cluster, Scheduling("local", None, n, per_worker, None)
+
+
+def _inproc_cluster(cores: int, dashboard: str | None, http: dict) -> tuple[Any, Scheduling]:
+    """One worker thread pool in this process, on Dask's in-memory transport (``inproc://``).
+
+    Dask still starts an HTTP server for the scheduler and the worker: on 127.0.0.1, with no
+    routes unless the dashboard was asked for.
+    """
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=1,
+        threads_per_worker=max(2, cores),
+        processes=False,
+        dashboard_address=dashboard,
+        worker_dashboard_address="127.0.0.1:0",
+        scheduler_kwargs=http,
+        silence_logs=logging.WARNING,
+    )
+    return cluster, Scheduling("local", None, 1, cores, None, processes=False)
 
 
 def _dashboard_link(client: Any, dashboard: str | None) -> tuple[str | None, str]:

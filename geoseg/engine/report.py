@@ -204,6 +204,7 @@ def _job_entries(job: Job, stats: list[dict], n_chunks: int) -> dict[str, Any]:
             "kind": job.spec.kind,
             "path": job.spec.path,
             "backend": job.info.backend,
+            "precision": job.info.precision,  # the arithmetic used; parameters.precision is what was asked
             "classes": [class_entry(c) for c in job.card.classes],
         },
         "parameters": {**job.params(), "mmu_px": job.card.mmu},  # the minimum mapping unit vectorize applies

@@ -62,36 +62,66 @@ def _batches(plan: TilePlan, i: int, j: int, valid: np.ndarray, batch_size: int)
     return batches, len(tiles), skipped
 
 
-def _stack(data: np.ndarray, origin: Window, tiles: list) -> np.ndarray:
-    return np.stack([data[(slice(None), *t.input.slices(origin))] for t in tiles]).astype(np.float32, copy=False)
+class _TileInputs:
+    """A chunk's model inputs, made tile by tile from its raw values: float32, the card's scaling
+    applied, invalid pixels 0.
+
+    Scaling each tile as it is stacked (rather than the whole chunk up front) keeps one float32
+    copy of a batch in memory instead of one of the whole chunk: 64 MiB less per chunk in flight
+    for a 2304 px RGB input window. Scaling is elementwise, so the values are the same.
+    """
+
+    def __init__(self, data: np.ndarray, origin: Window, valid_input: np.ndarray, spec: ModelSpec) -> None:
+        self.data, self.origin, self.valid_input = data, origin, valid_input
+        self.scaling = spec.card.scaling
+        # only scaling or float64 values turn valid, finite pixels into +-inf/NaN; those, and the
+        # invalid pixels whose raw 0 scaling moved, are zeroed after the conversion
+        self.zero_invalid = self.scaling.method != "none" or data.dtype == np.float64
+
+    def convert(self, raw: np.ndarray) -> np.ndarray:
+        """Raw values to the model's float32 (a new array unless they already are float32, unscaled)."""
+        if self.scaling.method != "none":
+            return self.scaling.apply(raw)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return raw.astype(np.float32, copy=False)
+
+    def batch(self, tiles: list) -> np.ndarray:
+        """``(N, bands, h, w)`` float32 for tiles of one input shape."""
+        out = []
+        for t in tiles:
+            sl = t.input.slices(self.origin)
+            x = self.convert(self.data[(slice(None), *sl)])
+            if self.zero_invalid:
+                x = x.copy() if np.may_share_memory(x, self.data) else x  # never zero the chunk's raw values
+                x[:, ~self.valid_input[sl]] = 0.0
+            out.append(x)
+        return np.stack(out).astype(np.float32, copy=False)
 
 
 def _model_inputs(
     data: np.ndarray, origin: Window, valid: np.ndarray, valid_input: np.ndarray, spec: ModelSpec, cw: Window
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """The chunk's model inputs (float32, the card's scaling applied once, invalid pixels 0).
+) -> tuple[_TileInputs, np.ndarray, int]:
+    """The chunk's model inputs (see :class:`_TileInputs`) and its valid pixels.
 
     Pixels whose values do not fit float32 after scaling (float64 data near 1e300, a scaling
     that overflows) are never fed to the model as inf: they become invalid (nodata) and are
-    counted. Returns ``(data, valid, overflow)``, ``valid`` over the chunk window ``cw``.
+    counted. They are found strip by strip, never holding a float32 copy of the whole chunk.
+    Returns ``(inputs, valid, overflow)``, ``valid`` over the chunk window ``cw``.
     """
-    wide = data.dtype == np.float64
-    scaled = spec.card.scaling.method != "none"
-    if scaled:
-        data = spec.card.scaling.apply(data)  # a new float32 array
-    elif data.dtype != np.float32:
-        with np.errstate(over="ignore", invalid="ignore"):
-            data = data.astype(np.float32)  # a new array
+    inputs = _TileInputs(data, origin, valid_input, spec)
     overflow = 0
-    if scaled or wide:  # only these turn valid, finite values into +-inf or NaN
-        bad = valid_input & ~np.isfinite(data).all(axis=0)
+    if inputs.zero_invalid:
+        bad = np.zeros(valid_input.shape, dtype=bool)
+        step = max(1, (1 << 22) // max(1, data.shape[0] * data.shape[2]))  # about 4 Mi values per strip
+        for r in range(0, data.shape[1], step):
+            strip = inputs.convert(data[:, r : r + step])
+            bad[r : r + step] = valid_input[r : r + step] & ~np.isfinite(strip).all(axis=0)
         if bad.any():
-            valid_input = valid_input & ~bad
+            inputs.valid_input = valid_input & ~bad
             in_chunk = bad[cw.slices(origin)]
             overflow = int((valid & in_chunk).sum())
             valid = valid & ~in_chunk
-        data[:, ~valid_input] = 0.0  # invalid pixels enter the model as 0 (scaling moved them)
-    return data, valid, overflow
+    return inputs, valid, overflow
 
 
 def _model_size(runtime: Runtime) -> tuple[int, int] | None:
@@ -120,13 +150,13 @@ def predict_chunk(
     t0 = time.perf_counter()
     predictor = get_predictor(spec, runtime)
     cw = plan.chunk_window(i, j)
-    data, valid, overflow = _model_inputs(chunk["data"], chunk["window"], chunk["valid"], chunk["valid_input"], spec, cw)
+    inputs, valid, overflow = _model_inputs(chunk["data"], chunk["window"], chunk["valid"], chunk["valid_input"], spec, cw)
     batches, n_tiles, skipped = _batches(plan, i, j, valid, runtime.batch_size)
     stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"], "overflow": overflow, "nonfinite": 0}
     model_t: dict[str, float] = {"forward_s": 0.0, "wait_s": 0.0}
     report = TileReport(channel)
     report.add(skipped)  # nothing to segment in those: done
-    run = _Forward(predictor, runtime, data, chunk["window"], model_t, report)
+    run = _Forward(predictor, runtime, inputs, model_t, report)
     if blend == "crop":
         out = _crop(run, batches, cw, valid, n_classes, probabilities)
         stats["nonfinite"] = out.pop("nonfinite")
@@ -140,18 +170,16 @@ def predict_chunk(
 
 
 class _Forward:
-    """The model on batches of a chunk's tiles: inputs stacked from the chunk's data, times summed in ``timings``,
+    """The model on batches of a chunk's tiles: inputs made from the chunk's raw values, times summed in ``timings``,
     each batch's tiles reported done.
     """
 
-    def __init__(
-        self, predictor: Any, runtime: Runtime, data: np.ndarray, origin: Window, timings: dict, report: TileReport
-    ) -> None:
-        self.predictor, self.runtime, self.data, self.origin, self.timings = predictor, runtime, data, origin, timings
+    def __init__(self, predictor: Any, runtime: Runtime, inputs: _TileInputs, timings: dict, report: TileReport) -> None:
+        self.predictor, self.runtime, self.inputs, self.timings = predictor, runtime, inputs, timings
         self.report = report
 
     def __call__(self, batch: list, want: str) -> np.ndarray:
-        x = _stack(self.data, self.origin, batch)
+        x = self.inputs.batch(batch)
         y = self.predictor(x, want=want, timings=self.timings, size=_model_size(self.runtime), tta=self.runtime.tta)
         self.report.add(len(batch))
         return y

@@ -2,7 +2,7 @@
 
 torch and onnxruntime are imported inside functions, on workers only; the device and the model
 file made safe to run are :mod:`geoseg.models.loading`'s. A worker process keeps each
-loaded model in a cache keyed by ``(sha256, activation, device, precision)``, so a model
+loaded model in a cache keyed by ``(sha256, activation, device, precision, ONNX runtime asked for)``, so a model
 is loaded once per worker however many chunks it segments.
 
 Every forward pass of a process runs on one dedicated model thread. torch and onnxruntime
@@ -25,10 +25,14 @@ import numpy as np
 
 from geoseg.errors import DeviceError, ModelError
 from geoseg.models.loading import (
+    ONNX_BACKEND_ENV,
+    cpu_has_bf16,
     default_threads,
     first_conv_channels,
     load_torch_module,
+    onnx_backend,
     onnx_session,
+    openvino_model,
     resolve_device,
     tune_malloc,
 )
@@ -36,7 +40,7 @@ from geoseg.models.spec import ModelSpec, Runtime
 
 __all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe", "resample_batch"]
 
-_CACHE: dict[tuple[str, str, str, str], Predictor] = {}
+_CACHE: dict[tuple[str, ...], Predictor] = {}
 #: test-time augmentation views (rot90 count, horizontal flip first): 2 = a flip, 4 = and a half turn, 8 = all
 DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((k, f) for k in (0, 2, 1, 3) for f in (False, True))
 _CACHE_MAX = 4
@@ -54,6 +58,7 @@ class ModelInfo:
     device_name: str
     backend: str
     versions: dict[str, str]
+    precision: str = "fp32"  # the arithmetic the forwards use (precision="fast" resolves to bf16, fp16 or fp32)
 
 
 def _set_torch_threads(n: int) -> None:
@@ -98,22 +103,49 @@ class Predictor:
         self._in_channels = first_conv_channels(self.model)
         self.backend = f"torch {torch.__version__}"
         self.fixed_size = None
-        p = self.runtime.precision
-        self._autocast = None if p == "fp32" else (torch.bfloat16 if p == "bf16" else torch.float16)
+        self._autocast = _torch_autocast(self.runtime.precision, self.device.type)
+        self.precision_used = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._autocast]
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def _load_onnx(self) -> None:
+        tune_malloc()  # tiles and logits are numpy arrays of megabytes: keep them off mmap (see tune_malloc)
+        if onnx_backend(self.runtime) == "openvino":
+            self._load_openvino()
+            return
         self.session = onnx_session(self.spec, self.runtime)
         import onnxruntime as ort  # present: onnx_session imported it
 
         inp = self.session.get_inputs()[0]
         self._input_name = inp.name
-        h, w = inp.shape[2:4] if len(inp.shape) == 4 else (None, None)
-        self.fixed_size = h if isinstance(h, int) and h == w else None
-        self._in_channels = inp.shape[1] if len(inp.shape) == 4 and isinstance(inp.shape[1], int) else None
+        self._set_input_shape(list(inp.shape))
         self.device_name = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.device = self.device_name
+        self.precision_used = "fp32"
         self.backend = f"onnxruntime {ort.__version__}"
+        self._run_onnx = lambda batch: self.session.run(None, {self._input_name: batch})[0]
+
+    def _load_openvino(self) -> None:
+        import openvino as ov
+
+        compiled, self.precision_used = openvino_model(self.spec, self.runtime)
+        shape = compiled.inputs[0].get_partial_shape()
+        dims = [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static else []
+        self._set_input_shape(dims)
+        request = compiled.create_infer_request()  # one: every forward runs on the model thread
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            request.infer({0: batch})
+            return request.get_output_tensor(0).data.copy()  # the request reuses its buffer
+
+        self._run_onnx = run
+        self.device_name = self.device = "cpu"
+        self.backend = f"openvino {ov.__version__.split('-')[0]} ({self.precision_used})"
+
+    def _set_input_shape(self, dims: list) -> None:
+        """Fixed tile size and band count from the model's input dimensions (None where dynamic)."""
+        h, w = dims[2:4] if len(dims) == 4 else (None, None)
+        self.fixed_size = h if isinstance(h, int) and h == w else None
+        self._in_channels = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else None
 
     # -- running -----------------------------------------------------------------------
     def _forward_torch(self, batch: np.ndarray, want: str) -> np.ndarray:
@@ -178,7 +210,7 @@ class Predictor:
                 f"{self.spec.path}: the model takes {self._in_channels} bands but got {batch.shape[1]}; "
                 "choose bands with bands= or band_map="
             )
-        y = self.session.run(None, {self._input_name: batch})[0].astype(np.float32, copy=False)
+        y = self._run_onnx(batch).astype(np.float32, copy=False)
         self._check_output(y.shape, batch.shape)
         return self._finish(y, want)
 
@@ -268,6 +300,21 @@ class Predictor:
                 timings["wait_s"] = timings.get("wait_s", 0.0) + started[0] - t0
 
 
+def _torch_autocast(precision: str, device_type: str):
+    """The autocast dtype for ``precision`` on this device (None: fp32).
+
+    ``fast`` is fp16 on a GPU, bf16 on a CPU with AVX-512 BF16/AMX, else fp32 (a CPU without
+    bf16 arithmetic would emulate it, slower than fp32).
+    """
+    import torch
+
+    if precision == "fast":
+        if device_type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def resample_batch(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize ``(N, C, h, w)`` to ``(N, C, *size)`` with pixel areas aligned (no half-pixel shift).
 
@@ -321,7 +368,7 @@ def get_predictor(spec: ModelSpec, runtime: Runtime) -> Predictor:
     -------
     Predictor
     """
-    key = (spec.sha256, spec.card.activation, runtime.device, runtime.precision)
+    key = (spec.sha256, spec.card.activation, runtime.device, runtime.precision, os.environ.get(ONNX_BACKEND_ENV, ""))
     pred = _CACHE.get(key)
     if pred is None:
         with _CACHE_LOCK:
@@ -351,11 +398,12 @@ def probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int) -> ModelInfo
     out = pred(np.zeros((1, bands, s, s), dtype=np.float32), want="logits")
     versions: dict[str, Any] = {}
     if pred._onnx:  # an ONNX worker never imports torch (saves seconds and ~300 MiB per worker)
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
+        name, version = pred.backend.split()[:2]
+        versions[name] = version
     else:
         import torch
 
         versions["torch"] = str(torch.__version__)  # a plain str: unpickling TorchVersion would import torch in the client
-    return ModelInfo(int(out.shape[1]), pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions)
+    return ModelInfo(
+        int(out.shape[1]), pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions, pred.precision_used
+    )

@@ -24,7 +24,11 @@ from geoseg.models.card import ModelCard, card_from_dict
 from geoseg.models.card_sources import find_card
 from geoseg.models.safety import scan_model
 
-__all__ = ["IN_MEMORY_MODELS", "ModelSpec", "Runtime", "resolve_model", "sha256_file"]
+__all__ = ["IN_MEMORY_MODELS", "PRECISIONS", "ModelSpec", "Runtime", "resolve_model", "sha256_file"]
+
+
+#: ``precision=`` values: exact fp32, the fastest reduced precision this device has, or one named outright
+PRECISIONS = ("fp32", "fast", "bf16", "fp16")
 
 
 # A qualitative palette (colour-blind aware first entries); class 0 is transparent-ish grey.
@@ -33,8 +37,9 @@ class Runtime:
     """How a worker runs a model: device, precision, batch size, CPU threads.
 
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; asking for CUDA where there is
-    none is an error, never a silent CPU run. ``precision`` ``bf16``/``fp16`` enables
-    autocast. ``num_threads`` sets torch/onnxruntime intra-op threads in each worker.
+    none is an error, never a silent CPU run. ``precision`` ``fast`` computes in bf16 on CPUs
+    that have it (torch autocast; OpenVINO for ONNX) and fp16 on GPUs (torch autocast);
+    ``bf16``/``fp16`` ask for that arithmetic outright. ``num_threads`` sets torch/onnxruntime intra-op threads in each worker.
     ``scale`` (model pixels per raster pixel) != 1 resamples every tile to ``model_size``
     pixels a side (the model's pixel size) and its logits back. ``tta`` > 1 runs every
     batch in that many dihedral views (flips, then rotations) and averages the logits.
@@ -51,8 +56,8 @@ class Runtime:
     def __post_init__(self) -> None:
         if self.tta not in (1, 2, 4, 8):
             raise ModelError(f"tta must be 1, 2, 4 or 8 views, got {self.tta!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ModelError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ModelError(f"batch size must be >= 1, got {self.batch_size}")
         d = self.device

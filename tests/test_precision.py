@@ -1,0 +1,133 @@
+"""``precision="fast"`` and the ONNX runtimes: what runs, what run.json says, and how close the masks stay.
+
+The fast mode computes in bf16 (OpenVINO for ONNX models, torch autocast for torch models) on CPUs
+with AVX-512 BF16 or AMX; its masks must agree with fp32 on >= 99.5 % of the pixels of real
+imagery and keep the bundled models' object F1 within 0.01 of fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+import geoseg
+from geoseg.errors import ModelError
+from geoseg.evaluate import evaluate
+from geoseg.models.loading import ONNX_BACKEND_ENV, cpu_has_bf16, onnx_backend
+from geoseg.models.spec import Runtime
+
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed (pip install 'geoseg[fast]')"
+)
+
+
+def _mask(path: Path) -> np.ndarray:
+    with rasterio.open(path / "mask.tif") as ds:
+        return ds.read(1)
+
+
+def _run(src: str, model: str, out: Path, **kw) -> dict:
+    with geoseg.scheduler("threads"):
+        geoseg.write(geoseg.predict(src, model, **kw), str(out))
+    return json.loads((out / "run.json").read_text())
+
+
+def test_onnx_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ONNX_BACKEND_ENV, "onnxruntime")
+    assert onnx_backend(Runtime(device="cpu")) == "onnxruntime"
+    with pytest.raises(ModelError, match=r"precision='fast' runs ONNX models on OpenVINO and .*=onnxruntime"):
+        onnx_backend(Runtime(device="cpu", precision="fast"))
+    monkeypatch.setenv(ONNX_BACKEND_ENV, "tensorrt")
+    with pytest.raises(ModelError, match="use openvino or onnxruntime"):
+        onnx_backend(Runtime(device="cpu"))
+    monkeypatch.delenv(ONNX_BACKEND_ENV)
+    assert onnx_backend(Runtime(device="cuda")) == "onnxruntime"  # onnxruntime's CUDA provider on a GPU
+    with pytest.raises(ModelError, match="fp16' is for GPUs"):
+        onnx_backend(Runtime(device="cpu", precision="fp16"))
+    with pytest.raises(ModelError, match="precision must be one of fp32, fast, bf16, fp16"):
+        Runtime(precision="int4")
+
+
+def test_fast_without_openvino_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    monkeypatch.delenv(ONNX_BACKEND_ENV, raising=False)
+    assert onnx_backend(Runtime(device="cpu")) == "onnxruntime"  # fp32 without OpenVINO: onnxruntime, the default
+    with pytest.raises(ModelError, match=r"pip install 'geoseg\[fast\]'"):
+        onnx_backend(Runtime(device="cpu", precision="fast"))
+
+
+@needs_openvino
+def test_openvino_fp32_equals_onnxruntime_and_run_json_says_which_ran(
+    make_raster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = str(make_raster(300, 260, bands=3, dtype="uint8"))
+    monkeypatch.setenv(ONNX_BACKEND_ENV, "onnxruntime")
+    ort_run = _run(src, "buildings", tmp_path / "ort")
+    monkeypatch.setenv(ONNX_BACKEND_ENV, "openvino")
+    ov_run = _run(src, "buildings", tmp_path / "ov")
+    assert ort_run["model"]["backend"].startswith("onnxruntime ")
+    assert ov_run["model"]["backend"].startswith("openvino ") and ov_run["model"]["backend"].endswith("(fp32)")
+    assert ov_run["model"]["precision"] == ort_run["model"]["precision"] == "fp32"
+    assert "openvino" in ov_run["versions"]
+    a, b = _mask(tmp_path / "ort"), _mask(tmp_path / "ov")
+    assert (a == b).mean() >= 0.999, (a == b).mean()
+
+
+@needs_openvino
+def test_fast_is_recorded_with_the_arithmetic_it_used(make_raster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ONNX_BACKEND_ENV, raising=False)
+    src = str(make_raster(200, 200, bands=3, dtype="uint8"))
+    run = _run(src, "buildings", tmp_path / "fast", precision="fast")
+    want = "bf16" if cpu_has_bf16() else "fp32"
+    assert run["parameters"]["precision"] == "fast"
+    assert run["model"]["precision"] == want
+    assert run["model"]["backend"].endswith(f"({want})")
+
+
+def test_fast_torch_model_uses_autocast_on_a_bf16_cpu(torchscript_model: Path, make_raster, tmp_path: Path) -> None:
+    src = str(make_raster(160, 160, bands=3))
+    run = _run(src, str(torchscript_model), tmp_path / "t", precision="fast", tile=64, halo=8)
+    assert run["model"]["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    ref = _run(src, str(torchscript_model), tmp_path / "r", tile=64, halo=8)
+    assert ref["model"]["precision"] == "fp32"
+    agree = (_mask(tmp_path / "t") == _mask(tmp_path / "r")).mean()
+    assert agree >= 0.95, agree  # a random 4-class net: near-ties everywhere; real models are checked below
+
+
+# ---- real imagery: ../shared/data -------------------------------------------------------------------------
+def _agreement_and_f1(image: str, labels: str, model: str, cls: str, out: Path, iou: float) -> tuple[float, float, float]:
+    _run(image, model, out / "fp32")
+    _run(image, model, out / "fast", precision="fast")
+    a, b = _mask(out / "fp32"), _mask(out / "fast")
+    f1 = [
+        evaluate(str(out / k / "mask.tif"), labels, label_class=cls, iou_threshold=iou)["classes"][cls]["object_f1"]
+        for k in ("fp32", "fast")
+    ]
+    return float((a == b).mean()), f1[0], f1[1]
+
+
+@needs_openvino
+def test_fast_ships_on_casablanca_agree_with_fp32(shared_data: Path, tmp_path: Path) -> None:
+    from geoseg.train.folds import casablanca
+
+    place = casablanca(str(shared_data), str(tmp_path / "stack"))
+    agree, f1_fp32, f1_fast = _agreement_and_f1(place.images[0], place.labels[0], "ships", "ship", tmp_path, 0.0)
+    print(f"ships on Casablanca: agreement {agree:.5f}, object F1 fp32 {f1_fp32:.3f}, fast {f1_fast:.3f}")
+    assert agree >= 0.995, agree
+    assert abs(f1_fast - f1_fp32) <= 0.01, (f1_fp32, f1_fast)
+
+
+@needs_openvino
+def test_fast_buildings_on_kavre_agree_with_fp32(shared_data: Path, tmp_path: Path) -> None:
+    folder = shared_data / "train" / "oam_buildings"
+    img, labels = folder / "nepal_kavre_z19_1.tif", folder / "nepal_kavre_z19_1_buildings.geojson"
+    agree, f1_fp32, f1_fast = _agreement_and_f1(str(img), str(labels), "buildings", "building", tmp_path, 0.5)
+    print(f"buildings on Kavre 1: agreement {agree:.5f}, object F1 fp32 {f1_fp32:.3f}, fast {f1_fast:.3f}")
+    assert agree >= 0.995, agree
+    assert abs(f1_fast - f1_fp32) <= 0.01, (f1_fp32, f1_fast)
