@@ -219,6 +219,36 @@ def test_a_dataset_of_bands_with_a_time_of_one_is_a_cube_and_more_dates_are_refu
     assert "\n" not in str(err.value)
 
 
+def test_a_stackstac_style_cube_named_by_pixel_corners_and_common_names(scene, net) -> None:
+    """stackstac's layout: (time, band, y, x), asset ids as bands with STAC common names beside them, coordinates
+    on pixel top-left corners (its default) with the affine in attrs: read on the file's grid, not half a pixel off."""
+    from rasterio.transform import from_origin
+
+    data = read(scene, None)
+    transform = from_origin(500000.0, 4100000.0, 2.0, 2.0)
+    height, width = data.shape[1:]
+    cube = xr.DataArray(
+        np.stack([data[2], data[0], data[1]])[None],
+        dims=("time", "band", "y", "x"),
+        coords={
+            "time": [np.datetime64("2024-05-01")],
+            "band": ["nir08", "red", "green"],
+            "common_name": ("band", ["nir", "red", "green"]),
+            "x": 500000.0 + 2.0 * np.arange(width),
+            "y": 4100000.0 - 2.0 * np.arange(height),
+        },
+        attrs={"crs": "epsg:32633", "transform": transform, "resolution": 2.0},
+    ).chunk({"band": 1, "y": 128, "x": 128})
+    cube = cube.rio.write_nodata(0)
+    card = card_from_dict(CARD, "test card")
+    with geoseg.scheduler("threads"):
+        want = geoseg.predict(scene, net, tile=64, halo=8, chunk=128)
+        got = geoseg.predict(cube, net, card=card, tile=64, halo=8, chunk=128)
+        np.testing.assert_array_equal(got.values, want.values)
+    _same_grid(got, want)
+    assert got.attrs["geoseg_job"].job.source.band_descriptions == ("red", "green", "nir")
+
+
 def test_arrays_geoseg_cannot_read_are_one_line_errors(net) -> None:
     odd = xr.DataArray(np.zeros((3, 20, 20), np.uint8), dims=("a", "rows", "cols"))
     with pytest.raises(InputError, match=r"no spatial dimensions .*rename"):

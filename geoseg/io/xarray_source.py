@@ -25,7 +25,7 @@ import numpy as np
 from affine import Affine
 
 from geoseg.errors import InputError, warn_not_georeferenced
-from geoseg.grid import GeoBox, Window, chunk_windows, reflect_window
+from geoseg.grid import GeoBox, Window, reflect_window
 
 __all__ = ["ARRAY_CHUNK", "BAND_DIMS", "ArraySource", "is_xarray", "open_array", "read_pixels"]
 
@@ -119,17 +119,14 @@ class ArraySource:
         a block that several windows overlap is computed once.
         """
         span, _, _ = reflect_window(window, self.geobox.height, self.geobox.width)
-        data = self._selected().data
-        if "_blocks" not in self.__dict__:
-            self.__dict__["_blocks"] = data.to_delayed(optimize_graph=False)  # the array's own block keys
-        blocks = self.__dict__["_blocks"]
-        grid = chunk_windows(data.chunks[1:])
-        rows = [i for i, row in enumerate(grid) if row[0].row_off < span.row_stop and row[0].row_stop > span.row_off]
-        cols = [j for j, w in enumerate(grid[0]) if w.col_off < span.col_stop and w.col_stop > span.col_off]
-        cut = [
-            [[blocks[b, i, j][(slice(None), *span.intersection(grid[i][j]).slices(grid[i][j]))] for j in cols] for i in rows]
-            for b in range(blocks.shape[0])
-        ]
+        if "_blocks" not in self.__dict__:  # the array's own block keys, and where its blocks start
+            data = self._selected().data
+            edges = tuple(np.cumsum((0, *c)) for c in data.chunks[1:])
+            self.__dict__["_blocks"] = (data.to_delayed(optimize_graph=False), *edges)
+        blocks, row_edges, col_edges = self.__dict__["_blocks"]
+        rows = _cuts(row_edges, span.row_off, span.row_stop)
+        cols = _cuts(col_edges, span.col_off, span.col_stop)
+        cut = [[[blocks[b, i, j][:, rs, cs] for j, cs in cols] for i, rs in rows] for b in range(blocks.shape[0])]
         return span, cut
 
     def overview(self, max_side: int = 1024) -> tuple[np.ma.MaskedArray, int]:
@@ -161,6 +158,18 @@ class ArraySource:
             "band_descriptions": list(self.band_descriptions),
             "nodata": self.nodata,
         }
+
+
+def _cuts(edges: np.ndarray, start: int, stop: int) -> list[tuple[int, slice]]:
+    """The blocks along one axis (block ``k`` spans ``edges[k]:edges[k + 1]``) that ``start:stop`` overlaps,
+    each with the slice of it that lies inside ``start:stop``.
+    """
+    first = int(np.searchsorted(edges, start, side="right")) - 1
+    last = int(np.searchsorted(edges, stop, side="left"))
+    return [
+        (k, slice(max(start, int(edges[k])) - int(edges[k]), min(stop, int(edges[k + 1])) - int(edges[k])))
+        for k in range(first, last)
+    ]
 
 
 def is_xarray(obj: Any) -> bool:
@@ -324,8 +333,9 @@ def _band_names(arr: Any, name: Any) -> tuple[tuple[str, ...], list[str | None]]
         texts = [str(v) if v else None for v in long_name]
     elif n == 1 and not any(texts) and isinstance(name, str):
         texts = [name]
-    if "common_name" in arr.coords and arr["common_name"].dims == (band,):
-        texts = [str(c) if isinstance(c, str) and c else t for c, t in zip(arr["common_name"].values, texts, strict=True)]
+    common = next((c for c in ("common_name", "eo:bands_common_name") if c in arr.coords and arr[c].dims == (band,)), None)
+    if common is not None:  # stackstac's STAC eo:bands common names (red, nir, swir16)
+        texts = [str(c) if isinstance(c, str) and c else t for c, t in zip(arr[common].values, texts, strict=True)]
     names = tuple(coord) if coord is not None else tuple(t or str(k + 1) for k, t in enumerate(texts))
     return names, texts
 
@@ -358,7 +368,28 @@ def _georeference(arr: Any) -> tuple[str | None, Affine]:
             return None, Affine.identity()
         transform = arr.rio.transform()
     epsg = crs.to_epsg()
-    return (f"EPSG:{epsg}" if epsg is not None else crs.to_wkt()), transform
+    return (f"EPSG:{epsg}" if epsg is not None else crs.to_wkt()), _corner_named(arr, transform)
+
+
+def _corner_named(arr: Any, transform: Affine) -> Affine:
+    """The transform of an array whose coordinates name pixel corners, not centres.
+
+    stackstac (its default ``xy_coords="topleft"``) keeps its affine in ``attrs["transform"]``
+    and labels each pixel by its top-left corner; rioxarray and odc-geo read coordinates as
+    centres, half a pixel off. When the first coordinates sit on that affine's pixel corners,
+    the grid starts there.
+    """
+    try:
+        stored = Affine(*tuple(arr.attrs["transform"])[:6])
+        x0, y0 = float(arr[arr.rio.x_dim][0]), float(arr[arr.rio.y_dim][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return transform
+    if not stored.is_rectilinear or stored.a == 0 or stored.e == 0:
+        return transform
+    col, row = (x0 - stored.c) / stored.a, (y0 - stored.f) / stored.e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return transform  # centres (or no relation to the stored affine)
+    return Affine(stored.a, 0.0, x0, 0.0, stored.e, y0)
 
 
 def _odc_geobox(arr: Any) -> Any:
