@@ -217,6 +217,9 @@ def test_a_dataset_of_bands_with_a_time_of_one_is_a_cube_and_more_dates_are_refu
     with pytest.raises(InputError, match=r"'time' dimension holds 2 slices.*isel\(time=0\)") as err:
         geoseg.predict(two, net, card=card)
     assert "\n" not in str(err.value)
+    # one band over dates: the dates are never taken for bands
+    with pytest.raises(InputError, match=r"'time' dimension holds 2 slices"):
+        geoseg.predict(two["red"], net)
 
 
 def test_a_stackstac_style_cube_named_by_pixel_corners_and_common_names(scene, net) -> None:
@@ -268,6 +271,18 @@ def test_percentile_scaling_is_resolved_on_the_array_as_on_the_file(scene, net) 
         got = geoseg.predict(cube, net, card=card, tile=64, halo=8, chunk=128)
         np.testing.assert_array_equal(got.values, want.values)
     assert got.attrs["geoseg_job"].job.spec.card.scaling == want.attrs["geoseg_job"].job.spec.card.scaling
+
+
+def test_reflectance_cards_tell_the_arrays_radiometry_as_the_files(scene, net) -> None:
+    """No metadata either way: the value range decides, on the same decimated pixels; (y, x, band) order is fine."""
+    scaling = {"method": "reflectance", "mean": [0.05], "std": [0.1]}
+    card = card_from_dict({"name": "r", "scaling": scaling}, "test card")
+    cube = rioxarray.open_rasterio(scene, chunks={"band": 3, "y": 128, "x": 128}).transpose("y", "x", "band")
+    with geoseg.scheduler("threads"):
+        want = geoseg.predict(scene, net, card=card, tile=64, halo=8, chunk=128)
+        got = geoseg.predict(cube, net, card=card, tile=64, halo=8, chunk=128)
+        np.testing.assert_array_equal(got.values, want.values)
+    assert got.attrs["geoseg_job"].job.radiometry == want.attrs["geoseg_job"].job.radiometry
 
 
 def test_segment_of_a_cube_on_the_local_cluster(scene, net, tmp_path) -> None:

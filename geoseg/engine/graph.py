@@ -57,8 +57,9 @@ def predict(
         Any raster GDAL opens (GeoTIFF, COG, VRT, JP2, ``/vsi...``), or a ``(band, y, x)``
         DataArray, lazy (odc-stac, stackstac, ``rioxarray.open_rasterio(..., chunks=)``) or in
         memory, with its CRS (``.rio.crs``/``.odc.geobox``; none: pixel coordinates): each
-        chunk's read task depends on the slice of its Dask graph that the chunk needs, so it
-        is computed window by window, never whole (see :mod:`geoseg.io.xarray_source`).
+        chunk's read task depends on the blocks of its Dask graph that the chunk's window
+        overlaps, so it is computed block by block, each block once, never whole (see
+        :mod:`geoseg.io.xarray_source`).
     model : str, os.PathLike, ModelSpec or torch.nn.Module
         TorchScript ``.pt``, ONNX ``.onnx`` or an in-memory module. It receives float32 raw
         band values ``(N, bands, H, W)`` and returns class logits ``(N, classes, H, W)``.
@@ -171,7 +172,7 @@ def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) ->
     read = {}
     pred = {}
     for i, j in plan.iter_chunks():
-        # an array's read task depends on the slice of the array's own graph its window needs (computed where it runs)
+        # an array's read task depends on the array's own Dask blocks its window overlaps, each cut to it
         pixels = (src.pixels(plan.input_window(i, j)),) if isinstance(src, ArraySource) else ()
         read[i, j] = dask.delayed(tasks.read_chunk)(src, plan, i, j, d_aoi, *pixels, dask_key_name=f"geoseg-read-{token}-{i}-{j}")
     with dask.annotate(resources=resources) if resources else contextlib.nullcontext():

@@ -30,8 +30,9 @@ def read_chunk(
 ) -> dict[str, Any]:
     """Read everything chunk ``(i, j)``'s tiles see, and which of its pixels are valid.
 
-    A file is read by path; an array's ``pixels`` (its slice for the chunk's input window,
-    computed by Dask before this task runs: :meth:`ArraySource.pixels`) are mirrored and masked.
+    A file is read by path; an array's ``pixels`` (its blocks that the chunk's input window
+    overlaps, cut to it and computed by Dask before this task runs: :meth:`ArraySource.pixels`)
+    are assembled, mirrored and masked.
 
     Returns
     -------

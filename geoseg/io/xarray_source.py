@@ -27,10 +27,12 @@ from affine import Affine
 from geoseg.errors import InputError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window, reflect_window
 
-__all__ = ["ARRAY_CHUNK", "BAND_DIMS", "ArraySource", "is_xarray", "open_array", "read_pixels"]
+__all__ = ["ARRAY_CHUNK", "BAND_DIMS", "TIME_DIMS", "ArraySource", "is_xarray", "open_array", "read_pixels"]
 
 #: names of the dimension that holds bands (the one non-spatial dimension of any name also does)
 BAND_DIMS = ("band", "bands", "variable", "channel", "channels")
+#: names of a dimension of dates (a datetime coordinate also makes one): never bands, one date is segmented
+TIME_DIMS = ("time", "t", "date", "datetime")
 #: side of the Dask chunks xarray gives an array that has none (numpy, a lazily indexed file)
 ARRAY_CHUNK = 2048
 
@@ -284,11 +286,11 @@ def _band_first(arr: Any, label: str) -> Any:
             "e.g. data_array.rename({'rows': 'y', 'cols': 'x'})"
         ) from None
     others = [d for d in arr.dims if d not in (y, x)]
-    if not others:  # one band (a scalar band coordinate, e.g. from .sel(band="red"), becomes its name)
-        return arr.expand_dims("band").transpose("band", y, x)
-    named = [d for d in others if str(d).lower() in BAND_DIMS]
-    several = [d for d in others if arr.sizes[d] > 1]
-    band = named[0] if named else (several[0] if several else others[0])
+    dated = [d for d in others if str(d).lower() in TIME_DIMS or (d in arr.coords and arr[d].dtype.kind == "M")]
+    candidates = [d for d in others if d not in dated]  # dates are never bands
+    named = [d for d in candidates if str(d).lower() in BAND_DIMS]
+    several = [d for d in candidates if arr.sizes[d] > 1]
+    band = named[0] if named else (several[0] if several else (candidates[0] if candidates else None))
     extra = [d for d in others if d != band]
     for d in extra:
         if arr.sizes[d] > 1:
@@ -296,7 +298,10 @@ def _band_first(arr: Any, label: str) -> Any:
                 f"{label}: its {d!r} dimension holds {arr.sizes[d]} slices but geoseg segments one (band, y, x) image; "
                 f"pick one with .isel({d}=0) or reduce it, e.g. .median({d!r})"
             )
-    return arr.squeeze(extra).transpose(band, y, x)
+    arr = arr.squeeze(extra)
+    if band is None:  # one band (a scalar band coordinate, e.g. from .sel(band="red"), becomes its name)
+        arr, band = arr.expand_dims("band"), "band"
+    return arr.transpose(band, y, x)
 
 
 def _pick_bands(count: int, bands: tuple[int, ...] | list[int] | None, label: str) -> tuple[int, ...]:
