@@ -135,6 +135,11 @@ def test_numpy_backed_array_equals_the_file_and_is_left_untouched(scene, net) ->
     np.testing.assert_array_equal(values, ref.values)  # nodata pixels are zeroed in copies, never in the caller's array
     assert (got.values == 255).sum() > 0  # the nodata box
     assert got.attrs["geoseg_job"].job.source.record()["lazy"] is False
+    # task keys follow the data (what resume finds a killed run's parts by): same pixels, same keys; others, new ones
+    with geoseg.scheduler("threads"):
+        again = geoseg.predict(cube.copy(deep=True), net, tile=64, halo=8, chunk=100)
+        changed = geoseg.predict(cube + 1, net, tile=64, halo=8, chunk=100)
+    assert again.data.name == got.data.name and changed.data.name != got.data.name
 
 
 class _Guarded:
