@@ -34,6 +34,7 @@ __all__ = [
     "blend_window_1d",
     "chunk_windows",
     "reflect_index",
+    "reflect_window",
     "regular_chunks",
 ]
 
@@ -197,6 +198,25 @@ def reflect_index(index: np.ndarray | int, n: int) -> np.ndarray:
     period = 2 * (n - 1)
     m = np.mod(idx, period)
     return np.where(m < n, m, period - m)
+
+
+def reflect_window(window: Window, height: int, width: int) -> tuple[Window, np.ndarray, np.ndarray]:
+    """What a read of ``window`` (which may reach past the raster) takes from a ``height`` x ``width`` raster.
+
+    Returns
+    -------
+    span : Window
+        The smallest window inside the raster holding every pixel needed.
+    rows, cols : numpy.ndarray
+        For each row and column of ``window``, the row and column of ``span`` that stands in
+        for it (:func:`reflect_index`, relative to ``span``): ``data[:, rows[:, None], cols]``
+        of the span's pixels is the window, mirrored past the edges.
+    """
+    rows = reflect_index(np.arange(window.row_off, window.row_stop), height)
+    cols = reflect_index(np.arange(window.col_off, window.col_stop), width)
+    r0, c0 = int(rows.min()), int(cols.min())
+    span = Window(r0, c0, int(rows.max()) + 1 - r0, int(cols.max()) + 1 - c0)
+    return span, rows - r0, cols - c0
 
 
 def blend_window_1d(size: int, halo: int) -> np.ndarray:

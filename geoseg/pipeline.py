@@ -75,8 +75,8 @@ def segment(
 
     Parameters
     ----------
-    src : str, os.PathLike or RasterSource
-        The image, as for :func:`geoseg.predict`.
+    src : str, os.PathLike, xarray.DataArray, xarray.Dataset or RasterSource
+        The image, as for :func:`geoseg.predict` (a lazy or in-memory cube too).
     model : str, ModelSpec or torch.nn.Module
         The model, as for :func:`geoseg.predict`.
     out_dir : str or os.PathLike

@@ -20,14 +20,14 @@ from geoseg.classes import NODATA
 from geoseg.engine import tasks
 from geoseg.engine.job import JOB_ATTR, Job, JobRef
 from geoseg.engine.plan import plan_job
-from geoseg.io.raster import RasterSource
+from geoseg.io.xarray_source import ArraySource
 from geoseg.models.card import ModelCard
 
 __all__ = ["predict"]
 
 
 def predict(
-    source: str | os.PathLike | RasterSource,
+    source: Any,
     model: Any,
     *,
     bands: list[int] | tuple[int, ...] | None = None,
@@ -53,14 +53,19 @@ def predict(
 
     Parameters
     ----------
-    source : str, os.PathLike or RasterSource
-        Any raster GDAL opens (GeoTIFF, COG, VRT, JP2, ``/vsi...``).
+    source : str, os.PathLike, xarray.DataArray, xarray.Dataset or RasterSource
+        Any raster GDAL opens (GeoTIFF, COG, VRT, JP2, ``/vsi...``), or a ``(band, y, x)``
+        DataArray, lazy (odc-stac, stackstac, ``rioxarray.open_rasterio(..., chunks=)``) or in
+        memory, with its CRS (``.rio.crs``/``.odc.geobox``; none: pixel coordinates): each
+        chunk's read task depends on the blocks of its Dask graph that the chunk's window
+        overlaps, so it is computed block by block, each block once, never whole (see
+        :mod:`geoseg.io.xarray_source`).
     model : str, os.PathLike, ModelSpec or torch.nn.Module
         TorchScript ``.pt``, ONNX ``.onnx`` or an in-memory module. It receives float32 raw
         band values ``(N, bands, H, W)`` and returns class logits ``(N, classes, H, W)``.
     bands : sequence of int, optional
         1-based bands, in the order the model takes them (default: the card's band names
-        matched to band descriptions, else all bands in file order).
+        matched to band descriptions, or to an array's band coordinate, else all bands in order).
     band_map : dict, optional
         ``{band name: 1-based band}`` for card band names the descriptions do not give,
         e.g. ``{"nir": 4, "red": 3}``.
@@ -167,7 +172,9 @@ def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) ->
     read = {}
     pred = {}
     for i, j in plan.iter_chunks():
-        read[i, j] = dask.delayed(tasks.read_chunk)(src, plan, i, j, d_aoi, dask_key_name=f"geoseg-read-{token}-{i}-{j}")
+        # an array's read task depends on the array's own Dask blocks its window overlaps, each cut to it
+        pixels = (src.pixels(plan.input_window(i, j)),) if isinstance(src, ArraySource) else ()
+        read[i, j] = dask.delayed(tasks.read_chunk)(src, plan, i, j, d_aoi, *pixels, dask_key_name=f"geoseg-read-{token}-{i}-{j}")
     with dask.annotate(resources=resources) if resources else contextlib.nullcontext():
         for i, j in plan.iter_chunks():
             pred[i, j] = dask.delayed(tasks.predict_chunk)(
@@ -221,7 +228,7 @@ def _mask(job: Job, final: dict):
             "model": job.spec.id,
             "classes": ", ".join(f"{c.id}={c.name}" for c in job.card.classes),
             "nodata_value": NODATA,
-            "source": job.source.path,
+            "source": job.source.label,
         }
     )
     mask_da = mask_da.rio.write_nodata(NODATA)

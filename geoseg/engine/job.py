@@ -13,6 +13,7 @@ from typing import Any
 from geoseg.grid import TilePlan
 from geoseg.io.aoi import AOI
 from geoseg.io.raster import RasterSource
+from geoseg.io.xarray_source import ArraySource
 from geoseg.models.card import ModelCard
 from geoseg.models.spec import ModelSpec, Runtime
 
@@ -23,7 +24,7 @@ __all__ = ["JOB_ATTR", "Job", "JobRef", "job_from"]
 class Job:
     """Everything about one lazy prediction that the writer and run.json need."""
 
-    source: RasterSource
+    source: RasterSource | ArraySource
     spec: ModelSpec
     card: ModelCard
     runtime: Runtime

@@ -23,6 +23,7 @@ from geoseg.grid import TilePlan
 from geoseg.io.aoi import read_aoi
 from geoseg.io.radiometry import resolve_radiometry
 from geoseg.io.raster import RasterSource, band_percentiles, open_source, raster_gsd_m
+from geoseg.io.xarray_source import ArraySource, is_xarray, open_array
 from geoseg.models.bands import match_bands
 from geoseg.models.card import ModelCard
 from geoseg.models.runtime import probe
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 def plan_job(
-    source: str | os.PathLike | RasterSource,
+    source: Any,
     model: Any,
     *,
     bands: list[int] | tuple[int, ...] | None = None,
@@ -120,25 +121,24 @@ def plan_job(
 
 
 def _check_source(source: Any) -> None:
-    """Refuse, in one line that says what to do, a source that is not a raster path or :class:`RasterSource`."""
-    if isinstance(source, (str, os.PathLike, RasterSource)):
+    """Refuse, in one line that says what to do, a source that is not a raster path, an xarray object or a source."""
+    if isinstance(source, (str, os.PathLike, RasterSource, ArraySource)) or is_xarray(source):
         return
-    kind = type(source).__name__
-    if hasattr(source, "dims") and hasattr(source, "values"):  # an xarray object (odc-stac, stackstac, rioxarray)
-        raise InputError(
-            f"predict takes a raster path, not an xarray {kind}: write it to a GeoTIFF first "
-            "(data_array.rio.to_raster('scene.tif', tiled=True) keeps its CRS and transform) and pass that path"
-        )
-    raise InputError(f"predict takes a raster path (str or os.PathLike), got {kind}; give the file's path")
+    raise InputError(
+        f"predict takes a raster path (str or os.PathLike) or an xarray DataArray, got {type(source).__name__}; "
+        "give the file's path"
+    )
 
 
-def open_for_model(source: Any, spec: ModelSpec, bands: Any, band_map: dict[str, int], require_crs: bool = False) -> RasterSource:
+def open_for_model(
+    source: Any, spec: ModelSpec, bands: Any, band_map: dict[str, int], require_crs: bool = False
+) -> RasterSource | ArraySource:
     """Open the source with the bands the model's card asks for, in its order.
 
     Parameters
     ----------
-    source : str, os.PathLike or RasterSource
-        The raster (a :class:`RasterSource` is taken as it is).
+    source : str, os.PathLike, xarray.DataArray, xarray.Dataset, RasterSource or ArraySource
+        The raster or array (a source is taken as it is).
     spec : ModelSpec
         The model; its card names the bands and their scaling.
     bands : sequence of int or None
@@ -150,7 +150,7 @@ def open_for_model(source: Any, spec: ModelSpec, bands: Any, band_map: dict[str,
 
     Returns
     -------
-    RasterSource
+    RasterSource or ArraySource
 
     Raises
     ------
@@ -158,23 +158,24 @@ def open_for_model(source: Any, spec: ModelSpec, bands: Any, band_map: dict[str,
         Bands that do not match the card, or a scaling that does not fit them.
     """
     card = spec.card
-    if isinstance(source, RasterSource):
+    opener = open_array if is_xarray(source) else open_source
+    if isinstance(source, (RasterSource, ArraySource)):
         src = source
     elif card.bands and bands is None:
-        everything = open_source(source, require_crs=require_crs)
-        src = open_source(
+        everything = opener(source, require_crs=require_crs)
+        src = opener(
             source,
-            match_bands(card.bands, everything.band_descriptions, band_map, origin=everything.path),
+            match_bands(card.bands, everything.band_descriptions, band_map, origin=everything.label),
             require_crs=require_crs,
         )
     else:
         if band_map:
             raise InputError("band_map= needs a model card that names its bands; give band numbers instead (bands=[3, 2, 1])")
-        src = open_source(source, bands, require_crs=require_crs)
+        src = opener(source, bands, require_crs=require_crs)
     card.scaling.validate(src.count, f"{spec.path or card.name} (card scaling)")
     if card.bands and src.count != len(card.bands):
         raise InputError(
-            f"{src.path}: the model {card.name!r} takes {len(card.bands)} bands ({', '.join(card.bands)}) but "
+            f"{src.label}: the model {card.name!r} takes {len(card.bands)} bands ({', '.join(card.bands)}) but "
             f"{src.count} were selected; fix bands= or band_map="
         )
     return src
@@ -251,8 +252,8 @@ def gsd_plan(src: RasterSource, card: ModelCard, allow: bool = True) -> tuple[fl
             if not allow:
                 fix += ", or drop resample=False"
         why = "resampling is off" if not allow else f"more than {MAX_RESAMPLE:g}x away"
-        return 1.0, f"{src.path}: pixels are {gsd:.3g} m but the model {card.name!r} was made for {made} ({why}); {fix}"
-    return scale, f"{src.path}: pixels are {gsd:.3g} m; tiles resampled on the fly to the model's {target:.3g} m (x{scale:.3g})"
+        return 1.0, f"{src.label}: pixels are {gsd:.3g} m but the model {card.name!r} was made for {made} ({why}); {fix}"
+    return scale, f"{src.label}: pixels are {gsd:.3g} m; tiles resampled on the fly to the model's {target:.3g} m (x{scale:.3g})"
 
 
 def _probe(spec: ModelSpec, runtime: Runtime, src: RasterSource, tile: int | None, halo: int | None) -> tuple[Any, float]:
@@ -322,12 +323,12 @@ def _notes(src: RasterSource, rad: Any, gsd_note: str | None, scale: float) -> l
     warnings = []
     if rad is not None and rad.source.endswith("(assumed)"):
         warnings.append(
-            f"{src.path}: no radiometric metadata (band scale/offset, Sentinel-2 processing baseline); from its value range "
+            f"{src.label}: no radiometric metadata (band scale/offset, Sentinel-2 processing baseline); from its value range "
             f"geoseg assumes {rad.describe()}; if that is wrong pass radiometry= one of "
             "s2-l2a, s2-l2a-harmonized, sentinelhub-raw16, reflectance or scale=S,offset=O"
         )
     elif rad is not None:
-        log.info("%s: radiometry %s", src.path, rad.describe())
+        log.info("%s: radiometry %s", src.label, rad.describe())
     if gsd_note and scale != 1.0:
         log.info(gsd_note)
     elif gsd_note:

@@ -21,6 +21,7 @@ from geoseg.classes import NODATA
 from geoseg.engine.job import JOB_ATTR, Job
 from geoseg.errors import InputError, ModelError
 from geoseg.grid import GeoBox
+from geoseg.io.xarray_source import ArraySource
 from geoseg.records import Record
 
 __all__ = ["MAX_NONFINITE_FRACTION", "check_nonfinite", "no_job_message", "run_report"]
@@ -59,7 +60,7 @@ def check_nonfinite(job: Job | None, mask_res: list[dict], valid_px: int, limit:
         return None
     total = valid_px + nonfinite + overflow
     what = job.spec.path or job.spec.id if job is not None else "model"
-    src = job.source.path if job is not None else "input"
+    src = job.source.label if job is not None else "input"
     scaling = job.spec.card.scaling if job is not None else None
     how = f"scaling {scaling.method}" if scaling is not None and scaling.method != "none" else "no scaling"
     if overflow and (valid_px == 0 or overflow / total > limit):
@@ -183,10 +184,12 @@ def run_report(
 
 
 def _job_entries(job: Job, stats: list[dict], n_chunks: int) -> dict[str, Any]:
-    """What the job says: input, model, parameters, device and tile counts."""
+    """What the job says: input (an array's record has no path), model, parameters, device and tile counts."""
     src = job.source
     return {
-        "input": {
+        "input": src.record()
+        if isinstance(src, ArraySource)
+        else {
             "path": src.path,
             "fingerprint": src.fingerprint,
             "width": src.geobox.width,

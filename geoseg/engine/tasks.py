@@ -18,14 +18,21 @@ from geoseg.engine.progress import TileReport
 from geoseg.grid import TilePlan, Window, blend_window_1d
 from geoseg.io.aoi import AOI
 from geoseg.io.raster import RasterSource, read_window
+from geoseg.io.xarray_source import ArraySource, read_pixels
 from geoseg.models.runtime import get_predictor
 from geoseg.models.spec import ModelSpec, Runtime
 
 __all__ = ["blend_chunk", "predict_chunk", "read_chunk"]
 
 
-def read_chunk(source: RasterSource, plan: TilePlan, i: int, j: int, aoi: AOI | None) -> dict[str, Any]:
+def read_chunk(
+    source: RasterSource | ArraySource, plan: TilePlan, i: int, j: int, aoi: AOI | None, pixels: Any = None
+) -> dict[str, Any]:
     """Read everything chunk ``(i, j)``'s tiles see, and which of its pixels are valid.
+
+    A file is read by path; an array's ``pixels`` (its blocks that the chunk's input window
+    overlaps, cut to it and computed by Dask before this task runs: :meth:`ArraySource.pixels`)
+    are assembled, mirrored and masked.
 
     Returns
     -------
@@ -36,7 +43,7 @@ def read_chunk(source: RasterSource, plan: TilePlan, i: int, j: int, aoi: AOI | 
         ``read_s``.
     """
     win = plan.input_window(i, j)
-    data, valid_in, seconds = read_window(source, win)
+    data, valid_in, seconds = read_window(source, win) if pixels is None else read_pixels(source, pixels, win)
     cw = plan.chunk_window(i, j)
     valid = valid_in[cw.slices(win)].copy()
     if aoi is not None:

@@ -313,7 +313,7 @@ def _counting(target: _Target, todo: list, n_tasks: int, progress: Any) -> tuple
     job, px = target.job, sum(win.height * win.width for _, _, win in todo)
     if job is not None and job.channel and target.mask.data.chunks == job.plan.chunks:
         tiles = sum(len(job.plan.tiles(i, j)) for i, j, _ in todo)
-        return counter(progress, tiles, "tiles", f"predict {os.path.basename(job.source.path)}", px), {"channel": job.channel}
+        return counter(progress, tiles, "tiles", f"predict {os.path.basename(job.source.label)}", px), {"channel": job.channel}
     weights = [1] * len(todo) + [0] * (n_tasks - len(todo))  # mask parts; probability parts go with them
     return counter(progress, len(todo), "chunks", f"write {target.mask_name}", px), {"weights": weights}
 
@@ -325,7 +325,7 @@ def _check_results(target: _Target, mask_res: list[dict]) -> tuple[np.ndarray, d
     lost = check_nonfinite(target.job, mask_res, valid_px)
     if valid_px == 0:
         raise InputError(
-            f"{target.job.source.path if target.job else 'input'}: every pixel is nodata (or outside the AOI) in the "
+            f"{target.job.source.label if target.job else 'input'}: every pixel is nodata (or outside the AOI) in the "
             "processed window; check the nodata value, the band choice and the AOI"
         )
     return counts, lost

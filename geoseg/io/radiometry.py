@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.errors import InputError
-from geoseg.io.raster import read_overview
+from geoseg.io.raster import RasterSource, read_overview
 
 __all__ = ["PRESETS", "Radiometry", "parse_radiometry", "resolve_radiometry"]
 
@@ -181,11 +181,12 @@ def _from_tags(tags: Mapping[str, str]) -> tuple[float, float] | None:
 
 
 def resolve_radiometry(source, given: str | Radiometry | Mapping | None = None, max_side: int = 512) -> Radiometry:
-    """The radiometric convention of ``source`` (a :class:`~geoseg.io.raster.RasterSource`).
+    """The radiometric convention of ``source`` (a :class:`~geoseg.io.raster.RasterSource`, or an
+    :class:`~geoseg.io.xarray_source.ArraySource`: its ``scale_factor``/``add_offset`` attributes, then its values).
 
     Parameters
     ----------
-    source : RasterSource
+    source : RasterSource or ArraySource
         The raster, with the bands the model takes.
     given : str, Radiometry or mapping, optional
         What the caller says (a :data:`PRESETS` name or ``scale=S,offset=O``); wins over
@@ -203,12 +204,7 @@ def resolve_radiometry(source, given: str | Radiometry | Mapping | None = None, 
     if r is not None:
         return r
     n = len(source.bands)
-    with source.env(), source.dataset() as ds:
-        scales = [ds.scales[b - 1] for b in source.bands]
-        offsets = [ds.offsets[b - 1] for b in source.bands]
-        tags = dict(ds.tags())
-        for b in source.bands:
-            tags.update({k: v for k, v in ds.tags(b).items() if k.upper().startswith(("BOA_", "RADIO_", "QUANT"))})
+    scales, offsets, tags = _file_metadata(source) if isinstance(source, RasterSource) else (source.scales, source.offsets, {})
     if any(s not in (None, 1.0) for s in scales) or any(o not in (None, 0.0) for o in offsets):
         s = tuple(float(v if v is not None else 1.0) for v in scales)
         o = tuple(float(v if v is not None else 0.0) for v in offsets)
@@ -217,7 +213,7 @@ def resolve_radiometry(source, given: str | Radiometry | Mapping | None = None, 
     tagged = _from_tags(tags)
     if tagged is not None:
         return Radiometry(_preset_of((tagged[0],), (tagged[1],)) or "custom", (tagged[0],), (tagged[1],), "product metadata")
-    baseline = _baseline_from_name(source.path)
+    baseline = _baseline_from_name(source.label)
     if baseline is not None:
         name = "s2-l2a" if baseline >= 4 else "s2-l2a-harmonized"
         s, o, _ = PRESETS[name]
@@ -227,7 +223,7 @@ def resolve_radiometry(source, given: str | Radiometry | Mapping | None = None, 
     arr[~np.isfinite(arr)] = np.nan
     arr[:, (arr == 0).all(axis=0)] = np.nan  # zero in every band: fill, whatever the nodata setting says
     if not np.isfinite(arr).any():
-        raise InputError(f"{source.path}: no valid pixel to tell the radiometry from; check the nodata value")
+        raise InputError(f"{source.label}: no valid pixel to tell the radiometry from; check the nodata value")
     hi = float(np.nanmax([np.nanpercentile(b, 99.5) for b in arr if np.isfinite(b).any()]))
     if np.issubdtype(np.dtype(source.dtype), np.floating) and hi <= 2.0:
         return Radiometry("reflectance", (1.0,), (0.0,), "float data")
@@ -240,6 +236,17 @@ def resolve_radiometry(source, given: str | Radiometry | Mapping | None = None, 
         name = "s2-l2a-harmonized"
     s, o, _ = PRESETS[name]
     return Radiometry(name, (s,), (o,), "value range (assumed)")
+
+
+def _file_metadata(source: RasterSource) -> tuple[list, list, dict[str, str]]:
+    """The bands' GDAL scales and offsets, and the dataset's and bands' product tags."""
+    with source.env(), source.dataset() as ds:
+        scales = [ds.scales[b - 1] for b in source.bands]
+        offsets = [ds.offsets[b - 1] for b in source.bands]
+        tags = dict(ds.tags())
+        for b in source.bands:
+            tags.update({k: v for k, v in ds.tags(b).items() if k.upper().startswith(("BOA_", "RADIO_", "QUANT"))})
+    return scales, offsets, tags
 
 
 def _preset_of(scale: tuple[float, ...], offset: tuple[float, ...]) -> str | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
-from geoseg.grid import GeoBox, Window, reflect_index
+from geoseg.grid import GeoBox, Window, reflect_window
 from geoseg.io.files import LIST_GDAL_OPTIONS, check_declared_size, dataset_files, files_digest, size_mtime
 from geoseg.io.frames import local_file, read_video_frame, video_frame
 from geoseg.io.gdal import quiet_rasterio_georeference
@@ -84,6 +84,11 @@ class RasterSource:
     def count(self) -> int:
         """Number of bands the model receives."""
         return len(self.bands)
+
+    @property
+    def label(self) -> str:
+        """What messages call this input: its path."""
+        return self.path
 
     def env(self):
         """A :class:`rasterio.Env` with this source's GDAL options (enter it inside a task)."""
@@ -290,7 +295,7 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     """Read a window that may extend past the raster, mirroring pixels outside it.
 
     Runs inside a task: opens ``source.path``, reads the smallest window covering the
-    pixels needed, and maps outside pixels back with :func:`geoseg.grid.reflect_index`.
+    pixels needed, and maps outside pixels back with :func:`geoseg.grid.reflect_window`.
 
     Parameters
     ----------
@@ -316,11 +321,8 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     from rasterio.windows import Window as RioWindow
 
     t0 = time.perf_counter()
-    gb = source.geobox
-    rows = reflect_index(np.arange(window.row_off, window.row_stop), gb.height)
-    cols = reflect_index(np.arange(window.col_off, window.col_stop), gb.width)
-    r0, r1 = int(rows.min()), int(rows.max()) + 1
-    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    span, rows, cols = reflect_window(window, source.geobox.height, source.geobox.width)
+    r0, r1, c0, c1 = span.row_off, span.row_stop, span.col_off, span.col_stop
     rio_win = RioWindow(c0, r0, c1 - c0, r1 - r0)
     last: Exception | None = None
     for attempt in range(retries + 1):
@@ -347,12 +349,9 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     # neutral 0 rather than NaN (which would spread through the receptive field) or a
     # sentinel like -9999.
     data[:, ~valid] = 0
-    identity = window.row_off == r0 and window.col_off == c0 and window.height == r1 - r0 and window.width == c1 - c0
-    if not identity:
-        ri = (rows - r0)[:, None]
-        ci = (cols - c0)[None, :]
-        data = data[:, ri, ci]
-        valid = valid[ri, ci]
+    if span != window:
+        data = data[:, rows[:, None], cols[None, :]]
+        valid = valid[rows[:, None], cols[None, :]]
     return data, valid, time.perf_counter() - t0
 
 
@@ -363,6 +362,7 @@ def read_overview(source: RasterSource, max_side: int = 1024, exact: bool = Fals
     exactly raster pixel ``(r * f, c * f)``); otherwise reads full-resolution strips and
     keeps every ``f``-th pixel (GDAL's decimated read without overviews re-decodes
     blocks for every output row: 33 s against 0.2 s for a 2048 px tiled GeoTIFF here).
+    An :class:`~geoseg.io.xarray_source.ArraySource` gives its own (every ``f``-th pixel).
 
     Returns
     -------
@@ -371,6 +371,8 @@ def read_overview(source: RasterSource, max_side: int = 1024, exact: bool = Fals
     f : int
         The decimation factor (pixel ``(r, c)`` is raster pixel ``(r * f, c * f)``).
     """
+    if not isinstance(source, RasterSource):  # an in-memory or lazy array (geoseg.io.xarray_source.ArraySource)
+        return source.overview(max_side)
     import rasterio
     from rasterio.windows import Window as RioWindow
 
@@ -417,7 +419,7 @@ def band_percentiles(source: RasterSource, low: tuple[float, ...], high: tuple[f
     empty = [int(source.bands[b]) for b in range(n) if not np.isfinite(flat[b]).any()]
     if empty:
         raise InputError(
-            f"{source.path}: band(s) {empty} have no valid pixel to compute percentile scaling from; check the nodata value"
+            f"{source.label}: band(s) {empty} have no valid pixel to compute percentile scaling from; check the nodata value"
         )
     return (
         np.array([np.nanpercentile(flat[b], lo[b]) for b in range(n)]),
