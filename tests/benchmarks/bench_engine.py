@@ -719,7 +719,10 @@ def _bench_raster(
                 continue  # GeoDeep runs ONNX models only (on onnxruntime): once
             work = Path(args.out_dir) / f"out-{label}-{run}-{backend}"
             model = models["paths"]["geodeep" if run == "geodeep" else BACKEND_FILE[backend]]
-            res = _spawn(args, run, backend, raster, model, work)
+            tries = [_spawn(args, run, backend, raster, model, work) for _ in range(args.repeat)]
+            res = sorted(tries, key=lambda r: r["seconds"])[len(tries) // 2]  # the median run
+            res["seconds_all"] = [round(r["seconds"], 2) for r in tries]
+            res["peak_mib_all"] = [round(r["peak_mib"]) for r in tries]
             res["mp_per_s"] = mp / res["seconds"]
             if "seconds_excl_start" in res:
                 res["mp_per_s_excl_start"] = mp / res["seconds_excl_start"]
@@ -828,8 +831,8 @@ def format_table(t: dict) -> str:
             "",
         ]
     lines += [
-        "| run | backend | wall s | MP/s | MP/s excl. cluster start | peak MiB | ÷ its backend's ceiling | x GeoDeep "
-        "| mask agreement | CPU taken by others |",
+        "| run | backend | wall s (median, range) | MP/s | MP/s excl. cluster start | peak MiB | ÷ its backend's ceiling "
+        "| x GeoDeep | mask agreement | CPU taken by others |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     gd_mps = next((r["mp_per_s"] for r in t["rows"] if r["run"] == "geodeep"), None)
@@ -839,8 +842,11 @@ def format_table(t: dict) -> str:
         agree = f"{r['agreement']:.2%}" if "agreement" in r else ""
         if "vs_ceiling_excl_start" in r:
             ratio += f" ({_fmt(r['vs_ceiling_excl_start'])} excl. start)"
+        wall = _fmt(r["seconds"], 1)
+        if len(r.get("seconds_all", [])) > 1:
+            wall += f" ({min(r['seconds_all']):.1f}-{max(r['seconds_all']):.1f})"
         lines.append(
-            f"| {RUN_LABELS[r['run']]} | {r['backend']} | {_fmt(r['seconds'], 1)} | {_fmt(r['mp_per_s'])} | "
+            f"| {RUN_LABELS[r['run']]} | {r['backend']} | {wall} | {_fmt(r['mp_per_s'])} | "
             f"{_fmt(r.get('mp_per_s_excl_start'))} | {r['peak_mib']:.0f} | {ratio} | {x_gd} | {agree} | {_pct(r)} |"
         )
     lines.append("")
@@ -927,6 +933,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: geoseg's choice, all cores)")
     p.add_argument("--workers", type=int, default=None, help="local cluster workers (default: geoseg's choice)")
     p.add_argument("--wait-idle", type=float, default=60.0, help="seconds to wait for an idle CPU before each run (default 60)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the table shows the median and the range")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     g = p.add_argument_group("one measured run (used internally)")
     g.add_argument("--run", choices=RUNS)
