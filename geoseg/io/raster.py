@@ -218,7 +218,7 @@ def open_source(
 
     path = _worker_path(path)
     opts = dict(DEFAULT_GDAL_OPTIONS)
-    opts.update(remote_gdal_options() if is_remote(path) else {})
+    opts.update(remote_gdal_options(path) if is_remote(path) else {})
     opts.update(gdal_options or {})
     describe = partial(_describe, path, opts, bands, require_crs, warp_to, resampling, max_pixels)
     if is_remote(path):  # a 503 retried with back-off; a 404 or 403 fails at once, the URL redacted

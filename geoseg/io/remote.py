@@ -176,9 +176,16 @@ def remote_name(path: str) -> str:
     return head.rsplit("/", 1)[-1]
 
 
-def remote_gdal_options() -> dict[str, str | int]:
-    """:data:`REMOTE_GDAL_OPTIONS` less any key the environment sets itself (the user's settings win)."""
-    return {k: v for k, v in REMOTE_GDAL_OPTIONS.items() if k not in os.environ}
+def remote_gdal_options(path: str = "") -> dict[str, str | int]:
+    """:data:`REMOTE_GDAL_OPTIONS` less any key the environment sets itself (the user's settings win).
+
+    A ``/vsicurl/`` URL with a query string (a signed URL) is asked for its size with a ranged
+    GET rather than a HEAD: an S3 URL presigned for GET answers 403 to HEAD.
+    """
+    options = dict(REMOTE_GDAL_OPTIONS)
+    if "?" in path and _http_url(path) is not None:
+        options["CPL_VSIL_CURL_USE_HEAD"] = "NO"
+    return {k: v for k, v in options.items() if k not in os.environ}
 
 
 def remote_env(path: str):
@@ -187,7 +194,7 @@ def remote_env(path: str):
         return contextlib.nullcontext()
     import rasterio
 
-    return rasterio.Env(**remote_gdal_options())
+    return rasterio.Env(**remote_gdal_options(path))
 
 
 def _number(name: str, default: float) -> float:
