@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from hypothesis import given
+from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 import geoseg
@@ -89,6 +92,18 @@ def test_urls_map_onto_gdal_file_systems_and_secrets_are_redacted() -> None:
     assert "/vsicurl/https://***@h.example/b.tif?<redacted>'" in clean
     assert redact("/data/scene.tif: no such file") == "/data/scene.tif: no such file"
     assert remote_name(f"/vsicurl/https://h/x/20240102_scene.tif?sig={SECRET}") == "20240102_scene.tif"
+
+
+@given(
+    token=st.text(alphabet=string.ascii_letters + string.digits + "-_.~%+/=:@", min_size=12, max_size=40),
+    scheme=st.sampled_from(["https://", "http://", "s3://", "/vsicurl/https://", "/vsiaz/", "/vsigs/"]),
+    key=st.sampled_from(["X-Amz-Signature", "sig", "token", "se", "code"]),
+    wrap=st.sampled_from(["{}", "'{}'", "open {} failed", '"{}": HTTP 403', "{}\nnext line"]),
+)
+def test_redaction_removes_any_query_in_any_message(token: str, scheme: str, key: str, wrap: str) -> None:
+    url = f"{scheme}host.example/a/b.tif?X-Amz-Date=20240101&{key}={token}&z=1"
+    shown = redact(wrap.format(url))
+    assert token not in shown and "b.tif?<redacted>" in shown
 
 
 @pytest.mark.parametrize("scheduler", ["synchronous", "local"])
@@ -200,3 +215,46 @@ def test_a_signed_url_token_is_in_no_output_and_no_log(served, tmp_path: Path) -
     outputs = _tree_text(tmp_path) + "\n".join(rows) + proc.stdout + proc.stderr + run.stdout + run.stderr
     assert SECRET not in outputs
     assert "predict scene.tif?<redacted>" in proc.stderr  # the progress line names the file, not its token
+
+
+def test_s3_urls_read_through_gdal_and_a_missing_key_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """``s3://`` becomes ``/vsis3/``; GDAL's S3 client is pointed at the loopback server (a public bucket, unsigned)."""
+    bucket = tmp_path / "root" / "bucket"
+    bucket.mkdir(parents=True)
+    write_cog(bucket / "scene.tif", 256, 128)
+    with range_server(tmp_path / "root") as server, geoseg.scheduler("synchronous"):
+        host = server.url.split("//", 1)[1]
+        for key, value in {"AWS_S3_ENDPOINT": host, "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "YES")
+        done = geoseg.segment("s3://bucket/scene.tif", "water", tmp_path / "s3", tile=128, halo=16)
+        assert done.run["input"]["path"] == "/vsis3/bucket/scene.tif" and server.count("/bucket/scene.tif") >= 2
+        with pytest.raises(RasterReadError, match=r"^/vsis3/bucket/missing.tif: not found \(HTTP 404\)"):
+            geoseg.segment("s3://bucket/missing.tif", "water", tmp_path / "missing")
+    with geoseg.scheduler("synchronous"):
+        geoseg.segment(str(bucket / "scene.tif"), "water", tmp_path / "local", tile=128, halo=16)
+    _masks_equal(tmp_path / "s3" / "mask.tif", tmp_path / "local" / "mask.tif")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_workflow_over_a_missing_url_fails_before_any_unit_in_one_line(served, tmp_path: Path) -> None:
+    flow = tmp_path / "wf.yaml"
+    flow.write_text(
+        f"name: gone\nimagery: ['{served.url}/gone.tif?sig={SECRET}']\nmodels: [water]\noutputs: {{folder: runs}}\n"
+        "scheduler: synchronous\n"
+    )
+    proc = _cli("run", str(flow))
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "gone.tif?<redacted>: not found (HTTP 404)" in lines[0], proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_the_declared_size_guard_holds_for_remote_rasters(served, monkeypatch) -> None:
+    from geoseg.errors import InputError
+    from geoseg.io.raster import open_source
+
+    monkeypatch.setenv("GEOSEG_MAX_PIXELS", "1000")
+    with pytest.raises(InputError, match=r"scene.tif\?<redacted>: declares 384 x 384 pixels") as info:
+        open_source(f"{served.url}/scene.tif?sig={SECRET}")
+    assert SECRET not in str(info.value)
