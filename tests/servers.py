@@ -102,8 +102,11 @@ def _handler(served: Served) -> type[SimpleHTTPRequestHandler]:
             with target.open("rb") as fh:
                 fh.seek(start)
                 data = fh.read(end - start + 1)
+            st = target.stat()
             self.send_response(HTTPStatus.PARTIAL_CONTENT)
             self.send_header("Content-Type", self.guess_type(str(target)))
+            self.send_header("ETag", f'"{st.st_size:x}-{st.st_mtime_ns:x}"')  # as static servers and object stores do
+            self.send_header("Last-Modified", self.date_time_string(int(st.st_mtime)))
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.send_header("Content-Length", str(len(data)))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
+
+from geoseg.io.remote import remote_env, remote_name
 
 __all__ = ["raster_date"]
 
@@ -15,7 +16,7 @@ def raster_date(path: str) -> str | None:
     import rasterio
 
     try:
-        with rasterio.open(path) as ds:
+        with remote_env(path), rasterio.open(path) as ds:
             tags = ds.tags()
     except rasterio.errors.RasterioIOError:
         tags = {}
@@ -34,7 +35,7 @@ def raster_date(path: str) -> str | None:
         hit = valid(_DATE.search(tags.get(key, "").replace(":", "-")))
         if hit:
             return hit
-    name = os.path.basename(path)
+    name = remote_name(path)  # a URL's query (a signed URL's date and token) is no acquisition date
     hit = valid(_DATE.search(name))
     if hit:
         return hit

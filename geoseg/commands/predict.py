@@ -12,7 +12,12 @@ from geoseg.commands.vectorize import echo_vectors
 
 @click.command()
 @click.argument("src")
-@click.option("--model", "-m", required=True, help="A bundled model (geoseg models), or an ONNX / .pt2 / TorchScript file.")
+@click.option(
+    "--model",
+    "-m",
+    required=True,
+    help="A bundled model (geoseg models), a pulled one (geoseg models pull NAME), or an ONNX / .pt2 / TorchScript file.",
+)
 @out_dir_option
 @click.option(
     "--radiometry",
@@ -102,7 +107,9 @@ def predict(
     resample,
     vectorize_,
 ) -> None:
-    """Segment the raster SRC with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif."""
+    """Segment the raster SRC (a path, or a URL: https://, s3://, gs://, az://, read in windows, never downloaded)
+    with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif.
+    """
     from geoseg.engine import scheduler as use_scheduler
     from geoseg.io.outdir import removed_if_failed
     from geoseg.pipeline import segment

@@ -21,6 +21,7 @@ from geoseg.classes import NODATA
 from geoseg.engine.job import JOB_ATTR, Job
 from geoseg.errors import InputError, ModelError
 from geoseg.grid import GeoBox
+from geoseg.io.remote import redact
 from geoseg.io.xarray_source import ArraySource
 from geoseg.records import Record
 
@@ -171,7 +172,7 @@ def run_report(
     report["pixels"] = _pixels(counts, names)
     report["timings"] = _timings(job, stats, mask_res, seconds)
     report["versions"] = {**_versions(), **(job.info.versions if job is not None else {})}
-    report["command"] = sys.argv
+    report["command"] = [redact(a) for a in sys.argv]  # a signed URL's token is never written
     report["warnings"] = _warnings(counts, names, job)
     if extra:
         report.update(extra)

@@ -15,6 +15,7 @@ import numpy as np
 from geoseg.errors import InputError
 from geoseg.io.frames import local_file, video_frame
 from geoseg.io.gdal import quiet_rasterio_georeference
+from geoseg.io.remote import gdal_path, is_remote, remote_fingerprint
 
 __all__ = [
     "MAX_PIXELS",
@@ -40,6 +41,8 @@ SPARSE_MIN_PIXELS = 100_000_000
 
 def size_mtime(path: str) -> str:
     """``size-mtime_ns`` of a local file; empty for what cannot be stat'ed (/vsi paths, URLs)."""
+    if is_remote(path):
+        return ""
     try:
         st = os.stat(local_file(path))
     except OSError:  # /vsi paths, URLs
@@ -55,7 +58,7 @@ def dataset_files(path: str, max_depth: int = 8) -> list[str]:
     import rasterio
 
     root = local_file(path)
-    if video_frame(path) is not None or not os.path.isfile(root):
+    if video_frame(path) is not None or is_remote(path) or not os.path.isfile(root):
         return [root]
     quiet_rasterio_georeference()
     found: dict[str, None] = {}
@@ -85,13 +88,16 @@ def dataset_files(path: str, max_depth: int = 8) -> list[str]:
 
 
 def file_fingerprint(path: str) -> str:
-    """``absolute path:size:mtime_ns`` of a file (the path alone when it cannot be stat'ed: /vsi, URLs),
+    """``absolute path:size:mtime_ns`` of a file (the path alone when it cannot be stat'ed; a remote one's
+    redacted URL, size and ETag or Last-Modified: :func:`geoseg.io.remote.remote_fingerprint`),
     followed by a digest of the size and mtime of every other file it is read from (a VRT's
     sources, nested VRTs).
 
     Keys that must change when any file behind a raster is rewritten (resumable writes, the
     workflow ledger).
     """
+    if is_remote(path):  # HTTP metadata (size, ETag), never a download; the URL's secrets left out
+        return remote_fingerprint(gdal_path(path))
     stamp = size_mtime(path)
     if not stamp:
         return path
@@ -127,9 +133,10 @@ def _limit(name: str, default: float) -> float:
     return value
 
 
-def check_declared_size(path: str, ds, files: list[str], max_pixels: float | None = None) -> None:
+def check_declared_size(path: str, ds, files: list[str], max_pixels: float | None = None, on_disk: int | None = None) -> None:
     """Refuse (:class:`InputError`) a raster whose declared size is past the cap, or out of all
-    proportion to its bytes on disk (``files``: every file it is read from).
+    proportion to its bytes on disk (``files``: every file it is read from; ``on_disk``: their
+    size when known otherwise, e.g. a remote file's from its HTTP headers).
     """
     pixels = ds.width * ds.height
     cap = _limit("GEOSEG_MAX_PIXELS", MAX_PIXELS) if max_pixels is None else max_pixels
@@ -141,10 +148,11 @@ def check_declared_size(path: str, ds, files: list[str], max_pixels: float | Non
     ratio_max = _limit("GEOSEG_MAX_SPARSE_RATIO", MAX_SPARSE_RATIO)
     if pixels <= SPARSE_MIN_PIXELS or ratio_max == 0 or not ds.count:
         return
-    try:
-        on_disk = sum(os.path.getsize(f) for f in files)
-    except OSError:
-        return
+    if on_disk is None:
+        try:
+            on_disk = sum(os.path.getsize(f) for f in files)
+        except OSError:  # a remote file whose server gave no size
+            return
     raw = pixels * ds.count * max(np.dtype(d).itemsize for d in ds.dtypes)
     if on_disk > 0 and raw / on_disk > ratio_max:
         raise InputError(

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from geoseg.grid import GeoBox, Window, reflect_window
 from geoseg.io.files import LIST_GDAL_OPTIONS, check_declared_size, dataset_files, files_digest, size_mtime
 from geoseg.io.frames import local_file, read_video_frame, video_frame
 from geoseg.io.gdal import quiet_rasterio_georeference
+from geoseg.io.remote import gdal_path, is_remote, redact, remote_fingerprint, remote_gdal_options, remote_stat, retrying
 
 __all__ = [
     "DEFAULT_GDAL_OPTIONS",
@@ -45,7 +47,9 @@ class RasterSource:
     Parameters
     ----------
     path : str
-        Anything GDAL opens: a file, a ``/vsi...`` path, a VRT.
+        Anything GDAL opens: a file, a ``/vsi...`` path (a URL's ``/vsicurl/``, ``/vsis3/`` ...),
+        a VRT. What geoseg shows and records: a URL's query string (a signed URL's token)
+        is redacted here (see :func:`geoseg.io.remote.redact`).
     bands : tuple of int
         1-based band indexes to read, in the order the model receives them.
     geobox : GeoBox
@@ -67,6 +71,9 @@ class RasterSource:
         ``(crs, transform, width, height, resampling)``: the raster is read aligned onto
         that grid through a :class:`rasterio.vrt.WarpedVRT`, inside each read (``geobox``
         is then that grid). Pixels the source does not cover are invalid.
+    gdal_path : str
+        The full path GDAL opens when ``path`` had a secret redacted (never shown, recorded
+        or part of the Dask token: a re-signed URL of the same content is the same job).
     """
 
     path: str
@@ -79,6 +86,20 @@ class RasterSource:
     fingerprint: str = ""
     mask_bands: tuple[int, ...] = ()
     warp: tuple | None = None  # (crs, affine 6-tuple, width, height, resampling): read through a WarpedVRT
+    gdal_path: str = field(default="", repr=False)
+
+    @property
+    def location(self) -> str:
+        """What GDAL opens (``path`` with any redacted secret put back)."""
+        return self.gdal_path or self.path
+
+    @property
+    def remote(self) -> bool:
+        """Whether reads reach the network (a URL or a network ``/vsi`` path)."""
+        return is_remote(self.location)
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("geoseg.RasterSource", *(getattr(self, f.name) for f in fields(self) if f.name != "gdal_path"))
 
     @property
     def count(self) -> int:
@@ -99,7 +120,7 @@ class RasterSource:
     @contextlib.contextmanager
     def dataset(self):
         """Open the raster (aligned through a WarpedVRT when ``warp`` is set); use inside ``env()``."""
-        with _open_quiet(self.path) as ds:
+        with _open_quiet(self.location) as ds:
             if self.warp is None:
                 yield ds
                 return
@@ -198,45 +219,74 @@ def open_source(
         :data:`SPARSE_MIN_PIXELS` pixels; ``GEOSEG_MAX_SPARSE_RATIO`` changes it): refused
         before any planning.
     """
-    import rasterio
     from rasterio.errors import RasterioIOError
 
     path = _worker_path(path)
     opts = dict(DEFAULT_GDAL_OPTIONS)
+    opts.update(remote_gdal_options(path) if is_remote(path) else {})
     opts.update(gdal_options or {})
+    describe = partial(_describe, path, opts, bands, require_crs, warp_to, resampling, max_pixels)
+    if is_remote(path):  # a 503 retried with back-off; a 404 or 403 fails at once, the URL redacted
+        return retrying(path, "opening the raster", describe)
     try:
-        with rasterio.Env(**opts), _open_quiet(path) as ds:
-            files = dataset_files(path) if video_frame(path) is None else [local_file(path)]
-            check_declared_size(path, ds, files, max_pixels)
-            bands, alpha, dtype = _model_bands(path, ds, bands)
-            _check_georeferenced(path, ds, require_crs)
-            crs = ds.crs.to_wkt() if ds.crs is not None else None
-            if ds.crs is not None and ds.crs.to_epsg() is not None:
-                crs = f"EPSG:{ds.crs.to_epsg()}"
-            geobox = GeoBox(ds.width, ds.height, ds.transform, crs)
-            warp = None
-            if warp_to is not None:
-                warp = _warp_onto(path, ds, warp_to, resampling)
-                geobox = warp_to
-            return RasterSource(
-                path=path,
-                bands=bands,
-                warp=warp,
-                geobox=geobox,
-                dtype=dtype,
-                band_descriptions=tuple(ds.descriptions[b - 1] for b in bands),
-                nodata=ds.nodatavals[bands[0] - 1],
-                gdal_options=tuple(sorted(opts.items())),
-                fingerprint=size_mtime(path) + (f"+{files_digest(files[1:])}" if len(files) > 1 else ""),
-                mask_bands=tuple(b for b in bands if b not in alpha) or bands,
-            )
+        return describe()
     except RasterioIOError as exc:
         raise RasterReadError(f"{path}: not a raster GDAL can open ({exc}); check the file is complete and its format") from exc
 
 
+def _describe(path: str, opts: dict, bands, require_crs: bool, warp_to, resampling: str, max_pixels) -> RasterSource:
+    """Open ``path`` under ``opts`` and describe it (the body of :func:`open_source`; messages name it redacted)."""
+    import rasterio
+
+    shown = redact(path)
+    with rasterio.Env(**opts), _open_quiet(path) as ds:
+        files, stat = _behind(path)
+        check_declared_size(shown, ds, files, max_pixels, on_disk=int(stat["size"]) if stat.get("size", "").isdigit() else None)
+        bands, alpha, dtype = _model_bands(shown, ds, bands)
+        _check_georeferenced(shown, ds, require_crs)
+        crs = ds.crs.to_wkt() if ds.crs is not None else None
+        if ds.crs is not None and ds.crs.to_epsg() is not None:
+            crs = f"EPSG:{ds.crs.to_epsg()}"
+        geobox = GeoBox(ds.width, ds.height, ds.transform, crs)
+        warp = None
+        if warp_to is not None:
+            warp = _warp_onto(shown, ds, warp_to, resampling)
+            geobox = warp_to
+        return RasterSource(
+            path=shown,
+            gdal_path=path if shown != path else "",
+            bands=bands,
+            warp=warp,
+            geobox=geobox,
+            dtype=dtype,
+            band_descriptions=tuple(ds.descriptions[b - 1] for b in bands),
+            nodata=ds.nodatavals[bands[0] - 1],
+            gdal_options=tuple(sorted(opts.items())),
+            fingerprint=_fingerprint(path, files, stat, ds),
+            mask_bands=tuple(b for b in bands if b not in alpha) or bands,
+        )
+
+
+def _behind(path: str) -> tuple[list[str], dict[str, str]]:
+    """The local files a raster is read from, and a remote file's HTTP metadata (size, ETag, Last-Modified)."""
+    if is_remote(path):
+        return [path], remote_stat(path)
+    return (dataset_files(path) if video_frame(path) is None else [local_file(path)]), {}
+
+
+def _fingerprint(path: str, files: list[str], stat: dict[str, str], ds) -> str:
+    """Size and mtime of the files (a VRT's sources digested); a remote file's by its HTTP metadata, no secret."""
+    if is_remote(path):
+        header = f"{ds.driver}:{ds.width}x{ds.height}x{ds.count}:{ds.dtypes}:{tuple(ds.transform)}:{ds.crs}"
+        return remote_fingerprint(path, header, stat)
+    return size_mtime(path) + (f"+{files_digest(files[1:])}" if len(files) > 1 else "")
+
+
 def _worker_path(path: str | os.PathLike) -> str:
-    """``path`` made absolute (workers may run in another folder or host); a local file must exist."""
-    path = os.fspath(path)
+    """``path`` made absolute (workers may run in another folder or host), a URL as GDAL's ``/vsi`` path; a local
+    file must exist.
+    """
+    path = gdal_path(os.fspath(path))
     if not path.startswith(("/vsi", "GTIFF_DIR:")) and "://" not in path:
         path = os.path.abspath(path)
     if not path.startswith("/vsi") and "://" not in path and not os.path.exists(local_file(path)):
@@ -304,7 +354,9 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     window : Window
         Pixels wanted, in raster coordinates (any offsets).
     retries : int
-        Extra attempts after a failed read (flaky network sources), with a short back-off.
+        Extra attempts after a failed read of a local raster, with a short back-off (a remote
+        one is retried by :func:`geoseg.io.remote.retrying`: exponential back-off, permanent
+        HTTP errors at once).
 
     Returns
     -------
@@ -317,31 +369,17 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     seconds : float
         Time spent reading.
     """
-    import rasterio
     from rasterio.windows import Window as RioWindow
 
     t0 = time.perf_counter()
     span, rows, cols = reflect_window(window, source.geobox.height, source.geobox.width)
     r0, r1, c0, c1 = span.row_off, span.row_stop, span.col_off, span.col_stop
     rio_win = RioWindow(c0, r0, c1 - c0, r1 - r0)
-    last: Exception | None = None
-    for attempt in range(retries + 1):
-        try:
-            with source.env(), source.dataset() as ds:
-                data = ds.read(list(source.bands), window=rio_win)
-                masks = ds.read_masks(list(source.mask_bands or source.bands), window=rio_win)
-                covered = RasterSource.coverage(ds, rio_win) if source.warp is not None else None
-                if covered is not None:
-                    masks = masks * covered[None]
-            break
-        except rasterio.errors.RasterioError as exc:  # corrupt block, dropped connection
-            last = exc
-            time.sleep(0.2 * (attempt + 1))
+    read = partial(_read_pixels, source, rio_win)
+    if source.remote:  # transient HTTP failures retried with back-off (GDAL's cache of them bypassed)
+        data, masks = retrying(source.location, f"reading rows {r0}:{r1}, cols {c0}:{c1}", read)
     else:
-        raise RasterReadError(
-            f"{source.path}: reading rows {r0}:{r1}, cols {c0}:{c1} failed after {retries + 1} attempts ({last}); "
-            "check the file is complete (gdalinfo -checksum) or the connection"
-        )
+        data, masks = _read_local(source, read, retries, f"rows {r0}:{r1}, cols {c0}:{c1}")
     valid = masks.any(axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
@@ -353,6 +391,34 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
         data = data[:, rows[:, None], cols[None, :]]
         valid = valid[rows[:, None], cols[None, :]]
     return data, valid, time.perf_counter() - t0
+
+
+def _read_pixels(source: RasterSource, rio_win) -> tuple[np.ndarray, np.ndarray]:
+    """One windowed read of the selected bands and of their masks (the WarpedVRT's coverage applied)."""
+    with source.env(), source.dataset() as ds:
+        data = ds.read(list(source.bands), window=rio_win)
+        masks = ds.read_masks(list(source.mask_bands or source.bands), window=rio_win)
+        covered = RasterSource.coverage(ds, rio_win) if source.warp is not None else None
+        if covered is not None:
+            masks = masks * covered[None]
+    return data, masks
+
+
+def _read_local(source: RasterSource, read, retries: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``read()`` of a local raster, tried ``retries`` more times after a failure with a short back-off."""
+    import rasterio
+
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        try:
+            return read()
+        except rasterio.errors.RasterioError as exc:  # corrupt block, dropped connection
+            last = exc
+            time.sleep(0.2 * (attempt + 1))
+    raise RasterReadError(
+        f"{source.path}: reading {where} failed after {retries + 1} attempts ({last}); "
+        "check the file is complete (gdalinfo -checksum) or the connection"
+    )
 
 
 def read_overview(source: RasterSource, max_side: int = 1024, exact: bool = False) -> tuple[np.ma.MaskedArray, int]:
@@ -374,27 +440,37 @@ def read_overview(source: RasterSource, max_side: int = 1024, exact: bool = Fals
     if not isinstance(source, RasterSource):  # an in-memory or lazy array (geoseg.io.xarray_source.ArraySource)
         return source.overview(max_side)
     import rasterio
-    from rasterio.windows import Window as RioWindow
 
     gb = source.geobox
     f = max(1, int(np.ceil(max(gb.width, gb.height) / max_side)))
+    read = partial(_decimated, source, f, exact)
+    if source.remote:
+        return retrying(source.location, "reading a decimated copy", read), f
     try:
-        with source.env(), source.dataset() as ds:
-            if f > 1 and source.warp is None and ds.overviews(source.bands[0]) and not exact:
-                shape = (len(source.bands), -(-gb.height // f), -(-gb.width // f))
-                return ds.read(list(source.bands), out_shape=shape, masked=True), f
-            strips = []
-            step = max(f, (16_000_000 // gb.width) // f * f)  # ~16 Mpx per band per strip
-            for r0 in range(0, gb.height, step):
-                win = RioWindow(0, r0, gb.width, min(step, gb.height - r0))
-                strip = ds.read(list(source.bands), window=win, masked=True)
-                covered = RasterSource.coverage(ds, win) if source.warp is not None else None
-                if covered is not None:
-                    strip.mask = np.ma.getmaskarray(strip) | ~covered[None]
-                strips.append(strip[:, ::f, ::f])
-            return np.ma.concatenate(strips, axis=1), f
+        return read(), f
     except rasterio.errors.RasterioIOError as exc:
         raise RasterReadError(f"{source.path}: reading a decimated copy failed ({exc}); check the file is complete") from exc
+
+
+def _decimated(source: RasterSource, f: int, exact: bool) -> np.ma.MaskedArray:
+    """The body of :func:`read_overview`: overviews when allowed, else every ``f``-th pixel of full-resolution strips."""
+    from rasterio.windows import Window as RioWindow
+
+    gb = source.geobox
+    with source.env(), source.dataset() as ds:
+        if f > 1 and source.warp is None and ds.overviews(source.bands[0]) and not exact:
+            shape = (len(source.bands), -(-gb.height // f), -(-gb.width // f))
+            return ds.read(list(source.bands), out_shape=shape, masked=True)
+        strips = []
+        step = max(f, (16_000_000 // gb.width) // f * f)  # ~16 Mpx per band per strip
+        for r0 in range(0, gb.height, step):
+            win = RioWindow(0, r0, gb.width, min(step, gb.height - r0))
+            strip = ds.read(list(source.bands), window=win, masked=True)
+            covered = RasterSource.coverage(ds, win) if source.warp is not None else None
+            if covered is not None:
+                strip.mask = np.ma.getmaskarray(strip) | ~covered[None]
+            strips.append(strip[:, ::f, ::f])
+        return np.ma.concatenate(strips, axis=1)
 
 
 def band_percentiles(source: RasterSource, low: tuple[float, ...], high: tuple[float, ...], max_side: int = 1024):

@@ -29,6 +29,7 @@ from geoseg.classes import NODATA, is_background
 from geoseg.errors import InputError
 from geoseg.io.outdir import fsync_replace, write_text_atomic
 from geoseg.io.raster import open_source, read_overview
+from geoseg.io.remote import is_redacted, remote_env
 
 __all__ = [
     "QGIS_VERSION",
@@ -300,8 +301,10 @@ def true_colour(path: str) -> TrueColour | None:
     import numpy as np
     import rasterio
 
+    if is_redacted(path):  # a signed URL as recorded: its token is not kept, so the image cannot be drawn
+        return None
     try:
-        with rasterio.open(path) as ds:
+        with remote_env(path), rasterio.open(path) as ds:
             interps = [ci.name for ci in ds.colorinterp]
             bands = _display_bands(ds.descriptions, interps, ds.count)
             crs = ds.crs.to_string() if ds.crs else None

@@ -15,7 +15,8 @@ import os
 import sys
 
 from geoseg.errors import DeviceError, ModelError
-from geoseg.models.spec import IN_MEMORY_MODELS, ModelSpec, Runtime, sha256_file
+from geoseg.models.download import sha256_file
+from geoseg.models.spec import IN_MEMORY_MODELS, ModelSpec, Runtime
 
 __all__ = [
     "cpu_has_bf16",

@@ -22,9 +22,11 @@ from geoseg.errors import ModelError
 from geoseg.models.bundled import BUNDLED, bundled_card, bundled_path
 from geoseg.models.card import ModelCard, card_from_dict
 from geoseg.models.card_sources import find_card
+from geoseg.models.download import sha256_file
 from geoseg.models.safety import scan_model
+from geoseg.models.zoo import cached_model
 
-__all__ = ["IN_MEMORY_MODELS", "PRECISIONS", "ModelSpec", "Runtime", "resolve_model", "sha256_file"]
+__all__ = ["IN_MEMORY_MODELS", "PRECISIONS", "ModelSpec", "Runtime", "resolve_model"]
 
 
 #: ``precision=`` values: exact fp32, the fastest reduced precision this device has, or one named outright
@@ -99,26 +101,6 @@ class ModelSpec:
         return ("geoseg.ModelSpec", self.kind, self.sha256, self.card)
 
 
-def sha256_file(path: str) -> str:
-    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks.
-
-    Parameters
-    ----------
-    path : str
-        The file.
-
-    Returns
-    -------
-    str
-        64 hex digits.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sniff_kind(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
@@ -158,7 +140,8 @@ def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False
     Parameters
     ----------
     model : str, os.PathLike, ModelSpec or torch.nn.Module
-        A bundled model name (``geoseg models``), an ONNX, TorchScript, ``torch.export`` or
+        A bundled model name (``geoseg models``), a model pulled into the cache by name
+        (``geoseg models pull NAME``, resolved offline), an ONNX, TorchScript, ``torch.export`` or
         state-dict file, a spec, or an in-memory module. A bare bundled name always means the
         bundled model, even when a file of that name is in the current folder (write
         ``./name`` for the file).
@@ -175,21 +158,33 @@ def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False
     Raises
     ------
     ModelError
-        The file is missing, of no known kind, or refused by the safety checks.
+        The file is missing, of no known kind, or refused by the safety checks; a catalogued
+        model not pulled yet (the message says ``geoseg models pull NAME``); a pulled file that
+        changed since.
     """
     if isinstance(model, ModelSpec):
         return model if card is None else replace(model, card=card)
+    pulled = None
     if isinstance(model, str):
         if model in BUNDLED:  # a bare bundled name, never a file in the current folder
             name = model
             card = card or card_from_dict(bundled_card(name), f"bundled model {name!r}")
             model = bundled_path(name)
+        else:  # a model pulled into the cache by name (geoseg models pull NAME), offline; else a path
+            pulled = cached_model(model)
+            model = pulled[0] if pulled else model
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isfile(path):
             raise ModelError(
                 f"{path}: model file not found; give an ONNX .onnx (or TorchScript .pt, torch.export .pt2) file, or a bundled "
                 "model name (see `geoseg models`)"
+            )
+        sha = sha256_file(path)
+        if pulled and sha != pulled[1]:  # checked before anything reads the file
+            raise ModelError(
+                f"{path}: the cached model changed since it was pulled (sha256 {sha}, recorded {pulled[1]}); "
+                f"pull it again: geoseg models pull {os.path.basename(path)[:-5]} --force"
             )
         kind = _sniff_kind(path)
 
@@ -206,7 +201,7 @@ def resolve_model(model: Any, card: ModelCard | None = None, trust: bool = False
                     "torch.onnx.export"
                 )
             kind = "statedict"
-        return ModelSpec(kind, sha256_file(path), card or ModelCard(name=name), path=os.path.abspath(path))
+        return ModelSpec(kind, sha, card or ModelCard(name=name), path=os.path.abspath(path))
     if hasattr(model, "forward") and hasattr(model, "state_dict"):
         import cloudpickle
 

@@ -48,7 +48,8 @@ def _true_colour(path: str, max_side: int) -> tuple[np.ndarray, int, GeoBox]:
         bands = list(match_bands(["red", "green", "blue"], src.band_descriptions, origin=path))
     except ModelError:
         bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
-    data, f = read_overview(open_source(path, bands), max_side, exact=True)  # overlays sit on exact pixels
+    # overlays sit on exact pixels; a remote scene is drawn from its overviews instead (an exact read fetches it whole)
+    data, f = read_overview(open_source(path, bands), max_side, exact=not src.remote)
     arr = data.astype(np.float64).filled(np.nan)
     rgb = np.zeros((*arr.shape[1:], 3), np.uint8)
     if np.isfinite(arr).any():  # one stretch for all three bands keeps the colour balance

@@ -28,6 +28,7 @@ from typing import Any
 
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.io.outdir import write_json_atomic
+from geoseg.io.remote import is_remote, redact
 from geoseg.workflows.bands import check_bands, inherit_bands, yaml_words
 from geoseg.workflows.progress import Units
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
@@ -188,7 +189,7 @@ def _find_scenes(wf: Workflow, folder: str, say: Callable[[str], None]) -> list[
     from geoseg.workflows.sources import scenes
 
     im = wf.imagery_spec()
-    missing = [p for p in im.files or [] if not os.path.exists(p)]
+    missing = [p for p in im.files or [] if not is_remote(p) and not os.path.exists(p)]
     if im.glob and not globlib.glob(im.glob) and wf.sample and os.path.dirname(im.glob) == globlib.escape(wf.sample):
         missing = [os.path.join(wf.sample, os.path.basename(im.glob))]
     if missing and wf.sample and all(os.path.dirname(p) == wf.sample for p in missing):
@@ -277,7 +278,7 @@ def _scene(
     from geoseg.workflows.quicklook import Overlay
 
     wf, img_dir = plan.wf, plan.image_dir(scene)
-    entry: dict[str, Any] = {"image": scene.path, "date": scene.date, "folder": img_dir, "models": {}}
+    entry: dict[str, Any] = {"image": redact(scene.path), "date": scene.date, "folder": img_dir, "models": {}}
     overlays = []
     done_before = tally.counts["done"]
     for (run, spec, bands), mdir_name in zip(plan.runs, plan.model_dirs, strict=True):

@@ -16,6 +16,7 @@ from xml.sax.saxutils import escape
 from geoseg.change import raster_date
 from geoseg.errors import InputError
 from geoseg.io.outdir import write_text_atomic
+from geoseg.io.remote import failure_kind, gdal_path, is_remote, permanent_error, redact, remote_env, remote_name
 from geoseg.workflows.spec import Imagery, check_inside
 
 __all__ = ["Scene", "scenes"]
@@ -144,7 +145,8 @@ def _stac_stamp(item, hrefs: list[str]) -> str:
             continue
         extra = asset.extra_fields
         local = not ("://" in href and not href.startswith("file://"))
-        assets.append([key, extra.get("file:checksum"), extra.get("file:size"), extra.get("updated"), None if local else href])
+        remote = None if local else redact(href)  # a signed href's token never reaches the ledger
+        assets.append([key, extra.get("file:checksum"), extra.get("file:size"), extra.get("updated"), remote])
     stamp["assets"] = assets
     return json.dumps(stamp, sort_keys=True, default=str)
 
@@ -215,9 +217,11 @@ def _has_crs(path: str) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
+            with remote_env(path), rasterio.open(path) as ds:
                 return ds.crs is not None
-    except RasterioIOError:
+    except RasterioIOError as exc:
+        if is_remote(path) and failure_kind(str(exc)) == "permanent":  # a 404 or 403: one line now, the URL redacted
+            raise permanent_error(path, str(exc)) from None
         return True
 
 
@@ -235,17 +239,18 @@ def scenes(im: Imagery, work_folder: str) -> list[Scene]:
         paths = sorted(globlib.glob(im.glob)) if im.glob else list(im.files or [])
         if im.glob and not paths:
             raise InputError(f"imagery glob {im.glob!r} matches no file; fix the pattern")
+        paths = [gdal_path(p) for p in paths]  # a URL read where it is (GDAL's /vsicurl/, /vsis3/ ...), never downloaded
         for p in paths:
-            if not os.path.exists(p):
+            if not is_remote(p) and not os.path.exists(p):
                 raise InputError(f"imagery {p} does not exist; fix the path in 'imagery'")
             # workflows map places: a plain image (no CRS) is refused before any work, with the way out
             if not _has_crs(p):
                 raise InputError(
-                    f"{p}: has no CRS, and workflows map georeferenced imagery; assign one (gdal_edit.py -a_srs EPSG:...) "
-                    "or run plain images with geoseg predict IMAGE|FOLDER|VIDEO"
+                    f"{redact(p)}: has no CRS, and workflows map georeferenced imagery; assign one (gdal_edit.py -a_srs "
+                    "EPSG:...) or run plain images with geoseg predict IMAGE|FOLDER|VIDEO"
                 )
-        dated = [(p, _filename_date(p) if im.date_from == "filename" else raster_date(p)) for p in paths]
-        found = [Scene(p, d, _slug(os.path.splitext(os.path.basename(p))[0])) for p, d in dated]
+        dated = [(p, _filename_date(remote_name(p)) if im.date_from == "filename" else raster_date(p)) for p in paths]
+        found = [Scene(p, d, _slug(os.path.splitext(remote_name(p))[0])) for p, d in dated]
     names = [s.name for s in found]
     if len(set(names)) != len(names):  # same file names in different folders: add the date, then a counter
         seen: dict[str, int] = {}

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from geoseg._yaml import flat as _flat
 from geoseg._yaml import load_yaml
 from geoseg.errors import InputError
+from geoseg.io.remote import is_remote
 
 __all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "check_cron", "check_inside", "load_workflow"]
 
@@ -402,8 +403,8 @@ class _Paths:
         return f"{self.path}{f':{line}' if line else ''}"
 
     def resolve(self, p: str | None, loc: tuple, pattern: bool = False) -> str | None:
-        if p is None:
-            return None
+        if p is None or is_remote(p):  # a URL or a network /vsi path is not relative to the file's folder
+            return p
         if "\x00" in p:
             raise InputError(f"{self.at(loc)}: {'.'.join(map(str, loc))}: a path cannot contain a NUL character; fix the path")
         if pattern:  # a glob: the folder it is relative to is literal, even with [ ] * ? in its name
