@@ -234,6 +234,36 @@ def test_workflow_on_a_stac_api_equals_the_local_files_and_runs_only_what_is_new
         third = run_workflow(f)
     assert third["units"] == {"done": 1, "skipped": 2, "failed": 0}
     assert [e["date"] for e in third["images"]] == ["2024-01-10", "2024-05-20", "2024-06-11"]
+    # the provider reprocesses one item (its `updated` changes): that day is redone, nothing else
+    items[0]["properties"]["updated"] = "2024-08-01T00:00:00Z"
+    api3 = tmp_path / "api3"
+    api3.mkdir()
+    with stac_api(api3, items + [_item(i, *v, base) for i, v in NEW.items()]) as url:
+        f.write_text(WORKFLOW.format(url=url))
+        fourth = run_workflow(f)
+    assert fourth["units"] == {"done": 1, "skipped": 2, "failed": 0}
+    assert "2024-01-10" in fourth["images"][0]["models"]["forest"]["folder"]
+
+
+def test_search_keys_need_an_api_and_an_empty_search_says_so(cogs: tuple[Path, str], tmp_path: Path) -> None:
+    from geoseg.errors import InputError
+    from geoseg.workflows.run import run_workflow
+    from geoseg.workflows.spec import load_workflow
+
+    f = tmp_path / "w.yaml"
+    f.write_text("name: x\nimagery: {stac: cat.json, datetime: 2024-01-01}\nmodels: [forest]\noutputs: {folder: o}\n")
+    with pytest.raises(InputError, match=r"w\.yaml:2: imagery: .*datetime searches a STAC API: give stac: https://"):
+        load_workflow(f)
+    f.write_text("name: x\nimagery: {stac: 'http://127.0.0.1:9/', datetime: 2024-01-01}\nmodels: [forest]\noutputs: {folder: o}\n")
+    im = load_workflow(f).imagery_spec()
+    assert im.stac == "http://127.0.0.1:9/" and im.datetime == "2024-01-01"  # a URL stays a URL; a bare date is that day
+    _, base = cogs
+    with stac_api(tmp_path, [_item(i, *v, base) for i, v in ITEMS.items()]) as url:
+        f.write_text(WORKFLOW.format(url=url).replace("2024-01-01/2024-06-30", "2030-01-01/2030-12-31"))
+        (tmp_path / "aoi.geojson").write_text("")
+        _aoi(tmp_path / "aoi.geojson")
+        with pytest.raises(InputError, match="the search found no items; widen imagery's datetime, query or filter"):
+            run_workflow(f)
 
 
 def test_stac_scenes_groups_a_days_items_into_one_mosaic(cogs: tuple[Path, str], tmp_path: Path) -> None:

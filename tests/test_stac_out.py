@@ -62,7 +62,7 @@ def _check_item(folder: Path, mask_name: str = "mask.tif") -> object:
     classes = mask.extra_fields["classification:classes"]
     assert [(c["value"], c.get("title", c["name"])) for c in classes[:-1]] == [(c.id, c.name) for c in table]
     assert [c["color_hint"] for c in classes[:-1]] == ["{:02X}{:02X}{:02X}".format(*c.color) for c in table]
-    assert classes[-1] == {"value": 255, "name": "nodata", "nodata": True}
+    assert classes[-1]["value"] == 255 and classes[-1]["nodata"] is True
     assert item.bbox == pytest.approx(list(bounds), abs=1e-6)
     assert item.assets["run"].roles == ["metadata"]
     ext = set(raw["stac_extensions"])

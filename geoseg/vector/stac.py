@@ -104,11 +104,12 @@ def _classes(classes: Sequence[ClassInfo]) -> list[dict[str, Any]]:
     """``classification:classes`` of a mask: value, name, colour hint; and its nodata value."""
     out = []
     for c in classes:
-        entry = {"value": int(c.id), "name": _class_name(c.name), "color_hint": "{:02X}{:02X}{:02X}".format(*c.color)}
+        entry = {"value": int(c.id), "name": _class_name(c.name), "description": c.name,
+                 "color_hint": "{:02X}{:02X}{:02X}".format(*c.color)}  # fmt: skip
         if entry["name"] != c.name:
             entry["title"] = c.name
         out.append(entry)
-    return [*out, {"value": NODATA, "name": "nodata", "nodata": True}]
+    return [*out, {"value": NODATA, "name": "nodata", "description": "nodata, or outside the AOI", "nodata": True}]
 
 
 def _proj(grid: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,7 +181,7 @@ def _mlm(model: ModelSpec, classes: Sequence[ClassInfo], bands: Sequence[str]) -
     size = card.tile or -1
     names = list(card.bands or bands)
     fields = {
-        "mlm:name": card.name,
+        "mlm:name": re.sub(r"[^A-Za-z0-9_.-]+", "_", card.name),  # the extension's name pattern
         "mlm:architecture": arch,
         "mlm:tasks": ["semantic-segmentation"],
         "mlm:framework": framework,
@@ -196,8 +197,6 @@ def _mlm(model: ModelSpec, classes: Sequence[ClassInfo], bands: Sequence[str]) -
             "classification:classes": _classes(classes)[:-1],
         }],
     }  # fmt: skip
-    if card.version:
-        fields["version"] = card.version
     if not model.path:
         return fields, None
     asset = {"href": os.path.abspath(model.path), "type": "application/octet-stream", "roles": ["mlm:model"],

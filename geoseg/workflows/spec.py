@@ -404,7 +404,8 @@ def _validate(path: str, data: dict, root: Any) -> Workflow:
     try:
         return Workflow.model_validate({**data, "path": os.path.abspath(path)})
     except ValidationError as exc:
-        err = max(exc.errors(), key=lambda e: len(e["loc"]))  # in a union, the branch that got furthest
+        # in a union, the branch that got furthest (on a tie, not "a list was expected": a mapping was given)
+        err = max(exc.errors(), key=lambda e: (len(e["loc"]), e["type"] != "list_type"))
         skip = ("str", "ModelRun", "list[str]", "Imagery", "function-after[_some(), union[list[str],Imagery]]")
         loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and (x in skip or x.startswith(("function-", "union[")))))
         key = _flat(".".join(str(x) for x in loc)) or "(top level)"

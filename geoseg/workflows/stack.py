@@ -33,7 +33,7 @@ def gdal_href(href: str) -> str:
     return href
 
 
-def _grids(label: str, hrefs: list[str]) -> list[tuple]:
+def _grids(hrefs: list[str]) -> list[tuple]:
     """(width, height, transform, CRS WKT, dtype, nodata) of each asset, opened by GDAL (remote ones by range requests)."""
     import rasterio
 
@@ -136,7 +136,7 @@ def stack_vrt(
         The VRT's path.
     """
     hrefs = [h for _, hs in bands for h in hs]
-    grids = _grids(label, hrefs)
+    grids = _grids(hrefs)
     text = _vrt_text(bands, grids, _layout(label, grids), scaling or [(None, None)] * len(bands))
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{file_stem}.vrt")
