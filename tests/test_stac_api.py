@@ -254,7 +254,7 @@ def test_search_keys_need_an_api_and_an_empty_search_says_so(cogs: tuple[Path, s
     f.write_text("name: x\nimagery: {stac: cat.json, datetime: 2024-01-01}\nmodels: [forest]\noutputs: {folder: o}\n")
     with pytest.raises(InputError, match=r"w\.yaml:2: imagery: .*datetime searches a STAC API: give stac: https://"):
         load_workflow(f)
-    f.write_text("name: x\nimagery: {stac: 'http://127.0.0.1:9/', datetime: 2024-01-01}\nmodels: [forest]\noutputs: {folder: o}\n")
+    f.write_text("name: x\nimagery: {stac: 'http://127.0.0.1:9/', datetime: 2024-01-01}\nmodels: [forest]\noutputs: {folder: o}")
     im = load_workflow(f).imagery_spec()
     assert im.stac == "http://127.0.0.1:9/" and im.datetime == "2024-01-01"  # a URL stays a URL; a bare date is that day
     _, base = cogs
@@ -281,3 +281,20 @@ def test_stac_scenes_groups_a_days_items_into_one_mosaic(cogs: tuple[Path, str],
         assert ds.width == 2 * SIZE and ds.descriptions == ("B04", "B08")
         assert ds.transform == from_origin(X0, Y0, RES, RES)
         np.testing.assert_array_equal(ds.read(1, window=((0, SIZE), (SIZE, 2 * SIZE))), _data("b-2024-01-10")[0])
+
+
+def test_a_vrt_of_remote_tiles_as_large_as_a_sentinel2_tile_is_not_taken_for_a_sparse_file(
+    cogs: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A day's VRT names its COGs by URL: the few bytes on disk say nothing of the pixels it holds."""
+    from geoseg.io.raster import open_source
+    from geoseg.workflows.stack import stack_vrt
+
+    _, base = cogs
+    far = _item("far-2024-02-01", "2024-02-01", 1, 5000, base)["assets"]  # 5000 px east: the mosaic spans 5192 px
+    near = _item("s2-2024-01-10", "2024-01-10", 1, 0, base)["assets"]
+    vrt = stack_vrt("two tiles", [("red", [near["B04"]["href"], far["B04"]["href"]])], str(tmp_path / "v"), "wide")
+    text = Path(vrt).read_text().replace(f'rasterXSize="{5000 + SIZE}"', 'rasterXSize="11000"')
+    Path(vrt).write_text(text.replace('rasterYSize="192"', 'rasterYSize="11000"'))
+    src = open_source(vrt)  # 1.2e8 pixels declared in a 1 kB file: refused as sparse before
+    assert (src.geobox.width, src.geobox.height) == (11000, 11000)
