@@ -26,7 +26,7 @@ from geoseg.workflows.scene import Scene, slug
 from geoseg.workflows.spec import Imagery, is_url
 from geoseg.workflows.stack import stack_vrt
 
-__all__ = ["catalog_scenes", "search_items", "stac_scenes"]
+__all__ = ["api_or_catalog", "asset_map", "catalog_scenes", "day_scenes", "search_items", "stac_scenes"]
 
 #: Operators of the STAC API query extension that geoseg applies itself when an API lacks it.
 QUERY_OPS = {
@@ -267,6 +267,7 @@ def stac_scenes(
     filter: dict[str, Any] | None = None,
     assets: dict[str, str] | list[str] | None = None,
     max_items: int | None = None,
+    client: Any = None,
 ) -> list[Scene]:
     """Search a STAC API and make a scene per acquisition day, ready for :func:`geoseg.segment`.
 
@@ -283,6 +284,8 @@ def stac_scenes(
     assets : dict or list of str, optional
         Band name -> asset key (``{"red": "B04"}``), or a list of asset keys (each band named by
         its key); default: the assets' ``eo:bands`` common names.
+    client : pystac_client.Client, optional
+        The API already opened at ``url``.
 
     Returns
     -------
@@ -297,14 +300,14 @@ def stac_scenes(
     ...                           assets={"blue": "blue", "green": "green", "red": "red", "nir": "nir"})
     >>> geoseg.segment(days[0].path, "forest", f"out/{days[0].name}")  # doctest: +SKIP
     """
-    intersects = aoi
+    intersects = aoi or None
     if isinstance(aoi, (str, os.PathLike)):
         from geoseg.io.aoi import aoi_lonlat
 
         intersects = aoi_lonlat(aoi)
     items = search_items(
         url, collections=collections, bbox=bbox, intersects=intersects, datetime=datetime, query=query,
-        filter=filter, max_items=max_items,
+        filter=filter, max_items=max_items, client=client,
     )  # fmt: skip
     return day_scenes(items, asset_map(assets), os.path.join(os.fspath(folder), ".geoseg-stac"), url)
 
@@ -313,25 +316,19 @@ def api_or_catalog(im: Imagery, folder: str, aoi: str | None) -> list[Scene]:
     """The imagery's STAC scenes: searched when ``stac`` is an API, else read from the catalog (a file or URL)."""
     from pystac_client.conformance import ConformanceClasses
 
-    vrts = os.path.join(folder, ".geoseg-stac")
     search_keys = [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(im, k) is not None]
     if im.stac and is_url(im.stac):
         client = _open_client(im.stac)
         if client.conforms_to(ConformanceClasses.ITEM_SEARCH):
-            intersects = None
-            if aoi:
-                from geoseg.io.aoi import aoi_lonlat
-
-                intersects = aoi_lonlat(aoi)
-            items = search_items(
-                im.stac, collections=im.collections, intersects=intersects, datetime=im.datetime, query=im.query,
-                filter=im.filter, max_items=im.max_items, client=client,
+            found = stac_scenes(
+                im.stac, folder, collections=im.collections, aoi=aoi, datetime=im.datetime, query=im.query,
+                filter=im.filter, assets=im.assets, max_items=im.max_items, client=client,
             )  # fmt: skip
-            if not items:
+            if not found:
                 raise InputError(f"{im.stac}: the search found no items; widen imagery's datetime, query or filter")
-            return day_scenes(items, asset_map(im.assets), vrts, im.stac)
+            return found
     if search_keys:
         raise InputError(
             f"imagery.{search_keys[0]}: searches a STAC API, and {im.stac} is a static catalog (read whole); remove it"
         )
-    return catalog_scenes(im, vrts)
+    return catalog_scenes(im, os.path.join(folder, ".geoseg-stac"))
