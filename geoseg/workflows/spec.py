@@ -1,6 +1,6 @@
 """The workflow file: a YAML description of a run, validated before any work starts.
 
-A little over 400 lines: the whole schema (pydantic models, one per YAML section) with the
+Under 500 lines: the whole schema (pydantic models, one per YAML section, the STAC API search keys with them) with the
 line-numbered error reporting that goes with it, kept in one file so the format reads in one place.
 
 Paths are relative to the workflow file's folder. Every error names the file, the line
