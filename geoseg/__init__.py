@@ -6,6 +6,7 @@ The public API is small and imported lazily, so ``import geoseg`` stays fast::
     mask = geoseg.predict("scene.tif", model="unet.pt", aoi="aoi.gpkg")  # lazy DataArray
     geoseg.write(mask, "out/")  # mask.tif (COG) + run.json
     done = geoseg.segment("scene.tif", "buildings", "out/", vectorize={})  # both, and the polygon layers
+    days = geoseg.stac_scenes(api_url, "out/", collections=["sentinel-2-l2a"], aoi="aoi.gpkg")  # a VRT per day
 
 Layers, each importing only the ones before it (DESIGN.md says what each owns;
 tests/test_layers.py enforces the order): classes, records, grid -> io -> models -> engine ->
@@ -24,12 +25,14 @@ from geoseg.errors import GeosegError, NotGeoreferencedWarning
 if TYPE_CHECKING:  # pragma: no cover
     from geoseg.engine import predict, scheduler, write
     from geoseg.pipeline import segment
+    from geoseg.workflows.stac import stac_scenes
 
-__all__ = ["GeosegError", "NotGeoreferencedWarning", "__version__", "predict", "scheduler", "segment", "write"]
+__all__ = ["GeosegError", "NotGeoreferencedWarning", "__version__", "predict", "scheduler", "segment", "stac_scenes", "write"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_LAZY = {"predict": "geoseg.engine", "write": "geoseg.engine", "scheduler": "geoseg.engine", "segment": "geoseg.pipeline"}
+_LAZY = {"predict": "geoseg.engine", "write": "geoseg.engine", "scheduler": "geoseg.engine", "segment": "geoseg.pipeline",
+         "stac_scenes": "geoseg.workflows.stac"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

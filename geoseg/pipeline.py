@@ -37,11 +37,14 @@ class Segmented:
         timings, warnings, outputs).
     vectors : VectorReport or None
         The polygon layers, when they were asked for.
+    item : str or None
+        The STAC Item describing the folder (``item.json``; None for a mask without a CRS).
     """
 
     folder: str
     run: RunReport
     vectors: VectorReport | None = None
+    item: str | None = None
 
     @property
     def mask(self) -> str:
@@ -50,7 +53,8 @@ class Segmented:
 
     def files(self) -> list[str]:
         """Every file written, relative to :attr:`folder`."""
-        return self.run.files() + (self.vectors.files() if self.vectors is not None else [])
+        files = self.run.files() + (self.vectors.files() if self.vectors is not None else [])
+        return files + ([os.path.basename(self.item)] if self.item else [])
 
     def classes(self) -> dict[str, dict[str, Any]]:
         """Layer name -> ``{"objects": n, "area_ha": hectares}`` (empty without vectors)."""
@@ -67,6 +71,7 @@ def segment(
     progress: bool | Callable[[int, int, str], None] | Progress = False,
     probabilities_dtype: str = "uint8",
     extra: dict[str, Any] | None = None,
+    date: str | None = None,
     **predict_kwargs: Any,
 ) -> Segmented:
     """Segment one image into ``out_dir``: the mask and its run record, and polygons on request.
@@ -94,6 +99,9 @@ def segment(
         Encoding of ``probabilities.tif`` (with ``probabilities=True``).
     extra : dict, optional
         More entries for ``run.json`` (e.g. the scheduler used).
+    date : str, optional
+        The input's acquisition date (``YYYY-MM-DD``) for ``item.json``; default: from the raster's
+        metadata or file name, else the item says it carries the run's time.
     **predict_kwargs
         Passed to :func:`geoseg.predict` (``tile``, ``aoi``, ``bands``, ``device``, ...).
 
@@ -103,9 +111,11 @@ def segment(
         What was written.
     """
     from geoseg.engine import predict, write
+    from geoseg.engine.job import job_from
 
     out_dir = os.fspath(out_dir)  # paths in the records stay as the caller gave them
     result = predict(src, model, **predict_kwargs)
+    job = job_from(result)
     run = write(result, out_dir, overwrite=overwrite, probabilities_dtype=probabilities_dtype, progress=progress, extra=extra)
     vectors = None
     if vectorize is not None:
@@ -113,4 +123,17 @@ def segment(
 
         mask = os.path.join(out_dir, run["outputs"]["mask"])  # as the caller gave the folder
         vectors = run_vectorize(mask, out_dir, overwrite=overwrite, progress=progress, **vectorize)
-    return Segmented(os.path.abspath(out_dir), run, vectors)
+    item = _item(out_dir, run, vectors, job, date)
+    return Segmented(os.path.abspath(out_dir), run, vectors, item)
+
+
+def _item(out_dir: str, run: RunReport, vectors: VectorReport | None, job: Any, date: str | None) -> str | None:
+    """The folder's STAC Item (the input's date, the model's card), written last; None without a CRS."""
+    from geoseg.io.dates import raster_date
+    from geoseg.vector.stac import write_item
+
+    if not run["output_grid"].get("crs"):
+        return None
+    when = date or raster_date(job.source.path)
+    stem = os.path.splitext(os.path.basename(job.source.path))[0]
+    return write_item(out_dir, run, vectors, job.card.classes, job.spec, f"{stem}-{job.card.name}", when)

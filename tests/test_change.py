@@ -14,8 +14,9 @@ import rasterio
 import shapely
 import torch
 
-from geoseg.change import change, raster_date, transitions
+from geoseg.change import change, transitions
 from geoseg.evaluate import evaluate
+from geoseg.io.dates import raster_date
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from geoseg.change.areas import hectares
 from geoseg.change.codes import Transition, transitions
-from geoseg.change.dates import raster_date
 from geoseg.change.run import ChangeReport, change, format_change
 
-__all__ = ["ChangeReport", "Transition", "change", "format_change", "hectares", "raster_date", "transitions"]
+__all__ = ["ChangeReport", "Transition", "change", "format_change", "hectares", "transitions"]

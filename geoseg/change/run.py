@@ -28,11 +28,11 @@ from typing import Any
 
 from geoseg.change.areas import hectares
 from geoseg.change.codes import Transition, code_classes, code_map, code_table, transitions
-from geoseg.change.dates import raster_date
 from geoseg.classes import NODATA
 from geoseg.engine import write
 from geoseg.engine.write import check_output_dir
 from geoseg.errors import InputError
+from geoseg.io.dates import raster_date
 from geoseg.io.mask import open_mask
 from geoseg.io.outdir import write_json_atomic
 from geoseg.io.raster import open_source
@@ -41,6 +41,7 @@ from geoseg.models.spec import resolve_model
 from geoseg.pipeline import segment
 from geoseg.records import Record, hectares_text
 from geoseg.vector import vectorize
+from geoseg.vector.stac import write_item
 from geoseg.vector.writers import FORMATS
 
 __all__ = ["ChangeReport", "change", "format_change"]
@@ -58,15 +59,19 @@ class ChangeReport(Record):
         The output folder (absolute).
     vectors : VectorReport
         The transition polygons.
+    item : str or None
+        The STAC Item of the change map (``item.json``; None for a grid without a CRS).
     """
 
     record: dict[str, Any]
     folder: str
     vectors: Any
+    item: str | None = None
 
     def files(self) -> list[str]:
         """Every file of the change map and its polygons, relative to :attr:`folder` (the dates' masks not included)."""
-        return [*self.record["outputs"].values(), "run.json", *self.vectors.files()]
+        item = [os.path.basename(self.item)] if self.item else []
+        return [*self.record["outputs"].values(), "run.json", *self.vectors.files(), *item]
 
 
 def change(
@@ -180,8 +185,10 @@ def change(
     vrep = _polygons(out_dir, trans, min_area, formats, crs, dates, progress)
     report["vectors"] = {ly["name"]: ly["features"] for ly in vrep["layers"]}
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    write_json_atomic(os.path.join(out_dir, "run.json"), report, indent=2)  # the report with hectares and polygons, last
-    return ChangeReport(report, out_dir, vrep)
+    write_json_atomic(os.path.join(out_dir, "run.json"), report, indent=2)  # the report with hectares and polygons
+    item_id = f"change-{spec.card.name}-{dates['before'] or 'before'}_{dates['after'] or 'after'}"
+    item = write_item(out_dir, report, vrep, code_classes(trans), spec, item_id, (dates["before"], dates["after"]))
+    return ChangeReport(report, out_dir, vrep, item)
 
 
 def _check_arguments(out_dir: str, overwrite: bool, formats: tuple[str, ...], resampling: str) -> None:

@@ -59,3 +59,5 @@ def change(ctx: click.Context, before, after, model, out_dir, grid, aoi, bands_b
     if not ctx.obj["quiet"]:
         click.echo(format_change(report))
         click.echo(f"wrote {out_dir}/change.tif, run.json, geoseg.gpkg, vectors/ in {report['seconds']:.1f} s")
+        if report.item:
+            click.echo(f"wrote {report.item} (STAC Item of the outputs)")

@@ -162,6 +162,8 @@ def predict(
         _echo_run(out_dir, done.run)
         if done.vectors:
             echo_vectors(out_dir, done.vectors)
+        if done.item:
+            click.echo(f"wrote {done.item} (STAC Item of the outputs)")
 
 
 def _preflight(src: str, model: str, out_dir: str, overwrite: bool, **checked) -> tuple[list | None, object, object, int]:

@@ -10,7 +10,7 @@ from geoseg.errors import InputError
 from geoseg.grid import GeoBox, Window
 from geoseg.io.gdal import quiet_rasterio_georeference
 
-__all__ = ["AOI", "check_aoi", "read_aoi"]
+__all__ = ["AOI", "aoi_lonlat", "check_aoi", "read_aoi"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,20 @@ def check_aoi(path: str | os.PathLike) -> None:
         What :func:`read_aoi` would refuse about the file itself (not its overlap with a raster).
     """
     _read_polygons(os.fspath(path))
+
+
+def aoi_lonlat(path: str | os.PathLike) -> dict:
+    """The AOI's polygons as one GeoJSON geometry in EPSG:4326 (longitude, latitude): a STAC search's ``intersects``.
+
+    Raises
+    ------
+    InputError
+        What :func:`check_aoi` refuses.
+    """
+    import shapely
+
+    gdf = _read_polygons(os.fspath(path)).to_crs("EPSG:4326")
+    return shapely.geometry.mapping(shapely.union_all(gdf.geometry.values))
 
 
 def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:

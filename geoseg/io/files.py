@@ -149,6 +149,8 @@ def check_declared_size(path: str, ds, files: list[str], max_pixels: float | Non
     if pixels <= SPARSE_MIN_PIXELS or ratio_max == 0 or not ds.count:
         return
     if on_disk is None:
+        if any(f.startswith("/vsi") or "://" in f for f in ds.files):  # a VRT of remote files: its bytes are not on disk
+            return
         try:
             on_disk = sum(os.path.getsize(f) for f in files)
         except OSError:  # a remote file whose server gave no size

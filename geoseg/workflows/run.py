@@ -32,7 +32,7 @@ from geoseg.io.remote import is_remote, redact
 from geoseg.workflows.bands import check_bands, inherit_bands, yaml_words
 from geoseg.workflows.progress import Units
 from geoseg.workflows.spec import Workflow, check_inside, load_workflow
-from geoseg.workflows.summary import run_project
+from geoseg.workflows.summary import run_collection, run_project
 from geoseg.workflows.units import (
     Tally,
     card_hash,
@@ -198,7 +198,7 @@ def _find_scenes(wf: Workflow, folder: str, say: Callable[[str], None]) -> list[
         say(f"generating the sample scene into {wf.sample}")
         make_sample(wf.sample)
     try:
-        return scenes(im, folder)
+        return scenes(im, folder, wf.aoi)
     except (InputError, OutputError) as exc:
         raise type(exc)(f"{wf.path}: {exc}") from None
 
@@ -258,6 +258,7 @@ def _execute(plan: _Plan, say: Callable[[str], None], units: Units) -> tuple[dic
         if tally.counts["done"] or not os.path.exists(project):  # nothing new: keep it as it is
             run_project(project, summary, f"geoseg run: {wf.name}")
         summary["project"] = project
+    run_collection(plan.folder, summary, wf)  # collection.json over every unit's item.json
     write_json_atomic(os.path.join(plan.folder, "summary.json"), summary, indent=2)
     return summary, tally
 
@@ -292,7 +293,7 @@ def _scene(
         }
         res = run_unit(
             ledger, plan.folder, mdir, "segment", scene.name, run.model, params, tally, say,
-            units.unit(os.path.relpath(mdir, plan.folder), partial(_segment, scene.path, spec, options, mdir, sched)),
+            units.unit(os.path.relpath(mdir, plan.folder), partial(_segment, scene, spec, options, mdir, sched)),
         )  # fmt: skip
         if res is not None:
             entry["models"][run.model] = res
@@ -336,16 +337,17 @@ def _change_pairs(
     return out
 
 
-def _segment(image: str, spec: Any, options: dict[str, Any], mdir: str, sched: Any, progress: Any) -> tuple[dict, list[str]]:
+def _segment(scene: Any, spec: Any, options: dict[str, Any], mdir: str, sched: Any, progress: Any) -> tuple[dict, list[str]]:
     from geoseg.pipeline import segment
 
     done = segment(
-        image,
+        scene.path,
         spec,
         mdir,
         vectorize=options["vectorize"],
         overwrite=True,
         progress=progress,
+        date=scene.date,
         **options["predict"],
         **sched.predict_options(),
     )

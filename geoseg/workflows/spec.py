@@ -1,6 +1,6 @@
 """The workflow file: a YAML description of a run, validated before any work starts.
 
-A little over 400 lines: the whole schema (pydantic models, one per YAML section) with the
+Under 500 lines: the whole schema (pydantic models, one per YAML section, the STAC API search keys with them) with the
 line-numbered error reporting that goes with it, kept in one file so the format reads in one place.
 
 Paths are relative to the workflow file's folder. Every error names the file, the line
@@ -29,7 +29,7 @@ from geoseg._yaml import load_yaml
 from geoseg.errors import InputError
 from geoseg.io.remote import is_remote
 
-__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "check_cron", "check_inside", "load_workflow"]
+__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "check_cron", "check_inside", "is_url", "load_workflow"]
 
 FORMATS = ("geojson", "gpkg", "fgb", "parquet")
 
@@ -100,12 +100,19 @@ class ModelRun(_Strict):
 
 
 class Imagery(_Strict):
-    """Where the scenes come from: files, a glob, or a static STAC catalog/collection on disk."""
+    """Where the scenes come from: files, a glob, a static STAC catalog/collection, or a STAC API search."""
 
     files: list[str] | None = None
     glob: str | None = None
     stac: str | None = None
-    assets: dict[str, str] | None = None  # STAC: band name -> asset key (default: eo:bands common names)
+    # STAC: band name -> asset key, or a list of asset keys (default: eo:bands common names)
+    assets: dict[str, str] | list[str] | None = None
+    # a STAC API search (stac: https://...): the workflow's AOI is its intersects geometry
+    collections: list[str] | None = None
+    datetime: str | None = None
+    query: dict[str, dict[Literal["eq", "neq", "lt", "lte", "gt", "gte", "in"], Any]] | None = None
+    filter: dict[str, Any] | None = None  # CQL2-JSON
+    max_items: int | None = Field(None, ge=1)
     date_from: Literal["metadata", "filename"] = "metadata"
     # how the scenes store reflectance (models that take reflectance): a preset or scale=S,offset=O
     radiometry: str | None = None
@@ -123,11 +130,27 @@ class Imagery(_Strict):
             raise ValueError(str(exc)) from None
         return v
 
+    @field_validator("datetime", mode="before")
+    @classmethod
+    def _iso(cls, v: Any) -> Any:
+        """A bare YAML date (``datetime: 2024-05-01``) is that day."""
+        import datetime as dt
+
+        return v.isoformat() if isinstance(v, (dt.date, dt.datetime)) else v
+
     @model_validator(mode="after")
     def _one(self) -> Imagery:
         if sum(bool(v) for v in (self.files, self.glob, self.stac)) != 1:
             raise ValueError("give exactly one of files, glob or stac")
+        search = [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(self, k) is not None]
+        if search and not (self.stac and is_url(self.stac)):
+            raise ValueError(f"{search[0]} searches a STAC API: give stac: https://... (the API's address)")
         return self
+
+
+def is_url(text: str) -> bool:
+    """Whether ``text`` is an ``http(s)://`` address (a STAC API or a catalog served over HTTP), not a path."""
+    return text.startswith(("http://", "https://"))
 
 
 class Change(_Strict):
@@ -382,7 +405,8 @@ def _validate(path: str, data: dict, root: Any) -> Workflow:
     try:
         return Workflow.model_validate({**data, "path": os.path.abspath(path)})
     except ValidationError as exc:
-        err = max(exc.errors(), key=lambda e: len(e["loc"]))  # in a union, the branch that got furthest
+        # in a union, the branch that got furthest (on a tie, not "a list was expected": a mapping was given)
+        err = max(exc.errors(), key=lambda e: (len(e["loc"]), e["type"] != "list_type"))
         skip = ("str", "ModelRun", "list[str]", "Imagery", "function-after[_some(), union[list[str],Imagery]]")
         loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and (x in skip or x.startswith(("function-", "union[")))))
         key = _flat(".".join(str(x) for x in loc)) or "(top level)"
@@ -423,7 +447,7 @@ def _imagery(wf: Workflow, paths: _Paths) -> Imagery:
         update={
             "files": files or None,
             "glob": paths.resolve(im.glob, ("imagery", "glob"), pattern=True),
-            "stac": paths.resolve(im.stac, ("imagery", "stac")),
+            "stac": im.stac if im.stac and is_url(im.stac) else paths.resolve(im.stac, ("imagery", "stac")),
         }
     )
 

@@ -1,4 +1,4 @@
-"""What a workflow run tells its user: the summary as a table, and one QGIS project over every unit."""
+"""What a workflow run tells its user: the summary as a table, one QGIS project and one STAC Collection over every unit."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 
 from geoseg.records import hectares_text
 from geoseg.vector.project import write_run_project
+from geoseg.vector.stac import COLLECTION_NAME, ITEM_NAME, write_collection
 
-__all__ = ["format_summary", "run_project"]
+__all__ = ["format_summary", "run_collection", "run_project"]
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -67,3 +68,32 @@ def run_project(path: str, summary: dict[str, Any], title: str) -> str:
 def _project_unit(name: str, folder: str, mask: str, imagery: str) -> tuple[str, str, list[str], str]:
     gpkg = os.path.join(folder, "geoseg.gpkg")
     return name, os.path.join(folder, mask), [gpkg] if os.path.exists(gpkg) else [], imagery
+
+
+def run_collection(folder: str, summary: dict[str, Any], wf: Any) -> str:
+    """A STAC Collection (``folder/collection.json``) over every unit's ``item.json``, each scene's quicklook added.
+
+    Parameters
+    ----------
+    folder : str
+        The run's output folder.
+    summary : dict
+        The run's summary (:func:`geoseg.workflows.run.run_workflow`): the units' folders.
+    wf : Workflow
+        The workflow (its name and description).
+
+    Returns
+    -------
+    str
+        The collection's path.
+    """
+    items: list[tuple[str, dict[str, str]]] = []
+    for entry in summary["images"]:
+        more = {"quicklook": entry["quicklook"]} if entry.get("quicklook") else {}
+        items += [(os.path.join(res["folder"], ITEM_NAME), more) for res in entry["models"].values()]
+    items += [(os.path.join(c["folder"], ITEM_NAME), {}) for c in summary["changes"]]
+    own = {"summary": os.path.join(folder, "summary.json")}
+    if summary.get("project"):
+        own["project"] = summary["project"]
+    description = wf.description or f"geoseg run of the workflow {wf.name}: every scene x model and change map"
+    return write_collection(os.path.join(folder, COLLECTION_NAME), items, wf.name, description, own)
