@@ -134,6 +134,7 @@ def _item(out_dir: str, run: RunReport, vectors: VectorReport | None, job: Any, 
 
     if not run["output_grid"].get("crs"):
         return None
-    when = date or raster_date(job.source.path)
-    stem = os.path.splitext(os.path.basename(job.source.path))[0]
+    path = getattr(job.source, "path", None)  # an xarray input has none: the item takes the run's time
+    when = date or (raster_date(path) if path else None)
+    stem = os.path.splitext(os.path.basename(path))[0] if path else "array"
     return write_item(out_dir, run, vectors, job.card.classes, job.spec, f"{stem}-{job.card.name}", when)
