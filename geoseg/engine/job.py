@@ -54,6 +54,7 @@ class Job:
             "num_threads": self.runtime.num_threads,
             "resample_scale": self.runtime.scale,
             "tta": self.runtime.tta,
+            "threshold": self.runtime.threshold,
             "radiometry": self.radiometry,
         }
 
