@@ -119,13 +119,13 @@ DET_META = {
 SQUARES = [(20, 60, 0, 255), (124, 124, 0, 200), (150, 30, 0, 50), (40, 170, 1, 255), (100, 100, 1, 128)]
 
 
-def scene(path: Path, squares=SQUARES, height: int = 200, width: int = 230) -> Path:
+def scene(path: Path, squares=SQUARES, height: int = 200, width: int = 230, side: int = S, res: float = RES) -> Path:
     data = np.zeros((3, height, width), np.uint8)
     data[2] = 90  # a band the detectors ignore
     for r, c, band, value in squares:
-        data[band, r : r + S, c : c + S] = value
+        data[band, r : r + side, c : c + side] = value
     profile = {"driver": "GTiff", "width": width, "height": height, "count": 3, "dtype": "uint8"}
-    profile.update(crs="EPSG:32633", transform=from_origin(*ORIGIN, RES, RES))
+    profile.update(crs="EPSG:32633", transform=from_origin(*ORIGIN, res, res))
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     return path
@@ -219,6 +219,19 @@ def test_oriented_boxes(tmp_path, synchronous) -> None:
         assert np.arctan2(edge[1], edge[0]) % (np.pi / 2) == pytest.approx(angle)
         assert g.centroid.x == pytest.approx(c + S / 2) and g.centroid.y == pytest.approx(r + S / 2)
     assert _boxes_key(found) == _boxes_key(detect(str(src), str(model), chunk=4096))
+
+
+def test_resampled_tiles_give_boxes_on_the_raster(tmp_path, synchronous) -> None:
+    """A detector made for 0.5 m on a 0.25 m raster: tiles shrunk 2x for the model, its boxes grown 2x back."""
+    from geoseg.engine.detect import detect
+
+    model = detector_onnx(tmp_path / "det.onnx", "yolov5", {**DET_META, "det_type": "YOLO_v5_or_v7_default", "resolution": 50})
+    squares = [(40, 60, 0, 255), (150, 120, 1, 255)]  # 18 px squares at even offsets: 9 px, whole, for the model
+    src = scene(tmp_path / "fine.tif", squares=squares, height=260, width=300, side=2 * S, res=RES / 2)
+    found = detect(str(src), str(model), chunk=128)
+    assert found.job.runtime.scale == pytest.approx(0.5, abs=1e-3) and found.job.plan.tile == 2 * T
+    got = sorted(tuple(np.round(shapely.bounds(g), 6)) for g in found.boxes.geometry)
+    assert got == sorted((c, r, c + 2 * S, r + 2 * S) for r, c, _, _ in squares)
 
 
 def _random_boxes(rng: np.random.Generator, n: int) -> Boxes:

@@ -36,9 +36,9 @@ from geoseg.engine.tasks import model_inputs, read_chunk, stack_tiles, tile_batc
 from geoseg.errors import InputError
 from geoseg.grid import TilePlan, Window
 from geoseg.models.card_parts import Detector
-from geoseg.models.detector import Boxes, nms, rank_order, settle, tile_boxes
+from geoseg.models.detector import Boxes, fixed_batch, nms, rank_order, settle, tile_boxes
 from geoseg.models.runtime import get_predictor, resample_batch
-from geoseg.models.spec import ModelSpec, Runtime
+from geoseg.models.spec import ModelSpec, Runtime, resolve_model
 
 __all__ = ["NO_MASK", "Detections", "detect", "detect_chunk"]
 
@@ -151,6 +151,9 @@ def detect(
         The model is not a detector, or ``conf``/``iou`` are not in (0, 1].
     """
     t0 = time.perf_counter()
+    model = resolve_model(model, options.get("card"), trust=options.get("trust_model", False))
+    if options.get("batch_size") is None and model.kind == "onnx":
+        options["batch_size"] = fixed_batch(model.path)  # a zoo's batch-1 export stays at 1, on a GPU too
     job = plan_job(source, model, **options)
     detector = _detector(job.spec, conf, iou)
     tasks = _graph(job, detector, resources)

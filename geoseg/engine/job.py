@@ -54,8 +54,8 @@ class Job:
             "num_threads": self.runtime.num_threads,
             "resample_scale": self.runtime.scale,
             "tta": self.runtime.tta,
-            "threshold": self.runtime.threshold,
             "radiometry": self.radiometry,
+            **({"threshold": self.runtime.threshold} if self.runtime.threshold is not None else {}),  # a binary model's cut
         }
 
 
