@@ -382,3 +382,21 @@ def test_cli_detector_end_to_end(tmp_path) -> None:
     assert run["scheduler"]["kind"] == "local"  # 16 chunks: auto starts the local cluster
     assert run["detections"]["total"] == 5 and run["parameters"]["conf"] == 0.1 and run["tiles"]["total"] > 0
     assert not (out / "mask.tif").exists() and (out / "vectors" / "car.geojson").exists()
+
+
+def test_card_keys_detector_and_threshold() -> None:
+    from geoseg.models.card import card_from_dict, card_to_dict
+
+    card = card_from_dict({"name": "d", "detector": {"layout": "ultralytics", "conf": 0.4}, "threshold": 0.6}, "d.yaml")
+    assert card.detector.layout == "ultralytics" and card.detector.conf == 0.4 and card.detector.iou == 0.45
+    assert card.task == "objects" and card.threshold == 0.6
+    assert card_from_dict(card_to_dict(card), "again") == card
+    assert [c.kind for c in card.with_classes(3).classes] == ["object"] * 3  # a detector's classes: no background
+    for bad, needle in (
+        ({"detector": {"layout": "ssd"}}, "detector needs a layout"),
+        ({"detector": {"layout": "yolov5", "conf": 0}}, r"conf must be a number in \(0, 1\]"),
+        ({"detector": {"layout": "yolov5", "nms": 1}}, "unknown detector key"),
+        ({"threshold": 1.5}, r"threshold must be a number in \(0, 1\]"),
+    ):
+        with pytest.raises(geoseg.errors.ModelError, match=needle):
+            card_from_dict({"name": "d", **bad}, "d.yaml")
