@@ -202,6 +202,11 @@ def test_layers_run_json_and_conf(tmp_path, synchronous) -> None:
     assert low.run["detections"]["classes"] == {"car": 3, "tree": 2} and low.run["parameters"]["conf"] == 0.1
     high = geoseg.segment(str(src), str(model), tmp_path / "high", chunk=64, conf=0.9)
     assert high.run["detections"]["classes"] == {"car": 1, "tree": 1}
+    # a segmentation run's mask in the folder does not outlive a detector's run over it
+    seg = geoseg.segment(str(src), str(segmentor_onnx(tmp_path / "seg.onnx", 1, {})), tmp_path / "high", overwrite=True)
+    assert (tmp_path / "high" / "mask.tif").exists()
+    geoseg.segment(str(src), str(model), tmp_path / "high", chunk=64, overwrite=True)
+    assert not (tmp_path / "high" / "mask.tif").exists() and seg.mask is not None
 
 
 def test_oriented_boxes(tmp_path, synchronous) -> None:
@@ -285,6 +290,10 @@ def test_detector_refusals(tmp_path, synchronous) -> None:
     wrong = detector_onnx(tmp_path / "wrong.onnx", "yolov5", {**DET_META, "det_type": "YOLO_Ultralytics"})
     with pytest.raises(geoseg.errors.ModelError, match="ultralytics detector's output of shape"):
         geoseg.segment(str(src), str(wrong), tmp_path / "c")
+    with pytest.raises(InputError, match="a detector gives boxes, not a mask"):
+        geoseg.predict(str(src), str(model))
+    with pytest.raises(InputError, match="conf= and iou= are a detector's"):
+        geoseg.segment(str(src), str(segmentor_onnx(tmp_path / "seg.onnx", 1, {})), tmp_path / "d", conf=0.5)
     bad = detector_onnx(tmp_path / "bad.onnx", "yolov5", {**DET_META, "det_type": "retinanet"})
     with pytest.raises(geoseg.errors.ModelError, match="det_type 'retinanet'"):
         resolve_model(str(bad))

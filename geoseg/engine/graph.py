@@ -20,6 +20,7 @@ from geoseg.classes import NODATA
 from geoseg.engine import tasks
 from geoseg.engine.job import JOB_ATTR, Job, JobRef
 from geoseg.engine.plan import plan_job
+from geoseg.errors import InputError
 from geoseg.io.raster import RasterSource
 from geoseg.models.card import ModelCard
 
@@ -149,6 +150,11 @@ def predict(
         tta=tta,
         threshold=threshold,
     )
+    if job.spec.card.detector is not None:
+        raise InputError(
+            f"{job.spec.path or job.spec.card.name}: a detector gives boxes, not a mask; use geoseg.segment (or geoseg "
+            "predict), which writes its boxes as polygon layers, or geoseg.engine.detect.detect"
+        )
     final = _graph(job, probabilities, resources)
     job.stats = [final[i, j]["stats"] for i, j in job.plan.iter_chunks()]
     job.timings["predict_call_s"] = time.perf_counter() - t0  # opening, probing, planning, graph building

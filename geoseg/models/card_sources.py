@@ -22,6 +22,7 @@ from typing import Any
 
 from geoseg._yaml import flat as _flat
 from geoseg._yaml import load_yaml, read_text_file
+from geoseg.classes import NODATA, default_palette
 from geoseg.errors import ModelError
 from geoseg.models.card import ModelCard, card_from_dict
 
@@ -109,12 +110,15 @@ def _deepness(meta: Mapping[str, str], origin: str) -> dict[str, Any] | None:
     detector = _deepness_detector(meta, model_type)
     if "class_names" in meta:
         names = _meta_value(meta, "class_names")
-        kind = {"kind": "object"} if detector else {}
         if isinstance(names, Mapping):
             pairs = sorted(names.items(), key=lambda kv: int(kv[0]))
-            card["classes"] = [{"id": int(k), "name": str(v), **kind} for k, v in pairs]
+            card["classes"] = [{"id": int(k), "name": str(v)} for k, v in pairs]
         elif isinstance(names, list):
-            card["classes"] = [{"id": i, "name": str(v), **kind} for i, v in enumerate(names)]
+            card["classes"] = [{"id": i, "name": str(v)} for i, v in enumerate(names)]
+        ids = [c["id"] for c in card.get("classes", ())]
+        if detector and ids and 0 <= min(ids) and max(ids) < NODATA:  # every class an object: colours from the second on
+            palette = default_palette(max(ids) + 2)
+            card["classes"] = [{**c, "kind": "object", "color": list(palette[c["id"] + 1])} for c in card["classes"]]
     if "resolution" in meta:
         card["gsd_m"] = float(_meta_value(meta, "resolution")) / 100.0  # centimetres per pixel
     tile = int(_meta_value(meta, "tiles_size")) if "tiles_size" in meta else None

@@ -40,6 +40,8 @@ __all__ = ["RUN_NAME", "write_detections"]
 
 RUN_NAME = "run.json"
 STAGING_PREFIX = ".geoseg-dstaging-"
+#: what a segmentation run leaves in a folder that a detector's run replaces (it writes no mask)
+STALE = ("mask.tif", "mask.qml", "mask.tif.aux.xml", "mask.png", "probabilities.tif")
 
 
 def write_detections(
@@ -100,8 +102,10 @@ def write_detections(
         sweep_staging(out_dir, STAGING_PREFIX)
         staging = make_staging(out_dir, STAGING_PREFIX, params.run_id)
         try:
-            if overwrite and os.path.exists(os.path.join(out_dir, RUN_NAME)):
-                os.remove(os.path.join(out_dir, RUN_NAME))  # run.json describes the files beside it
+            if overwrite:  # run.json describes the files beside it: no mask of an earlier run may stay
+                for name in (RUN_NAME, *STALE):
+                    if os.path.isfile(os.path.join(out_dir, name)):
+                        os.remove(os.path.join(out_dir, name))
             parts = _parts(found, src, params, staging)
             counts, areas = layer_totals(parts, layers, geo=src.geobox.crs is not None)
             written, write_s = write_outputs(
