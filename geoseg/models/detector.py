@@ -92,6 +92,10 @@ def class_count(shape: tuple[int, ...], detector: Detector, known: int | None = 
     known : int, optional
         The card's class count (needed by ``ultralytics_seg``, checked for the others).
 
+    Returns
+    -------
+    int
+
     Raises
     ------
     ModelError
