@@ -292,6 +292,12 @@ def test_detector_refusals(tmp_path, synchronous) -> None:
         geoseg.segment(str(src), str(wrong), tmp_path / "c")
     with pytest.raises(InputError, match="a detector gives boxes, not a mask"):
         geoseg.predict(str(src), str(model))
+    from geoseg.engine.detect import detect
+
+    with pytest.raises(InputError, match="not a detector"):
+        detect(str(src), str(segmentor_onnx(tmp_path / "seg1.onnx", 1, {})))
+    with pytest.raises(InputError, match=r"conf=1.5: give a number in \(0, 1\]"):
+        detect(str(src), str(model), conf=1.5)
     with pytest.raises(InputError, match="conf= and iou= are a detector's"):
         geoseg.segment(str(src), str(segmentor_onnx(tmp_path / "seg.onnx", 1, {})), tmp_path / "d", conf=0.5)
     bad = detector_onnx(tmp_path / "bad.onnx", "yolov5", {**DET_META, "det_type": "retinanet"})
@@ -409,3 +415,17 @@ def test_card_keys_detector_and_threshold() -> None:
     ):
         with pytest.raises(geoseg.errors.ModelError, match=needle):
             card_from_dict({"name": "d", **bad}, "d.yaml")
+
+
+def test_aoi_keeps_the_boxes_centred_inside(tmp_path, synchronous) -> None:
+    import geopandas as gpd
+
+    from geoseg.engine.detect import detect
+
+    model = detector_onnx(tmp_path / "det.onnx", "yolov5", {**DET_META, "det_type": "YOLO_v5_or_v7_default"})
+    src = scene(tmp_path / "scene.tif")
+    left = shapely.box(ORIGIN[0], ORIGIN[1] - 200 * RES, ORIGIN[0] + 110 * RES, ORIGIN[1])  # columns 0-110
+    gpd.GeoDataFrame(geometry=[left], crs="EPSG:32633").to_file(tmp_path / "aoi.gpkg")
+    found = detect(str(src), str(model), chunk=64, aoi=str(tmp_path / "aoi.gpkg"))
+    centres = sorted((round(g.centroid.y - S / 2), round(g.centroid.x - S / 2)) for g in found.boxes.geometry)
+    assert centres == [(20, 60), (100, 100)] and found.counts() == {"car": 1, "tree": 1}

@@ -152,10 +152,10 @@ def detect(
     """
     t0 = time.perf_counter()
     model = resolve_model(model, options.get("card"), trust=options.get("trust_model", False))
+    detector = _detector(model, conf, iou)
     if options.get("batch_size") is None and model.kind == "onnx":
         options["batch_size"] = fixed_batch(model.path)  # a zoo's batch-1 export stays at 1, on a GPU too
     job = plan_job(source, model, **options)
-    detector = _detector(job.spec, conf, iou)
     tasks = _graph(job, detector, resources)
     job.timings["predict_call_s"] = time.perf_counter() - t0
     plan, name = job.plan, os.path.basename(job.source.path)
