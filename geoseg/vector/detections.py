@@ -115,9 +115,9 @@ def write_detections(
             vrecord = vector_record(src, params, out_crs, parameters, layers, counts, written, None, write_s, t0)
             write_json_atomic(os.path.join(out_dir, REPORT_NAME), vrecord, indent=2)
             record = found.record(written, extra)
-            record["timings"]["write_s"] = round(time.perf_counter() - t0, 3)
-            record["timings"]["total_s"] = round(job.timings.get("predict_call_s", 0.0) + sum(found.timings.values()), 3)
-            record["timings"]["total_s"] += record["timings"]["write_s"]
+            writing = time.perf_counter() - t0  # planning, the chunk tasks and the merge came before (found.timings)
+            total = job.timings.get("predict_call_s", 0.0) + sum(found.timings.values()) + writing
+            record["timings"].update(write_s=round(writing, 3), total_s=round(total, 3))
             write_json_atomic(os.path.join(out_dir, RUN_NAME), record, indent=2)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
