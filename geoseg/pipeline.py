@@ -6,6 +6,11 @@ two dates of ``geoseg change`` all segment an image the same way, through :func:
     src ─ engine.predict (lazy mask, its Job in attrs) ─ engine.write (mask.tif, run.json)
         └─ [vector.vectorize (layers, vectors.json, project.qgz)] ─▶ Segmented
 
+A detector model (its card has a ``detector``) takes the same road to boxes instead of a mask::
+
+    src ─ engine.detect (the same plan and reads; boxes, NMS across tiles and chunks)
+        ─ vector.detections.write_detections (layers, vectors.json, project.qgz, run.json) ─▶ Segmented
+
 Callers read what was made from the returned :class:`Segmented` (the run record, the vector
 report with each layer's area, the list of files written), not from the files.
 """
@@ -19,6 +24,7 @@ from typing import Any
 
 from geoseg.engine.progress import Progress
 from geoseg.engine.report import RunReport
+from geoseg.errors import InputError
 from geoseg.vector.report import VectorReport
 
 __all__ = ["Segmented", "segment"]
@@ -47,14 +53,15 @@ class Segmented:
     item: str | None = None
 
     @property
-    def mask(self) -> str:
-        """Path of the class mask (``mask.tif``)."""
+    def mask(self) -> str | None:
+        """Path of the class mask (``mask.tif``); None for a detector, which writes layers only."""
         return self.run.mask
 
     def files(self) -> list[str]:
         """Every file written, relative to :attr:`folder`."""
         files = self.run.files() + (self.vectors.files() if self.vectors is not None else [])
-        return files + ([os.path.basename(self.item)] if self.item else [])
+        files += [os.path.basename(self.item)] if self.item else []
+        return list(dict.fromkeys(files))
 
     def classes(self) -> dict[str, dict[str, Any]]:
         """Layer name -> ``{"objects": n, "area_ha": hectares}`` (empty without vectors)."""
@@ -103,17 +110,25 @@ def segment(
         The input's acquisition date (``YYYY-MM-DD``) for ``item.json``; default: from the raster's
         metadata or file name, else the item says it carries the run's time.
     **predict_kwargs
-        Passed to :func:`geoseg.predict` (``tile``, ``aoi``, ``bands``, ``device``, ...).
+        Passed to :func:`geoseg.predict` (``tile``, ``aoi``, ``bands``, ``device``, ``threshold``, ...);
+        for a detector to :func:`geoseg.engine.detect.detect` (``conf``, ``iou`` and the planning options).
 
     Returns
     -------
     Segmented
-        What was written.
+        What was written (for a detector: its polygon layers and run.json, no mask).
     """
     from geoseg.engine import predict, write
     from geoseg.engine.job import job_from
+    from geoseg.models.spec import resolve_model
 
     out_dir = os.fspath(out_dir)  # paths in the records stay as the caller gave them
+    model = resolve_model(model, predict_kwargs.get("card"), trust=predict_kwargs.get("trust_model", False))
+    conf, iou = predict_kwargs.pop("conf", None), predict_kwargs.pop("iou", None)
+    if model.card.detector is not None:
+        return _detect(src, model, out_dir, vectorize, overwrite, progress, extra, conf, iou, predict_kwargs)
+    if conf is not None or iou is not None:
+        raise InputError(f"{model.path or model.card.name}: conf= and iou= are a detector's; this is a segmentation model")
     result = predict(src, model, **predict_kwargs)
     job = job_from(result)
     run = write(result, out_dir, overwrite=overwrite, probabilities_dtype=probabilities_dtype, progress=progress, extra=extra)
@@ -138,3 +153,29 @@ def _item(out_dir: str, run: RunReport, vectors: VectorReport | None, job: Any, 
     when = date or (raster_date(path) if path else None)
     stem = os.path.splitext(os.path.basename(path))[0] if path else "array"
     return write_item(out_dir, run, vectors, job.card.classes, job.spec, f"{stem}-{job.card.name}", when)
+
+
+def _detect(
+    src: Any,
+    model: Any,
+    out_dir: str,
+    vectorize: Mapping[str, Any] | None,
+    overwrite: bool,
+    progress: Any,
+    extra: dict[str, Any] | None,
+    conf: float | None,
+    iou: float | None,
+    options: dict[str, Any],
+) -> Segmented:
+    """A detector's run: boxes (engine.detect) written as layers with run.json (vector.detections)."""
+    from geoseg.engine.detect import detect
+    from geoseg.vector.detections import write_detections
+
+    if options.pop("probabilities", False):
+        name = model.path or model.card.name
+        raise InputError(f"{name}: a detector gives boxes, not per-class probabilities; drop probabilities=")
+    options.pop("blend", None)  # boxes are merged by suppression, never blended
+    layer_options = {k: v for k, v in (vectorize or {}).items() if k in ("formats", "crs", "precision", "project")}
+    found = detect(src, model, conf=conf, iou=iou, progress=progress, **options)
+    run, vectors = write_detections(found, out_dir, overwrite=overwrite, extra=extra, **layer_options)
+    return Segmented(os.path.abspath(out_dir), run, vectors)

@@ -163,6 +163,11 @@ def predict_frames(
     coco = _SequenceCoco() if vectorize else None
     # resolved once: the file is hashed once, and frames already done need no graph at all
     spec = resolve_model(model, predict_kwargs.pop("card", None), trust=predict_kwargs.get("trust_model", False))
+    if spec.card.detector is not None:
+        raise InputError(
+            f"{spec.path or spec.card.name}: a detector over a sequence of frames is not supported (its boxes have no "
+            "mask to track); run geoseg predict on each image"
+        )
     reused = 0
     for frame in frames:
         tf = time.perf_counter()

@@ -454,10 +454,23 @@ def test_find_card_sidecar(folder: Path, item: tuple[str, str], raw: bytes | Non
     _check_card(lambda: find_card(str(model), "torchscript"), str(side), "find_card sidecar")
 
 
-DEEPNESS_KEYS = ["class_names", "resolution", "tiles_size", "tiles_overlap", "standardization_mean", "standardization_std"]
+DEEPNESS_KEYS = [
+    "class_names",
+    "resolution",
+    "tiles_size",
+    "tiles_overlap",
+    "standardization_mean",
+    "standardization_std",
+    "model_type",
+    "det_type",
+    "det_conf",
+    "det_iou_thresh",
+    "seg_thresh",
+]
 DEEPNESS_VALUES = st.one_of(
     st.text(max_size=12),
     st.sampled_from(["1e999", "inf", "nan", "-1", "0", "9" * 400, "[1, 2]", "{'0': 'a', 'x': 'b'}", "{1: 2}", "((((", "[" * 200]),
+    st.sampled_from(['"Detector"', "Segmentor", '"YOLO_v6"', "YOLO_Ultralytics_obb", "0.5", "1.5", '{"0": "car"}']),
     JSONISH.map(lambda v: json.dumps(v)),
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -35,6 +36,24 @@ from geoseg.commands.vectorize import echo_vectors
     "--trust-model",
     is_flag=True,
     help="Load a TorchScript file whose code runs at load or touches files (refused otherwise). Only for files you made.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Binary models: class 1 where its probability is at least this [card (Deepness seg_thresh), else the larger class].",
+)
+@click.option(
+    "--conf",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Detectors: lowest box score kept [the card's, e.g. Deepness det_conf].",
+)
+@click.option(
+    "--iou",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Detectors: IoU above which a box suppresses a lower-scored one of its class [the card's, det_iou_thresh].",
 )
 @click.option("--tile", type=click.IntRange(min=8), default=None, help="Model input size in pixels [card, else 512].")
 @click.option("--halo", type=click.IntRange(min=0), default=None, help="Context pixels at each tile edge [card, else 32].")
@@ -89,6 +108,9 @@ def predict(
     radiometry,
     tta,
     trust_model,
+    threshold,
+    conf,
+    iou,
     tile,
     halo,
     blend,
@@ -109,6 +131,9 @@ def predict(
 ) -> None:
     """Segment the raster SRC (a path, or a URL: https://, s3://, gs://, az://, read in windows, never downloaded)
     with MODEL; write DIR/mask.tif (COG), run.json and, on request, probabilities.tif.
+
+    A detector MODEL (ONNX with Deepness/GeoDeep metadata model_type Detector) writes its boxes as polygon
+    layers instead (DIR/geoseg.gpkg, DIR/vectors/*.geojson, project.qgz) and run.json; no mask.
     """
     from geoseg.engine import scheduler as use_scheduler
     from geoseg.io.outdir import removed_if_failed
@@ -134,6 +159,9 @@ def predict(
             "radiometry": radiometry,
             "trust_model": trust_model,
             "tta": int(tta) if tta else None,
+            "threshold": threshold,
+            **({"conf": conf} if conf is not None else {}),
+            **({"iou": iou} if iou is not None else {}),
         }
 
     with removed_if_failed(out_dir):  # a failed run leaves no empty folder behind
@@ -159,6 +187,9 @@ def predict(
                 **engine_options(sched),
             )
     if not quiet:
+        if done.mask is None:  # a detector: layers, no mask
+            _echo_detections(out_dir, done.run, done.vectors)
+            return
         _echo_run(out_dir, done.run)
         if done.vectors:
             echo_vectors(out_dir, done.vectors)
@@ -216,3 +247,12 @@ def _echo_run(out_dir: str, report) -> None:
         f"{px / max(t['total_s'], 1e-9) / 1e6:.2f} MP/s, {report['tiles']['total']} tiles, "
         f"{report['tiles']['skipped_empty']} skipped as empty) in {t['total_s']:.1f} s"
     )
+
+
+def _echo_detections(out_dir: str, report, vectors) -> None:
+    """Say what a detector found and where its layers are, on two lines."""
+    found = report["detections"]
+    per_class = ", ".join(f"{name} {n}" for name, n in found["classes"].items()) or "none"
+    click.echo(f"found {found['total']} objects ({per_class}) in {report['timings']['total_s']:.1f} s; no mask (a detector)")
+    files = [f for f in vectors.files() if f.endswith((".gpkg", ".geojson", ".fgb", ".parquet", ".qgz"))]
+    click.echo(f"wrote {', '.join(os.path.join(out_dir, f) for f in files)}")

@@ -20,6 +20,7 @@ from geoseg.classes import NODATA
 from geoseg.engine import tasks
 from geoseg.engine.job import JOB_ATTR, Job, JobRef
 from geoseg.engine.plan import plan_job
+from geoseg.errors import InputError
 from geoseg.io.xarray_source import ArraySource
 from geoseg.models.card import ModelCard
 
@@ -48,6 +49,7 @@ def predict(
     radiometry: Any = None,
     trust_model: bool = False,
     tta: int | None = None,
+    threshold: float | None = None,
 ):
     """Segment a raster lazily with a model, tile by tile, without seams.
 
@@ -110,6 +112,10 @@ def predict(
     tta : int, optional
         Test-time augmentation: 1, 2, 4 or 8 dihedral views of every tile, logits averaged
         (default: the card's ``tta``, else 1). Costs that many forward passes.
+    threshold : float, optional
+        Binary models (one output channel, or two): class 1 where its probability is at least
+        this (default: the card's ``threshold``, e.g. a Deepness ``seg_thresh``, else the larger
+        class). Recorded in run.json's ``parameters``.
 
     Returns
     -------
@@ -147,7 +153,13 @@ def predict(
         radiometry=radiometry,
         trust_model=trust_model,
         tta=tta,
+        threshold=threshold,
     )
+    if job.spec.card.detector is not None:
+        raise InputError(
+            f"{job.spec.path or job.spec.card.name}: a detector gives boxes, not a mask; use geoseg.segment (or geoseg "
+            "predict), which writes its boxes as polygon layers, or geoseg.engine.detect.detect"
+        )
     final = _graph(job, probabilities, resources)
     job.stats = [final[i, j]["stats"] for i, j in job.plan.iter_chunks()]
     job.timings["predict_call_s"] = time.perf_counter() - t0  # opening, probing, planning, graph building
@@ -190,10 +202,10 @@ def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) ->
                 job.channel,
                 dask_key_name=f"geoseg-predict-{token}-{i}-{j}",
             )
-    return _blended(pred, plan, probabilities, token) if blend == "cosine" else pred
+    return _blended(pred, plan, probabilities, token, runtime.threshold) if blend == "cosine" else pred
 
 
-def _blended(pred: dict, plan, probabilities: bool, token: str) -> dict[tuple[int, int], Any]:
+def _blended(pred: dict, plan, probabilities: bool, token: str, threshold: float | None) -> dict[tuple[int, int], Any]:
     """Cosine blending: each chunk's accumulator plus its neighbours' halo strips, normalised."""
     import dask
 
@@ -206,7 +218,7 @@ def _blended(pred: dict, plan, probabilities: bool, token: str) -> dict[tuple[in
             if (a, b) != (i, j)
         ]
         final[i, j] = dask.delayed(tasks.blend_chunk)(
-            pred[i, j], strips, plan, i, j, probabilities, dask_key_name=f"geoseg-blend-{token}-{i}-{j}"
+            pred[i, j], strips, plan, i, j, probabilities, threshold, dask_key_name=f"geoseg-blend-{token}-{i}-{j}"
         )
     return final
 

@@ -56,6 +56,7 @@ class Job:
             "resample_scale": self.runtime.scale,
             "tta": self.runtime.tta,
             "radiometry": self.radiometry,
+            **({"threshold": self.runtime.threshold} if self.runtime.threshold is not None else {}),  # a binary model's cut
         }
 
 

@@ -71,6 +71,7 @@ def plan_job(
     radiometry: Any = None,
     trust_model: bool = False,
     tta: int | None = None,
+    threshold: float | None = None,
 ) -> Job:
     """The :class:`Job` for :func:`geoseg.engine.graph.predict`'s options (parameters as there).
 
@@ -101,6 +102,7 @@ def plan_job(
     if batch_size is None and info.device.startswith("cuda"):
         runtime = replace(runtime, batch_size=8)  # GPUs want batches; on a CPU batch 1 was fastest here
     card_ = spec.card.with_classes(info.n_outputs)
+    runtime = replace(runtime, threshold=_threshold(spec, info.n_outputs, threshold, runtime.tta))
     runtime, tile, halo, mult = _tile_and_halo(spec, runtime, info, tile, halo)
     aoi_ = read_aoi(aoi, src.geobox) if aoi is not None else None
     plan = TilePlan(
@@ -195,6 +197,26 @@ def _resolve_scaling(spec: ModelSpec, src: RasterSource, radiometry: Any = None)
 
     scaling = spec.card.scaling.resolve(lambda lo, hi: band_percentiles(src, lo, hi))
     return replace(spec, card=replace(spec.card, scaling=scaling)), None
+
+
+def _threshold(spec: ModelSpec, n_outputs: int, threshold: float | None, tta: int) -> float | None:
+    """The binary cut the run uses: ``threshold``, else the card's (a binary model's only); checked against the model."""
+    name = spec.path or spec.card.name
+    if spec.card.detector is not None:
+        if threshold is not None:
+            raise InputError(f"{name}: threshold= cuts a binary segmentation model; for this detector give conf= instead")
+        if tta != 1:
+            raise InputError(f"{name}: test-time augmentation (tta=) averages per-pixel outputs; a detector runs with tta=1")
+        return None
+    binary = n_outputs in (1, 2)
+    if threshold is not None and not binary:
+        raise InputError(
+            f"{name}: threshold= cuts a binary model (one output channel, or two); this one has {n_outputs} classes: "
+            "drop threshold="
+        )
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise InputError(f"threshold={threshold!r}: give a probability in (0, 1], e.g. threshold=0.5")
+    return threshold if threshold is not None else spec.card.threshold if binary else None
 
 
 def max_threads() -> int:

@@ -25,7 +25,7 @@ from geoseg.io.remote import redact
 from geoseg.io.xarray_source import ArraySource
 from geoseg.records import Record
 
-__all__ = ["MAX_NONFINITE_FRACTION", "check_nonfinite", "no_job_message", "run_report"]
+__all__ = ["MAX_NONFINITE_FRACTION", "check_nonfinite", "job_entries", "no_job_message", "run_report", "versions"]
 
 #: Largest share of valid pixels that may be lost to NaN/Inf model outputs (or to values that
 #: overflow float32 after scaling) before the run is an error; below it, a warning in run.json.
@@ -107,9 +107,10 @@ class RunReport(Record):
     folder: str
 
     @property
-    def mask(self) -> str:
-        """Path of the class raster (``mask.tif``, or ``change.tif`` for a change map)."""
-        return os.path.join(self.folder, self.record["outputs"]["mask"])
+    def mask(self) -> str | None:
+        """Path of the class raster (``mask.tif``, or ``change.tif`` for a change map); None for a detector's run."""
+        name = self.record["outputs"].get("mask")
+        return os.path.join(self.folder, name) if name else None
 
     def files(self) -> list[str]:
         """Every file written, relative to :attr:`folder` (``run.json`` last)."""
@@ -158,7 +159,7 @@ def run_report(
     names = {c.id: c.name for c in classes} if classes else {}
     report: dict[str, Any] = {"geoseg_run": 1, "outputs": outputs}
     if job is not None:
-        report.update(_job_entries(job, stats, len(mask_res)))
+        report.update(job_entries(job, stats, len(mask_res)))
     report["output_grid"] = {
         "width": geobox.width,
         "height": geobox.height,
@@ -171,7 +172,7 @@ def run_report(
     }
     report["pixels"] = _pixels(counts, names)
     report["timings"] = _timings(job, stats, mask_res, seconds)
-    report["versions"] = {**_versions(), **(job.info.versions if job is not None else {})}
+    report["versions"] = {**versions(), **(job.info.versions if job is not None else {})}
     report["command"] = [redact(a) for a in sys.argv]  # a signed URL's token is never written
     report["warnings"] = _warnings(counts, names, job)
     if extra:
@@ -184,7 +185,7 @@ def run_report(
     return report
 
 
-def _job_entries(job: Job, stats: list[dict], n_chunks: int) -> dict[str, Any]:
+def job_entries(job: Job, stats: list[dict], n_chunks: int) -> dict[str, Any]:
     """What the job says: input (an array's record has no path), model, parameters, device and tile counts."""
     src = job.source
     return {
@@ -254,7 +255,8 @@ def _warnings(counts: np.ndarray, names: dict[int, str], job: Job | None) -> lis
     return warnings + (job.warnings if job is not None else [])
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions of geoseg, Python and the libraries a run depends on."""
     import dask
     import rasterio
     import xarray

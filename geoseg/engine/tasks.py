@@ -19,10 +19,10 @@ from geoseg.grid import TilePlan, Window, blend_window_1d
 from geoseg.io.aoi import AOI
 from geoseg.io.raster import RasterSource, read_window
 from geoseg.io.xarray_source import ArraySource, read_pixels
-from geoseg.models.runtime import get_predictor
+from geoseg.models.runtime import binary_classes, get_predictor
 from geoseg.models.spec import ModelSpec, Runtime
 
-__all__ = ["blend_chunk", "predict_chunk", "read_chunk"]
+__all__ = ["TileInputs", "blend_chunk", "model_inputs", "predict_chunk", "read_chunk", "tile_batches"]
 
 
 def read_chunk(
@@ -51,7 +51,7 @@ def read_chunk(
     return {"data": data, "window": win, "valid": valid, "valid_input": valid_in, "read_s": seconds}
 
 
-def _batches(plan: TilePlan, i: int, j: int, valid: np.ndarray, batch_size: int):
+def tile_batches(plan: TilePlan, i: int, j: int, valid: np.ndarray, batch_size: int):
     """Tiles of a chunk with any valid core pixel, grouped by input shape, in batches."""
     cw = plan.chunk_window(i, j)
     groups: dict[tuple[int, int], list] = defaultdict(list)
@@ -69,7 +69,7 @@ def _batches(plan: TilePlan, i: int, j: int, valid: np.ndarray, batch_size: int)
     return batches, len(tiles), skipped
 
 
-class _TileInputs:
+class TileInputs:
     """A chunk's model inputs, made tile by tile from its raw values: float32, the card's scaling
     applied, invalid pixels 0.
 
@@ -105,17 +105,17 @@ class _TileInputs:
         return np.stack(out).astype(np.float32, copy=False)
 
 
-def _model_inputs(
+def model_inputs(
     data: np.ndarray, origin: Window, valid: np.ndarray, valid_input: np.ndarray, spec: ModelSpec, cw: Window
-) -> tuple[_TileInputs, np.ndarray, int]:
-    """The chunk's model inputs (see :class:`_TileInputs`) and its valid pixels.
+) -> tuple[TileInputs, np.ndarray, int]:
+    """The chunk's model inputs (see :class:`TileInputs`) and its valid pixels.
 
     Pixels whose values do not fit float32 after scaling (float64 data near 1e300, a scaling
     that overflows) are never fed to the model as inf: they become invalid (nodata) and are
     counted. They are found strip by strip, never holding a float32 copy of the whole chunk.
     Returns ``(inputs, valid, overflow)``, ``valid`` over the chunk window ``cw``.
     """
-    inputs = _TileInputs(data, origin, valid_input, spec)
+    inputs = TileInputs(data, origin, valid_input, spec)
     overflow = 0
     if inputs.zero_invalid:
         bad = np.zeros(valid_input.shape, dtype=bool)
@@ -157,8 +157,8 @@ def predict_chunk(
     t0 = time.perf_counter()
     predictor = get_predictor(spec, runtime)
     cw = plan.chunk_window(i, j)
-    inputs, valid, overflow = _model_inputs(chunk["data"], chunk["window"], chunk["valid"], chunk["valid_input"], spec, cw)
-    batches, n_tiles, skipped = _batches(plan, i, j, valid, runtime.batch_size)
+    inputs, valid, overflow = model_inputs(chunk["data"], chunk["window"], chunk["valid"], chunk["valid_input"], spec, cw)
+    batches, n_tiles, skipped = tile_batches(plan, i, j, valid, runtime.batch_size)
     stats = {"tiles": n_tiles, "tiles_skipped": skipped, "read_s": chunk["read_s"], "overflow": overflow, "nonfinite": 0}
     model_t: dict[str, float] = {"forward_s": 0.0, "wait_s": 0.0}
     report = TileReport(channel)
@@ -181,7 +181,7 @@ class _Forward:
     each batch's tiles reported done.
     """
 
-    def __init__(self, predictor: Any, runtime: Runtime, inputs: _TileInputs, timings: dict, report: TileReport) -> None:
+    def __init__(self, predictor: Any, runtime: Runtime, inputs: TileInputs, timings: dict, report: TileReport) -> None:
         self.predictor, self.runtime, self.inputs, self.timings = predictor, runtime, inputs, timings
         self.report = report
 
@@ -206,10 +206,11 @@ def _crop(run: _Forward, batches: list, cw: Window, valid: np.ndarray, n_classes
         y = run(batch, "probs" if probabilities else "logits")
         if not probabilities:
             finite = np.isfinite(y).all(axis=1)
+            cut = run.runtime.threshold
             if finite.all():
-                y = run.predictor._finish(y, "classes")
+                y = run.predictor._finish(y, "classes", cut)
             else:
-                y = np.where(finite, run.predictor._finish(np.nan_to_num(y), "classes"), NODATA).astype(np.uint8)
+                y = np.where(finite, run.predictor._finish(np.nan_to_num(y), "classes", cut), NODATA).astype(np.uint8)
         for t, out in zip(batch, y, strict=True):
             rs, cs = t.core.slices(t.input)
             dst = t.core.slices(cw)
@@ -220,7 +221,8 @@ def _crop(run: _Forward, batches: list, cw: Window, valid: np.ndarray, n_classes
     if probabilities:
         bad = valid & ~np.isfinite(probs).all(axis=0)
         valid = valid & ~bad  # a model that outputs NaN gives nodata, in both files (counted, reported)
-        mask = np.where(valid, np.nan_to_num(probs, nan=-1.0).argmax(0), NODATA).astype(np.uint8)
+        mask = np.where(valid, binary_classes(np.nan_to_num(probs, nan=-1.0), run.runtime.threshold, 0), NODATA)
+        mask = mask.astype(np.uint8)
         probs[:, ~valid] = np.nan
     else:
         bad = valid & (mask == NODATA)
@@ -252,10 +254,17 @@ def _accumulate(run: _Forward, batches: list, acc_win: Window, halo: int, n_clas
 
 
 def blend_chunk(
-    own: dict[str, Any], neighbours: list[dict[str, Any]], plan: TilePlan, i: int, j: int, probabilities: bool
+    own: dict[str, Any],
+    neighbours: list[dict[str, Any]],
+    plan: TilePlan,
+    i: int,
+    j: int,
+    probabilities: bool,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Finish chunk ``(i, j)`` under cosine blending: sum every accumulator that overlaps it
-    (its own and its neighbours'), divide by the summed weights, take the argmax.
+    (its own and its neighbours'), divide by the summed weights, take the argmax (or a binary
+    model's ``threshold``).
     """
     t0 = time.perf_counter()
     cw = plan.chunk_window(i, j)
@@ -276,7 +285,7 @@ def blend_chunk(
     bad = valid & ~finite  # NaN/Inf from the model: nodata, counted and reported, never a class
     valid &= finite
     scores = probs if not bad.any() else np.nan_to_num(probs, nan=-1.0)
-    mask = np.where(valid, scores.argmax(0), NODATA).astype(np.uint8)
+    mask = np.where(valid, binary_classes(scores, threshold, 0), NODATA).astype(np.uint8)
     stats = dict(own["stats"])
     stats["nonfinite"] = int(bad.sum())
     stats["blend_s"] += time.perf_counter() - t0

@@ -4,6 +4,7 @@
 embedded in the model: see :mod:`geoseg.models.card_sources`) is checked by a pydantic model,
 :class:`CardDocument`, one validator per key; every refusal is a one-line :class:`ModelError`
 that names the card's origin and the key. :func:`card_to_dict` writes a card back as a document.
+Just over 400 lines: one validator per card key, each a few lines, and the card's field docs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from geoseg.errors import ModelError
 from geoseg.models.card_parts import (
     ArchitectureDocument,
     ClassDocument,
+    Detector,
+    DetectorDocument,
     Document,
     ObjectsDocument,
     ScalingDocument,
@@ -27,6 +30,7 @@ from geoseg.models.card_parts import (
     finite_number,
     int_at_least,
     reject_unknown,
+    threshold_value,
 )
 from geoseg.models.scaling import Scaling
 
@@ -54,6 +58,8 @@ CARD_KEYS = {
     "tta",
     "objects",
     "mmu_px",
+    "detector",
+    "threshold",
 }
 TASKS = ("area", "objects")
 #: minimum mapping unit (pixels) of an area model whose card gives none: a 2 x 2 patch; single pixels are speckle
@@ -110,6 +116,11 @@ class ModelCard:
         for ``task: area`` models, none for objects models (their object rules apply); 0: none.
     info_json : str
         Description, licence, metrics and training recipe (JSON), carried for the record.
+    detector : Detector, optional
+        An object detector's output layout and score/IoU thresholds: the model gives boxes,
+        not per-pixel classes (see :mod:`geoseg.models.detector`).
+    threshold : float, optional
+        A binary model's cut: class 1 where its probability is at least this (default: the larger class).
     """
 
     name: str
@@ -130,6 +141,8 @@ class ModelCard:
     min_area_m2: float | None = None
     max_length_m: float | None = None
     mmu_px: int | None = None
+    detector: Detector | None = None
+    threshold: float | None = None
 
     @property
     def mmu(self) -> int:
@@ -142,11 +155,13 @@ class ModelCard:
         """The card with default classes for a model with ``n_outputs`` channels."""
         if self.classes is not None:
             return self
-        n = 2 if n_outputs == 1 else n_outputs
+        n = 2 if n_outputs == 1 and self.detector is None else n_outputs  # a detector's classes are all objects
         if n > NODATA:  # ids 0..254; 255 is the mask's nodata
             raise ModelError(f"{self.name}: {n} output classes do not fit a uint8 mask (at most 255)")
-        colors = default_palette(n)
-        return replace(self, classes=tuple(ClassInfo(i, f"class_{i}", colors[i]) for i in range(n)))
+        colors = default_palette(n + (self.detector is not None))  # a detector has no background: colours from 1
+        kind = "object" if self.detector is not None else None
+        shift = int(self.detector is not None)
+        return replace(self, classes=tuple(ClassInfo(i, f"class_{i}", colors[i + shift], kind) for i in range(n)))
 
 
 class CardDocument(Document):
@@ -170,6 +185,8 @@ class CardDocument(Document):
     tta: int = 1
     objects: ObjectsDocument = ObjectsDocument()
     mmu_px: int | None = None
+    detector: DetectorDocument | None = None
+    threshold: float | None = None
     tile: int | None = None
     halo: int | None = None
     size_multiple: int | None = None
@@ -273,6 +290,11 @@ class CardDocument(Document):
             raise ValueError(f"mmu_px must be a whole number of pixels >= 0 (0: no minimum mapping unit), got {mmu!r}")
         return mmu
 
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, threshold: Any) -> float | None:
+        return threshold_value(threshold, "threshold")
+
     @field_validator("tta", mode="before")
     @classmethod
     def _tta(cls, tta: Any) -> int:
@@ -298,7 +320,7 @@ class CardDocument(Document):
             size_multiple=self.size_multiple or 32,
             activation=self.activation,
             version=str(self.version) if self.version is not None else None,
-            task=self.task,
+            task="objects" if self.detector else self.task,
             bands=self.bands,
             scaling=self.scaling.scaling(),
             gsd_m=self.gsd_m if self.gsd_m is not None else gsd_range[0] if gsd_range else None,
@@ -309,6 +331,8 @@ class CardDocument(Document):
             min_area_m2=self.objects.min_area_m2,
             max_length_m=self.objects.max_length_m,
             mmu_px=self.mmu_px,
+            detector=self.detector.detector() if self.detector else None,
+            threshold=self.threshold,
         )
 
 
@@ -391,5 +415,9 @@ def card_to_dict(card: ModelCard) -> dict[str, Any]:
         out["objects"] = rules
     if card.mmu_px is not None:
         out["mmu_px"] = card.mmu_px
+    if card.detector is not None:
+        out["detector"] = {"layout": card.detector.layout, "conf": card.detector.conf, "iou": card.detector.iou}
+    if card.threshold is not None:
+        out["threshold"] = card.threshold
     out.update(json.loads(card.info_json or "{}"))
     return out

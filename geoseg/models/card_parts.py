@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
@@ -23,6 +24,8 @@ from geoseg.models.scaling import SCALING_METHODS, Scaling
 __all__ = [
     "ArchitectureDocument",
     "ClassDocument",
+    "Detector",
+    "DetectorDocument",
     "Document",
     "ObjectsDocument",
     "ScalingDocument",
@@ -32,6 +35,7 @@ __all__ = [
     "int_at_least",
     "parse_color",
     "reject_unknown",
+    "threshold_value",
 ]
 
 CLASS_KEYS = {"id", "name", "color", "kind"}
@@ -257,3 +261,54 @@ class ObjectsDocument(Document):
         if v is not None and (f is None or f < 0):
             raise ValueError(f"objects {info.field_name} must be a number >= 0, got {v!r}")
         return f
+
+
+#: output layouts of object detectors (see :mod:`geoseg.models.detector`)
+DETECTOR_LAYOUTS = ("yolov5", "yolov6", "ultralytics", "ultralytics_obb", "ultralytics_seg")
+
+
+def threshold_value(v: Any, key: str) -> float | None:
+    """A score threshold: a number in ``(0, 1]`` (None stays None)."""
+    if v is None:
+        return None
+    f = finite_number(v)
+    if f is None or not 0.0 < f <= 1.0:
+        raise ValueError(f"{key} must be a number in (0, 1], got {v!r}")
+    return f
+
+
+@dataclass(frozen=True)
+class Detector:
+    """How an object detector's output reads: its ``layout``, the score under which boxes are
+    dropped (``conf``) and the IoU above which a box suppresses a lower-scored one of its class (``iou``).
+    """
+
+    layout: str
+    conf: float = 0.25
+    iou: float = 0.45
+
+
+class DetectorDocument(Document):
+    """``detector``: ``{layout: yolov5 | yolov6 | ultralytics | ultralytics_obb | ultralytics_seg, conf, iou}``."""
+
+    layout: str
+    conf: float = Detector.conf
+    iou: float = Detector.iou
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys(cls, det: Any) -> Any:
+        if not isinstance(det, Mapping) or det.get("layout") not in DETECTOR_LAYOUTS:
+            got = det.get("layout") if isinstance(det, Mapping) else det
+            raise ValueError(f"detector needs a layout, one of {', '.join(DETECTOR_LAYOUTS)}; got {got!r}")
+        reject_unknown(det, {"layout", "conf", "iou"}, "detector")
+        return dict(det)
+
+    @field_validator("conf", "iou", mode="before")
+    @classmethod
+    def _score(cls, v: Any, info: ValidationInfo) -> float:
+        return threshold_value(v, f"detector {info.field_name}")
+
+    def detector(self) -> Detector:
+        """The :class:`Detector` this document describes."""
+        return Detector(self.layout, self.conf, self.iou)

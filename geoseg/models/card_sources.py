@@ -4,8 +4,11 @@ A card is a JSON/YAML file beside the model (``model.card.json``, ``model.card.y
 embedded in it: a TorchScript ``_extra_files`` entry ``geoseg_card.json``, or an ONNX
 ``metadata_props`` entry ``geoseg_card``. ONNX models made for the Deepness QGIS plugin or
 GeoDeep carry their own metadata keys (``class_names``, ``resolution`` in cm/px,
-``tiles_size``, ``tiles_overlap`` in percent, ``standardization_mean/std``); those are
-read too, so such models run unchanged. :func:`geoseg.models.card.card_from_dict` checks what is found.
+``tiles_size``, ``tiles_overlap`` in percent, ``standardization_mean/std``, ``model_type``,
+``det_type``, ``det_conf``, ``det_iou_thresh``, ``seg_thresh``); those are read too, so such
+models run unchanged: a ``Detector`` becomes a card with a ``detector`` (boxes, not pixels), a
+``Segmentor`` outputs probabilities (activation ``none``) cut at ``seg_thresh`` when binary.
+:func:`geoseg.models.card.card_from_dict` checks what is found.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from geoseg._yaml import flat as _flat
 from geoseg._yaml import load_yaml, read_text_file
+from geoseg.classes import NODATA, default_palette
 from geoseg.errors import ModelError
 from geoseg.models.card import ModelCard, card_from_dict
 
@@ -72,44 +76,85 @@ def _sidecars(path: str) -> list[str]:
     return [stem + ext for ext in (".card.json", ".card.yaml", ".card.yml")]
 
 
-def _deepness(meta: Mapping[str, str], origin: str) -> dict[str, Any] | None:
-    """A card from Deepness/GeoDeep ONNX metadata (class_names, resolution, tiles_size, ...)."""
-    keys = {"class_names", "resolution", "tiles_size", "tiles_overlap", "standardization_mean", "model_type"}
-    if not keys & set(meta):
-        return None
+#: Deepness/GeoDeep ``det_type`` values -> geoseg's detector layouts (:mod:`geoseg.models.detector`)
+DET_TYPES = {
+    "YOLO_v5_or_v7_default": "yolov5",
+    "YOLO_v6": "yolov6",
+    "YOLO_v9": "ultralytics",
+    "YOLO_Ultralytics": "ultralytics",
+    "YOLO_Ultralytics_obb": "ultralytics_obb",
+    "YOLO_Ultralytics_segmentation": "ultralytics_seg",
+}
+#: the metadata keys that mark a Deepness/GeoDeep model
+DEEPNESS_KEYS = {"class_names", "resolution", "tiles_size", "tiles_overlap", "standardization_mean", "model_type", "det_type"}
 
-    def val(key: str) -> Any:
-        raw = meta[key]
+
+def _meta_value(meta: Mapping[str, str], key: str) -> Any:
+    """A metadata value: JSON, else a Python literal (Deepness examples store dict reprs), else the text."""
+    raw = meta[key]
+    try:
+        return json.loads(raw)
+    except ValueError:
         try:
-            return json.loads(raw)
-        except ValueError:
-            try:
-                return ast.literal_eval(raw)  # Deepness examples store Python dict reprs
-            except (ValueError, SyntaxError):
-                return raw
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
 
+
+def _deepness(meta: Mapping[str, str], origin: str) -> dict[str, Any] | None:
+    """A card from Deepness/GeoDeep ONNX metadata (class_names, resolution, tiles_size, det_type, seg_thresh, ...)."""
+    if not DEEPNESS_KEYS & set(meta):
+        return None
     card: dict[str, Any] = {}
+    model_type = str(_meta_value(meta, "model_type")) if "model_type" in meta else None
+    detector = _deepness_detector(meta, model_type)
     if "class_names" in meta:
-        names = val("class_names")
+        names = _meta_value(meta, "class_names")
         if isinstance(names, Mapping):
-            card["classes"] = [{"id": int(k), "name": str(v)} for k, v in sorted(names.items(), key=lambda kv: int(kv[0]))]
+            pairs = sorted(names.items(), key=lambda kv: int(kv[0]))
+            card["classes"] = [{"id": int(k), "name": str(v)} for k, v in pairs]
         elif isinstance(names, list):
             card["classes"] = [{"id": i, "name": str(v)} for i, v in enumerate(names)]
+        ids = [c["id"] for c in card.get("classes", ())]
+        if detector and ids and 0 <= min(ids) and max(ids) < NODATA:  # every class an object: colours from the second on
+            palette = default_palette(max(ids) + 2)
+            card["classes"] = [{**c, "kind": "object", "color": list(palette[c["id"] + 1])} for c in card["classes"]]
     if "resolution" in meta:
-        card["gsd_m"] = float(val("resolution")) / 100.0  # centimetres per pixel
-    tile = int(val("tiles_size")) if "tiles_size" in meta else None
+        card["gsd_m"] = float(_meta_value(meta, "resolution")) / 100.0  # centimetres per pixel
+    tile = int(_meta_value(meta, "tiles_size")) if "tiles_size" in meta else None
     if tile:
         card["tile"] = tile
         if "tiles_overlap" in meta:
-            card["halo"] = round(tile * float(val("tiles_overlap")) / 100.0 / 2.0)
+            card["halo"] = round(tile * float(_meta_value(meta, "tiles_overlap")) / 100.0 / 2.0)
     # both tools feed 8-bit RGB divided by 255, then optional standardisation
     if "standardization_mean" in meta and "standardization_std" in meta:
-        mean = [float(v) * 255.0 for v in val("standardization_mean")]
-        std = [float(v) * 255.0 for v in val("standardization_std")]
+        mean = [float(v) * 255.0 for v in _meta_value(meta, "standardization_mean")]
+        std = [float(v) * 255.0 for v in _meta_value(meta, "standardization_std")]
         card["scaling"] = {"method": "meanstd", "mean": mean, "std": std}
     else:
         card["scaling"] = {"method": "divide", "value": 255.0}
+    if detector:
+        card["detector"] = detector
+        return card
+    if model_type == "Segmentor":
+        card["activation"] = "none"  # Deepness segmentors output probabilities (it clips them to [0, 1])
+    if "seg_thresh" in meta:
+        card["threshold"] = float(_meta_value(meta, "seg_thresh"))
     return card
+
+
+def _deepness_detector(meta: Mapping[str, str], model_type: str | None) -> dict[str, Any] | None:
+    """The card's ``detector`` for a Deepness/GeoDeep detector (``model_type`` Detector, or a ``det_type``), else None."""
+    if model_type != "Detector" and (model_type is not None or "det_type" not in meta):
+        return None
+    det_type = str(_meta_value(meta, "det_type")) if "det_type" in meta else "YOLO_v5_or_v7_default"  # GeoDeep's default
+    if det_type not in DET_TYPES:
+        raise ValueError(f"det_type {det_type!r} is not one of the detector layouts geoseg reads: {', '.join(DET_TYPES)}")
+    out: dict[str, Any] = {"layout": DET_TYPES[det_type]}
+    for key, name in (("det_conf", "conf"), ("det_iou_thresh", "iou")):
+        if key in meta:
+            out[name] = float(_meta_value(meta, key))
+    return out
 
 
 def onnx_metadata(path: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import DeviceError, ModelError
+from geoseg.models.detector import class_count
 from geoseg.models.loading import (
     ONNX_BACKEND_ENV,
     cpu_has_bf16,
@@ -38,7 +39,7 @@ from geoseg.models.loading import (
 )
 from geoseg.models.spec import ModelSpec, Runtime
 
-__all__ = ["ModelInfo", "Predictor", "get_predictor", "load_counts", "probe", "resample_batch"]
+__all__ = ["ModelInfo", "Predictor", "binary_classes", "get_predictor", "load_counts", "probe", "resample_batch"]
 
 _CACHE: dict[tuple[str, ...], Predictor] = {}
 #: test-time augmentation views (rot90 count, horizontal flip first): 2 = a flip, 4 = and a half turn, 8 = all
@@ -198,6 +199,8 @@ class Predictor:
         return act
 
     def _check_output(self, out_shape: tuple, in_shape: tuple) -> None:
+        if self.spec.card.detector is not None:  # boxes, checked against the layout by the probe
+            return
         if len(out_shape) != 4 or out_shape[0] != in_shape[0] or out_shape[2:] != in_shape[2:]:
             raise ModelError(
                 f"{self.spec.path or self.spec.id}: output shape {out_shape} for input {in_shape}; geoseg needs a segmentation "
@@ -214,9 +217,11 @@ class Predictor:
         self._check_output(y.shape, batch.shape)
         return self._finish(y, want)
 
-    def _finish(self, y: np.ndarray, want: str) -> np.ndarray:
-        """Logits (numpy) to what was asked for."""
+    def _finish(self, y: np.ndarray, want: str, threshold: float | None = None) -> np.ndarray:
+        """Logits (numpy) to what was asked for; ``threshold`` cuts a binary model's class 1 (see :func:`binary_classes`)."""
         if want == "classes":
+            if threshold is not None:
+                return binary_classes(self._finish(y, "probs"), threshold)
             if y.shape[1] == 1:
                 return (y[:, 0] > self._binary_threshold()).astype(np.uint8)
             return y.argmax(1).astype(np.uint8)
@@ -315,6 +320,15 @@ def _torch_autocast(precision: str, device_type: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def binary_classes(probs: np.ndarray, threshold: float | None, axis: int = 1) -> np.ndarray:
+    """Class ids of per-class probabilities (finite where it matters): the larger class, or with
+    ``threshold`` (a binary model's two classes) class 1 where its probability is at least ``threshold``.
+    """
+    if threshold is None:
+        return probs.argmax(axis).astype(np.uint8)
+    return (np.take(probs, 1, axis=axis) >= threshold).astype(np.uint8)
+
+
 def resample_batch(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize ``(N, C, h, w)`` to ``(N, C, *size)`` with pixel areas aligned (no half-pixel shift).
 
@@ -396,6 +410,8 @@ def probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int) -> ModelInfo
     pred = get_predictor(spec, runtime)
     s = pred.fixed_size or size
     out = pred(np.zeros((1, bands, s, s), dtype=np.float32), want="logits")
+    det, known = spec.card.detector, len(spec.card.classes) if spec.card.classes else None
+    n_outputs = class_count(out.shape, det, known) if det is not None else int(out.shape[1])
     versions: dict[str, Any] = {}
     if pred._onnx:  # an ONNX worker never imports torch (saves seconds and ~300 MiB per worker)
         name, version = pred.backend.split()[:2]
@@ -404,6 +420,4 @@ def probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int) -> ModelInfo
         import torch
 
         versions["torch"] = str(torch.__version__)  # a plain str: unpickling TorchVersion would import torch in the client
-    return ModelInfo(
-        int(out.shape[1]), pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions, pred.precision_used
-    )
+    return ModelInfo(n_outputs, pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions, pred.precision_used)

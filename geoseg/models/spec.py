@@ -45,6 +45,8 @@ class Runtime:
     ``scale`` (model pixels per raster pixel) != 1 resamples every tile to ``model_size``
     pixels a side (the model's pixel size) and its logits back. ``tta`` > 1 runs every
     batch in that many dihedral views (flips, then rotations) and averages the logits.
+    ``threshold`` (binary models) makes class 1 where its probability is at least this,
+    instead of the larger class.
     """
 
     device: str = "auto"
@@ -54,8 +56,11 @@ class Runtime:
     scale: float = 1.0
     model_size: int = 0
     tta: int = 1
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ModelError(f"threshold must be a probability in (0, 1], got {self.threshold!r}")
         if self.tta not in (1, 2, 4, 8):
             raise ModelError(f"tta must be 1, 2, 4 or 8 views, got {self.tta!r}")
         if self.precision not in PRECISIONS:

@@ -18,7 +18,7 @@ from geoseg.vector.polygonize import Pieces
 __all__ = ["features_table", "write_part"]
 
 
-def features_table(pieces: Pieces, src: MaskSource, params: VectorParams):
+def features_table(pieces: Pieces, src: MaskSource, params: VectorParams, score: np.ndarray | None = None):
     """Georeference pieces, drop small ones, measure them, and return an Arrow table.
 
     Parameters
@@ -29,6 +29,8 @@ def features_table(pieces: Pieces, src: MaskSource, params: VectorParams):
         The mask (grid and CRS).
     params : VectorParams
         Vectorisation parameters.
+    score : numpy.ndarray, optional
+        Each piece's score (a detector's boxes); default the mean class probability of its pixels.
 
     Returns
     -------
@@ -45,13 +47,15 @@ def features_table(pieces: Pieces, src: MaskSource, params: VectorParams):
     if not keep.all():
         pieces, world, metric, area, perim = pieces.take(keep), world[keep], metric[keep], area[keep], perim[keep]
         metric_crss = metric_crss[keep]
+        score = score[keep] if score is not None else None
     cols = _identity_columns(pieces, params)
     kind = np.array([kinds[int(c)] for c in pieces.class_id], dtype=object)
     extra = _kind_columns(kind, world, metric, area, gb, params)
     if params.regularize:
         _regularize_buildings(kind, world, metric, metric_crss, area, perim, gb, params)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        score = np.where(pieces.count > 0, pieces.prob_sum / pieces.count, np.nan)
+    if score is None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.where(pieces.count > 0, pieces.prob_sum / pieces.count, np.nan)
     if not gb.crs:  # pixel space: no metres (area_px stays; min_area above was in pixels)
         nan = np.full(len(world), np.nan)
         area = perim = nan

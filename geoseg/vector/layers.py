@@ -207,6 +207,7 @@ def write_outputs(
     precision: int,
     params: VectorParams,
     project: bool,
+    image: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Write every format (and the QGIS project) into staging, then publish them into ``out_dir``.
 
@@ -232,6 +233,8 @@ def write_outputs(
         Vectorisation parameters (connectivity decides Polygon or MultiPolygon).
     project : bool
         Also write ``project.qgz`` (with ``gpkg``).
+    image : str, optional
+        The imagery under the layers in the project (default: the input named by the run.json beside the mask).
 
     Returns
     -------
@@ -287,7 +290,7 @@ def write_outputs(
             written[fmt] = rels
         timings[fmt] = time.perf_counter() - t
     if project and "gpkg" in formats:
-        _write_project(os.path.join(staging, "out"), out_dir, src, parts, layers, out_crs, staged, written)
+        _write_project(os.path.join(staging, "out"), out_dir, src, parts, layers, out_crs, staged, written, image)
     publish(out_dir, staged)
     return written, timings
 
@@ -321,6 +324,7 @@ def _write_project(
     out_crs: str | None,
     staged: dict,
     written: dict,
+    image: str | None = None,
 ) -> None:
     """``project.qgz``: the input imagery, the mask (by paths relative to ``out_dir``) and every GeoPackage layer, styled."""
     gb = src.geobox
@@ -336,19 +340,22 @@ def _write_project(
         vectors=[(GPKG_NAME, ly.name, legend_label(ly.name)) for ly in layers],
         qml={ly.name: qgis.layer_qml(ly.color, label=ly.name) for ly in layers},
         raster_crs=gb.crs,
-        imagery=_imagery(src, out_dir),
+        imagery=_imagery(src, out_dir, image),
     )
     staged[PROJECT_NAME] = path
     written["project"] = PROJECT_NAME
 
 
-def _imagery(src: MaskSource, out_dir: str):
-    """The mask's input imagery (its run.json's ``input.path``) and its stretch, by its path from ``out_dir``; or None."""
+def _imagery(src: MaskSource, out_dir: str, image: str | None = None):
+    """The input imagery (``image``, else the mask's run.json's ``input.path``) and its stretch, by its path from
+    ``out_dir``; or None.
+    """
     import dataclasses
 
-    image = _source_image(src)
-    if image == src.path:
-        return None
+    if image is None:
+        image = _source_image(src)
+        if image == src.path:
+            return None
     if not os.path.isabs(image) and not os.path.exists(image):  # a relative path run.json kept: try beside the mask
         image = os.path.join(os.path.dirname(src.path), image)
     found = true_colour(image)

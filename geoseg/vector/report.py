@@ -80,19 +80,36 @@ def vector_record(
     write_s: dict[str, float],
     t_start: float,
 ) -> dict[str, Any]:
-    """The contents of ``vectors.json``: parameters, layers with feature counts, outputs, seam numbers, timings."""
+    """The contents of ``vectors.json``: parameters, layers with feature counts, outputs, seam numbers, timings.
+
+    ``run`` is None for a detector's boxes (no mask, no chunks polygonised): ``mask`` is then None.
+    """
     gb = src.geobox
-    results = run.results
-    return {
+    record = {
         "geoseg_vectors": 1,
         "run_id": params.run_id,
-        "mask": src.path,
+        "mask": src.path if run is not None else None,
         "probabilities": src.prob_path,
         "crs": {"mask": gb.crs, "outputs": out_crs, "geojson": "EPSG:4326" if gb.crs else None, "metric": params.metric_crs},
         "parameters": parameters,
         "layers": [_layer_entry(ly, counts[ly.name]) for ly in layers],
         "features": int(sum(counts.values())),
         "outputs": written,
+    }
+    timings = {f"write_{k}_s": round(v, 3) for k, v in write_s.items()}
+    if run is not None:
+        record.update(_chunk_entries(run))
+        timings = {**record.pop("timings"), **timings}
+    record["timings"] = {**timings, "total_s": round(time.perf_counter() - t_start, 3)}
+    if run is not None:
+        record["values_present"] = run.present
+    return record
+
+
+def _chunk_entries(run: Any) -> dict[str, Any]:
+    """What the chunk tasks and the seam merge of a mask's vectorisation report."""
+    results = run.results
+    return {
         "chunks": len(results),
         "seam_pieces": run.seam_pieces,
         "seam_objects": run.seam_objects,
@@ -102,10 +119,7 @@ def vector_record(
             "polygonize_task_s": round(sum(r["polygonize_s"] for r in results), 3),
             "attributes_task_s": round(sum(r["finish_s"] for r in results), 3),
             "merge_s": round(run.merge_s, 3),
-            **{f"write_{k}_s": round(v, 3) for k, v in write_s.items()},
-            "total_s": round(time.perf_counter() - t_start, 3),
         },
-        "values_present": run.present,
     }
 
 

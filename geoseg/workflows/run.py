@@ -298,7 +298,8 @@ def _scene(
         if res is not None:
             entry["models"][run.model] = res
             masks[(scene.name, spec.sha256)] = os.path.join(mdir, "mask.tif")
-            overlays.append(Overlay(os.path.join(mdir, "mask.tif"), mdir_name))
+            if spec.card.detector is None:  # a detector writes layers, no mask to overlay
+                overlays.append(Overlay(os.path.join(mdir, "mask.tif"), mdir_name))
     png = check_inside(plan.folder, os.path.join(img_dir, "quicklook.png"), "the quicklook", FIX)
     if wf.outputs.quicklook and overlays:
         if tally.counts["done"] > done_before or not os.path.exists(png):  # nothing new: keep it as it is
