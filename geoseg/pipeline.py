@@ -9,7 +9,7 @@ two dates of ``geoseg change`` all segment an image the same way, through :func:
 A detector model (its card has a ``detector``) takes the same road to boxes instead of a mask::
 
     src ─ engine.detect (the same plan and reads; boxes, NMS across tiles and chunks)
-        ─ vector.detections.write_detections (layers, vectors.json, project.qgz, run.json) ─▶ Segmented
+        ─ vector.detections.write_detections (layers, vectors.json, project.qgz, run.json) ─ item.json ─▶ Segmented
 
 Callers read what was made from the returned :class:`Segmented` (the run record, the vector
 report with each layer's area, the list of files written), not from the files.
@@ -44,7 +44,7 @@ class Segmented:
     vectors : VectorReport or None
         The polygon layers, when they were asked for.
     item : str or None
-        The STAC Item describing the folder (``item.json``; None for a mask without a CRS).
+        The STAC Item describing the folder (``item.json``, a detector's too; None for an image without a CRS).
     """
 
     folder: str
@@ -126,7 +126,7 @@ def segment(
     model = resolve_model(model, predict_kwargs.get("card"), trust=predict_kwargs.get("trust_model", False))
     conf, iou = predict_kwargs.pop("conf", None), predict_kwargs.pop("iou", None)
     if model.card.detector is not None:
-        return _detect(src, model, out_dir, vectorize, overwrite, progress, extra, conf, iou, predict_kwargs)
+        return _detect(src, model, out_dir, vectorize, overwrite, progress, extra, (conf, iou), date, predict_kwargs)
     if conf is not None or iou is not None:
         raise InputError(f"{model.path or model.card.name}: conf= and iou= are a detector's; this is a segmentation model")
     result = predict(src, model, **predict_kwargs)
@@ -163,11 +163,11 @@ def _detect(
     overwrite: bool,
     progress: Any,
     extra: dict[str, Any] | None,
-    conf: float | None,
-    iou: float | None,
+    thresholds: tuple[float | None, float | None],
+    date: str | None,
     options: dict[str, Any],
 ) -> Segmented:
-    """A detector's run: boxes (engine.detect) written as layers with run.json (vector.detections)."""
+    """A detector's run: boxes (engine.detect) written as layers with run.json (vector.detections), then item.json."""
     from geoseg.engine.detect import detect
     from geoseg.vector.detections import write_detections
 
@@ -176,6 +176,7 @@ def _detect(
         raise InputError(f"{name}: a detector gives boxes, not per-class probabilities; drop probabilities=")
     options.pop("blend", None)  # boxes are merged by suppression, never blended
     layer_options = {k: v for k, v in (vectorize or {}).items() if k in ("formats", "crs", "precision", "project")}
+    conf, iou = thresholds
     found = detect(src, model, conf=conf, iou=iou, progress=progress, **options)
     run, vectors = write_detections(found, out_dir, overwrite=overwrite, extra=extra, **layer_options)
-    return Segmented(os.path.abspath(out_dir), run, vectors)
+    return Segmented(os.path.abspath(out_dir), run, vectors, _item(out_dir, run, vectors, found.job, date))

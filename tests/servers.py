@@ -4,13 +4,19 @@
 process, honouring ``Range: bytes=a-b`` (what GDAL's ``/vsicurl/`` sends for each block), and
 records every request so a test can count the bytes it served. Failures can be injected: the
 next ``fail_next`` requests for a path answer ``503 Service Unavailable`` (a transient error a
-client must retry). Nothing listens beyond 127.0.0.1; the server stops when the block ends.
+client must retry), and paths can answer a redirect (``redirects["/x.onnx"] = "http://..."``).
+With ``tls=`` (a :func:`local_tls` pair) it serves ``https://``; clients trust it through
+``SSL_CERT_FILE`` naming the pair's CA. Nothing listens beyond 127.0.0.1; the server stops when the
+block ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import ipaddress
 import re
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +35,7 @@ class Served:
     root: Path
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, bytes sent)
     fail_next: dict[str, int] = field(default_factory=dict)  # path -> how many 503s still to answer
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> where a 302 sends the client
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def bytes_sent(self, path: str | None = None) -> int:
@@ -68,13 +75,25 @@ def _handler(served: Served) -> type[SimpleHTTPRequestHandler]:
             self._record(0)
             return True
 
+        def _redirected(self) -> bool:
+            with served.lock:
+                target = served.redirects.get(self.path.split("?")[0])
+            if target is None:
+                return False
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self._record(0)
+            return True
+
         def do_HEAD(self) -> None:
-            if not self._injected_failure():
+            if not self._injected_failure() and not self._redirected():
                 super().do_HEAD()
                 self._record(0)
 
         def do_GET(self) -> None:
-            if self._injected_failure():
+            if self._injected_failure() or self._redirected():
                 return
             target = Path(self.translate_path(self.path))
             m = _RANGE.match(self.headers.get("Range", "").strip())
@@ -117,9 +136,49 @@ def _handler(served: Served) -> type[SimpleHTTPRequestHandler]:
     return Handler
 
 
+@dataclass(frozen=True)
+class LocalTLS:
+    """A certificate for 127.0.0.1 and its key, signed by a CA made with them (``ca``: what clients trust)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def local_tls(folder: str | Path) -> LocalTLS:
+    """Make a CA and a server certificate for 127.0.0.1 (valid for a day) in ``folder``, with ``cryptography``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = Path(folder)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def build(subject: str, issuer: str, public, signer, ca: bool, san: bool):
+        b = x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        b = b.issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(public)
+        b = b.serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        b = b.not_valid_after(now + dt.timedelta(days=1))
+        b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("geoseg test CA", "geoseg test CA", ca_key.public_key(), ca_key, True, False)
+    cert = build("127.0.0.1", "geoseg test CA", key.public_key(), ca_key, False, True)
+    out = LocalTLS(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    out.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = serialization.PrivateFormat.PKCS8
+    out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, pem, serialization.NoEncryption()))
+    return out
+
+
 @contextlib.contextmanager
-def range_server(root: str | Path) -> Iterator[Served]:
-    """Serve ``root`` over HTTP with byte ranges on ``127.0.0.1`` (a free port) for the block.
+def range_server(root: str | Path, tls: LocalTLS | None = None) -> Iterator[Served]:
+    """Serve ``root`` over HTTP (HTTPS with ``tls``) with byte ranges on ``127.0.0.1`` (a free port) for the block.
 
     Yields
     ------
@@ -129,7 +188,12 @@ def range_server(root: str | Path) -> Iterator[Served]:
     served = Served(url="", root=Path(root))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(served))
     server.daemon_threads = True
-    served.url = f"http://127.0.0.1:{server.server_address[1]}"
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert, tls.key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    scheme = "https" if tls is not None else "http"
+    served.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -429,3 +429,56 @@ def test_aoi_keeps_the_boxes_centred_inside(tmp_path, synchronous) -> None:
     found = detect(str(src), str(model), chunk=64, aoi=str(tmp_path / "aoi.gpkg"))
     centres = sorted((round(g.centroid.y - S / 2), round(g.centroid.x - S / 2)) for g in found.boxes.geometry)
     assert centres == [(20, 60), (100, 100)] and found.counts() == {"car": 1, "tree": 1}
+
+
+# ---------------------------------------------------------------- xarray in, STAC out
+
+
+def test_a_rioxarray_cube_gives_the_boxes_of_its_file(tmp_path, synchronous) -> None:
+    """The array's read tasks take its own blocks (chunked unlike geoseg's chunks): the same boxes as the file."""
+    import pyogrio
+    import rioxarray
+
+    from geoseg.engine.detect import detect
+
+    model = detector_onnx(tmp_path / "det.onnx", "ultralytics", {**DET_META, "det_type": "YOLO_Ultralytics"})
+    src = scene(tmp_path / "scene.tif")
+    cube = rioxarray.open_rasterio(src, chunks={"band": 3, "y": 37, "x": 53})
+    want = detect(str(src), str(model), chunk=64)
+    got = detect(cube, str(model), chunk=64)
+    assert got.seam_boxes > 0 and _boxes_key(got) == _boxes_key(want)
+    done = geoseg.segment(cube, str(model), tmp_path / "cube", chunk=64)
+    run = done.run
+    assert "path" not in run["input"] and run["detections"]["classes"] == {"car": 2, "tree": 2}
+    geoseg.segment(str(src), str(model), tmp_path / "file", chunk=64)
+    file_cars = pyogrio.read_dataframe(tmp_path / "file" / "geoseg.gpkg", layer="car")
+    cube_cars = pyogrio.read_dataframe(tmp_path / "cube" / "geoseg.gpkg", layer="car")
+    assert sorted(cube_cars.geometry.to_wkt()) == sorted(file_cars.geometry.to_wkt())
+    assert (tmp_path / "cube" / "project.qgz").exists() and done.item is not None  # no imagery to draw: layers only
+
+
+def test_a_detectors_folder_has_a_stac_item_with_its_layers(tmp_path, synchronous) -> None:
+    import pystac
+
+    model = detector_onnx(tmp_path / "det.onnx", "yolov5", {**DET_META, "det_type": "YOLO_v5_or_v7_default"})
+    src = scene(tmp_path / "scene.tif")
+    done = geoseg.segment(str(src), str(model), tmp_path / "out", chunk=64, date="2024-05-01")
+    assert done.item == str(tmp_path / "out" / "item.json") and "item.json" in done.files()
+    item = pystac.Item.from_file(done.item)
+    props = item.properties
+    assert props["label:tasks"] == ["detection"] and props["label:type"] == "vector"
+    assert props["label:classes"] == [{"name": "class", "classes": ["car", "tree"]}]
+    assert props["mlm:tasks"] == ["object-detection"] and props["mlm:output"][0]["tasks"] == ["object-detection"]
+    assert [c["name"] for c in props["mlm:output"][0]["classification:classes"]] == ["car", "tree"]
+    assert item.datetime.isoformat().startswith("2024-05-01") and "mask" not in item.assets
+    assert not any(ext.startswith("https://stac-extensions.github.io/raster/") for ext in item.stac_extensions)
+    data = {k for k, a in item.assets.items() if "data" in (a.roles or [])}
+    assert {"gpkg", "geojson-car", "geojson-tree"} <= data
+    for key, asset in item.assets.items():
+        if key != "model":
+            assert Path(asset.get_absolute_href()).is_file(), key
+    assert item.assets["run"].roles == ["metadata"] and item.assets["vectors"].roles == ["metadata"]
+    # the footprint is the grid looked at, in lon/lat
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["output_grid"]["width"] == 230 and run["output_grid"]["crs"] == "EPSG:32633"
+    assert item.bbox[0] < item.bbox[2] and -90 < item.bbox[1] < 90

@@ -21,7 +21,9 @@ from geoseg.errors import ModelError
 from geoseg.models.bundled import BUNDLED, bundled_path
 from geoseg.models.spec import resolve_model
 from geoseg.models.zoo import cache_dir, load_catalogue, pull
-from tests.servers import range_server
+from tests.servers import local_tls, range_server
+from tests.test_detector import DET_META, detector_onnx
+from tests.test_detector import scene as squares_scene
 from tests.test_remote import write_cog
 
 SECRET = "t0k3n-S3CR3T"
@@ -36,13 +38,16 @@ def zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     served.mkdir()
     shutil.copy(WATER, served / "wet.onnx")
     shutil.copy(WATER, served / "wet.pt")
+    cars = detector_onnx(served / "cars.onnx", "yolov5", {**DET_META, "det_type": "YOLO_v5_or_v7_default"})
+    cars_sha = hashlib.sha256(cars.read_bytes()).hexdigest()
     with range_server(served) as server:
         catalogue = tmp_path / "zoo.yaml"
         catalogue.write_text(
             f"wet:\n  url: {server.url}/wet.onnx\n  sha256: '{WATER_SHA}'\n  classes: [land, water]\n  licence: test\n"
             f"wet-unknown:\n  url: {server.url}/wet.onnx?token={SECRET}\n  sha256: null\n"
             f"wet-wrong:\n  url: {server.url}/wet.onnx\n  sha256: '{'0' * 64}'\n"
-            f"cars:\n  url: {server.url}/cars.onnx\n  sha256: null\n  task: detection\n"
+            f"cars:\n  url: {server.url}/cars.onnx\n  sha256: '{cars_sha}'\n  task: detection\n"
+            f"trees:\n  url: {server.url}/trees.onnx\n  sha256: null\n  task: detection\n  det_type: retinanet\n"
         )
         monkeypatch.setenv("GEOSEG_ZOO", str(catalogue))
         monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path / "cache"))
@@ -86,7 +91,7 @@ def test_pull_once_then_a_second_pull_is_a_no_op(zoo) -> None:
     assert record["sha256"] == WATER_SHA and record["checksum"] == "checked" and record["licence"] == "test"
     listing = _cli("models", "zoo")
     assert "wet [pulled]" in listing.stdout and "wet-wrong [not pulled]" in listing.stdout
-    assert "cars [detection: listed only]" in listing.stdout
+    assert "cars [detection, not pulled]" in listing.stdout and "trees [detection (retinanet): listed only]" in listing.stdout
 
 
 def test_a_checksum_mismatch_is_refused_and_leaves_the_cache_clean(zoo) -> None:
@@ -99,7 +104,25 @@ def test_a_checksum_mismatch_is_refused_and_leaves_the_cache_clean(zoo) -> None:
     assert given.returncode == 1 and "sha256 mismatch" in given.stderr and _cache_files() == []
 
 
-def test_unknown_checksums_are_trusted_on_first_use_and_checked_after(zoo, tmp_path: Path) -> None:
+@pytest.fixture
+def tls_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The zoo's files over https:// (a CA made here, trusted through SSL_CERT_FILE), with its catalogue."""
+    served = tmp_path / "tls-served"
+    served.mkdir()
+    shutil.copy(WATER, served / "wet.onnx")
+    tls = local_tls(tmp_path)
+    with range_server(served, tls=tls) as server:
+        catalogue = tmp_path / "tls-zoo.yaml"
+        catalogue.write_text(f"wet-unknown:\n  url: {server.url}/wet.onnx?token={SECRET}\n  sha256: null\n")
+        monkeypatch.setenv("GEOSEG_ZOO", str(catalogue))
+        monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("GEOSEG_REMOTE_RETRY_DELAY", "0.05")
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+        yield server
+
+
+def test_unknown_checksums_are_trusted_on_first_use_and_checked_after(tls_zoo, tmp_path: Path) -> None:
+    assert tls_zoo.url.startswith("https://")
     proc = _cli("models", "pull", "wet-unknown")
     assert proc.returncode == 0, proc.stderr
     assert "trust on first use" in proc.stdout
@@ -112,17 +135,87 @@ def test_unknown_checksums_are_trusted_on_first_use_and_checked_after(zoo, tmp_p
         resolve_model("wet-unknown")
 
 
-def test_pickles_and_detectors_are_refused_before_any_download(zoo) -> None:
+def test_pickles_and_undecoded_detectors_are_refused_before_any_download(zoo) -> None:
     before = zoo.count()
-    proc = _cli("models", "pull", f"{zoo.url}/wet.pt")
+    proc = _cli("models", "pull", f"{zoo.url}/wet.pt", "--sha256", WATER_SHA)
     assert proc.returncode == 1 and "ONNX models only" in proc.stderr
-    with pytest.raises(ModelError, match="object detector"):
-        pull("cars")
+    proc = _cli("models", "pull", "trees")
+    line = proc.stderr.strip()
+    assert proc.returncode == 1 and "\n" not in line
+    assert "trees is a retinanet detector; geoseg decodes the YOLO layouts" in line
     assert zoo.count() == before and _cache_files() == []
 
 
+def test_a_yolo_detector_is_pulled_and_runs_by_name(zoo, tmp_path: Path) -> None:
+    proc = _cli("models", "pull", "cars")
+    assert proc.returncode == 0, proc.stderr
+    assert resolve_model("cars").card.detector.layout == "yolov5"
+    src = squares_scene(tmp_path / "squares.tif")
+    out = tmp_path / "boxes"
+    proc = _cli("predict", str(src), "--model", "cars", "-o", str(out), "--chunk", "64", "--scheduler", "synchronous")
+    assert proc.returncode == 0, proc.stderr
+    assert "found 4 objects (car 2, tree 2)" in proc.stdout and not (out / "mask.tif").exists()
+    # a detector whose file names a layout geoseg does not decode: refused after the download, nothing kept
+    detector_onnx(zoo.root / "odd.onnx", "yolov5", {**DET_META, "det_type": "retinanet"})
+    odd_sha = hashlib.sha256((zoo.root / "odd.onnx").read_bytes()).hexdigest()
+    proc = _cli("models", "pull", f"{zoo.url}/odd.onnx", "--sha256", odd_sha)
+    line = proc.stderr.strip()
+    assert proc.returncode == 1 and "\n" not in line and "det_type 'retinanet'" in line and "refused" in line
+    assert str(cache_dir()) not in line and _cache_files() == ["cars.json", "cars.onnx"]
+
+
+def test_plain_http_needs_a_pinned_checksum(zoo) -> None:
+    """http:// with no checksum known beforehand is refused before any request; --sha256 (or the catalogue's) allows it."""
+    before = zoo.count()
+    for args in ([f"{zoo.url}/wet.onnx", "--name", "plain"], ["wet-unknown"]):
+        proc = _cli("models", "pull", *args)
+        line = proc.stderr.strip()
+        assert proc.returncode == 1 and "\n" not in line, proc.stderr
+        assert "plain http://" in line and "use an https:// URL, or give --sha256 HEX" in line and SECRET not in line
+    assert zoo.count() == before and _cache_files() == []
+    proc = _cli("models", "pull", f"{zoo.url}/wet.onnx", "--name", "plain", "--sha256", WATER_SHA)
+    assert proc.returncode == 0, proc.stderr
+    assert "pulled plain" in proc.stdout and "trust on first use" not in proc.stdout
+
+
+def test_a_redirect_off_https_is_refused_unless_pinned(tls_zoo, zoo) -> None:
+    """https -> http: refused for a trust-on-first-use download; followed when a checksum pins the file."""
+    tls_zoo.redirects["/moved.onnx"] = f"{zoo.url}/wet.onnx"
+    proc = _cli("models", "pull", f"{tls_zoo.url}/moved.onnx")
+    line = proc.stderr.strip()
+    assert proc.returncode == 1 and "\n" not in line, proc.stderr
+    assert f"redirected to {zoo.url}/wet.onnx, off https://" in line and "--sha256" in line
+    assert zoo.count("/wet.onnx") == 0 and _cache_files() == []
+    proc = _cli("models", "pull", f"{tls_zoo.url}/moved.onnx", "--sha256", WATER_SHA)
+    assert proc.returncode == 0, proc.stderr
+    assert zoo.count("/wet.onnx") == 1 and _cache_files() == ["moved.json", "moved.onnx"]
+
+
+def test_external_data_and_invalid_graphs_are_refused(zoo) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(WATER)
+    onnx.save_model(model, str(zoo.root / "ext.onnx"), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["nowhere"], ["y"])],  # an input nothing defines
+        "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    broken = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    broken.ir_version = 8
+    onnx.save(broken, str(zoo.root / "broken.onnx"))
+    for stem, needle in (("ext", "external data"), ("broken", "fails the ONNX checker")):
+        sha = hashlib.sha256((zoo.root / f"{stem}.onnx").read_bytes()).hexdigest()
+        proc = _cli("models", "pull", f"{zoo.url}/{stem}.onnx", "--sha256", sha)
+        line = proc.stderr.strip()
+        assert proc.returncode == 1 and "\n" not in line and needle in line and "refused" in line, proc.stderr
+    assert zoo.count("/ext.bin") == 0 and _cache_files() == []
+
+
 def test_a_missing_file_fails_at_once_and_503s_are_retried(zoo) -> None:
-    proc = _cli("models", "pull", f"{zoo.url}/gone.onnx")
+    proc = _cli("models", "pull", f"{zoo.url}/gone.onnx", "--sha256", WATER_SHA)
     assert proc.returncode == 1 and "HTTP 404" in proc.stderr and _cache_files() == []
     zoo.fail_next["/wet.onnx"] = 2
     assert pull("wet").downloaded and zoo.fail_next["/wet.onnx"] == 0

@@ -423,3 +423,84 @@ def _geobox(path: Path):
     from geoseg.io.raster import open_source
 
     return open_source(str(path)).geobox
+
+
+DETECT = """name: det
+imagery: [scene.tif]
+models:
+  - {model: det.onnx}
+  - seg.onnx
+outputs: {folder: out, formats: [gpkg, geojson], quicklook: true}
+scheduler: synchronous
+chunk: 64
+"""
+
+
+def test_a_detector_in_a_workflow_runs_reruns_and_takes_conf(tmp_path: Path) -> None:
+    """A detector's unit (layers, no mask) beside a segmentor's: project, collection and summary written, reruns
+    skip, and conf changes only its unit; the units without conf/iou/threshold hash as before those keys existed.
+    """
+    import zipfile
+
+    import pystac
+
+    from geoseg.workflows.run import run_workflow
+    from geoseg.workflows.units import segment_options
+    from tests.test_detector import DET_META, detector_onnx, scene, segmentor_onnx
+
+    detector_onnx(tmp_path / "det.onnx", "yolov5", {**DET_META, "det_type": "YOLO_v5_or_v7_default"})
+    segmentor_onnx(tmp_path / "seg.onnx", 1, {})
+    scene(tmp_path / "scene.tif")
+    f = tmp_path / "det.yaml"
+    f.write_text(DETECT)
+    s1 = run_workflow(f)
+    out = tmp_path / "out"
+    assert s1["units"] == {"done": 2, "skipped": 0, "failed": 0}
+    det = s1["images"][0]["models"]["det.onnx"]
+    assert {k: v["objects"] for k, v in det["classes"].items()} == {"car": 2, "tree": 2}  # the card's conf (0.3)
+    assert not (out / "det" / "mask.tif").exists() and (out / "seg" / "mask.tif").exists()
+    with zipfile.ZipFile(out / "project.qgz") as z:
+        qgs = z.read(z.namelist()[0]).decode()
+    assert qgs.count('name="Class mask"') == 1 and "./det/geoseg.gpkg|layername=car" in qgs  # the segmentor's mask only
+    collection = pystac.Collection.from_file(str(out / "collection.json"))
+    items = {it.id: it for it in collection.get_items()}
+    assert len(items) == 2 and (out / "summary.json").exists()
+    det_item = next(it for it in items.values() if it.get_self_href().endswith("/det/item.json"))
+    assert det_item.properties["label:tasks"] == ["detection"] and "mask" not in det_item.assets
+    before = _files(out)
+    s2 = run_workflow(f)
+    assert s2["units"] == {"done": 0, "skipped": 2, "failed": 0} and _files(out) == before
+    f.write_text(DETECT.replace("{model: det.onnx}", "{model: det.onnx, conf: 0.1}"))
+    s3 = run_workflow(f)
+    assert s3["units"] == {"done": 1, "skipped": 1, "failed": 0}  # the segmentor's unit: as before
+    det = s3["images"][0]["models"]["det.onnx"]
+    assert {k: v["objects"] for k, v in det["classes"].items()} == {"car": 3, "tree": 2}  # the faint square too
+    # keys given only: the option dict (what the ledger hashes) of a unit without them is as it always was
+    wf = load_workflow(f)
+    plain, cut = wf.runs()[1], wf.runs()[0]
+    assert not {"conf", "iou", "threshold"} & set(segment_options(wf, plain, (None, None))["predict"])
+    assert segment_options(wf, cut, (None, None))["predict"]["conf"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (DETECT.replace("det.onnx}", "det.onnx, threshold: 0.5}"), r"models\[0\].threshold: det.onnx is a detector; give conf"),
+        (DETECT.replace("  - seg.onnx", "  - {model: seg.onnx, iou: 0.5}"), r"models\[1\].iou: seg.onnx is a segmentation model"),
+        (DETECT.replace("det.onnx}", "det.onnx, conf: 1.5}"), r"det.yaml:4: models.0.conf: Input should be less than"),
+        (DETECT.replace("chunk: 64", "chunk: 64\nchange: [{model: det.onnx}]"), r"change: det.onnx: a detector gives boxes"),
+    ],
+)
+def test_workflow_cut_keys_are_checked_before_any_work(tmp_path: Path, text: str, message: str) -> None:
+    from geoseg.workflows.run import run_workflow
+    from tests.test_detector import DET_META, detector_onnx, scene, segmentor_onnx
+
+    detector_onnx(tmp_path / "det.onnx", "yolov5", {**DET_META, "det_type": "YOLO_v5_or_v7_default"})
+    segmentor_onnx(tmp_path / "seg.onnx", 1, {})
+    scene(tmp_path / "scene.tif")
+    scene(tmp_path / "scene2.tif")
+    f = tmp_path / "det.yaml"
+    f.write_text(text.replace("imagery: [scene.tif]", "imagery: [scene.tif, scene2.tif]") if "change" in text else text)
+    with pytest.raises(InputError, match=message):
+        run_workflow(f)
+    assert not (tmp_path / "out").exists()

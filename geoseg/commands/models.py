@@ -43,7 +43,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def pull(ctx: click.Context, model: str, sha256: str | None, name: str | None, force: bool) -> None:
     """Download MODEL (a catalogue name, see `geoseg models zoo`, or an https:// URL of an .onnx file) once into the
-    cache ($GEOSEG_CACHE/models), checked; then --model NAME runs it offline.
+    cache ($GEOSEG_CACHE/models), checked; then --model NAME runs it offline. Plain http:// only with --sha256.
     """
     from geoseg.io.remote import redact
     from geoseg.models.zoo import pull as pull_model
@@ -66,12 +66,15 @@ def pull(ctx: click.Context, model: str, sha256: str | None, name: str | None, f
 @models.command()
 def zoo() -> None:
     """List the catalogue of public models `geoseg models pull NAME` knows (GEOSEG_ZOO names another catalogue)."""
-    from geoseg.models.zoo import cached_model, load_catalogue
+    from geoseg.models.card_sources import DET_TYPES
+    from geoseg.models.zoo import TASKS, cached_model, load_catalogue
 
     for name, e in load_catalogue().items():
-        state = "pulled" if e.task == "segmentation" and _pulled(cached_model, name) else "not pulled"
-        if e.task != "segmentation":
-            state = f"{e.task}: listed only"
+        state = "pulled" if _pulled(cached_model, name) else "not pulled"
+        if e.task not in TASKS or (e.det_type is not None and e.det_type not in DET_TYPES):
+            state = f"{e.task}{f' ({e.det_type})' if e.det_type else ''}: listed only"  # pull refuses it, saying why
+        elif e.task != "segmentation":
+            state = f"{e.task}, {state}"
         size = f", {e.resolution_cm:g} cm/px" if e.resolution_cm else ""
         click.echo(f"{name} [{state}]: {e.description}")
         click.echo(f"    classes: {', '.join(e.classes) or '?'}{size}; licence: {e.licence or '?'}; source: {e.source or '?'}")

@@ -4,7 +4,7 @@ A model whose card has a ``detector`` (a Deepness/GeoDeep ``Detector``, a YOLO e
 returns boxes, not per-pixel classes. :func:`detect` plans the job as
 :func:`~geoseg.engine.graph.predict` does (:func:`~geoseg.engine.plan.plan_job`: bands,
 scaling, pixel size, probe, tile/halo/chunk) and runs one task per chunk after the same
-read task::
+read tasks (:func:`~geoseg.engine.graph.chunk_reads`: a file by path, an array by its own blocks)::
 
     read_chunk ─▶ detect_chunk: tiles through the model; per tile: decode (models.detector, raster
                   pixels, score >= conf, cut to what the tile saw) ─▶ NMS per class in the tile
@@ -28,13 +28,15 @@ from typing import Any
 import numpy as np
 import shapely
 
+from geoseg.engine.graph import chunk_reads
 from geoseg.engine.job import Job
 from geoseg.engine.plan import plan_job
 from geoseg.engine.progress import TileReport, compute_tasks, counter
 from geoseg.engine.report import job_entries, versions
-from geoseg.engine.tasks import TileInputs, model_inputs, read_chunk, tile_batches
+from geoseg.engine.tasks import TileInputs, model_inputs, tile_batches
 from geoseg.errors import InputError
 from geoseg.grid import TilePlan, Window
+from geoseg.io.remote import redact
 from geoseg.models.card_parts import Detector
 from geoseg.models.detector import Boxes, fixed_batch, nms, rank_order, settle, tile_boxes
 from geoseg.models.runtime import get_predictor, resample_batch
@@ -85,6 +87,9 @@ class Detections:
         job = self.job
         report: dict[str, Any] = {"geoseg_run": 1, "outputs": {"vectors": "vectors.json"}}
         report.update(job_entries(job, self.stats, len(self.stats)))
+        grid = job.source.geobox.crop(job.plan.region)  # what was looked at: the boxes lie in it
+        report["output_grid"] = {"width": grid.width, "height": grid.height, "transform": list(grid.transform)[:6],
+                                 "crs": grid.crs}  # fmt: skip
         report["parameters"].update(conf=self.detector.conf, iou=self.detector.iou, layout=self.detector.layout)
         report["detections"] = {
             "mask": NO_MASK,
@@ -99,7 +104,7 @@ class Detections:
             **{f"{k[:-2]}_task_s": round(sum(s[k] for s in stats), 3) for k in ("read_s", "predict_s", "wait_s", "nms_s")},
         }
         report["versions"] = {**versions(), **job.info.versions}
-        report["command"] = sys.argv
+        report["command"] = [redact(a) for a in sys.argv]  # a signed URL's token is never written
         report["warnings"] = list(job.warnings)
         report.update(extra or {})
         return report
@@ -121,8 +126,8 @@ def detect(
 
     Parameters
     ----------
-    source : str, os.PathLike or RasterSource
-        The raster, as for :func:`geoseg.predict`.
+    source : str, os.PathLike, xarray.DataArray, xarray.Dataset or RasterSource
+        The raster, as for :func:`geoseg.predict` (a lazy or in-memory cube too).
     model : str, os.PathLike or ModelSpec
         A detector: an ONNX file with Deepness/GeoDeep metadata (``model_type: Detector``,
         ``det_type``) or a card with a ``detector`` (see :mod:`geoseg.models.detector`).
@@ -158,7 +163,7 @@ def detect(
     job = plan_job(source, model, **options)
     tasks = _graph(job, detector, resources)
     job.timings["predict_call_s"] = time.perf_counter() - t0
-    plan, name = job.plan, os.path.basename(job.source.path)
+    plan, name = job.plan, os.path.basename(job.source.label)  # an array has no path: its label
     count = counter(progress, plan.n_tiles(), "tiles", f"detect {name}", plan.region.height * plan.region.width)
     tc = time.perf_counter()
     results = compute_tasks(tasks, count, channel=job.channel)
@@ -191,13 +196,7 @@ def _graph(job: Job, detector: Detector, resources: dict[str, float] | None) -> 
 
     src, spec, runtime, plan, aoi = job.source, job.spec, job.runtime, job.plan, job.aoi
     token = dask.base.tokenize(src, spec, runtime, plan, aoi, detector, len(job.card.classes))
-    job.channel = f"geoseg-tiles-{token}"
-    d_spec = dask.delayed(spec, name=f"geoseg-model-{dask.base.tokenize(spec)}")
-    d_aoi = dask.delayed(aoi, name=f"geoseg-aoi-{token}") if aoi is not None else None
-    reads = {
-        (i, j): dask.delayed(read_chunk)(src, plan, i, j, d_aoi, dask_key_name=f"geoseg-read-{token}-{i}-{j}")
-        for i, j in plan.iter_chunks()
-    }
+    d_spec, reads = chunk_reads(job, token)
     with dask.annotate(resources=resources) if resources else contextlib.nullcontext():
         return [
             dask.delayed(detect_chunk)(

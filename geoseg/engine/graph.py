@@ -24,7 +24,7 @@ from geoseg.errors import InputError
 from geoseg.io.xarray_source import ArraySource
 from geoseg.models.card import ModelCard
 
-__all__ = ["predict"]
+__all__ = ["chunk_reads", "predict"]
 
 
 def predict(
@@ -171,22 +171,51 @@ def predict(
     return xr.Dataset({"mask": mask, "probabilities": _probabilities(job, final)})
 
 
+def chunk_reads(job: Job, token: str) -> tuple[Any, dict[tuple[int, int], Any]]:
+    """What every engine graph starts from (predict's and :func:`geoseg.engine.detect.detect`'s): the model as one
+    graph key and the read task of every chunk.
+
+    The model spec and the AOI are one graph key each: shipped once per worker, not per task. A file is
+    read by path inside its task; an array's read task depends on the array's own Dask blocks its window
+    overlaps, each cut to it (:meth:`ArraySource.pixels`). Sets ``job.channel``, the tiles' progress
+    channel (in no key: the graph stays the same).
+
+    Parameters
+    ----------
+    job : Job
+        The planned job (source, model, plan, AOI).
+    token : str
+        The graph's deterministic token (every key is named by it).
+
+    Returns
+    -------
+    spec : dask.delayed.Delayed
+        The model spec.
+    reads : dict
+        ``(i, j)`` -> the chunk's :func:`~geoseg.engine.tasks.read_chunk` task, row-major.
+    """
+    import dask
+
+    src, plan = job.source, job.plan
+    job.channel = f"geoseg-tiles-{token}"
+    d_spec = dask.delayed(job.spec, name=f"geoseg-model-{dask.base.tokenize(job.spec)}")
+    d_aoi = dask.delayed(job.aoi, name=f"geoseg-aoi-{token}") if job.aoi is not None else None
+    reads = {}
+    for i, j in plan.iter_chunks():
+        pixels = (src.pixels(plan.input_window(i, j)),) if isinstance(src, ArraySource) else ()
+        key = f"geoseg-read-{token}-{i}-{j}"
+        reads[i, j] = dask.delayed(tasks.read_chunk)(src, plan, i, j, d_aoi, *pixels, dask_key_name=key)
+    return d_spec, reads
+
+
 def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) -> dict[tuple[int, int], Any]:
     """The final task of every chunk (row-major ``(i, j)``), a dict with ``mask``, ``probs`` and ``stats``."""
     import dask
 
     src, spec, runtime, plan, blend, aoi = job.source, job.spec, job.runtime, job.plan, job.blend, job.aoi
     token = dask.base.tokenize(src, spec, runtime, plan, blend, aoi, probabilities, len(job.card.classes))
-    job.channel = f"geoseg-tiles-{token}"  # not part of any key: the graph stays the same
-    # The model spec and the AOI are one graph key each: shipped once per worker, not per task.
-    d_spec = dask.delayed(spec, name=f"geoseg-model-{dask.base.tokenize(spec)}")
-    d_aoi = dask.delayed(aoi, name=f"geoseg-aoi-{token}") if aoi is not None else None
-    read = {}
+    d_spec, read = chunk_reads(job, token)
     pred = {}
-    for i, j in plan.iter_chunks():
-        # an array's read task depends on the array's own Dask blocks its window overlaps, each cut to it
-        pixels = (src.pixels(plan.input_window(i, j)),) if isinstance(src, ArraySource) else ()
-        read[i, j] = dask.delayed(tasks.read_chunk)(src, plan, i, j, d_aoi, *pixels, dask_key_name=f"geoseg-read-{token}-{i}-{j}")
     with dask.annotate(resources=resources) if resources else contextlib.nullcontext():
         for i, j in plan.iter_chunks():
             pred[i, j] = dask.delayed(tasks.predict_chunk)(

@@ -6,6 +6,10 @@ Standard library only (:mod:`urllib`): proxies come from the environment (``HTTP
 and 5xx, timeouts, dropped connections) are retried with exponential back-off. Nothing is
 renamed into place here: the caller checks the hash and renames, or removes the temporary
 file (:func:`fetch` removes it itself on any failure).
+
+Transport: ``https://`` only, redirects included, unless the caller will check the bytes against
+a checksum known beforehand (``pinned``): then the transport cannot change what is accepted, and
+plain ``http://`` (a local mirror, a test server) is allowed.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 from geoseg.errors import ModelError
 from geoseg.io.remote import redact
 
-__all__ = ["Fetched", "fetch", "sha256_file"]
+__all__ = ["Fetched", "fetch", "insecure_text", "sha256_file"]
 
 #: Largest model file geoseg downloads; ``GEOSEG_MAX_MODEL_BYTES`` changes it.
 MAX_BYTES = 4 * 1024**3
@@ -65,13 +70,21 @@ def _setting(name: str, default: float) -> float:
         return default
 
 
-def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: int = 4) -> Fetched:
+def insecure_text(url: str) -> str:
+    """The one-line refusal of a download over plain ``http://`` with no checksum known beforehand."""
+    return (
+        f"{redact(url)}: plain http:// with no checksum to check the file against; use an https:// URL, or give "
+        "--sha256 HEX (a pinned checksum makes the transport irrelevant)"
+    )
+
+
+def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: int = 4, pinned: bool = False) -> Fetched:
     """Download ``url`` into ``folder`` under a hidden temporary name, hashing it as it streams.
 
     Parameters
     ----------
     url : str
-        An ``http(s)://`` URL (redirects followed, to http(s) only).
+        An ``https://`` URL (redirects followed, to https only); ``http://`` too when ``pinned``.
     folder : str
         Where the temporary file goes (the destination's folder, so a rename is atomic).
     stem : str
@@ -80,6 +93,9 @@ def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: 
         Seconds a connection or a read may stall.
     attempts : int
         Tries for a transient failure; the back-off doubles from ``GEOSEG_REMOTE_RETRY_DELAY`` (1 s).
+    pinned : bool
+        The caller checks the file against a SHA-256 it knew before the download: plain ``http://``
+        (and redirects to it) are allowed.
 
     Returns
     -------
@@ -88,17 +104,20 @@ def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: 
     Raises
     ------
     ModelError
-        A permanent HTTP error, a transient one past every attempt, or a file over
-        ``GEOSEG_MAX_MODEL_BYTES``; the partial file is removed.
+        A permanent HTTP error, a transient one past every attempt, a file over
+        ``GEOSEG_MAX_MODEL_BYTES``, or plain ``http://`` (or a redirect off https) when not
+        ``pinned``; the partial file is removed.
     """
     if not url.lower().startswith(("http://", "https://")):
         raise ModelError(f"{redact(url)}: models are downloaded over http(s) only; give an https:// URL")
+    if not pinned and not url.lower().startswith("https://"):
+        raise ModelError(insecure_text(url))
     delay = _setting("GEOSEG_REMOTE_RETRY_DELAY", 1.0)
     tmp = os.path.join(folder, f".{stem}.part-{secrets.token_hex(4)}")
     last = ""
     for attempt in range(attempts):
         try:
-            return _stream(url, tmp, timeout)
+            return _stream(url, tmp, timeout, pinned)
         except urllib.error.HTTPError as exc:
             _discard(tmp)
             last = f"HTTP {exc.code}"
@@ -125,12 +144,30 @@ def _discard(tmp: str) -> None:
         pass
 
 
-def _stream(url: str, tmp: str, timeout: float) -> Fetched:
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Redirects followed to ``https://`` only (to ``http://`` too when the download is pinned by a checksum)."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        if not (newurl.lower().startswith("https://") or (self.pinned and newurl.lower().startswith("http://"))):
+            raise ModelError(
+                f"{redact(req.full_url)}: redirected to {redact(newurl)}, off https://; a download with no checksum "
+                "known beforehand stays on https (give --sha256 HEX to pin the file)"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _stream(url: str, tmp: str, timeout: float, pinned: bool) -> Fetched:
     """One GET of ``url`` into ``tmp``: the body hashed as it is written, its length checked against the limit."""
     limit = _setting("GEOSEG_MAX_MODEL_BYTES", MAX_BYTES)
     request = urllib.request.Request(url, headers={"User-Agent": "geoseg"})
+    opener = urllib.request.build_opener(_Redirects(pinned))
     h, size = hashlib.sha256(), 0
-    with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "xb") as out:
+    with opener.open(request, timeout=timeout) as resp, open(tmp, "xb") as out:
         declared = resp.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ModelError(f"{redact(url)}: {int(declared) / 1e6:.0f} MB is more than GEOSEG_MAX_MODEL_BYTES allows")

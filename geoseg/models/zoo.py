@@ -4,8 +4,11 @@ r"""Models by name: a catalogue of public ONNX models, pulled once into a cache,
 into the cache folder, checks its SHA-256 (the catalogue's, the one given, or, when neither is
 known, the first download's, recorded and said: trust on first use), checks it is an ONNX
 model (never a pickle: ``.pt``/``.pth``/``.ckpt`` are refused; those load only as a path,
-through the safe state-dict route of :mod:`geoseg.models.loading`), and renames it into place
-with a record ``NAME.json`` beside it. Afterwards ``--model NAME`` (predict, run, workflows)
+through the safe state-dict route of :mod:`geoseg.models.loading`; no external data files; the
+ONNX checker passes; its card readable, a detector's in a layout geoseg decodes), and renames
+it into place with a record ``NAME.json`` beside it. A model without a checksum known before
+the download (trust on first use) comes over ``https://`` only, redirects included; a pinned
+checksum (``--sha256`` or the catalogue's) makes the transport irrelevant. Afterwards ``--model NAME`` (predict, run, workflows)
 resolves to the cached file with no network: :func:`cached_model`, which
 :func:`geoseg.models.spec.resolve_model` asks; the file is checked against its record there.
 
@@ -27,9 +30,10 @@ from geoseg.errors import ModelError
 from geoseg.io.outdir import fsync_replace, write_json_atomic
 from geoseg.io.remote import is_url, redact
 from geoseg.models.bundled import BUNDLED
-from geoseg.models.download import fetch, sha256_file
+from geoseg.models.card_sources import DET_TYPES, find_card
+from geoseg.models.download import fetch, insecure_text, sha256_file
 
-__all__ = ["ZooEntry", "cache_dir", "cached_model", "load_catalogue", "pull"]
+__all__ = ["TASKS", "ZooEntry", "cache_dir", "cached_model", "load_catalogue", "pull"]
 
 CACHE_ENV = "GEOSEG_CACHE"
 ZOO_ENV = "GEOSEG_ZOO"
@@ -37,7 +41,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 #: Formats that are pickles (loading one can run code): never downloaded by name.
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".pt2", ".tar", ".joblib", ".h5", ".keras")
-_KEYS = {"url", "sha256", "format", "task", "description", "classes", "bands", "resolution_cm", "tile", "licence", "source"}
+_KEYS = {"url", "sha256", "format", "task", "det_type", "description", "classes", "bands", "resolution_cm", "tile",
+         "licence", "source"}  # fmt: skip
+TASKS = ("segmentation", "detection")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class ZooEntry:
     url: str
     sha256: str | None = None
     task: str = "segmentation"
+    det_type: str | None = None  # a detector's Deepness/GeoDeep output layout, when the source says it
     description: str = ""
     classes: tuple[str, ...] = ()
     bands: tuple[str, ...] = ()
@@ -128,6 +135,7 @@ def _entry(path: str, name: str, raw: object) -> ZooEntry:
         url=raw["url"],
         sha256=sha.lower() if sha else None,
         task=str(raw.get("task", "segmentation")),
+        det_type=str(raw["det_type"]) if raw.get("det_type") is not None else None,
         description=str(raw.get("description", "")),
         classes=as_tuple(raw.get("classes")),
         bands=as_tuple(raw.get("bands")),
@@ -258,15 +266,23 @@ def pull(what: str, sha256: str | None = None, *, name: str | None = None, force
     Raises
     ------
     ModelError
-        Unknown name, a pickle format, a detection model, a download that fails, a checksum
-        mismatch (nothing is left in the cache), or a file that is not an ONNX model.
+        Unknown name, a pickle format, a detector whose output layout geoseg does not decode, plain
+        ``http://`` without a checksum known beforehand, a download that fails, a checksum mismatch
+        (nothing is left in the cache), or a file that is not an ONNX model geoseg can read.
     """
     if name is not None and not _NAME.match(name):
         raise ModelError(f"--name {name!r}: a model name is letters, digits, '.', '_' and '-' (up to 64)")
     entry = _target(what, name, load_catalogue())
-    if entry.task != "segmentation":
-        raise ModelError(f"{entry.name} is an object detector ({entry.task}); geoseg runs segmentation models (see its source)")
+    if entry.task not in TASKS:
+        raise ModelError(f"{entry.name} is a {entry.task} model; geoseg runs {' and '.join(TASKS)} models (see its source)")
+    if entry.det_type is not None and entry.det_type not in DET_TYPES:
+        raise ModelError(
+            f"{entry.name} is a {entry.det_type} detector; geoseg decodes the YOLO layouts ({', '.join(DET_TYPES)}), "
+            "not this one (see its source)"
+        )
     expected = _expected_sha(entry, sha256)
+    if expected is None and not entry.url.lower().startswith("https://"):
+        raise ModelError(insecure_text(entry.url))
     folder = cache_dir()
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"{entry.name}.onnx")
@@ -303,7 +319,7 @@ def _already(entry: ZooEntry, final: str, record: dict, expected: str | None) ->
 
 def _download(entry: ZooEntry, final: str, expected: str | None) -> Pulled:
     """Fetch, check (checksum, ONNX), rename into place, then write the record; nothing left behind on failure."""
-    got = fetch(entry.url, os.path.dirname(final), entry.name)
+    got = fetch(entry.url, os.path.dirname(final), entry.name, pinned=expected is not None)
     try:
         if expected is not None and got.sha256 != expected:
             raise ModelError(
@@ -331,14 +347,53 @@ def _download(entry: ZooEntry, final: str, expected: str | None) -> Pulled:
 
 
 def _check_onnx(entry: ZooEntry, path: str) -> None:
-    """The download is an ONNX model (a protobuf graph: parsing it runs nothing), not a pickle or a web page."""
+    """The download is an ONNX model (a protobuf graph: parsing it runs nothing), not a pickle or a web page; all of it
+    in the one file (external data would be read from paths the file names); valid for the ONNX checker; with a card
+    geoseg reads (a detector's in a layout it decodes).
+    """
     with open(path, "rb") as f:
         head = f.read(4)
+    where = f"{entry.name}: {redact(entry.url)}"
     if head[:2] == b"PK" or head[:1] == b"\x80" or head.lstrip()[:1] == b"<":
-        raise ModelError(f"{entry.name}: {redact(entry.url)} is not an ONNX model (a zip, a pickle or a web page); refused")
+        raise ModelError(f"{where} is not an ONNX model (a zip, a pickle or a web page); refused")
     import onnx
 
     try:
-        onnx.load(path, load_external_data=False)
+        model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # any parser failure: not an ONNX model
-        raise ModelError(f"{entry.name}: {redact(entry.url)} is not a valid ONNX model ({exc}); refused") from None
+        raise ModelError(f"{where} is not a valid ONNX model ({_first_line(exc)}); refused") from None
+    if any(onnx.external_data_helper.uses_external_data(t) for t in _tensors(model.graph)):
+        raise ModelError(f"{where} keeps its weights in external data files; geoseg pulls single-file ONNX models; refused")
+    try:
+        onnx.checker.check_model(path)
+    except Exception as exc:  # onnx.checker.ValidationError and the C++ checker's other failures
+        raise ModelError(f"{where} fails the ONNX checker ({_first_line(exc)}); refused") from None
+    _check_card(entry, path, where)
+
+
+def _check_card(entry: ZooEntry, path: str, where: str) -> None:
+    """The model's card reads (its metadata); a catalogued detector is one, in a layout geoseg decodes."""
+    try:
+        card = find_card(path, "onnx")
+    except ModelError as exc:
+        raise ModelError(f"{where}: {str(exc).replace(path + ': ', '')}; refused") from None
+    if entry.task == "detection" and (card is None or card.detector is None):
+        raise ModelError(
+            f"{where}: the catalogue says detection but the file's metadata names no detector (model_type: Detector, "
+            "det_type); refused"
+        )
+
+
+def _tensors(graph) -> list:
+    """Every tensor a graph holds: initializers (sparse ones too) and node attributes, subgraphs included."""
+    out = [*graph.initializer, *(s.values for s in graph.sparse_initializer)]
+    for node in graph.node:
+        for attr in node.attribute:
+            out += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                out += _tensors(sub)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -34,14 +34,15 @@ from geoseg.vector.options import DEFAULT_FORMATS, check_formats, geojson_precis
 from geoseg.vector.params import VectorParams, pixel_size_m
 from geoseg.vector.polygonize import Pieces
 from geoseg.vector.report import VectorReport, vector_record
+from geoseg.vector.stac import ITEM_NAME
 from geoseg.vector.writers import Layer
 
 __all__ = ["RUN_NAME", "write_detections"]
 
 RUN_NAME = "run.json"
 STAGING_PREFIX = ".geoseg-dstaging-"
-#: what a segmentation run leaves in a folder that a detector's run replaces (it writes no mask)
-STALE = ("mask.tif", "mask.qml", "mask.tif.aux.xml", "mask.png", "probabilities.tif")
+#: what an earlier run leaves in a folder that a detector's run replaces (it writes no mask; its item.json comes after)
+STALE = ("mask.tif", "mask.qml", "mask.tif.aux.xml", "mask.png", "probabilities.tif", ITEM_NAME)
 
 
 def write_detections(
@@ -90,7 +91,8 @@ def write_detections(
     out_dir = os.path.abspath(os.fspath(out_dir))
     formats = tuple(f for f in check_formats(formats, 4) if f != "coco")  # COCO instances come from masks
     job = found.job
-    src = MaskSource(path=job.source.path, geobox=job.source.geobox, classes=())
+    image = getattr(job.source, "path", None)  # an xarray input has none: no imagery to draw, its label names it
+    src = MaskSource(path=image or job.source.label, geobox=job.source.geobox, classes=())
     out_crs = _out_crs(src, crs)
     params = _params(found, src, crs, formats)
     precision = geojson_precision(src, formats, precision, params.pixel_size_m)
@@ -109,7 +111,7 @@ def write_detections(
             parts = _parts(found, src, params, staging)
             counts, areas = layer_totals(parts, layers, geo=src.geobox.crs is not None)
             written, write_s = write_outputs(
-                staging, out_dir, parts, layers, formats, src, out_crs, precision, params, project, image=src.path
+                staging, out_dir, parts, layers, formats, src, out_crs, precision, params, project, image, image is not None
             )
             parameters = {"crs": out_crs, "formats": list(formats), "precision": precision}
             vrecord = vector_record(src, params, out_crs, parameters, layers, counts, written, None, write_s, t0)

@@ -20,7 +20,7 @@ from geoseg.engine.progress import compute_tasks
 from geoseg.errors import OutputError, OutputExistsError
 from geoseg.io.mask import MaskClass, MaskSource
 from geoseg.io.outdir import check_is_folder, existing_outputs, fsync_replace
-from geoseg.io.styles import legend_label, true_colour
+from geoseg.io.styles import TrueColour, legend_label, true_colour
 from geoseg.vector import qgis
 from geoseg.vector.coco import annotate_part, write_coco_stream
 from geoseg.vector.geometry import reproject
@@ -208,6 +208,7 @@ def write_outputs(
     params: VectorParams,
     project: bool,
     image: str | None = None,
+    imagery: bool = True,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Write every format (and the QGIS project) into staging, then publish them into ``out_dir``.
 
@@ -235,6 +236,8 @@ def write_outputs(
         Also write ``project.qgz`` (with ``gpkg``).
     image : str, optional
         The imagery under the layers in the project (default: the input named by the run.json beside the mask).
+    imagery : bool
+        Draw the input imagery under the layers (False: there is no file to draw, e.g. boxes found in an array).
 
     Returns
     -------
@@ -290,7 +293,8 @@ def write_outputs(
             written[fmt] = rels
         timings[fmt] = time.perf_counter() - t
     if project and "gpkg" in formats:
-        _write_project(os.path.join(staging, "out"), out_dir, src, parts, layers, out_crs, staged, written, image)
+        image_layer = _imagery(src, out_dir, image) if imagery else None
+        _write_project(os.path.join(staging, "out"), out_dir, src, parts, layers, out_crs, staged, written, image_layer)
     publish(out_dir, staged)
     return written, timings
 
@@ -324,12 +328,15 @@ def _write_project(
     out_crs: str | None,
     staged: dict,
     written: dict,
-    image: str | None = None,
+    imagery: TrueColour | None = None,
 ) -> None:
-    """``project.qgz``: the input imagery, the mask (by paths relative to ``out_dir``) and every GeoPackage layer, styled."""
+    """``project.qgz``: the input ``imagery``, the mask (by paths relative to ``out_dir``; none when
+    ``src`` has no classes, as a detector's boxes) and every GeoPackage layer, styled.
+    """
     gb = src.geobox
-    mask_rel = os.path.relpath(src.path, out_dir)
-    raster = (mask_rel, "mask", {c.id: (tuple(c.color), c.name) for c in mask_classes(src)}) if src.classes else None
+    raster = None
+    if src.classes:
+        raster = (os.path.relpath(src.path, out_dir), "mask", {c.id: (tuple(c.color), c.name) for c in mask_classes(src)})
     path = os.path.join(out, PROJECT_NAME)
     write_project(
         path,
@@ -340,7 +347,7 @@ def _write_project(
         vectors=[(GPKG_NAME, ly.name, legend_label(ly.name)) for ly in layers],
         qml={ly.name: qgis.layer_qml(ly.color, label=ly.name) for ly in layers},
         raster_crs=gb.crs,
-        imagery=_imagery(src, out_dir, image),
+        imagery=imagery,
     )
     staged[PROJECT_NAME] = path
     written["project"] = PROJECT_NAME

@@ -366,12 +366,33 @@ def _gpkg_layers(path: str) -> list[tuple[str, str | None, str | None]]:
     return out
 
 
-def _run_group(name: str, mask: str, vectors: Sequence[str], imagery: str | None, folder: str, first: bool):
-    """One workflow unit as a project group, and its mask's bounds in the mask's CRS."""
+def _gpkg_bounds(path: str) -> tuple[float, float, float, float] | None:
+    """The union of a GeoPackage's layer extents (``gpkg_contents``; empty layers have none), or None."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT c.min_x, c.min_y, c.max_x, c.max_y FROM gpkg_contents c JOIN gpkg_geometry_columns g "
+            "ON c.table_name = g.table_name WHERE c.min_x IS NOT NULL AND c.max_y IS NOT NULL"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise InputError(f"{path}: cannot read its layers ({exc}); give a GeoPackage geoseg vectorize wrote") from exc
+    finally:
+        con.close()
+    if not rows:
+        return None
+    return min(r[0] for r in rows), min(r[1] for r in rows), max(r[2] for r in rows), max(r[3] for r in rows)
+
+
+def _run_group(name: str, mask: str | None, vectors: Sequence[str], imagery: str | None, folder: str, first: bool):
+    """One workflow unit as a project group, its CRS and its bounds in that CRS: the mask's grid, or for a unit
+    without a mask (a detector's boxes) the extent of its layers (None when they are empty).
+    """
     import dataclasses
 
-    src = open_mask(mask)
-    layers, qml, crs = [], {}, src.geobox.crs
+    src = open_mask(mask) if mask is not None else None
+    layers, qml = [], {}
+    crs = bounds_crs = src.geobox.crs if src is not None else None
+    bounds = src.geobox.bounds if src is not None else None
     for gpkg in vectors:
         rel = project_source(gpkg, folder)
         for layer, layer_crs, style in _gpkg_layers(gpkg):
@@ -379,11 +400,21 @@ def _run_group(name: str, mask: str, vectors: Sequence[str], imagery: str | None
             crs = layer_crs or crs
             if style is not None:
                 qml[layer] = style
+        if src is None:  # the layers' extent, in their CRS
+            bounds, bounds_crs = _union(bounds, _gpkg_bounds(gpkg)), crs
     image = true_colour(imagery) if imagery else None
     if image is not None:
         image = dataclasses.replace(image, path=project_source(imagery, folder))
-    group = ProjectGroup(name, project_source(mask, folder), mask_classes(src), layers, qml, image, crs, src.geobox.crs, first)
-    return group, src.geobox
+    mask_rel, classes = (project_source(mask, folder), mask_classes(src)) if src is not None else (None, [])
+    group = ProjectGroup(name, mask_rel, classes, layers, qml, image, crs, bounds_crs if src is not None else None, first)
+    return group, bounds_crs, bounds
+
+
+def _union(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """The union of two ``(xmin, ymin, xmax, ymax)`` boxes, either of which may be None."""
+    if a is None or b is None:
+        return a if b is None else b
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
 def write_run_project(
@@ -396,7 +427,8 @@ def write_run_project(
     path : str
         The ``.qgz`` to write (replaced atomically); paths inside its folder are stored relative to it.
     units : sequence of tuple
-        (group name, mask path, GeoPackage paths, input imagery path or None) per unit, in
+        (group name, mask path or None (a detector's unit: layers only), GeoPackage paths, input imagery path or
+        None) per unit, in
         legend order; the first group is switched on, the others off (each holds its own
         imagery, so switched on together they would hide one another).
     title : str
@@ -420,14 +452,12 @@ def write_run_project(
     folder = os.path.dirname(os.path.abspath(path))
     groups, extent, crs = [], None, None
     for k, (name, mask, vectors, imagery) in enumerate(units):
-        group, gb = _run_group(name, mask, vectors, imagery, folder, k == 0)
+        group, unit_crs, bounds = _run_group(name, mask, vectors, imagery, folder, k == 0)
         groups.append(group)
-        crs = crs if k else gb.crs
-        bounds = gb.bounds
-        if gb.crs and crs and gb.crs != crs:
+        crs = crs if k else unit_crs
+        if bounds is not None and unit_crs and crs and unit_crs != crs:
             bounds = shapely.bounds(
-                reproject(np.array([shapely.box(*bounds)]), gb.crs, crs, densify=(bounds[2] - bounds[0]) / 16)[0]
+                reproject(np.array([shapely.box(*bounds)]), unit_crs, crs, densify=(bounds[2] - bounds[0]) / 16)[0]
             )
-        extent = bounds if extent is None else (min(extent[0], bounds[0]), min(extent[1], bounds[1]),
-                                                max(extent[2], bounds[2]), max(extent[3], bounds[3]))  # fmt: skip
+        extent = _union(extent, bounds)
     return _write_qgz(path, title, crs, tuple(float(v) for v in extent) if extent is not None else None, groups)

@@ -8,6 +8,10 @@ extension's ``label:*``), ``run.json``/``vectors.json`` (``metadata``), styles, 
 QGIS project (``visual``). The model is described with the Machine Learning Model extension
 (``mlm:*``) from its card. Asset hrefs and links are relative: the folder can move.
 
+A detector's folder (its run.json has ``detections``) has no mask: the footprint is the grid it
+looked at, the layers of boxes are the data assets, ``label:tasks`` is ``detection`` and
+``mlm:tasks`` ``object-detection``.
+
 A mask without a CRS (a plain image, a video frame) has no place on Earth: no item is written.
 """
 
@@ -130,12 +134,23 @@ def _asset(href: str, kind: str, title: str | None = None) -> dict[str, Any]:
     return {**out, "title": title} if title else out
 
 
+def _is_detection(run: Mapping[str, Any]) -> bool:
+    """Whether ``run`` is a detector's record (boxes as polygon layers, no mask)."""
+    return "detections" in run
+
+
 def _run_assets(run: Mapping[str, Any], classes: Sequence[ClassInfo]) -> dict[str, dict[str, Any]]:
-    """The mask (with proj, raster and classification fields), its sidecars, probabilities and run.json."""
+    """The mask (with proj, raster and classification fields), its sidecars, probabilities and run.json;
+    a detector's record names only its layers' ``vectors.json`` (an asset of :func:`_vector_assets`).
+    """
     assets: dict[str, dict[str, Any]] = {}
     grid = run["output_grid"]
     for key, name in run["outputs"].items():
-        assets[key] = _asset(name, key)
+        if key != "vectors":
+            assets[key] = _asset(name, key)
+    assets["run"] = {"href": "./run.json", "type": "application/json", "roles": ["metadata"], "title": "geoseg run record"}
+    if "mask" not in assets:
+        return assets
     mask = assets["mask"]
     mask.update(_proj(grid))
     mask["raster:bands"] = [{"nodata": NODATA, "data_type": "uint8"}]
@@ -144,7 +159,6 @@ def _run_assets(run: Mapping[str, Any], classes: Sequence[ClassInfo]) -> dict[st
         dtype = (run.get("parameters") or {}).get("probabilities_dtype") or "uint8"
         assets["probabilities"].update(_proj(grid))
         assets["probabilities"]["raster:bands"] = [{"data_type": dtype} for c in classes]
-    assets["run"] = {"href": "./run.json", "type": "application/json", "roles": ["metadata"], "title": "geoseg run record"}
     return assets
 
 
@@ -158,17 +172,20 @@ def _vector_assets(vectors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return assets
 
 
-def _label(vectors: Mapping[str, Any]) -> dict[str, Any]:
-    """The label extension's item fields: polygons of the mask's classes, the class in each feature's field."""
+def _label(vectors: Mapping[str, Any], detection: bool = False) -> dict[str, Any]:
+    """The label extension's item fields: polygons of the mask's classes (or a detector's boxes), the class in each
+    feature's field.
+    """
     layers = vectors["layers"]
     field = next((ly["field"] for ly in layers if ly.get("field")), "class")
     names = [str(v) for ly in layers for v in ly.get("values", [])] if field != "class" else [ly["name"] for ly in layers]
+    what = "boxes of the objects a detector found" if detection else "polygons of the mask's classes"
     return {
-        "label:description": "polygons of the mask's classes, one layer per class",
+        "label:description": f"{what}, one layer per class",
         "label:type": "vector",
         "label:properties": [field],
         "label:classes": [{"name": field, "classes": names}],
-        "label:tasks": ["segmentation"],
+        "label:tasks": ["detection" if detection else "segmentation"],
         "label:methods": ["automated"],
     }
 
@@ -176,14 +193,17 @@ def _label(vectors: Mapping[str, Any]) -> dict[str, Any]:
 def _mlm(model: ModelSpec, classes: Sequence[ClassInfo], bands: Sequence[str]) -> tuple[dict[str, Any], dict | None]:
     """The ML Model extension's item fields from the model card, and the model file as an ``mlm:model`` asset."""
     card = model.card
-    arch = json.loads(card.architecture_json or "{}").get("name") or f"{model.kind} ({card.task} segmentation)"
+    det = card.detector
+    kind = f"{det.layout} detector" if det is not None else f"{card.task} segmentation"
+    arch = json.loads(card.architecture_json or "{}").get("name") or f"{model.kind} ({kind})"
     framework, artifact = FRAMEWORKS.get(model.kind, ("PyTorch", None))
     size = card.tile or -1
     names = list(card.bands or bands)
+    task = "object-detection" if det is not None else "semantic-segmentation"
     fields = {
         "mlm:name": re.sub(r"[^A-Za-z0-9_.-]+", "_", card.name),  # the extension's name pattern
         "mlm:architecture": arch,
-        "mlm:tasks": ["semantic-segmentation"],
+        "mlm:tasks": [task],
         "mlm:framework": framework,
         "mlm:input": [{
             "name": "image", "bands": names,
@@ -191,8 +211,9 @@ def _mlm(model: ModelSpec, classes: Sequence[ClassInfo], bands: Sequence[str]) -
                       "data_type": "float32"},
         }],
         "mlm:output": [{
-            "name": "classes", "tasks": ["semantic-segmentation"],
-            "result": {"shape": [-1, len(classes), size, size], "dim_order": ["batch", "channel", "height", "width"],
+            "name": "boxes" if det is not None else "classes", "tasks": [task],
+            "result": _detector_result(det.layout) if det is not None else
+                      {"shape": [-1, len(classes), size, size], "dim_order": ["batch", "channel", "height", "width"],
                        "data_type": "float32"},
             "classification:classes": _classes(classes)[:-1],
         }],
@@ -204,6 +225,17 @@ def _mlm(model: ModelSpec, classes: Sequence[ClassInfo], bands: Sequence[str]) -
     if artifact:
         asset["mlm:artifact_type"] = artifact
     return fields, asset
+
+
+def _detector_result(layout: str) -> dict[str, Any]:
+    """``mlm:output``'s result of a detector: candidate boxes as rows (YOLOv5/v6) or columns (Ultralytics)."""
+    rows = layout in ("yolov5", "yolov6")
+    return {
+        "shape": [-1, -1, -1],
+        "dim_order": ["batch", "boxes", "box"] if rows else ["batch", "box", "boxes"],
+        "data_type": "float32",
+        "description": f"candidate boxes in geoseg's {layout!r} layout (geoseg.models.detector), before suppression",
+    }
 
 
 def item_record(
@@ -235,10 +267,11 @@ def item_record(
     geometry, bbox = _footprint(grid)
     props: dict[str, Any] = {**_times(when), "created": _now(), "proj:code": _proj(grid)["proj:code"]}
     assets = _run_assets(run, classes)
-    used = ["proj", "raster", "classification"]
+    detection = _is_detection(run)
+    used = ["proj", "classification"] if detection else ["proj", "raster", "classification"]
     if vectors is not None:
         assets.update(_vector_assets(vectors))
-        props.update(_label(vectors))
+        props.update(_label(vectors, detection))
         used.append("label")
     if model is not None:
         fields, model_asset = _mlm(model, classes, (run.get("input") or {}).get("band_descriptions") or [])

@@ -173,13 +173,29 @@ def _resolve_models(wf: Workflow) -> tuple[list[tuple[Any, Any, Any]], list[tupl
     runs, changes = [], []
     for i, run in enumerate(wf.runs()):
         spec = resolved("models", run.model)
+        _check_cuts(wf, i, run, spec)
         try:
             runs.append((run, spec, parse_band_option(run.bands)))
         except GeosegError as exc:
             raise InputError(f"{wf.path}: models[{i}].bands: {yaml_words(str(exc))}") from None
     for ch, _key in inherit_bands(wf):
-        changes.append((ch, resolved("change", ch.model)))
+        spec = resolved("change", ch.model)
+        if spec.card.detector is not None:
+            raise InputError(
+                f"{wf.path}: change: {ch.model}: a detector gives boxes, not a mask to compare; give a segmentation model"
+            )
+        changes.append((ch, spec))
     return runs, changes
+
+
+def _check_cuts(wf: Workflow, i: int, run: Any, spec: Any) -> None:
+    """``conf``/``iou`` are a detector's keys, ``threshold`` a segmentor's: the other kind's is refused here."""
+    detector = spec.card.detector is not None
+    wrong = [k for k in (("threshold",) if detector else ("conf", "iou")) if getattr(run, k) is not None]
+    if wrong:
+        fix = "give conf instead (the lowest score kept)" if detector else "conf and iou are a detector's; drop them"
+        kind = "a detector" if detector else "a segmentation model"
+        raise InputError(f"{wf.path}: models[{i}].{wrong[0]}: {run.model} is {kind}; {fix}")
 
 
 def _find_scenes(wf: Workflow, folder: str, say: Callable[[str], None]) -> list[Any]:
@@ -297,8 +313,8 @@ def _scene(
         )  # fmt: skip
         if res is not None:
             entry["models"][run.model] = res
-            masks[(scene.name, spec.sha256)] = os.path.join(mdir, "mask.tif")
-            if spec.card.detector is None:  # a detector writes layers, no mask to overlay
+            if spec.card.detector is None:  # a detector writes layers, no mask: nothing to overlay or compare
+                masks[(scene.name, spec.sha256)] = os.path.join(mdir, "mask.tif")
                 overlays.append(Overlay(os.path.join(mdir, "mask.tif"), mdir_name))
     png = check_inside(plan.folder, os.path.join(img_dir, "quicklook.png"), "the quicklook", FIX)
     if wf.outputs.quicklook and overlays:

@@ -97,6 +97,11 @@ class ModelRun(_Strict):
     min_area_m2: float | None = Field(None, ge=0, allow_inf_nan=False)  # default: the model's object rules
     simplify_m: float = Field(0.0, ge=0, allow_inf_nan=False)
     regularize: bool = False
+    # a detector's lowest score kept and its suppression IoU; a binary segmentor's class-1 probability cut
+    # (default: the model's card); only the keys given enter the unit's hash, so older ledgers stay valid
+    conf: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    iou: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    threshold: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
 
 
 class Imagery(_Strict):

@@ -65,9 +65,12 @@ def run_project(path: str, summary: dict[str, Any], title: str) -> str:
     return write_run_project(path, units, title=title)
 
 
-def _project_unit(name: str, folder: str, mask: str, imagery: str) -> tuple[str, str, list[str], str]:
-    gpkg = os.path.join(folder, "geoseg.gpkg")
-    return name, os.path.join(folder, mask), [gpkg] if os.path.exists(gpkg) else [], imagery
+def _project_unit(name: str, folder: str, mask: str, imagery: str) -> tuple[str, str | None, list[str], str]:
+    """A unit's group: its mask (none for a detector's unit, which writes layers only: a done segmentation unit
+    always has its mask, the ledger checks its outputs), its GeoPackage, its imagery.
+    """
+    gpkg, mask_path = os.path.join(folder, "geoseg.gpkg"), os.path.join(folder, mask)
+    return name, mask_path if os.path.isfile(mask_path) else None, [gpkg] if os.path.exists(gpkg) else [], imagery
 
 
 def run_collection(folder: str, summary: dict[str, Any], wf: Any) -> str:

@@ -175,6 +175,8 @@ def workflow_radiometry(wf: Workflow) -> str | None:
 def segment_options(wf: Workflow, run: Any, bands: tuple[Any, Any]) -> dict[str, Any]:
     """What a segment unit is run with; the ledger hashes exactly this (files by fingerprint)."""
     band_idx, band_map = bands
+    # conf, iou and threshold only when given: a unit without them hashes as before they existed
+    cuts = {k: getattr(run, k) for k in ("conf", "iou", "threshold") if getattr(run, k) is not None}
     return {
         "predict": {
             "bands": band_idx,
@@ -184,6 +186,7 @@ def segment_options(wf: Workflow, run: Any, bands: tuple[Any, Any]) -> dict[str,
             "halo": run.halo,
             "chunk": wf.chunk,
             "radiometry": workflow_radiometry(wf),
+            **cuts,
         },
         "vectorize": {
             "formats": wf.outputs.formats,
