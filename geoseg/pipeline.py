@@ -18,7 +18,7 @@ report with each layer's area, the list of files written), not from the files.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,7 @@ def segment(
     probabilities_dtype: str = "uint8",
     extra: dict[str, Any] | None = None,
     date: str | None = None,
+    derived_from: Sequence[str] = (),
     **predict_kwargs: Any,
 ) -> Segmented:
     """Segment one image into ``out_dir``: the mask and its run record, and polygons on request.
@@ -109,6 +110,9 @@ def segment(
     date : str, optional
         The input's acquisition date (``YYYY-MM-DD``) for ``item.json``; default: from the raster's
         metadata or file name, else the item says it carries the run's time.
+    derived_from : sequence of str
+        The STAC items the input was made from (their URLs or paths), linked from ``item.json``
+        as ``derived_from`` (a workflow passes its scene's items).
     **predict_kwargs
         Passed to :func:`geoseg.predict` (``tile``, ``aoi``, ``bands``, ``device``, ``threshold``, ...);
         for a detector to :func:`geoseg.engine.detect.detect` (``conf``, ``iou`` and the planning options).
@@ -138,11 +142,13 @@ def segment(
 
         mask = os.path.join(out_dir, run["outputs"]["mask"])  # as the caller gave the folder
         vectors = run_vectorize(mask, out_dir, overwrite=overwrite, progress=progress, **vectorize)
-    item = _item(out_dir, run, vectors, job, date)
+    item = _item(out_dir, run, vectors, job, date, derived_from)
     return Segmented(os.path.abspath(out_dir), run, vectors, item)
 
 
-def _item(out_dir: str, run: RunReport, vectors: VectorReport | None, job: Any, date: str | None) -> str | None:
+def _item(
+    out_dir: str, run: RunReport, vectors: VectorReport | None, job: Any, date: str | None, derived_from: Sequence[str]
+) -> str | None:
     """The folder's STAC Item (the input's date, the model's card), written last; None without a CRS."""
     from geoseg.io.dates import raster_date
     from geoseg.vector.stac import write_item
@@ -152,7 +158,7 @@ def _item(out_dir: str, run: RunReport, vectors: VectorReport | None, job: Any, 
     path = getattr(job.source, "path", None)  # an xarray input has none: the item takes the run's time
     when = date or (raster_date(path) if path else None)
     stem = os.path.splitext(os.path.basename(path))[0] if path else "array"
-    return write_item(out_dir, run, vectors, job.card.classes, job.spec, f"{stem}-{job.card.name}", when)
+    return write_item(out_dir, run, vectors, job.card.classes, job.spec, f"{stem}-{job.card.name}", when, derived_from)
 
 
 def _detect(

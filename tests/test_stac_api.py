@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zlib
@@ -60,11 +61,11 @@ def _data(item: str) -> np.ndarray:
     return np.stack([red, nir, green]).astype("uint16")
 
 
-def _write_item_files(folder: Path, item: str, dx: int) -> None:
+def _write_item_files(folder: Path, item: str, dx: int, crs: str = CRS) -> None:
     """The item's band COGs in ``folder`` and the same pixels as one local 3-band GeoTIFF (the reference)."""
     data = _data(item)
     transform = from_origin(X0 + dx * RES, Y0, RES, RES)
-    profile = {"width": SIZE, "height": SIZE, "dtype": "uint16", "crs": CRS, "transform": transform, "nodata": 0}
+    profile = {"width": SIZE, "height": SIZE, "dtype": "uint16", "crs": crs, "transform": transform, "nodata": 0}
     for k, key in enumerate(BANDS):
         with rasterio.open(folder / f"{item}_{key}.tif", "w", driver="COG", count=1, blocksize=64, **profile) as ds:
             ds.write(data[k], 1)
@@ -73,10 +74,10 @@ def _write_item_files(folder: Path, item: str, dx: int) -> None:
         ds.descriptions = tuple(BANDS.values())
 
 
-def _item(item: str, date: str, cloud: int, dx: int, url: str) -> dict:
+def _item(item: str, date: str, cloud: int, dx: int, url: str, crs: str = CRS) -> dict:
     from pyproj import Transformer
 
-    to_ll = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True).transform
+    to_ll = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform
     x0, x1, y1, y0 = X0 + dx * RES, X0 + (dx + SIZE) * RES, Y0, Y0 - SIZE * RES
     ring = [to_ll(x, y) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))]
     lons, lats = [p[0] for p in ring], [p[1] for p in ring]
@@ -215,6 +216,10 @@ def test_workflow_on_a_stac_api_equals_the_local_files_and_runs_only_what_is_new
         s = run_workflow(f)
         assert s["units"] == {"done": 2, "skipped": 0, "failed": 0}
         assert [e["date"] for e in s["images"]] == ["2024-01-10", "2024-05-20"]
+        for entry, item in zip(s["images"], ["s2-2024-01-10", "s2-2024-05-20"], strict=True):
+            record = json.loads((Path(entry["models"]["forest"]["folder"]) / "item.json").read_text())
+            links = [ln["href"] for ln in record["links"] if ln["rel"] == "derived_from"]
+            assert links == [f"{url}/collections/s2/items/{item}"]  # the item.json names the STAC item it came from
         again = run_workflow(f)
         assert again["units"] == {"done": 0, "skipped": 2, "failed": 0}
     for entry, item in zip(s["images"], ["s2-2024-01-10", "s2-2024-05-20"], strict=True):
@@ -298,3 +303,178 @@ def test_a_vrt_of_remote_tiles_as_large_as_a_sentinel2_tile_is_not_taken_for_a_s
     Path(vrt).write_text(text.replace('rasterYSize="192"', 'rasterYSize="11000"'))
     src = open_source(vrt)  # 1.2e8 pixels declared in a 1 kB file: refused as sparse before
     assert (src.geobox.width, src.geobox.height) == (11000, 11000)
+
+
+def test_a_day_across_two_utm_zones_is_a_scene_per_zone(cogs: tuple[Path, str], tmp_path: Path) -> None:
+    """Sentinel-2 tiles of one pass in two UTM zones: a mosaic per zone, named by date and EPSG code."""
+    import geoseg
+
+    folder, base = cogs
+    west = _item("w31-2024-01-10", "2024-01-10", 3, 0, base)
+    west["properties"]["proj:code"] = CRS  # declared: no need to open the asset to know its zone
+    east = _item("e32-2024-01-10", "2024-01-10", 3, 0, base, crs="EPSG:32632")  # no proj fields: GDAL tells
+    _write_item_files(folder, west["id"], 0)
+    _write_item_files(folder, east["id"], 0, crs="EPSG:32632")
+    with stac_api(tmp_path, [west, east]) as url:
+        days = geoseg.stac_scenes(url, tmp_path / "o", collections=["s2"], assets=["B04", "B08"])
+    assert [(d.date, d.name, d.items) for d in days] == [
+        ("2024-01-10", "2024-01-10-EPSG32631", ("w31-2024-01-10",)),
+        ("2024-01-10", "2024-01-10-EPSG32632", ("e32-2024-01-10",)),
+    ]
+    assert [d.item_hrefs for d in days] == [(f"{url}/collections/s2/items/{i}",) for i in ("w31-2024-01-10", "e32-2024-01-10")]
+    for day, item, epsg in zip(days, (west, east), (32631, 32632), strict=True):
+        with rasterio.open(day.path) as ds:
+            assert ds.crs.to_epsg() == epsg and ds.transform == from_origin(X0, Y0, RES, RES)
+            np.testing.assert_array_equal(ds.read(1), _data(item["id"])[0])
+
+
+def test_the_items_of_a_mosaic_must_scale_each_band_alike(cogs: tuple[Path, str], tmp_path: Path) -> None:
+    """Each item's raster:bands scale/offset is read; a day mixing two conventions in one band is refused."""
+    import geoseg
+    from geoseg.errors import InputError
+
+    folder, base = cogs
+    tiles = [_item("sa-2024-01-10", "2024-01-10", 3, 0, base), _item("sb-2024-01-10", "2024-01-10", 3, SIZE, base)]
+    for t, dx in zip(tiles, (0, SIZE), strict=True):
+        _write_item_files(folder, t["id"], dx)
+        t["assets"]["B04"]["raster:bands"] = [{"scale": 0.0001, "offset": -0.1}]
+    (tmp_path / "same").mkdir()
+    (tmp_path / "mixed").mkdir()
+    with stac_api(tmp_path / "same", tiles) as url:
+        (day,) = geoseg.stac_scenes(url, tmp_path / "o", collections=["s2"], assets=["B04", "B08"])
+    with rasterio.open(day.path) as ds:
+        assert ds.scales[0] == pytest.approx(0.0001) and ds.offsets[0] == pytest.approx(-0.1)
+    tiles[1]["assets"]["B04"]["raster:bands"] = [{"scale": 0.0001, "offset": 0}]  # processing baseline before 04.00
+    with stac_api(tmp_path / "mixed", tiles) as url:
+        with pytest.raises(InputError, match=r"sa-2024-01-10 and sb-2024-01-10 .* band B04 different raster:bands"):
+            geoseg.stac_scenes(url, tmp_path / "o2", collections=["s2"], assets=["B04", "B08"])
+
+
+def _static_api(folder: Path, base: str, pages: list[list[dict]]) -> None:
+    """A STAC API as static files for :func:`range_server`: a landing page and search pages linked by ``next``."""
+    spec = "https://api.stacspec.org/v1.0.0"
+    landing = {
+        "type": "Catalog", "stac_version": "1.0.0", "id": "static-api", "description": "search pages as files",
+        "conformsTo": [f"{spec}/core", f"{spec}/item-search"],
+        "links": [{"rel": "self", "href": f"{base}/"}, {"rel": "root", "href": f"{base}/"},
+                  {"rel": "search", "href": f"{base}/search", "method": "GET", "type": "application/geo+json"}],
+    }  # fmt: skip
+    (folder / "index.html").write_text(json.dumps(landing))
+    for k, page in enumerate(pages, start=1):
+        links = [{"rel": "next", "href": f"{base}/search-{k + 1}", "method": "GET"}] if k < len(pages) else []
+        name = "search" if k == 1 else f"search-{k}"
+        (folder / name).write_text(json.dumps({"type": "FeatureCollection", "features": page, "links": links}))
+
+
+def _count(served: object, path: str) -> int:
+    """Requests for ``path`` once the server has logged them (it logs after sending: a client may be done first)."""
+    time.sleep(0.2)
+    return served.count(path)
+
+
+def test_a_query_geoseg_applies_itself_stops_at_max_items(tmp_path: Path) -> None:
+    """An API without the query extension: geoseg filters the pages, and reads no page past the max_items-th match."""
+    from geoseg.workflows.stac import search_items
+
+    with range_server(tmp_path) as served:
+        items = {i: _item(i, *v, served.url) for i, v in ITEMS.items()}
+        pages = [[items["s2-2024-03-15"], items["s2-2024-01-10"]], [items["s2-2024-05-20"], items["far-2024-02-01"]],
+                 [items["old-2023-06-01"]]]  # fmt: skip
+        _static_api(tmp_path, served.url, pages)
+        cloudless = {"eo:cloud_cover": {"lt": 20}}
+        one = search_items(served.url, query=cloudless, max_items=1)
+        assert [it.id for it in one] == ["s2-2024-01-10"]
+        assert _count(served, "/search") == 1 and _count(served, "/search-2") == 0 and _count(served, "/search-3") == 0
+        two = search_items(served.url, query=cloudless, max_items=2)
+        assert [it.id for it in two] == ["s2-2024-01-10", "s2-2024-05-20"]
+        assert _count(served, "/search-2") == 1 and _count(served, "/search-3") == 0
+        every = search_items(served.url, query=cloudless)
+        assert len(every) == 4 and _count(served, "/search-3") == 1
+
+
+def test_a_busy_api_answering_503_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """503s from the landing page and the search are retried with back-off; past the last retry, one line."""
+    from geoseg.errors import InputError
+    from geoseg.workflows import stac_http
+    from geoseg.workflows.stac import search_items
+
+    monkeypatch.setattr(stac_http, "BACKOFF_S", 0.01)
+    with range_server(tmp_path) as served:
+        _static_api(tmp_path, served.url, [[_item(i, *v, served.url) for i, v in ITEMS.items()]])
+        served.fail_next["/"] = 1
+        served.fail_next["/search"] = 2
+        assert len(search_items(served.url)) == len(ITEMS)
+        assert _count(served, "/search") == 3  # the landing page's 503 retried too
+        served.fail_next["/search"] = 100
+        busy = r"the STAC API search failed \(.*503.*\); the server kept failing after retries: try again later"
+        with pytest.raises(InputError, match=busy):
+            search_items(served.url)
+        assert _count(served, "/search") == 3 + 1 + stac_http.RETRIES
+
+
+def _static_catalog(folder: Path, base: str, cogs_url: str) -> None:
+    """A static catalog of one item (assets on the COG server) as files for :func:`range_server`."""
+    item = _item("s2-2024-01-10", "2024-01-10", 5, 0, cogs_url)
+    item["links"] = [{"rel": "root", "href": "../catalog.json"}, {"rel": "parent", "href": "../catalog.json"}]
+    (folder / "items").mkdir()
+    (folder / "items" / "s2.json").write_text(json.dumps(item))
+    catalog = {"type": "Catalog", "stac_version": "1.0.0", "id": "cat", "description": "one item",
+               "links": [{"rel": "root", "href": "./catalog.json"}, {"rel": "item", "href": "./items/s2.json"}]}  # fmt: skip
+    (folder / "catalog.json").write_text(json.dumps(catalog))
+
+
+def test_a_static_catalog_over_http_is_read_through_503s(
+    cogs: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file of the catalog (the root, then its item by its link) is fetched with retries."""
+    from geoseg.workflows import stac_http
+    from geoseg.workflows.spec import Imagery
+    from geoseg.workflows.stac import catalog_scenes
+
+    monkeypatch.setattr(stac_http, "BACKOFF_S", 0.01)
+    served_folder = tmp_path / "served"
+    served_folder.mkdir()
+    with range_server(served_folder) as served:
+        _static_catalog(served_folder, served.url, cogs[1])
+        served.fail_next["/catalog.json"] = 2
+        served.fail_next["/items/s2.json"] = 2
+        im = Imagery(stac=f"{served.url}/catalog.json", assets={"red": "B04", "nir": "B08"})
+        (scene,) = catalog_scenes(im, str(tmp_path / "out" / ".geoseg-stac"))
+        assert _count(served, "/catalog.json") >= 3 and _count(served, "/items/s2.json") == 3
+    assert scene.items == ("s2-2024-01-10",) and scene.item_hrefs == (f"{served.url}/items/s2.json",)
+    with rasterio.open(scene.path) as ds:
+        np.testing.assert_array_equal(ds.read(1), _data("s2-2024-01-10")[0])
+
+
+def test_a_static_catalog_server_that_never_answers_fails_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts the connection and says nothing: a timeout, retries, then one line (no hang)."""
+    from geoseg.errors import InputError
+    from geoseg.workflows import stac_http
+    from geoseg.workflows.spec import Imagery
+    from geoseg.workflows.stac import catalog_scenes
+
+    monkeypatch.setattr(stac_http, "CATALOG_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(stac_http, "RETRIES", 1)
+    monkeypatch.setattr(stac_http, "BACKOFF_S", 0.01)
+    outcome: list[BaseException] = []
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections wait in the backlog: accepted by the kernel, never answered
+        im = Imagery(stac=f"http://127.0.0.1:{silent.getsockname()[1]}/catalog.json")
+
+        def read() -> None:
+            try:
+                catalog_scenes(im, str(tmp_path))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        started = time.monotonic()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "reading a catalog from a silent server hung"
+    assert time.monotonic() - started < 10
+    assert len(outcome) == 1 and isinstance(outcome[0], InputError)
+    assert "not a STAC catalog" in str(outcome[0]) and "timed out" in str(outcome[0]).lower()

@@ -1,12 +1,16 @@
 """STAC out: item.json beside every result (segment, change, workflow units) and a workflow's collection.json.
 
 The items are read back with pystac. JSON-schema validation runs against the STAC core schemas
-pystac ships (offline); the extension schemas live on stac-extensions.github.io, which this
-machine cannot reach, so the extensions' fields are checked field by field here instead.
+pystac ships (offline; jsonschema is in the test extra, so it never skips). The extension schemas
+(classification, label, mlm, projection, raster, file) live only on stac-extensions.github.io:
+the pystac-ext-* packages ship Python, no JSON schemas, and tests reach no network. So the
+extensions' fields are read through pystac's extension classes (which also check that the
+declared schema URIs are the versions they implement) and checked field by field here.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -29,8 +33,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _validate_core(item: dict, href: str) -> None:
-    """The item against pystac's bundled STAC core schema (no network); skipped without jsonschema."""
-    pytest.importorskip("jsonschema")
+    """The item against pystac's bundled STAC core schema (no network)."""
     from pystac import STACObjectType
     from pystac.validation.stac_validator import JsonSchemaSTACValidator
 
@@ -46,10 +49,12 @@ def _check_item(folder: Path, mask_name: str = "mask.tif") -> object:
     raw = json.loads(path.read_text())
     _validate_core(raw, str(path))
     for key, asset in item.assets.items():
+        if asset.href.startswith("ni:///sha-256;"):  # a model file outside the folder: known by its content only
+            assert key == "model"
+            continue
         href = asset.get_absolute_href()
         assert href and Path(href).is_file(), f"asset {key}: {asset.href} does not resolve to a file"
-        if key != "model":
-            assert not Path(asset.href).is_absolute(), "asset hrefs are relative: the folder can move"
+        assert not Path(asset.href).is_absolute() and "://" not in asset.href, "asset hrefs are relative: the folder can move"
     mask = item.assets["mask"]
     assert mask.roles == ["data"] and mask.media_type.startswith("image/tiff; application=geotiff; profile=cloud-optimized")
     with rasterio.open(folder / mask_name) as ds:
@@ -67,7 +72,39 @@ def _check_item(folder: Path, mask_name: str = "mask.tif") -> object:
     assert item.assets["run"].roles == ["metadata"]
     ext = set(raw["stac_extensions"])
     assert {"projection/v2.0.0", "raster/v1.1.0", "classification/v2.0.0"} <= {u.split("/", 3)[3].rsplit("/", 1)[0] for u in ext}
+    _check_extensions(item, raw)
     return item
+
+
+def _check_extensions(item: object, raw: dict) -> None:
+    """The extensions' fields read through pystac's extension classes (each refuses an undeclared schema URI)."""
+    from pystac.extensions.classification import ClassificationExtension
+    from pystac.extensions.file import FileExtension
+    from pystac.extensions.label import LabelExtension
+    from pystac.extensions.mlm import MLMExtension
+    from pystac.extensions.projection import ProjectionExtension
+    from pystac.extensions.raster import RasterExtension
+
+    mask = item.assets["mask"]
+    assert ProjectionExtension.ext(mask).code == mask.extra_fields["proj:code"]
+    assert RasterExtension.ext(mask).bands[0].nodata == 255
+    assert [c.value for c in ClassificationExtension.ext(mask).classes][-1] == 255
+    if "label:type" in item.properties:
+        assert LabelExtension.ext(item).label_type == "vector"
+    if "mlm:name" in item.properties:
+        mlm = MLMExtension.ext(item)
+        assert mlm.name and mlm.architecture and mlm.tasks and mlm.input and mlm.output
+    model = item.assets.get("model")
+    if model is not None:
+        assert "mlm:model" in model.roles
+        checksum = FileExtension.ext(model).checksum  # file:checksum with the file extension declared
+        assert checksum.startswith("1220") and len(checksum) == 68
+        if model.href.startswith("ni:///sha-256;"):
+            digest = model.href.split(";", 1)[1]
+            assert base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4)).hex() == checksum[4:]
+            assert "/" not in model.title and "\\" not in model.title  # the file's name, no path
+    text = json.dumps(raw)
+    assert str(Path.home()) not in text and "site-packages" not in text  # no local paths outside the folder
 
 
 def test_segment_writes_an_item_of_its_outputs(sample: Path, tmp_path: Path) -> None:
@@ -93,12 +130,42 @@ def test_segment_writes_an_item_of_its_outputs(sample: Path, tmp_path: Path) -> 
     assert props["mlm:input"][0]["bands"] == ["green", "nir"]
     assert props["mlm:input"][0]["input"]["shape"][:2] == [-1, 2]
     assert [c["name"] for c in props["mlm:output"][0]["classification:classes"]] == [c["name"] for c in card["classes"]]
-    model = item.assets["model"]
-    assert (
-        model.roles == ["mlm:model"] and Path(model.href).read_bytes()[:4] and model.extra_fields["mlm:artifact_type"] == "onnx"
-    )
+    model = item.assets["model"]  # the bundled model lies outside the folder: a reference by content, no path
+    assert model.roles == ["mlm:model"] and model.extra_fields["mlm:artifact_type"] == "onnx"
+    assert model.href.startswith("ni:///sha-256;") and model.title.endswith(".onnx")
+    assert model.extra_fields["file:checksum"] == f"1220{card_sha(done)}"
     # and the outputs the item describes are what they were: nothing else in the folder changed
     assert sorted(done.files()) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def card_sha(done: object) -> str:
+    """The SHA-256 of the model that made a result, from its run record."""
+    return done.run["model"]["sha256"]
+
+
+def test_a_model_file_inside_the_output_folder_is_a_relative_asset(sample: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from geoseg.models.spec import resolve_model
+
+    spec = resolve_model("water")
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    shutil.copy(spec.path, out / "model" / "water.onnx")
+    source = tmp_path / "catalog" / "items" / "scene.json"  # the STAC items the input came from: a file and a URL
+    source.parent.mkdir(parents=True)
+    source.write_text("{}")
+    api_item = "https://stac.example.org/collections/s2/items/scene"
+    with geoseg.scheduler("synchronous"):
+        geoseg.segment(str(sample / "scene.tif"), replace(spec, path=str(out / "model" / "water.onnx")), out,
+                       derived_from=[str(source), api_item])  # fmt: skip
+    item = _check_item(out)
+    model = item.assets["model"]
+    assert model.href == "./model/water.onnx" and Path(model.get_absolute_href()).read_bytes() == Path(spec.path).read_bytes()
+    assert "description" not in model.extra_fields
+    links = item.get_links("derived_from")
+    assert [ln.href for ln in links] == ["../catalog/items/scene.json", api_item]  # a path relative: the folders move together
+    assert Path(links[0].get_absolute_href()) == source
 
 
 def test_an_undated_input_says_the_item_carries_the_run_time(sample: Path, tmp_path: Path) -> None:
@@ -172,11 +239,11 @@ def test_workflow_collection_walks_to_every_item_and_moves_with_its_folder(sampl
     )
     for it in items:
         for key, asset in it.assets.items():
-            assert Path(asset.get_absolute_href()).is_file(), (it.id, key)
+            assert Path(asset.get_absolute_href()).is_file() or asset.href.startswith("ni:///sha-256;"), (it.id, key)
         if "quicklook" in it.assets:
             assert it.assets["quicklook"].roles == ["visual", "overview"]
     assert sum("quicklook" in it.assets for it in items) == 2  # each scene's units show its quicklook
     assert coll.extent.temporal.intervals[0][0].date().isoformat() == s["images"][0]["date"]
     text = (moved / "collection.json").read_text() + "".join(Path(it.get_self_href()).read_text() for it in items)
-    assert str(tmp_path) not in text  # links and asset hrefs relative (the model files are absolute, elsewhere)
+    assert str(tmp_path) not in text  # links and asset hrefs relative; the model files outside: by content only
     assert np.isfinite(coll.extent.spatial.bboxes[0]).all()

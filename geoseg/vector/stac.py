@@ -6,7 +6,10 @@ with its role: the mask COG (``data``, with ``proj:``, ``raster:bands`` and the 
 ``classification:classes``), the polygon layers (``data``; the item carries the label
 extension's ``label:*``), ``run.json``/``vectors.json`` (``metadata``), styles, quicklook and
 QGIS project (``visual``). The model is described with the Machine Learning Model extension
-(``mlm:*``) from its card. Asset hrefs and links are relative: the folder can move.
+(``mlm:*``) from its card; its file is an asset with a relative href when it lies inside the
+folder, else a content reference (``ni:///sha-256;...``, RFC 6920: its name as title and its
+SHA-256 as ``file:checksum``), never a local path outside. The STAC items the input was made
+from are ``derived_from`` links. Asset hrefs and links are relative: the folder can move.
 
 A detector's folder (its run.json has ``detections``) has no mask: the footprint is the grid it
 looked at, the layers of boxes are the data assets, ``label:tasks`` is ``detection`` and
@@ -39,6 +42,7 @@ EXT = {
     "classification": "https://stac-extensions.github.io/classification/v2.0.0/schema.json",
     "label": "https://stac-extensions.github.io/label/v1.0.1/schema.json",
     "mlm": "https://stac-extensions.github.io/mlm/v1.4.0/schema.json",
+    "file": "https://stac-extensions.github.io/file/v2.1.0/schema.json",
 }
 COG = "image/tiff; application=geotiff; profile=cloud-optimized"
 #: media type and roles of each kind of output file (by run.json / vectors.json output key)
@@ -190,7 +194,26 @@ def _label(vectors: Mapping[str, Any], detection: bool = False) -> dict[str, Any
     }
 
 
-def _mlm(model: ModelSpec, classes: Sequence[ClassInfo], bands: Sequence[str]) -> tuple[dict[str, Any], dict | None]:
+def _model_asset(model: ModelSpec, folder: str | None) -> dict[str, Any]:
+    """The model file as an ``mlm:model`` asset: relative inside ``folder``, else a reference by content (no local path)."""
+    import base64
+
+    path = os.path.abspath(os.fspath(model.path))
+    name = os.path.basename(path)
+    asset: dict[str, Any] = {"type": "application/octet-stream", "roles": ["mlm:model"], "title": name,
+                             "file:checksum": f"1220{model.sha256}"}  # fmt: skip
+    root = os.path.abspath(folder) if folder else None
+    if root and os.path.splitdrive(root)[0] == os.path.splitdrive(path)[0] and os.path.commonpath([root, path]) == root:
+        asset["href"] = f"./{os.path.relpath(path, root).replace(os.sep, '/')}"
+        return asset
+    digest = base64.urlsafe_b64encode(bytes.fromhex(model.sha256)).decode().rstrip("=")
+    return {"href": f"ni:///sha-256;{digest}", **asset,
+            "description": f"the model file {name}, not kept with these outputs: known by its SHA-256"}  # fmt: skip
+
+
+def _mlm(
+    model: ModelSpec, classes: Sequence[ClassInfo], bands: Sequence[str], folder: str | None
+) -> tuple[dict[str, Any], dict | None]:
     """The ML Model extension's item fields from the model card, and the model file as an ``mlm:model`` asset."""
     card = model.card
     det = card.detector
@@ -220,8 +243,7 @@ def _mlm(model: ModelSpec, classes: Sequence[ClassInfo], bands: Sequence[str]) -
     }  # fmt: skip
     if not model.path:
         return fields, None
-    asset = {"href": os.path.abspath(model.path), "type": "application/octet-stream", "roles": ["mlm:model"],
-             "title": model.id, "file:checksum": f"1220{model.sha256}"}  # fmt: skip
+    asset = _model_asset(model, folder)
     if artifact:
         asset["mlm:artifact_type"] = artifact
     return fields, asset
@@ -245,6 +267,9 @@ def item_record(
     model: ModelSpec | None,
     item_id: str,
     when: str | tuple[str | None, str | None] | None = None,
+    *,
+    folder: str | None = None,
+    derived_from: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The STAC Item (a dict) of one output folder; see the module's description.
 
@@ -262,6 +287,10 @@ def item_record(
         The item's id.
     when : str or (str, str), optional
         The input's date (``YYYY-MM-DD`` or a year), the two dates of a change map; None: the run time.
+    folder : str, optional
+        The output folder the item describes: a model file inside it is linked relative to it.
+    derived_from : sequence of str
+        The STAC items the input was made from (URLs, or paths: made relative to ``folder``).
     """
     grid = run["output_grid"]
     geometry, bbox = _footprint(grid)
@@ -274,15 +303,31 @@ def item_record(
         props.update(_label(vectors, detection))
         used.append("label")
     if model is not None:
-        fields, model_asset = _mlm(model, classes, (run.get("input") or {}).get("band_descriptions") or [])
+        fields, model_asset = _mlm(model, classes, (run.get("input") or {}).get("band_descriptions") or [], folder)
         props.update(fields)
         if model_asset is not None:
             assets["model"] = model_asset
-        used.append("mlm")
+            used += ["mlm", "file"]
+        else:
+            used.append("mlm")
     return {
         "type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": [EXT[k] for k in used], "id": item_id,
-        "geometry": geometry, "bbox": bbox, "properties": props, "links": [], "assets": assets,
+        "geometry": geometry, "bbox": bbox, "properties": props, "links": _derived_links(derived_from, folder),
+        "assets": assets,
     }  # fmt: skip
+
+
+def _derived_links(hrefs: Sequence[str], folder: str | None) -> list[dict[str, Any]]:
+    """``derived_from`` links to the input's STAC items: URLs as given, paths relative to ``folder``."""
+    links = []
+    for href in dict.fromkeys(hrefs):
+        if folder and "://" not in href and os.path.isabs(href):
+            try:
+                href = os.path.relpath(href, os.path.abspath(folder)).replace(os.sep, "/")
+            except ValueError:  # another drive: only the name stays (no local path outside the folder)
+                href = os.path.basename(href)
+        links.append({"rel": "derived_from", "href": href, "type": "application/geo+json"})
+    return links
 
 
 def write_item(
@@ -293,14 +338,16 @@ def write_item(
     model: ModelSpec | None,
     item_id: str | None = None,
     when: str | tuple[str | None, str | None] | None = None,
+    derived_from: Sequence[str] = (),
 ) -> str | None:
     """Write ``folder/item.json`` (see :func:`item_record`); None, and nothing written, for a mask without a CRS.
 
-    ``item_id`` defaults to the folder's name.
+    ``item_id`` defaults to the folder's name; ``derived_from``: the STAC items the input came from.
     """
     if not run["output_grid"].get("crs"):
         return None
-    record = item_record(run, vectors, classes, model, item_id or os.path.basename(os.path.abspath(folder)), when)
+    item_id = item_id or os.path.basename(os.path.abspath(folder))
+    record = item_record(run, vectors, classes, model, item_id, when, folder=folder, derived_from=derived_from)
     path = os.path.join(folder, ITEM_NAME)
     write_json_atomic(path, record, indent=2)
     return path

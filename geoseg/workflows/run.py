@@ -365,6 +365,7 @@ def _segment(scene: Any, spec: Any, options: dict[str, Any], mdir: str, sched: A
         overwrite=True,
         progress=progress,
         date=scene.date,
+        derived_from=scene.item_hrefs,
         **options["predict"],
         **sched.predict_options(),
     )

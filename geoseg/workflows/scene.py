@@ -19,7 +19,8 @@ class Scene:
     ``stamp`` is what else identifies its content beyond the files' sizes and mtimes (a STAC
     item's id, ``updated`` time and its assets' ``file:checksum``/``file:size``, and the hrefs
     of remote assets that cannot be stat'ed); it goes into the ledger's hash. ``items`` are the
-    STAC items behind it (empty for files), for the records a run writes.
+    ids of the STAC items behind it (empty for files), ``item_hrefs`` where those items live (their
+    self links, URLs redacted): the ``derived_from`` links of the item.json a run writes.
     """
 
     path: str
@@ -27,6 +28,7 @@ class Scene:
     name: str
     stamp: str = ""
     items: tuple[str, ...] = ()
+    item_hrefs: tuple[str, ...] = ()
 
 
 def slug(text: str) -> str:

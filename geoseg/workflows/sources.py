@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 import re
+from dataclasses import replace
 
 from geoseg.errors import InputError
 from geoseg.io.dates import raster_date
@@ -87,6 +88,6 @@ def scenes(im: Imagery, work_folder: str, aoi: str | None = None) -> list[Scene]
         unique = []
         for s in found:
             seen[s.name] = seen.get(s.name, 0) + 1
-            unique.append(Scene(s.path, s.date, s.name if seen[s.name] == 1 else f"{s.name}-{seen[s.name]}", s.stamp, s.items))
+            unique.append(replace(s, name=s.name if seen[s.name] == 1 else f"{s.name}-{seen[s.name]}"))
         found = unique
     return sorted(found, key=lambda s: (s.date or "", s.name))

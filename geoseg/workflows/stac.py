@@ -8,9 +8,11 @@ window with HTTP range requests.
 
 A STAC API search (``stac: https://...`` with ``collections``, ``datetime``, ``query`` or
 ``filter``, the workflow's AOI as ``intersects``) groups the items found by acquisition day:
-the items of one day (tiles of one pass) are mosaicked band by band into one scene named by
-the date. A ``query`` the API does not support (its landing page does not conform to the
+the items of one day and one CRS (tiles of one pass in one UTM zone) are mosaicked band by band
+into one scene named by the date (by the date and the EPSG code when the day's tiles lie in
+several zones). A ``query`` the API does not support (its landing page does not conform to the
 query extension) is applied to the items by geoseg itself; a CQL2 ``filter`` is refused there.
+HTTP requests are bounded and retried (:mod:`geoseg.workflows.stac_http`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +28,8 @@ from geoseg.errors import InputError
 from geoseg.io.remote import redact
 from geoseg.workflows.scene import Scene, slug
 from geoseg.workflows.spec import Imagery, is_url
-from geoseg.workflows.stack import stack_vrt
+from geoseg.workflows.stac_http import open_client, read_catalog
+from geoseg.workflows.stack import asset_crs, stack_vrt
 
 __all__ = ["api_or_catalog", "asset_map", "catalog_scenes", "day_scenes", "search_items", "stac_scenes"]
 
@@ -39,8 +43,6 @@ QUERY_OPS = {
     "gte": lambda v, x: v >= x,
     "in": lambda v, x: v in x,
 }
-#: Seconds a STAC API may take to answer one request.
-API_TIMEOUT_S = 60
 
 
 def _raster_scaling(asset: Any) -> tuple[float | None, float | None]:
@@ -115,10 +117,11 @@ def catalog_scenes(im: Imagery, folder: str) -> list[Scene]:
     import pystac
 
     try:
-        obj = pystac.read_file(im.stac)
-    except Exception as exc:  # pystac raises several types for unreadable or invalid files
-        raise InputError(f"{im.stac}: not a STAC catalog, collection or item pystac can read ({exc})") from exc
-    items = [obj] if isinstance(obj, pystac.Item) else list(obj.get_items(recursive=True))
+        obj = read_catalog(im.stac)
+        items = [obj] if isinstance(obj, pystac.Item) else list(obj.get_items(recursive=True))
+    except Exception as exc:  # pystac, urllib3 and the file system raise several types for unreadable or invalid files
+        reason = redact(" ".join(str(exc).split()))[:300]
+        raise InputError(f"{redact(im.stac)}: not a STAC catalog, collection or item pystac can read ({reason})") from None
     if not items:
         raise InputError(f"{im.stac}: the catalog has no items")
     slugs = [slug(item.id) for item in items]
@@ -133,7 +136,7 @@ def catalog_scenes(im: Imagery, folder: str) -> list[Scene]:
         bands, scaling = _item_bands(item, asset_map(im.assets), im.stac)
         vrt = stack_vrt(f"STAC item {item.id!r}", [(b, [h]) for b, h in bands], folder, name, scaling)
         stamp = json.dumps(_item_stamp(item, [h for _, h in bands]), sort_keys=True, default=str)
-        out.append(Scene(vrt, _item_date(item), name, stamp, (item.id,)))
+        out.append(Scene(vrt, _item_date(item), name, stamp, (item.id,), (_item_href(item, ""),)))
     names = [s.name for s in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:  # the same id at the same place, yet different items: nothing tells them apart
@@ -156,15 +159,15 @@ def _matches(item: Any, query: dict[str, dict[str, Any]]) -> bool:
     return True
 
 
-def _open_client(url: str) -> Any:
-    """The STAC API at ``url`` (its landing page read); one-line errors when it cannot be reached."""
-    from pystac_client import Client
-
-    try:
-        return Client.open(url, timeout=API_TIMEOUT_S)
-    except Exception as exc:  # requests' and pystac-client's errors: unreachable, not JSON, not STAC
-        reason = " ".join(str(exc).split())[:200]
-        raise InputError(f"{url}: not a STAC API geoseg can open ({reason}); check the URL and that the server is up") from None
+def _first_matches(items: Iterable[Any], query: dict[str, dict[str, Any]] | None, max_items: int | None) -> list[Any]:
+    """The items that pass ``query`` (all without one), taken page by page until ``max_items`` of them are found."""
+    found = []
+    for item in items:
+        if query is None or _matches(item, query):
+            found.append(item)
+            if max_items and len(found) >= max_items:
+                break
+    return found
 
 
 def search_items(
@@ -199,7 +202,7 @@ def search_items(
     filter : dict, optional
         A CQL2-JSON filter (the API must conform to the filter extension).
     max_items : int, optional
-        At most this many items (after ``query``).
+        At most this many items (after ``query``: a search filtered by geoseg stops once this many match).
     client : pystac_client.Client, optional
         An API already opened at ``url``.
 
@@ -210,51 +213,117 @@ def search_items(
     """
     from pystac_client.conformance import ConformanceClasses
 
-    client = client or _open_client(url)
+    client = client or open_client(url)
     local = query if query and not client.conforms_to(ConformanceClasses.QUERY) else None
     if filter and not client.conforms_to(ConformanceClasses.FILTER):
         raise InputError(
             f"{url}: the STAC API does not support filter (CQL2); use query: {{property: {{lt: value}}}}, "
             "which geoseg applies itself when an API lacks it"
         )
+    advertised = {(link.extra_fields.get("method") or "GET").upper() for link in client.get_links("search")}
     try:
         search = client.search(
             collections=collections, bbox=bbox, intersects=intersects, datetime=datetime,
             query=None if local else query, filter=filter, max_items=None if local else max_items,
+            method="POST" if "POST" in advertised or not advertised else "GET",  # an API may offer GET only
         )  # fmt: skip
-        found = [item for item in search.items() if local is None or _matches(item, local)]
+        found = _first_matches(search.items(), local, max_items)
     except Exception as exc:  # requests' errors, pystac-client's APIError, a datetime it cannot parse
-        reason = " ".join(str(exc).split())[:200]
-        raise InputError(f"{url}: the STAC API search failed ({reason}); check imagery's search keys") from None
-    found = found[:max_items] if max_items else found
+        reason = redact(" ".join(str(exc).split()))[:200]
+        busy = re.search(r"too many (?:429|5\d\d) error|max retries exceeded|timed out", reason, re.IGNORECASE)
+        fix = "the server kept failing after retries: try again later" if busy else "check imagery's search keys"
+        raise InputError(f"{redact(url)}: the STAC API search failed ({reason}); {fix}") from None
     return sorted(found, key=lambda it: (_item_date(it) or "", it.id))
 
 
-def day_scenes(items: Iterable[Any], assets: dict[str, str] | None, folder: str, origin: str) -> list[Scene]:
-    """Items grouped by acquisition day, each day one scene: its items mosaicked band by band in one VRT.
+def _item_href(item: Any, api: str) -> str:
+    """Where ``item`` lives: its self link (an API item without one: the API's item URL), a URL redacted."""
+    from urllib.parse import quote
 
-    An item without a date is a scene of its own, named by its id.
+    href = item.get_self_href() or ""
+    if not href and is_url(api) and item.collection_id:
+        href = f"{api.rstrip('/')}/collections/{quote(item.collection_id)}/items/{quote(item.id)}"
+    return redact(href) if is_url(href) else href
+
+
+def _item_crs(item: Any, href: str) -> str:
+    """The CRS of the item's asset at ``href``: its ``proj:code``/``proj:epsg`` (the asset's, else the item's), else GDAL's."""
+    asset = next((a for a in item.get_assets().values() if (a.get_absolute_href() or a.href) == href), None)
+    for fields in ([asset.extra_fields] if asset is not None else []) + [item.properties]:
+        code, epsg = fields.get("proj:code"), fields.get("proj:epsg")
+        if isinstance(code, str) and code:
+            return code.upper()
+        if type(epsg) is int:
+            return f"EPSG:{epsg}"
+    return asset_crs(href)
+
+
+def _crs_label(crs: str) -> str:
+    """A CRS in a scene name: ``EPSG32631`` for ``EPSG:32631``, else a short hash of its definition."""
+    import hashlib
+
+    if re.fullmatch(r"[A-Za-z]+:[0-9A-Za-z.]+", crs):
+        return crs.replace(":", "").upper()
+    return f"crs{hashlib.sha256(crs.encode()).hexdigest()[:8]}"
+
+
+def _groups(items: Iterable[Any], assets: dict[str, str] | None, origin: str) -> dict[tuple[str, str], list[tuple]]:
+    """(day, CRS) -> the items of that day in that CRS, each as (item, bands, scaling), by item id."""
+    groups: dict[tuple[str, str], list[tuple]] = {}
+    for item in sorted(items, key=lambda it: (_item_date(it) or "", it.id)):
+        bands, scaling = _item_bands(item, assets, origin)
+        crs = _item_crs(item, bands[0][1])
+        groups.setdefault((_item_date(item) or f"item-{item.id}", crs), []).append((item, bands, scaling))
+    return dict(sorted(groups.items(), key=lambda kv: kv[0]))
+
+
+def _common_scaling(origin: str, label: str, members: list[tuple]) -> list[tuple]:
+    """The bands' ``raster:bands`` scale and offset, the same in every item of a mosaic (refused when they differ)."""
+    first, scaling0 = members[0][0], members[0][2]
+    names = [b for b, _ in members[0][1]]
+    for item, _, scaling in members[1:]:
+        for band, a, b in zip(names, scaling0, scaling, strict=True):
+            if a != b:
+                raise InputError(
+                    f"{origin}: items {first.id} and {item.id} of {label} give band {band} different raster:bands "
+                    f"scale/offset ({a[0]}, {a[1]} and {b[0]}, {b[1]}), and a mosaic band has one; narrow imagery's "
+                    "query or datetime to items of one processing baseline"
+                )
+    return scaling0
+
+
+def _group_scene(day: str, name: str, members: list[tuple], folder: str, origin: str) -> Scene:
+    """One scene of a day's items in one CRS: their bands mosaicked in one VRT, their ids, links and ledger stamp."""
+    label = f"the STAC items of {day}" + ("" if name == slug(day) else f" ({name})")
+    names = [b for b, _ in members[0][1]]
+    for item, bands, _ in members:
+        if [b for b, _ in bands] != names:
+            raise InputError(f"{origin}: items of {day} have different bands ({item.id}); map them in imagery.assets")
+    stacked = [(band, [bands[k][1] for _, bands, _ in members]) for k, band in enumerate(names)]
+    vrt = stack_vrt(label, stacked, folder, name, _common_scaling(origin, label, members))
+    stamp = [{"id": item.id, **_item_stamp(item, [h for _, h in bands])} for item, bands, _ in members]
+    items = [item for item, _, _ in members]
+    hrefs = tuple(h for h in (_item_href(item, origin) for item in items) if h)
+    date = day if not day.startswith("item-") else None
+    return Scene(vrt, date, name, json.dumps(stamp, sort_keys=True, default=str), tuple(it.id for it in items), hrefs)
+
+
+def day_scenes(items: Iterable[Any], assets: dict[str, str] | None, folder: str, origin: str) -> list[Scene]:
+    """Items grouped by acquisition day and CRS, each group one scene: its items mosaicked band by band in one VRT.
+
+    A day whose items lie in several CRSs (Sentinel-2 tiles of two UTM zones over one AOI) gives a
+    scene per CRS, named ``<date>-EPSG<code>``; a day in one CRS is named by its date. An item
+    without a date is a scene of its own, named by its id. Every item of a scene must give each
+    band the same ``raster:bands`` scale and offset. ``origin`` is the API's URL (messages, item links).
     """
-    days: dict[str, list[Any]] = {}
-    for item in items:
-        days.setdefault(_item_date(item) or f"item-{item.id}", []).append(item)
-    out = []
-    for day, group in days.items():
-        group = sorted(group, key=lambda it: it.id)
-        per_item = [_item_bands(item, assets, origin) for item in group]
-        names = [b for b, _ in per_item[0][0]]
-        for item, (bands, _) in zip(group, per_item, strict=True):
-            if [b for b, _ in bands] != names:
-                raise InputError(f"{origin}: items of {day} have different bands ({item.id}); map them in imagery.assets")
-        stacked = [(name, [bands[k][1] for bands, _ in per_item]) for k, name in enumerate(names)]
-        name = slug(day)
-        vrt = stack_vrt(f"the STAC items of {day}", stacked, folder, name, per_item[0][1])
-        stamp = [
-            {"id": item.id, **_item_stamp(item, [h for _, h in bands])} for item, (bands, _) in zip(group, per_item, strict=True)
-        ]
-        date = day if not day.startswith("item-") else None
-        out.append(Scene(vrt, date, name, json.dumps(stamp, sort_keys=True, default=str), tuple(it.id for it in group)))
-    return out
+    groups = _groups(items, assets, origin)
+    zones: dict[str, int] = {}
+    for day, _ in groups:
+        zones[day] = zones.get(day, 0) + 1
+    return [
+        _group_scene(day, slug(day if zones[day] == 1 else f"{day}-{_crs_label(crs)}"), members, folder, origin)
+        for (day, crs), members in groups.items()
+    ]
 
 
 def stac_scenes(
@@ -320,7 +389,7 @@ def api_or_catalog(im: Imagery, folder: str, aoi: str | None) -> list[Scene]:
 
     search_keys = [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(im, k) is not None]
     if im.stac and is_url(im.stac):
-        client = _open_client(im.stac)
+        client = open_client(im.stac)
         if client.conforms_to(ConformanceClasses.ITEM_SEARCH):
             found = stac_scenes(
                 im.stac, folder, collections=im.collections, aoi=aoi, datetime=im.datetime, query=im.query,

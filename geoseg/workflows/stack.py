@@ -17,7 +17,7 @@ from geoseg.io.outdir import write_text_atomic
 from geoseg.io.remote import gdal_path
 from geoseg.workflows.spec import check_inside
 
-__all__ = ["gdal_href", "stack_vrt"]
+__all__ = ["asset_crs", "gdal_href", "stack_vrt"]
 
 
 def gdal_href(href: str) -> str:
@@ -47,6 +47,17 @@ def _grids(hrefs: list[str]) -> list[tuple]:
         except rasterio.errors.RasterioIOError as exc:
             raise InputError(f"{href}: a STAC asset GDAL cannot open ({exc}); check the catalog's hrefs") from exc
     return grids
+
+
+def asset_crs(href: str) -> str:
+    """The CRS of an asset's pixels, read by GDAL: ``EPSG:<code>``, else its WKT ("" for none)."""
+    from rasterio.crs import CRS
+
+    wkt = _grids([href])[0][3]
+    if not wkt:
+        return ""
+    epsg = CRS.from_wkt(wkt).to_epsg()
+    return f"EPSG:{epsg}" if epsg else wkt
 
 
 def _layout(label: str, grids: list[tuple]) -> tuple[int, int, tuple, list[tuple[int, int] | None]]:
