@@ -10,6 +10,9 @@ already spread one forward over every core; running forwards from several Dask t
 would only oversubscribe the CPU, and with OpenMP each calling thread brings its own team
 of spinning threads (and its own thread-count setting, which Dask's workers start at 1).
 Reads, stacking and writes of other chunks go on meanwhile in the worker's other threads.
+
+Over 400 lines because the Predictor holds every runtime a worker may run (torch, onnxruntime, OpenVINO) with
+their shared batching, activation, TTA and resampling: one object per loaded model.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ looked at, the layers of boxes are the data assets, ``label:tasks`` is ``detecti
 ``mlm:tasks`` ``object-detection``.
 
 A mask without a CRS (a plain image, a video frame) has no place on Earth: no item is written.
+
+Over 400 lines because one STAC Item carries six extensions (proj, raster, classification, label, mlm, file)
+for three kinds of runs (a mask, a detector's layers, a change map), and the workflow's collection.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ into one scene named by the date (by the date and the EPSG code when the day's t
 several zones). A ``query`` the API does not support (its landing page does not conform to the
 query extension) is applied to the items by geoseg itself; a CQL2 ``filter`` is refused there.
 HTTP requests are bounded and retried (:mod:`geoseg.workflows.stac_http`).
+
+Over 400 lines because both STAC inputs (a static catalog and an API search) end in the same scenes here.
 """
 
 from __future__ import annotations
