@@ -13,19 +13,17 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
 from geoseg.errors import ModelError
-from geoseg.io.remote import redact
+from geoseg.io.remote import PERMANENT_HTTP, redact, retry_attempts, with_backoff
 
 __all__ = ["Fetched", "fetch", "sha256_file"]
 
 #: Largest model file geoseg downloads; ``GEOSEG_MAX_MODEL_BYTES`` changes it.
 MAX_BYTES = 4 * 1024**3
-_PERMANENT = {400, 401, 403, 404, 405, 410}
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ def _setting(name: str, default: float) -> float:
         return default
 
 
-def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: int = 4) -> Fetched:
+def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: int | None = None) -> Fetched:
     """Download ``url`` into ``folder`` under a hidden temporary name, hashing it as it streams.
 
     Parameters
@@ -78,8 +76,9 @@ def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: 
         For the temporary name (``.STEM.part-XXXX``).
     timeout : float
         Seconds a connection or a read may stall.
-    attempts : int
-        Tries for a transient failure; the back-off doubles from ``GEOSEG_REMOTE_RETRY_DELAY`` (1 s).
+    attempts : int, optional
+        Tries for a transient failure; default as every remote request (``GEOSEG_REMOTE_ATTEMPTS``, 5),
+        the back-off doubling from ``GEOSEG_REMOTE_RETRY_DELAY`` (1 s).
 
     Returns
     -------
@@ -93,29 +92,36 @@ def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: 
     """
     if not url.lower().startswith(("http://", "https://")):
         raise ModelError(f"{redact(url)}: models are downloaded over http(s) only; give an https:// URL")
-    delay = _setting("GEOSEG_REMOTE_RETRY_DELAY", 1.0)
     tmp = os.path.join(folder, f".{stem}.part-{secrets.token_hex(4)}")
-    last = ""
-    for attempt in range(attempts):
+
+    def attempt() -> Fetched:
         try:
             return _stream(url, tmp, timeout)
-        except urllib.error.HTTPError as exc:
-            _discard(tmp)
-            last = f"HTTP {exc.code}"
-            if exc.code in _PERMANENT:
-                raise ModelError(f"{redact(url)}: download refused ({last}); check the URL (or the catalogue entry)") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            _discard(tmp)
-            last = redact(str(getattr(exc, "reason", exc)))
         except BaseException:
             _discard(tmp)
             raise
-        if attempt + 1 < attempts:
-            time.sleep(delay * 2**attempt)
+
+    tries = retry_attempts() if attempts is None else max(1, attempts)
+    try:
+        return with_backoff(attempt, _transient, attempts=tries)
+    except urllib.error.HTTPError as exc:
+        if exc.code in PERMANENT_HTTP:
+            refused = f"download refused (HTTP {exc.code}); check the URL (or the catalogue entry)"
+            raise ModelError(f"{redact(url)}: {refused}") from None
+        last = f"HTTP {exc.code}"
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        last = redact(str(getattr(exc, "reason", exc)))
     raise ModelError(
-        f"{redact(url)}: download failed after {attempts} attempts ({last}); check the network (proxies come from "
+        f"{redact(url)}: download failed after {tries} attempts ({last}); check the network (proxies come from "
         "HTTPS_PROXY) and try again"
     )
+
+
+def _transient(exc: Exception) -> bool:
+    """A failed download worth another try: HTTP 429 and 5xx, timeouts, dropped connections."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code not in PERMANENT_HTTP
+    return isinstance(exc, (urllib.error.URLError, TimeoutError, ConnectionError))
 
 
 def _discard(tmp: str) -> None:
