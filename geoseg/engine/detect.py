@@ -31,7 +31,7 @@ import shapely
 from geoseg.engine.job import Job
 from geoseg.engine.plan import plan_job
 from geoseg.engine.progress import TileReport, compute_tasks, counter
-from geoseg.engine.report import job_entries, versions
+from geoseg.engine.report import command_line, job_entries, versions
 from geoseg.engine.tasks import TileInputs, model_inputs, read_chunk, tile_batches
 from geoseg.errors import InputError
 from geoseg.grid import TilePlan, Window
@@ -80,8 +80,6 @@ class Detections:
 
     def record(self, layers: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The run record (run.json) of a detection run whose polygon layers are ``layers`` (vectors.json's outputs)."""
-        import sys
-
         job = self.job
         report: dict[str, Any] = {"geoseg_run": 1, "outputs": {"vectors": "vectors.json"}}
         report.update(job_entries(job, self.stats, len(self.stats)))
@@ -99,7 +97,7 @@ class Detections:
             **{f"{k[:-2]}_task_s": round(sum(s[k] for s in stats), 3) for k in ("read_s", "predict_s", "wait_s", "nms_s")},
         }
         report["versions"] = {**versions(), **job.info.versions}
-        report["command"] = sys.argv
+        report["command"] = command_line()
         report["warnings"] = list(job.warnings)
         report.update(extra or {})
         return report

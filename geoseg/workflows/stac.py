@@ -22,9 +22,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from geoseg.errors import InputError
-from geoseg.io.remote import redact
+from geoseg.io.dates import date_text
+from geoseg.io.remote import is_http_url, is_remote, redact
 from geoseg.workflows.scene import Scene, slug
-from geoseg.workflows.spec import Imagery, is_url
+from geoseg.workflows.spec import Imagery
 from geoseg.workflows.stack import stack_vrt
 
 __all__ = ["api_or_catalog", "asset_map", "catalog_scenes", "day_scenes", "search_items", "stac_scenes"]
@@ -70,7 +71,7 @@ def _item_bands(item: Any, assets: dict[str, str] | None, origin: str) -> tuple[
         missing = [k for k in assets.values() if k not in found]
         if missing:
             raise InputError(
-                f"{origin}: item {item.id} has no asset {missing[0]!r} (it has {', '.join(found)}); fix imagery.assets"
+                f"{redact(origin)}: item {item.id} has no asset {missing[0]!r} (it has {', '.join(found)}); fix imagery.assets"
             )
         bands = [(name, found[key].get_absolute_href() or found[key].href) for name, key in assets.items()]
         return bands, [_raster_scaling(found[key]) for key in assets.values()]
@@ -81,7 +82,7 @@ def _item_bands(item: Any, assets: dict[str, str] | None, origin: str) -> tuple[
             bands.append((eo[0]["common_name"], asset.get_absolute_href() or asset.href))
             scaling.append(_raster_scaling(asset))
     if not bands:
-        raise InputError(f"{origin}: item {item.id} has no assets with eo:bands common names; map them in imagery.assets")
+        raise InputError(f"{redact(origin)}: item {item.id} has no assets with eo:bands common names; map them in imagery.assets")
     return bands, scaling
 
 
@@ -93,15 +94,14 @@ def _item_stamp(item: Any, hrefs: list[str]) -> dict[str, Any]:
         if href not in hrefs:
             continue
         extra = asset.extra_fields
-        local = not ("://" in href and not href.startswith("file://"))
-        remote = None if local else redact(href)  # a signed href's token never reaches the ledger
+        remote = redact(href) if is_remote(href) else None  # a signed href's token never reaches the ledger
         assets.append([key, extra.get("file:checksum"), extra.get("file:size"), extra.get("updated"), remote])
     return {"updated": item.properties.get("updated"), "assets": assets}
 
 
 def _item_date(item: Any) -> str | None:
-    date = item.datetime or item.common_metadata.start_datetime
-    return date.date().isoformat() if date else None
+    """The item's acquisition day: its ``datetime``, else its ``start_datetime``."""
+    return date_text(item.datetime or item.common_metadata.start_datetime)
 
 
 def catalog_scenes(im: Imagery, folder: str) -> list[Scene]:
@@ -117,10 +117,12 @@ def catalog_scenes(im: Imagery, folder: str) -> list[Scene]:
     try:
         obj = pystac.read_file(im.stac)
     except Exception as exc:  # pystac raises several types for unreadable or invalid files
-        raise InputError(f"{im.stac}: not a STAC catalog, collection or item pystac can read ({exc})") from exc
+        raise InputError(
+            f"{redact(im.stac)}: not a STAC catalog, collection or item pystac can read ({redact(str(exc))})"
+        ) from None
     items = [obj] if isinstance(obj, pystac.Item) else list(obj.get_items(recursive=True))
     if not items:
-        raise InputError(f"{im.stac}: the catalog has no items")
+        raise InputError(f"{redact(im.stac)}: the catalog has no items")
     slugs = [slug(item.id) for item in items]
     out, seen_items = [], set()
     for item, name in zip(items, slugs, strict=True):
@@ -137,7 +139,9 @@ def catalog_scenes(im: Imagery, folder: str) -> list[Scene]:
     names = [s.name for s in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:  # the same id at the same place, yet different items: nothing tells them apart
-        raise InputError(f"{im.stac}: STAC item {dup[0]!r} is listed twice with different content; give each item its own id")
+        raise InputError(
+            f"{redact(im.stac)}: STAC item {dup[0]!r} is listed twice with different content; give each item its own id"
+        )
     return out
 
 
@@ -164,7 +168,9 @@ def _open_client(url: str) -> Any:
         return Client.open(url, timeout=API_TIMEOUT_S)
     except Exception as exc:  # requests' and pystac-client's errors: unreachable, not JSON, not STAC
         reason = " ".join(str(exc).split())[:200]
-        raise InputError(f"{url}: not a STAC API geoseg can open ({reason}); check the URL and that the server is up") from None
+        raise InputError(
+            f"{redact(url)}: not a STAC API geoseg can open ({redact(reason)}); check the URL and that the server is up"
+        ) from None
 
 
 def search_items(
@@ -214,7 +220,7 @@ def search_items(
     local = query if query and not client.conforms_to(ConformanceClasses.QUERY) else None
     if filter and not client.conforms_to(ConformanceClasses.FILTER):
         raise InputError(
-            f"{url}: the STAC API does not support filter (CQL2); use query: {{property: {{lt: value}}}}, "
+            f"{redact(url)}: the STAC API does not support filter (CQL2); use query: {{property: {{lt: value}}}}, "
             "which geoseg applies itself when an API lacks it"
         )
     try:
@@ -225,7 +231,7 @@ def search_items(
         found = [item for item in search.items() if local is None or _matches(item, local)]
     except Exception as exc:  # requests' errors, pystac-client's APIError, a datetime it cannot parse
         reason = " ".join(str(exc).split())[:200]
-        raise InputError(f"{url}: the STAC API search failed ({reason}); check imagery's search keys") from None
+        raise InputError(f"{redact(url)}: the STAC API search failed ({redact(reason)}); check imagery's search keys") from None
     found = found[:max_items] if max_items else found
     return sorted(found, key=lambda it: (_item_date(it) or "", it.id))
 
@@ -245,7 +251,7 @@ def day_scenes(items: Iterable[Any], assets: dict[str, str] | None, folder: str,
         names = [b for b, _ in per_item[0][0]]
         for item, (bands, _) in zip(group, per_item, strict=True):
             if [b for b, _ in bands] != names:
-                raise InputError(f"{origin}: items of {day} have different bands ({item.id}); map them in imagery.assets")
+                raise InputError(f"{redact(origin)}: items of {day} have different bands ({item.id}); map them in imagery.assets")
         stacked = [(name, [bands[k][1] for bands, _ in per_item]) for k, name in enumerate(names)]
         name = slug(day)
         vrt = stack_vrt(f"the STAC items of {day}", stacked, folder, name, per_item[0][1])
@@ -319,7 +325,7 @@ def api_or_catalog(im: Imagery, folder: str, aoi: str | None) -> list[Scene]:
     from pystac_client.conformance import ConformanceClasses
 
     search_keys = [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(im, k) is not None]
-    if im.stac and is_url(im.stac):
+    if im.stac and is_http_url(im.stac):
         client = _open_client(im.stac)
         if client.conforms_to(ConformanceClasses.ITEM_SEARCH):
             found = stac_scenes(
@@ -327,10 +333,10 @@ def api_or_catalog(im: Imagery, folder: str, aoi: str | None) -> list[Scene]:
                 filter=im.filter, assets=im.assets, max_items=im.max_items, client=client,
             )  # fmt: skip
             if not found:
-                raise InputError(f"{im.stac}: the search found no items; widen imagery's datetime, query or filter")
+                raise InputError(f"{redact(im.stac)}: the search found no items; widen imagery's datetime, query or filter")
             return found
     if search_keys:
         raise InputError(
-            f"imagery.{search_keys[0]}: searches a STAC API, and {im.stac} is a static catalog (read whole); remove it"
+            f"imagery.{search_keys[0]}: searches a STAC API, and {redact(im.stac)} is a static catalog (read whole); remove it"
         )
     return catalog_scenes(im, os.path.join(folder, ".geoseg-stac"))
