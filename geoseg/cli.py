@@ -18,6 +18,7 @@ import click
 from geoseg._version import __version__
 from geoseg.commands import register
 from geoseg.commands.flags import FlagsFilter
+from geoseg.io.remote import RedactFilter, redact
 
 #: read by geoseg.engine.cluster (``DASK_LOG_ENV``): the file Dask's own log lines go to, in every process of a run
 DASK_LOG_ENV = "GEOSEG_DASK_LOG"
@@ -27,6 +28,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactFilter())  # a signed URL's token never reaches a log line
+    if logging.lastResort is not None:  # other libraries' warnings (GDAL's retries quote the URL) print through it
+        logging.lastResort.addFilter(RedactFilter())
     handler.addFilter(FlagsFilter())  # log lines name flags, as the one-line error does
     names = ["geoseg"] + (["distributed"] if verbose >= 2 else [])  # Dask's own INFO chatter only with -vv
     for name in names:
@@ -199,7 +203,8 @@ class _Group(click.Group):
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
             log = _dask_log(keep=True)
             details = f" (details in {log})" if log else ""
-            click.echo(f"geoseg: error: {as_flags(' '.join(lines), command)}{details}", err=True)  # API keywords as flags
+            line = as_flags(redact(" ".join(lines)), command)  # API keywords as flags; no URL's token
+            click.echo(f"geoseg: error: {line}{details}", err=True)
             ctx.exit(1)
 
 

@@ -150,14 +150,14 @@ def _item(
     out_dir: str, run: RunReport, vectors: VectorReport | None, job: Any, date: str | None, derived_from: Sequence[str]
 ) -> str | None:
     """The folder's STAC Item (the input's date, the model's card), written last; None without a CRS."""
-    from geoseg.io.dates import raster_date
+    from geoseg.io.remote import remote_name
     from geoseg.vector.stac import write_item
 
     if not run["output_grid"].get("crs"):
         return None
     path = getattr(job.source, "path", None)  # an xarray input has none: the item takes the run's time
-    when = date or (raster_date(path) if path else None)
-    stem = os.path.splitext(os.path.basename(path))[0] if path else "array"
+    when = date or getattr(job.source, "date", None)  # read with the raster's header when it was opened
+    stem = os.path.splitext(remote_name(path))[0] if path else "array"
     return write_item(out_dir, run, vectors, job.card.classes, job.spec, f"{stem}-{job.card.name}", when, derived_from)
 
 

@@ -4,10 +4,11 @@
 process, honouring ``Range: bytes=a-b`` (what GDAL's ``/vsicurl/`` sends for each block), and
 records every request so a test can count the bytes it served. Failures can be injected: the
 next ``fail_next`` requests for a path answer ``503 Service Unavailable`` (a transient error a
-client must retry), and paths can answer a redirect (``redirects["/x.onnx"] = "http://..."``).
-With ``tls=`` (a :func:`local_tls` pair) it serves ``https://``; clients trust it through
-``SSL_CERT_FILE`` naming the pair's CA. Nothing listens beyond 127.0.0.1; the server stops when the
-block ends.
+client must retry), paths can answer a redirect (``redirects["/x.onnx"] = "http://..."``), and
+with ``tokens`` it acts as a server of signed URLs: a request whose query carries none of them (a URL
+whose token was redacted, or an expired one) is answered ``403`` and logged in ``refused``. With ``tls=``
+(a :func:`local_tls` pair) it serves ``https://``; clients trust it through ``SSL_CERT_FILE`` naming the
+pair's CA. Nothing listens beyond 127.0.0.1; the server stops when the block ends.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import ipaddress
 import re
 import ssl
 import threading
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +38,8 @@ class Served:
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, bytes sent)
     fail_next: dict[str, int] = field(default_factory=dict)  # path -> how many 503s still to answer
     redirects: dict[str, str] = field(default_factory=dict)  # path -> where a 302 sends the client
+    tokens: set[str] | None = None  # when set: a request must carry one of them in its query, else 403
+    refused: list[str] = field(default_factory=list)  # the request lines answered 403 for want of a token
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def bytes_sent(self, path: str | None = None) -> int:
@@ -87,13 +91,30 @@ def _handler(served: Served) -> type[SimpleHTTPRequestHandler]:
             self._record(0)
             return True
 
+        def _unsigned(self) -> bool:
+            """Answer 403 (and log it) when tokens are required and the query carries none of them."""
+            with served.lock:
+                tokens = None if served.tokens is None else set(served.tokens)
+            if tokens is None:
+                return False
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            if any(v in tokens for values in query.values() for v in values):
+                return False
+            with served.lock:
+                served.refused.append(f"{self.command} {self.path}")
+            self.send_response(HTTPStatus.FORBIDDEN)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self._record(0)
+            return True
+
         def do_HEAD(self) -> None:
-            if not self._injected_failure() and not self._redirected():
+            if not self._unsigned() and not self._injected_failure() and not self._redirected():
                 super().do_HEAD()
                 self._record(0)
 
         def do_GET(self) -> None:
-            if self._injected_failure() or self._redirected():
+            if self._unsigned() or self._injected_failure() or self._redirected():
                 return
             target = Path(self.translate_path(self.path))
             m = _RANGE.match(self.headers.get("Range", "").strip())
@@ -177,15 +198,24 @@ def local_tls(folder: str | Path) -> LocalTLS:
 
 
 @contextlib.contextmanager
-def range_server(root: str | Path, tls: LocalTLS | None = None) -> Iterator[Served]:
+def range_server(root: str | Path, tls: LocalTLS | None = None, tokens: Iterable[str] | None = None) -> Iterator[Served]:
     """Serve ``root`` over HTTP (HTTPS with ``tls``) with byte ranges on ``127.0.0.1`` (a free port) for the block.
+
+    Parameters
+    ----------
+    root : str or Path
+        The folder served.
+    tokens : iterable of str, optional
+        Signed-URL mode: every request must carry one of these as a query value (``?token=T``,
+        ``?sig=T``), else it is answered ``403 Forbidden``; ``Served.tokens`` may be changed later
+        (a token expires, a new one is issued).
 
     Yields
     ------
     Served
         ``.url`` (no trailing slash), the request log and the failure injector.
     """
-    served = Served(url="", root=Path(root))
+    served = Served(url="", root=Path(root), tokens=None if tokens is None else set(tokens))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(served))
     server.daemon_threads = True
     if tls is not None:

@@ -23,7 +23,7 @@ from rasterio.transform import from_origin
 
 import geoseg
 from geoseg.errors import RasterReadError
-from geoseg.io.remote import gdal_path, is_remote, redact, remote_name, retrying
+from geoseg.io.remote import gdal_path, is_remote, is_url, redact, remote_name, retrying
 from tests.servers import range_server
 
 SECRET = "S3CR3T-t0k3n"
@@ -50,11 +50,21 @@ def write_cog(path: Path, size: int, blocksize: int, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
+def _server(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("served")
     write_cog(folder / "scene.tif", 384, 128)
     with range_server(folder) as server:
         yield server
+
+
+@pytest.fixture
+def served(_server):
+    """The module's server; the 503s a test injects end with it, whatever happens (no cascade into the next)."""
+    try:
+        yield _server
+    finally:
+        with _server.lock:
+            _server.fail_next.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -167,10 +177,10 @@ def test_retrying_bypasses_gdals_cache_of_a_failure_and_gives_up_in_one_line(ser
     assert src.geobox.width == 384 and SECRET not in repr(src) and SECRET in src.location
     monkeypatch.setenv("GEOSEG_REMOTE_ATTEMPTS", "2")
     served.fail_next["/scene.tif"] = 100
+    other = f"{served.url}/scene.tif?sig={SECRET}&signed=again"  # not in GDAL's cache (the first URL's header is)
     with pytest.raises(RasterReadError, match=r"failed after 2 attempts .*try again later") as info:
-        retrying(src.location, "reading", lambda: open_source(src.location))
+        retrying(gdal_path(other), "reading", lambda: open_source(other))
     assert SECRET not in str(info.value) and "\n" not in str(info.value)
-    served.fail_next["/scene.tif"] = 0
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -258,3 +268,82 @@ def test_the_declared_size_guard_holds_for_remote_rasters(served, monkeypatch) -
     with pytest.raises(InputError, match=r"scene.tif\?<redacted>: declares 384 x 384 pixels") as info:
         open_source(f"{served.url}/scene.tif?sig={SECRET}")
     assert SECRET not in str(info.value)
+
+
+def test_redaction_takes_any_scheme_case_and_fingerprints_hold_no_token(monkeypatch) -> None:
+    """``HTTPS://`` is a URL to :func:`is_url`, so to :func:`redact` too; the header-digest fingerprint ignores tokens."""
+    from geoseg.io.remote import remote_fingerprint
+
+    for scheme in ("HTTPS://", "Http://", "S3://", "Gs://"):
+        assert is_url(f"{scheme}h.example/a.tif")
+        once = redact(f"open {scheme}h.example/a.tif?sig={SECRET} failed")
+        assert SECRET not in once and redact(once) == once  # redacting twice changes nothing
+    one = remote_fingerprint(f"/vsis3/b/a.tif?sig={SECRET}", "GTiff:10x10", {})
+    two = remote_fingerprint("/vsis3/b/a.tif?sig=other-token", "GTiff:10x10", {})
+    assert one == two and SECRET not in one  # re-signed, the same object keeps its fingerprint
+
+
+def test_a_retry_drops_gdals_cache_of_the_failed_file_only(tmp_path: Path) -> None:
+    """GDAL splits CPL_VSIL_CURL_NON_CACHED on ':' (http://host:port): the retry must not uncache every http file."""
+    from geoseg.io.remote import remote_gdal_options
+
+    write_cog(tmp_path / "a.tif", 256, 128)
+    write_cog(tmp_path / "b.tif", 256, 128, seed=2)
+    with range_server(tmp_path) as server:
+        a, b = (gdal_path(f"{server.url}/{n}.tif") for n in "ab")
+
+        def read(path: str) -> np.ndarray:
+            with rasterio.open(path) as ds:
+                return ds.read()
+
+        with rasterio.Env(**remote_gdal_options(a)):
+            first = read(b)  # in GDAL's cache now
+            asked = server.count("/b.tif")
+            server.fail_next["/a.tif"] = 6  # GDAL's own 5 tries fail, geoseg's retry succeeds
+            _, again = retrying(a, "reading", lambda: (read(a), read(b)))
+        assert server.fail_next["/a.tif"] == 0 and np.array_equal(first, again)
+        assert server.count("/b.tif") == asked  # b.tif came from the cache: only a.tif was asked again
+
+
+def test_dates_are_read_one_way_and_checked() -> None:
+    from geoseg.io.dates import date_text, filename_date, tags_date
+
+    assert filename_date("S2_20240105_T31.tif") == "2024-01-05" and filename_date("2024-01-05_x.tif") == "2024-01-05"
+    assert filename_date("tile_20241345_20240106.tif") == "2024-01-06"  # 2024-13-45 is no day
+    assert filename_date("2024-13-45.tif") == "2024" and filename_date("scene.tif") is None
+    assert tags_date({"TIFFTAG_DATETIME": "2023:04:26 10:00:00"}, "x.tif") == "2023-04-26"
+    assert tags_date({"ACQUISITION_DATE": "2022-02-30"}, "s_2021-06-01.tif") == "2021-06-01"
+    import datetime
+
+    assert date_text(datetime.datetime(2024, 5, 20, 10, 30)) == "2024-05-20" and date_text(None) is None
+
+
+def test_every_sink_redacts_a_token(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The ledger's error column, the log lines, run.json's command line (segmenters and detectors share it)."""
+    import logging
+
+    from geoseg.engine.report import command_line
+    from geoseg.io.remote import RedactFilter
+    from geoseg.workflows.ledger import Ledger
+
+    monkeypatch.setattr(sys, "argv", ["geoseg", "predict", f"https://h.example/a.tif?sig={SECRET}"])
+    assert command_line() == ["geoseg", "predict", "https://h.example/a.tif?<redacted>"]
+    ledger = Ledger(str(tmp_path))
+    ledger.start_run()
+    ledger.begin("u", "segment", "s", "m", {}, "d")
+    ledger.failed("u", f"/vsicurl/https://h.example/a.tif?sig={SECRET}: HTTP 500", 1.0)
+    assert SECRET not in str(ledger.units()) and "a.tif?<redacted>" in str(ledger.units())
+    ledger.close()
+    logger = logging.getLogger("geoseg.test_redact")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactFilter())
+    logger.addHandler(handler)
+    try:
+        try:
+            raise OSError(f"HTTPS://h.example/a.tif?token={SECRET} refused")
+        except OSError:
+            logger.exception("reading %s", f"https://h.example/b.tif?sig={SECRET}")
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert SECRET not in err and "b.tif?<redacted>" in err and "a.tif?<redacted> refused" in err

@@ -32,10 +32,10 @@ from geoseg.classes import NODATA
 from geoseg.engine import write
 from geoseg.engine.write import check_output_dir
 from geoseg.errors import InputError
-from geoseg.io.dates import raster_date
 from geoseg.io.mask import open_mask
 from geoseg.io.outdir import write_json_atomic
 from geoseg.io.raster import open_source
+from geoseg.io.remote import shown_path
 from geoseg.models.bands import match_bands, parse_band_option
 from geoseg.models.spec import resolve_model
 from geoseg.pipeline import segment
@@ -153,18 +153,18 @@ def change(
     spec = resolve_model(model)
     mspec = resolve_model(mask_model) if mask_model is not None else None  # a missing mask model fails before any work
     target = open_source(grid or before).geobox
-    dates = {"before": date_before or raster_date(before), "after": date_after or raster_date(after)}
     src_b = _aligned(before, bands_before, spec, target, resampling)
     src_a = _aligned(after, bands_after, spec, target, resampling)
+    dates = {"before": date_before or src_b.date, "after": date_after or src_a.date}  # read when they were opened
     made = _date_masks(masks, src_b, src_a, spec, out_dir, progress=progress, aoi=aoi, chunk=chunk, radiometry=radiometry)
     cloud_masks = [] if mspec is None else _cloud_masks(mspec, before, after, target, resampling, out_dir, aoi, chunk, progress)
     mb = open_mask(made["before"])
     trans = transitions([(c.id, c.name, tuple(c.color or (0, 0, 0))) for c in mb.classes], spec.card.task)
     codes = code_map(made, cloud_masks, trans, mb.geobox, min_area)
     record = {
-        "before": {"path": os.path.abspath(before), "date": dates["before"], "mask": made["before"]},
+        "before": {"path": shown_path(before), "date": dates["before"], "mask": made["before"]},
         "after": {
-            "path": os.path.abspath(after),
+            "path": shown_path(after),  # a URL as GDAL reads it, its token redacted
             "date": dates["after"],
             "mask": made["after"],
             "aligned": src_a.warp is not None,

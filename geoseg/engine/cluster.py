@@ -26,6 +26,7 @@ from typing import Any
 
 from geoseg.engine.security import DASHBOARD_ENV, connect, dashboard_address, local_security
 from geoseg.errors import GeosegError, InputError
+from geoseg.io.remote import RedactFilter
 
 __all__ = [
     "AUTO_MAX_CHUNKS",
@@ -177,6 +178,7 @@ def route_dask_logs() -> str | None:
         handler = logging.FileHandler(path, delay=True)
         handler.setLevel(logging.WARNING)  # what went wrong, not the start-up chatter
         handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(name)s %(levelname)s: %(message)s"))
+        handler.addFilter(RedactFilter())  # a task's error may quote a signed URL: its token never reaches the file
         logger.addHandler(handler)
         logger.propagate = False
     return path

@@ -32,11 +32,10 @@ from geoseg.engine.graph import chunk_reads
 from geoseg.engine.job import Job
 from geoseg.engine.plan import plan_job
 from geoseg.engine.progress import TileReport, compute_tasks, counter
-from geoseg.engine.report import job_entries, versions
+from geoseg.engine.report import command_line, job_entries, versions
 from geoseg.engine.tasks import TileInputs, model_inputs, tile_batches
 from geoseg.errors import InputError
 from geoseg.grid import TilePlan, Window
-from geoseg.io.remote import redact
 from geoseg.models.card_parts import Detector
 from geoseg.models.detector import Boxes, fixed_batch, nms, rank_order, settle, tile_boxes
 from geoseg.models.runtime import get_predictor, resample_batch
@@ -82,8 +81,6 @@ class Detections:
 
     def record(self, layers: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The run record (run.json) of a detection run whose polygon layers are ``layers`` (vectors.json's outputs)."""
-        import sys
-
         job = self.job
         report: dict[str, Any] = {"geoseg_run": 1, "outputs": {"vectors": "vectors.json"}}
         report.update(job_entries(job, self.stats, len(self.stats)))
@@ -104,7 +101,7 @@ class Detections:
             **{f"{k[:-2]}_task_s": round(sum(s[k] for s in stats), 3) for k in ("read_s", "predict_s", "wait_s", "nms_s")},
         }
         report["versions"] = {**versions(), **job.info.versions}
-        report["command"] = [redact(a) for a in sys.argv]  # a signed URL's token is never written
+        report["command"] = command_line()
         report["warnings"] = list(job.warnings)
         report.update(extra or {})
         return report

@@ -25,7 +25,7 @@ from geoseg.io.remote import redact
 from geoseg.io.xarray_source import ArraySource
 from geoseg.records import Record
 
-__all__ = ["MAX_NONFINITE_FRACTION", "check_nonfinite", "job_entries", "no_job_message", "run_report", "versions"]
+__all__ = ["MAX_NONFINITE_FRACTION", "check_nonfinite", "command_line", "job_entries", "no_job_message", "run_report", "versions"]
 
 #: Largest share of valid pixels that may be lost to NaN/Inf model outputs (or to values that
 #: overflow float32 after scaling) before the run is an error; below it, a warning in run.json.
@@ -173,7 +173,7 @@ def run_report(
     report["pixels"] = _pixels(counts, names)
     report["timings"] = _timings(job, stats, mask_res, seconds)
     report["versions"] = {**versions(), **(job.info.versions if job is not None else {})}
-    report["command"] = [redact(a) for a in sys.argv]  # a signed URL's token is never written
+    report["command"] = command_line()
     report["warnings"] = _warnings(counts, names, job)
     if extra:
         report.update(extra)
@@ -183,6 +183,11 @@ def run_report(
         if lost["warning"]:
             report["warnings"].append(lost["warning"])
     return report
+
+
+def command_line() -> list[str]:
+    """The command line as run.json records it: every argument with any URL's token redacted."""
+    return [redact(a) for a in sys.argv]
 
 
 def job_entries(job: Job, stats: list[dict], n_chunks: int) -> dict[str, Any]:

@@ -15,15 +15,17 @@ import numpy as np
 from geoseg.errors import InputError
 from geoseg.io.frames import local_file, video_frame
 from geoseg.io.gdal import quiet_rasterio_georeference
-from geoseg.io.remote import gdal_path, is_remote, remote_fingerprint
+from geoseg.io.remote import gdal_path, has_secret, is_remote, redact, remote_fingerprint
 
 __all__ = [
     "MAX_PIXELS",
     "MAX_SPARSE_RATIO",
     "check_declared_size",
+    "content_stamp",
     "dataset_files",
     "file_fingerprint",
     "files_digest",
+    "remote_sources",
     "size_mtime",
 ]
 
@@ -87,11 +89,15 @@ def dataset_files(path: str, max_depth: int = 8) -> list[str]:
     return [first, *sorted(rest)]
 
 
-def file_fingerprint(path: str) -> str:
+def file_fingerprint(path: str, content: bool = False) -> str:
     """``absolute path:size:mtime_ns`` of a file (the path alone when it cannot be stat'ed; a remote one's
     redacted URL, size and ETag or Last-Modified: :func:`geoseg.io.remote.remote_fingerprint`),
     followed by a digest of the size and mtime of every other file it is read from (a VRT's
     sources, nested VRTs).
+
+    A VRT naming signed URLs (re-signed, hence rewritten, for every run), or any VRT when
+    ``content`` is set (a STAC scene's), is keyed by its text with the secrets redacted instead
+    of its path and mtime (:func:`content_stamp`).
 
     Keys that must change when any file behind a raster is rewritten (resumable writes, the
     workflow ledger).
@@ -101,9 +107,69 @@ def file_fingerprint(path: str) -> str:
     stamp = size_mtime(path)
     if not stamp:
         return path
-    own = f"{os.path.abspath(path)}:{stamp.replace('-', ':')}"
+    own = content_stamp(path, always=content) or f"{os.path.abspath(path)}:{stamp.replace('-', ':')}"
     others = dataset_files(path)[1:]
     return f"{own}+{files_digest(others)}" if others else own
+
+
+def _vrt_text(path: str) -> str | None:
+    """The XML of a local VRT file (None for anything else, or one too big to be a VRT of sources)."""
+    if not path.lower().endswith(".vrt") or is_remote(path):
+        return None
+    try:
+        if os.path.getsize(path) > 16 * 1024 * 1024:
+            return None
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def content_stamp(path: str, always: bool = False) -> str | None:
+    """``vrt:<digest>`` of a VRT's text with its secrets redacted, when it holds a secret (or ``always``); else None.
+
+    A VRT of signed URLs is rewritten whenever they are signed again: its mtime says nothing, its
+    redacted text says which files, grid and bands it reads.
+    """
+    import hashlib
+
+    text = _vrt_text(path)
+    if text is None or not (always or has_secret(text)):
+        return None
+    return "vrt:" + hashlib.sha256(redact(text).encode(errors="surrogateescape")).hexdigest()[:16]
+
+
+def remote_sources(path: str, max_depth: int = 8) -> list[str]:
+    """The remote GDAL paths a raster reads: ``[path]`` for a remote one, a local VRT's remote sources
+    (nested VRTs followed, from their XML: nothing is opened), else none.
+    """
+    import xml.etree.ElementTree as ET
+
+    if is_remote(path):
+        return [gdal_path(path)]
+    found: dict[str, None] = {}
+    todo, seen = [(path, 0)], set()
+    while todo:
+        vrt, depth = todo.pop()
+        text = _vrt_text(vrt)
+        if text is None or vrt in seen or depth > max_depth:
+            continue
+        seen.add(vrt)
+        try:
+            root = ET.fromstring(text)
+        except (ET.ParseError, ValueError):
+            continue
+        for el in root.iter():
+            if el.tag not in ("SourceFilename", "SourceDataset") or not (el.text or "").strip():
+                continue
+            name = el.text.strip()
+            if is_remote(name):
+                found[gdal_path(name)] = None
+            elif el.get("relativeToVRT") == "1" or (el.tag == "SourceDataset" and not os.path.isabs(name)):
+                todo.append((os.path.join(os.path.dirname(vrt), name), depth + 1))
+            else:
+                todo.append((name, depth + 1))
+    return list(found)
 
 
 def files_digest(files: list[str]) -> str:

@@ -22,10 +22,29 @@ import numpy as np
 
 from geoseg.errors import InputError, RasterReadError, warn_not_georeferenced
 from geoseg.grid import GeoBox, Window, reflect_window
-from geoseg.io.files import LIST_GDAL_OPTIONS, check_declared_size, dataset_files, files_digest, size_mtime
+from geoseg.io.dates import tags_date
+from geoseg.io.files import (
+    LIST_GDAL_OPTIONS,
+    check_declared_size,
+    content_stamp,
+    dataset_files,
+    files_digest,
+    remote_sources,
+    size_mtime,
+)
 from geoseg.io.frames import local_file, read_video_frame, video_frame
 from geoseg.io.gdal import quiet_rasterio_georeference
-from geoseg.io.remote import gdal_path, is_remote, redact, remote_fingerprint, remote_gdal_options, remote_stat, retrying
+from geoseg.io.remote import (
+    gdal_path,
+    is_remote,
+    redact,
+    remote_fingerprint,
+    remote_gdal_options,
+    remote_name,
+    remote_stat,
+    retrying,
+    with_backoff,
+)
 
 __all__ = [
     "DEFAULT_GDAL_OPTIONS",
@@ -74,6 +93,12 @@ class RasterSource:
     gdal_path : str
         The full path GDAL opens when ``path`` had a secret redacted (never shown, recorded
         or part of the Dask token: a re-signed URL of the same content is the same job).
+    remote_files : tuple of str
+        The remote GDAL paths reads reach, found when the raster was opened: the URL itself,
+        or a VRT's remote sources (secrets included, so never shown, recorded or tokenized).
+        Reads of a source with any are remote reads (:func:`geoseg.io.remote.retrying`).
+    date : str, optional
+        Acquisition date (``YYYY-MM-DD``) from the metadata read at open, else the file name.
     """
 
     path: str
@@ -87,6 +112,8 @@ class RasterSource:
     mask_bands: tuple[int, ...] = ()
     warp: tuple | None = None  # (crs, affine 6-tuple, width, height, resampling): read through a WarpedVRT
     gdal_path: str = field(default="", repr=False)
+    remote_files: tuple[str, ...] = field(default=(), repr=False)
+    date: str | None = None
 
     @property
     def location(self) -> str:
@@ -95,11 +122,12 @@ class RasterSource:
 
     @property
     def remote(self) -> bool:
-        """Whether reads reach the network (a URL or a network ``/vsi`` path)."""
-        return is_remote(self.location)
+        """Whether reads reach the network (a URL, a network ``/vsi`` path, or a VRT of such files)."""
+        return bool(self.remote_files) or is_remote(self.location)
 
     def __dask_tokenize__(self) -> tuple:
-        return ("geoseg.RasterSource", *(getattr(self, f.name) for f in fields(self) if f.name != "gdal_path"))
+        secret = ("gdal_path", "remote_files")
+        return ("geoseg.RasterSource", *(getattr(self, f.name) for f in fields(self) if f.name not in secret))
 
     @property
     def count(self) -> int:
@@ -222,19 +250,24 @@ def open_source(
     from rasterio.errors import RasterioIOError
 
     path = _worker_path(path)
+    remote = remote_sources(path)  # a URL, or a VRT's remote sources: read as remote files are
     opts = dict(DEFAULT_GDAL_OPTIONS)
-    opts.update(remote_gdal_options(path) if is_remote(path) else {})
+    opts.update(remote_gdal_options(*remote) if remote else {})
     opts.update(gdal_options or {})
-    describe = partial(_describe, path, opts, bands, require_crs, warp_to, resampling, max_pixels)
-    if is_remote(path):  # a 503 retried with back-off; a 404 or 403 fails at once, the URL redacted
-        return retrying(path, "opening the raster", describe)
+    describe = partial(_describe, path, opts, bands, require_crs, warp_to, resampling, max_pixels, tuple(remote))
+    if remote:  # a 503 retried with back-off; a 404 or 403 fails at once, the URL redacted
+        return retrying(path, "opening the raster", describe, remote)
     try:
         return describe()
     except RasterioIOError as exc:
-        raise RasterReadError(f"{path}: not a raster GDAL can open ({exc}); check the file is complete and its format") from exc
+        raise RasterReadError(
+            f"{redact(path)}: not a raster GDAL can open ({redact(str(exc))}); check the file is complete and its format"
+        ) from None
 
 
-def _describe(path: str, opts: dict, bands, require_crs: bool, warp_to, resampling: str, max_pixels) -> RasterSource:
+def _describe(
+    path: str, opts: dict, bands, require_crs: bool, warp_to, resampling: str, max_pixels, remote: tuple[str, ...]
+) -> RasterSource:
     """Open ``path`` under ``opts`` and describe it (the body of :func:`open_source`; messages name it redacted)."""
     import rasterio
 
@@ -255,6 +288,7 @@ def _describe(path: str, opts: dict, bands, require_crs: bool, warp_to, resampli
         return RasterSource(
             path=shown,
             gdal_path=path if shown != path else "",
+            remote_files=remote,
             bands=bands,
             warp=warp,
             geobox=geobox,
@@ -264,6 +298,7 @@ def _describe(path: str, opts: dict, bands, require_crs: bool, warp_to, resampli
             gdal_options=tuple(sorted(opts.items())),
             fingerprint=_fingerprint(path, files, stat, ds),
             mask_bands=tuple(b for b in bands if b not in alpha) or bands,
+            date=tags_date(ds.tags(), remote_name(path)),
         )
 
 
@@ -279,7 +314,9 @@ def _fingerprint(path: str, files: list[str], stat: dict[str, str], ds) -> str:
     if is_remote(path):
         header = f"{ds.driver}:{ds.width}x{ds.height}x{ds.count}:{ds.dtypes}:{tuple(ds.transform)}:{ds.crs}"
         return remote_fingerprint(path, header, stat)
-    return size_mtime(path) + (f"+{files_digest(files[1:])}" if len(files) > 1 else "")
+    # a VRT of signed URLs by its redacted text (signed again, it is rewritten with the same content)
+    own = content_stamp(path) or size_mtime(path)
+    return own + (f"+{files_digest(files[1:])}" if len(files) > 1 else "")
 
 
 def _worker_path(path: str | os.PathLike) -> str:
@@ -377,7 +414,7 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
     rio_win = RioWindow(c0, r0, c1 - c0, r1 - r0)
     read = partial(_read_pixels, source, rio_win)
     if source.remote:  # transient HTTP failures retried with back-off (GDAL's cache of them bypassed)
-        data, masks = retrying(source.location, f"reading rows {r0}:{r1}, cols {c0}:{c1}", read)
+        data, masks = retrying(source.location, f"reading rows {r0}:{r1}, cols {c0}:{c1}", read, source.remote_files)
     else:
         data, masks = _read_local(source, read, retries, f"rows {r0}:{r1}, cols {c0}:{c1}")
     valid = masks.any(axis=0)
@@ -408,13 +445,15 @@ def _read_local(source: RasterSource, read, retries: int, where: str) -> tuple[n
     """``read()`` of a local raster, tried ``retries`` more times after a failure with a short back-off."""
     import rasterio
 
-    last: Exception | None = None
-    for attempt in range(retries + 1):
-        try:
-            return read()
-        except rasterio.errors.RasterioError as exc:  # corrupt block, dropped connection
-            last = exc
-            time.sleep(0.2 * (attempt + 1))
+    def transient(exc: Exception) -> bool:  # a corrupt block, a dropped connection: tried again
+        return isinstance(exc, rasterio.errors.RasterioError)
+
+    try:
+        return with_backoff(read, transient, attempts=retries + 1, delay=0.2)
+    except rasterio.errors.RasterioError as exc:
+        last = redact(str(exc))
+    # raised outside the handler: a worker's error then carries no chain of GDAL's exceptions (the client could not
+    # rebuild them, and would see a bare Exception instead of this one line)
     raise RasterReadError(
         f"{source.path}: reading {where} failed after {retries + 1} attempts ({last}); "
         "check the file is complete (gdalinfo -checksum) or the connection"
@@ -445,11 +484,13 @@ def read_overview(source: RasterSource, max_side: int = 1024, exact: bool = Fals
     f = max(1, int(np.ceil(max(gb.width, gb.height) / max_side)))
     read = partial(_decimated, source, f, exact)
     if source.remote:
-        return retrying(source.location, "reading a decimated copy", read), f
+        return retrying(source.location, "reading a decimated copy", read, source.remote_files), f
     try:
         return read(), f
     except rasterio.errors.RasterioIOError as exc:
-        raise RasterReadError(f"{source.path}: reading a decimated copy failed ({exc}); check the file is complete") from exc
+        raise RasterReadError(
+            f"{source.path}: reading a decimated copy failed ({redact(str(exc))}); check the file is complete"
+        ) from None
 
 
 def _decimated(source: RasterSource, f: int, exact: bool) -> np.ma.MaskedArray:

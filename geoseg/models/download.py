@@ -6,10 +6,6 @@ Standard library only (:mod:`urllib`): proxies come from the environment (``HTTP
 and 5xx, timeouts, dropped connections) are retried with exponential back-off. Nothing is
 renamed into place here: the caller checks the hash and renames, or removes the temporary
 file (:func:`fetch` removes it itself on any failure).
-
-Transport: ``https://`` only, redirects included, unless the caller will check the bytes against
-a checksum known beforehand (``pinned``): then the transport cannot change what is accepted, and
-plain ``http://`` (a local mirror, a test server) is allowed.
 """
 
 from __future__ import annotations
@@ -17,20 +13,18 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 from geoseg.errors import ModelError
-from geoseg.io.remote import redact
+from geoseg.io.remote import PERMANENT_HTTP, redact, retry_attempts, with_backoff
 
 __all__ = ["Fetched", "fetch", "insecure_text", "sha256_file"]
 
 #: Largest model file geoseg downloads; ``GEOSEG_MAX_MODEL_BYTES`` changes it.
 MAX_BYTES = 4 * 1024**3
-_PERMANENT = {400, 401, 403, 404, 405, 410}
 
 
 @dataclass(frozen=True)
@@ -78,7 +72,9 @@ def insecure_text(url: str) -> str:
     )
 
 
-def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: int = 4, pinned: bool = False) -> Fetched:
+def fetch(
+    url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: int | None = None, pinned: bool = False
+) -> Fetched:
     """Download ``url`` into ``folder`` under a hidden temporary name, hashing it as it streams.
 
     Parameters
@@ -91,8 +87,9 @@ def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: 
         For the temporary name (``.STEM.part-XXXX``).
     timeout : float
         Seconds a connection or a read may stall.
-    attempts : int
-        Tries for a transient failure; the back-off doubles from ``GEOSEG_REMOTE_RETRY_DELAY`` (1 s).
+    attempts : int, optional
+        Tries for a transient failure; default as every remote request (``GEOSEG_REMOTE_ATTEMPTS``, 5),
+        the back-off doubling from ``GEOSEG_REMOTE_RETRY_DELAY`` (1 s).
     pinned : bool
         The caller checks the file against a SHA-256 it knew before the download: plain ``http://``
         (and redirects to it) are allowed.
@@ -112,29 +109,36 @@ def fetch(url: str, folder: str, stem: str, *, timeout: float = 60.0, attempts: 
         raise ModelError(f"{redact(url)}: models are downloaded over http(s) only; give an https:// URL")
     if not pinned and not url.lower().startswith("https://"):
         raise ModelError(insecure_text(url))
-    delay = _setting("GEOSEG_REMOTE_RETRY_DELAY", 1.0)
     tmp = os.path.join(folder, f".{stem}.part-{secrets.token_hex(4)}")
-    last = ""
-    for attempt in range(attempts):
+
+    def attempt() -> Fetched:
         try:
             return _stream(url, tmp, timeout, pinned)
-        except urllib.error.HTTPError as exc:
-            _discard(tmp)
-            last = f"HTTP {exc.code}"
-            if exc.code in _PERMANENT:
-                raise ModelError(f"{redact(url)}: download refused ({last}); check the URL (or the catalogue entry)") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            _discard(tmp)
-            last = redact(str(getattr(exc, "reason", exc)))
         except BaseException:
             _discard(tmp)
             raise
-        if attempt + 1 < attempts:
-            time.sleep(delay * 2**attempt)
+
+    tries = retry_attempts() if attempts is None else max(1, attempts)
+    try:
+        return with_backoff(attempt, _transient, attempts=tries)
+    except urllib.error.HTTPError as exc:
+        if exc.code in PERMANENT_HTTP:
+            refused = f"download refused (HTTP {exc.code}); check the URL (or the catalogue entry)"
+            raise ModelError(f"{redact(url)}: {refused}") from None
+        last = f"HTTP {exc.code}"
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        last = redact(str(getattr(exc, "reason", exc)))
     raise ModelError(
-        f"{redact(url)}: download failed after {attempts} attempts ({last}); check the network (proxies come from "
+        f"{redact(url)}: download failed after {tries} attempts ({last}); check the network (proxies come from "
         "HTTPS_PROXY) and try again"
     )
+
+
+def _transient(exc: Exception) -> bool:
+    """A failed download worth another try: HTTP 429 and 5xx, timeouts, dropped connections."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code not in PERMANENT_HTTP
+    return isinstance(exc, (urllib.error.URLError, TimeoutError, ConnectionError))
 
 
 def _discard(tmp: str) -> None:

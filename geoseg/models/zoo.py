@@ -22,20 +22,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from geoseg.errors import ModelError
 from geoseg.io.outdir import fsync_replace, write_json_atomic
-from geoseg.io.remote import is_url, redact
+from geoseg.io.remote import cache_root, is_url, redact
 from geoseg.models.bundled import BUNDLED
 from geoseg.models.card_sources import DET_TYPES, find_card
 from geoseg.models.download import fetch, insecure_text, sha256_file
 
 __all__ = ["TASKS", "ZooEntry", "cache_dir", "cached_model", "load_catalogue", "pull"]
 
-CACHE_ENV = "GEOSEG_CACHE"
 ZOO_ENV = "GEOSEG_ZOO"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -78,15 +76,7 @@ class Pulled:
 
 def cache_dir() -> str:
     """The folder pulled models live in: ``$GEOSEG_CACHE/models``, else the user's cache folder's ``geoseg/models``."""
-    root = os.environ.get(CACHE_ENV, "").strip()
-    if not root:
-        if sys.platform == "darwin":
-            root = os.path.expanduser("~/Library/Caches/geoseg")
-        elif os.name == "nt":
-            root = os.path.join(os.environ.get("LOCALAPPDATA", os.path.expanduser("~")), "geoseg", "Cache")
-        else:
-            root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "geoseg")
-    return os.path.join(os.path.abspath(os.path.expanduser(root)), "models")
+    return os.path.join(cache_root(), "models")
 
 
 def catalogue_path() -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from geoseg.errors import OutputError
 from geoseg.io.outdir import disk_full_error, disk_full_now
+from geoseg.io.remote import redact
 
 __all__ = ["LEDGER_NAME", "LEDGER_VERSION", "Ledger", "params_hash", "process_alive"]
 
@@ -327,11 +328,11 @@ class Ledger:
             )
 
     def failed(self, unit_id: str, error: str, seconds: float) -> None:
-        """Mark a unit failed, with its one-line error."""
+        """Mark a unit failed, with its one-line error (any URL's token redacted)."""
         with self._tx("recording a unit in") as db:
             db.execute(
                 "UPDATE units SET status = 'failed', error = ?, finished = ?, seconds = ? WHERE id = ?",
-                (error, _now(), round(seconds, 3), unit_id),
+                (redact(error), _now(), round(seconds, 3), unit_id),
             )
 
     # -- reading ---------------------------------------------------------------------

@@ -41,6 +41,7 @@ from geoseg.workflows.units import (
     finish,
     run_lock,
     run_unit,
+    scene_fingerprint,
     segment_options,
     unit_params,
 )
@@ -302,7 +303,7 @@ def _scene(
         mdir = os.path.join(img_dir, mdir_name)
         options = segment_options(wf, run, bands)
         params = {
-            "scene": fingerprint(scene.path, scene.stamp),
+            "scene": scene_fingerprint(scene),
             "model": spec.sha256,
             "card": card_hash(spec),
             **unit_params(options),
@@ -338,8 +339,8 @@ def _change_pairs(
         given = (masks.get((a.name, spec.sha256)), masks.get((b.name, spec.sha256)))
         kwargs = change_options(plan.wf, ch, a, b, given)
         params = {
-            "before": fingerprint(a.path, a.stamp),
-            "after": fingerprint(b.path, b.stamp),
+            "before": scene_fingerprint(a),
+            "after": scene_fingerprint(b),
             "model": spec.sha256,
             "card": card_hash(spec),
             **unit_params(kwargs),
@@ -350,7 +351,7 @@ def _change_pairs(
             units.unit(os.path.relpath(cdir, plan.folder), partial(_change, a, b, spec, kwargs, cdir)),
         )  # fmt: skip
         if res is not None:
-            out.append({"before": a.date, "after": b.date, "model": ch.model, "after_image": b.path, **res})
+            out.append({"before": a.date, "after": b.date, "model": ch.model, "after_image": redact(b.path), **res})
     return out
 
 

@@ -7,24 +7,15 @@ from __future__ import annotations
 
 import glob as globlib
 import os
-import re
 from dataclasses import replace
 
 from geoseg.errors import InputError
-from geoseg.io.dates import raster_date
+from geoseg.io.dates import filename_date, raster_date
 from geoseg.io.remote import failure_kind, gdal_path, is_remote, permanent_error, redact, remote_env, remote_name
 from geoseg.workflows.scene import Scene, slug
 from geoseg.workflows.spec import Imagery
 
 __all__ = ["scenes"]
-
-
-def _filename_date(path: str) -> str | None:
-    m = re.search(r"(?<!\d)(\d{4})[-_]?(\d{2})[-_]?(\d{2})(?!\d)", os.path.basename(path))
-    if m:
-        return "-".join(m.groups())
-    y = re.search(r"(?<!\d)(19|20)\d{2}(?!\d)", os.path.basename(path))
-    return y.group(0) if y else None
 
 
 def _has_crs(path: str) -> bool:
@@ -80,7 +71,7 @@ def scenes(im: Imagery, work_folder: str, aoi: str | None = None) -> list[Scene]
                     f"{redact(p)}: has no CRS, and workflows map georeferenced imagery; assign one (gdal_edit.py -a_srs "
                     "EPSG:...) or run plain images with geoseg predict IMAGE|FOLDER|VIDEO"
                 )
-        dated = [(p, _filename_date(remote_name(p)) if im.date_from == "filename" else raster_date(p)) for p in paths]
+        dated = [(p, filename_date(remote_name(p)) if im.date_from == "filename" else raster_date(p)) for p in paths]
         found = [Scene(p, d, slug(os.path.splitext(remote_name(p))[0])) for p, d in dated]
     names = [s.name for s in found]
     if len(set(names)) != len(names):  # same file names in different folders: add the date, then a counter

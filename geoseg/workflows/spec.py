@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from geoseg._yaml import flat as _flat
 from geoseg._yaml import load_yaml
 from geoseg.errors import InputError
-from geoseg.io.remote import is_remote
+from geoseg.io.remote import is_http_url, is_remote
 
-__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "check_cron", "check_inside", "is_url", "load_workflow"]
+__all__ = ["Change", "Imagery", "ModelRun", "Outputs", "Workflow", "check_cron", "check_inside", "load_workflow"]
 
 FORMATS = ("geojson", "gpkg", "fgb", "parquet")
 
@@ -148,14 +148,9 @@ class Imagery(_Strict):
         if sum(bool(v) for v in (self.files, self.glob, self.stac)) != 1:
             raise ValueError("give exactly one of files, glob or stac")
         search = [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(self, k) is not None]
-        if search and not (self.stac and is_url(self.stac)):
+        if search and not (self.stac and is_http_url(self.stac)):
             raise ValueError(f"{search[0]} searches a STAC API: give stac: https://... (the API's address)")
         return self
-
-
-def is_url(text: str) -> bool:
-    """Whether ``text`` is an ``http(s)://`` address (a STAC API or a catalog served over HTTP), not a path."""
-    return text.startswith(("http://", "https://"))
 
 
 class Change(_Strict):
@@ -452,7 +447,7 @@ def _imagery(wf: Workflow, paths: _Paths) -> Imagery:
         update={
             "files": files or None,
             "glob": paths.resolve(im.glob, ("imagery", "glob"), pattern=True),
-            "stac": im.stac if im.stac and is_url(im.stac) else paths.resolve(im.stac, ("imagery", "stac")),
+            "stac": im.stac if im.stac and is_http_url(im.stac) else paths.resolve(im.stac, ("imagery", "stac")),
         }
     )
 

@@ -27,9 +27,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from geoseg.errors import InputError
-from geoseg.io.remote import redact
+from geoseg.io.dates import date_text
+from geoseg.io.remote import is_http_url, is_remote, redact
 from geoseg.workflows.scene import Scene, slug
-from geoseg.workflows.spec import Imagery, is_url
+from geoseg.workflows.spec import Imagery
 from geoseg.workflows.stac_http import open_client, read_catalog
 from geoseg.workflows.stack import asset_crs, stack_vrt
 
@@ -74,7 +75,7 @@ def _item_bands(item: Any, assets: dict[str, str] | None, origin: str) -> tuple[
         missing = [k for k in assets.values() if k not in found]
         if missing:
             raise InputError(
-                f"{origin}: item {item.id} has no asset {missing[0]!r} (it has {', '.join(found)}); fix imagery.assets"
+                f"{redact(origin)}: item {item.id} has no asset {missing[0]!r} (it has {', '.join(found)}); fix imagery.assets"
             )
         bands = [(name, found[key].get_absolute_href() or found[key].href) for name, key in assets.items()]
         return bands, [_raster_scaling(found[key]) for key in assets.values()]
@@ -85,7 +86,7 @@ def _item_bands(item: Any, assets: dict[str, str] | None, origin: str) -> tuple[
             bands.append((eo[0]["common_name"], asset.get_absolute_href() or asset.href))
             scaling.append(_raster_scaling(asset))
     if not bands:
-        raise InputError(f"{origin}: item {item.id} has no assets with eo:bands common names; map them in imagery.assets")
+        raise InputError(f"{redact(origin)}: item {item.id} has no assets with eo:bands common names; map them in imagery.assets")
     return bands, scaling
 
 
@@ -97,15 +98,14 @@ def _item_stamp(item: Any, hrefs: list[str]) -> dict[str, Any]:
         if href not in hrefs:
             continue
         extra = asset.extra_fields
-        local = not ("://" in href and not href.startswith("file://"))
-        remote = None if local else redact(href)  # a signed href's token never reaches the ledger
+        remote = redact(href) if is_remote(href) else None  # a signed href's token never reaches the ledger
         assets.append([key, extra.get("file:checksum"), extra.get("file:size"), extra.get("updated"), remote])
     return {"updated": item.properties.get("updated"), "assets": assets}
 
 
 def _item_date(item: Any) -> str | None:
-    date = item.datetime or item.common_metadata.start_datetime
-    return date.date().isoformat() if date else None
+    """The item's acquisition day: its ``datetime``, else its ``start_datetime``."""
+    return date_text(item.datetime or item.common_metadata.start_datetime)
 
 
 def catalog_scenes(im: Imagery, folder: str) -> list[Scene]:
@@ -125,7 +125,7 @@ def catalog_scenes(im: Imagery, folder: str) -> list[Scene]:
         reason = redact(" ".join(str(exc).split()))[:300]
         raise InputError(f"{redact(im.stac)}: not a STAC catalog, collection or item pystac can read ({reason})") from None
     if not items:
-        raise InputError(f"{im.stac}: the catalog has no items")
+        raise InputError(f"{redact(im.stac)}: the catalog has no items")
     slugs = [slug(item.id) for item in items]
     out, seen_items = [], set()
     for item, name in zip(items, slugs, strict=True):
@@ -142,7 +142,9 @@ def catalog_scenes(im: Imagery, folder: str) -> list[Scene]:
     names = [s.name for s in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:  # the same id at the same place, yet different items: nothing tells them apart
-        raise InputError(f"{im.stac}: STAC item {dup[0]!r} is listed twice with different content; give each item its own id")
+        raise InputError(
+            f"{redact(im.stac)}: STAC item {dup[0]!r} is listed twice with different content; give each item its own id"
+        )
     return out
 
 
@@ -219,7 +221,7 @@ def search_items(
     local = query if query and not client.conforms_to(ConformanceClasses.QUERY) else None
     if filter and not client.conforms_to(ConformanceClasses.FILTER):
         raise InputError(
-            f"{url}: the STAC API does not support filter (CQL2); use query: {{property: {{lt: value}}}}, "
+            f"{redact(url)}: the STAC API does not support filter (CQL2); use query: {{property: {{lt: value}}}}, "
             "which geoseg applies itself when an API lacks it"
         )
     advertised = {(link.extra_fields.get("method") or "GET").upper() for link in client.get_links("search")}
@@ -243,9 +245,9 @@ def _item_href(item: Any, api: str) -> str:
     from urllib.parse import quote
 
     href = item.get_self_href() or ""
-    if not href and is_url(api) and item.collection_id:
+    if not href and is_http_url(api) and item.collection_id:
         href = f"{api.rstrip('/')}/collections/{quote(item.collection_id)}/items/{quote(item.id)}"
-    return redact(href) if is_url(href) else href
+    return redact(href) if is_remote(href) else href
 
 
 def _item_crs(item: Any, href: str) -> str:
@@ -287,7 +289,7 @@ def _common_scaling(origin: str, label: str, members: list[tuple]) -> list[tuple
         for band, a, b in zip(names, scaling0, scaling, strict=True):
             if a != b:
                 raise InputError(
-                    f"{origin}: items {first.id} and {item.id} of {label} give band {band} different raster:bands "
+                    f"{redact(origin)}: items {first.id} and {item.id} of {label} give band {band} different raster:bands "
                     f"scale/offset ({a[0]}, {a[1]} and {b[0]}, {b[1]}), and a mosaic band has one; narrow imagery's "
                     "query or datetime to items of one processing baseline"
                 )
@@ -300,7 +302,7 @@ def _group_scene(day: str, name: str, members: list[tuple], folder: str, origin:
     names = [b for b, _ in members[0][1]]
     for item, bands, _ in members:
         if [b for b, _ in bands] != names:
-            raise InputError(f"{origin}: items of {day} have different bands ({item.id}); map them in imagery.assets")
+            raise InputError(f"{redact(origin)}: items of {day} have different bands ({item.id}); map them in imagery.assets")
     stacked = [(band, [bands[k][1] for _, bands, _ in members]) for k, band in enumerate(names)]
     vrt = stack_vrt(label, stacked, folder, name, _common_scaling(origin, label, members))
     stamp = [{"id": item.id, **_item_stamp(item, [h for _, h in bands])} for item, bands, _ in members]
@@ -390,7 +392,7 @@ def api_or_catalog(im: Imagery, folder: str, aoi: str | None) -> list[Scene]:
     from pystac_client.conformance import ConformanceClasses
 
     search_keys = [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(im, k) is not None]
-    if im.stac and is_url(im.stac):
+    if im.stac and is_http_url(im.stac):
         client = open_client(im.stac)
         if client.conforms_to(ConformanceClasses.ITEM_SEARCH):
             found = stac_scenes(
@@ -398,10 +400,10 @@ def api_or_catalog(im: Imagery, folder: str, aoi: str | None) -> list[Scene]:
                 filter=im.filter, assets=im.assets, max_items=im.max_items, client=client,
             )  # fmt: skip
             if not found:
-                raise InputError(f"{im.stac}: the search found no items; widen imagery's datetime, query or filter")
+                raise InputError(f"{redact(im.stac)}: the search found no items; widen imagery's datetime, query or filter")
             return found
     if search_keys:
         raise InputError(
-            f"imagery.{search_keys[0]}: searches a STAC API, and {im.stac} is a static catalog (read whole); remove it"
+            f"imagery.{search_keys[0]}: searches a STAC API, and {redact(im.stac)} is a static catalog (read whole); remove it"
         )
     return catalog_scenes(im, os.path.join(folder, ".geoseg-stac"))

@@ -3,18 +3,24 @@
 Band descriptions are the band names, so the engine matches them to a model card like any
 raster. Remote assets (``https://``, ``s3://``, ``gs://``) stay remote: the VRT names them
 through GDAL's ``/vsicurl/`` (``/vsis3/``, ``/vsigs/``), so each chunk task reads its window
-with range requests. An unchanged VRT is not rewritten: its mtime is part of the ledger's
-fingerprint of the scene.
+with range requests. An unchanged VRT is not rewritten (its mtime keys a run's resumable
+chunks); the ledger keys a STAC scene by the VRT's text instead (:func:`geoseg.io.files.file_fingerprint`).
+
+Signed hrefs (a token in the query, as Planetary Computer or a presigned S3 URL gives) must
+reach GDAL whole, so a VRT naming them holds secrets: it is written to geoseg's private cache
+folder (:func:`geoseg.io.remote.write_private`, mode 0600), never beside the outputs, and the
+ledger keys it by its text with the tokens redacted (a re-signed VRT is the same scene).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from xml.sax.saxutils import escape
 
-from geoseg.errors import InputError
+from geoseg.errors import GeosegError, InputError
 from geoseg.io.outdir import write_text_atomic
-from geoseg.io.remote import gdal_path
+from geoseg.io.remote import gdal_path, has_secret, is_remote, redact, remote_gdal_options, retrying, write_private
 from geoseg.workflows.spec import check_inside
 
 __all__ = ["asset_crs", "gdal_href", "stack_vrt"]
@@ -32,21 +38,31 @@ def gdal_href(href: str) -> str:
 
 
 def _grids(hrefs: list[str]) -> list[tuple]:
-    """(width, height, transform, CRS WKT, dtype, nodata) of each asset, opened by GDAL (remote ones by range requests)."""
+    """(width, height, transform, CRS WKT, dtype, nodata) of each asset, opened by GDAL (remote ones by range
+    requests, retried as every remote read: :func:`geoseg.io.remote.retrying`).
+    """
+    return [_grid(href) for href in hrefs]
+
+
+def _grid(href: str) -> tuple:
+    """One asset's grid (see :func:`_grids`); an asset that cannot be opened is one line naming it, redacted."""
     import rasterio
 
     from geoseg.io.files import LIST_GDAL_OPTIONS
 
-    grids = []
-    for href in hrefs:
-        try:
-            with rasterio.Env(**LIST_GDAL_OPTIONS), rasterio.open(gdal_href(href)) as ds:
-                grids.append(
-                    (ds.width, ds.height, tuple(ds.transform)[:6], ds.crs.to_wkt() if ds.crs else "", ds.dtypes[0], ds.nodata)
-                )
-        except rasterio.errors.RasterioIOError as exc:
-            raise InputError(f"{href}: a STAC asset GDAL cannot open ({exc}); check the catalog's hrefs") from exc
-    return grids
+    path = gdal_href(href)
+    remote = is_remote(path)
+    options = {**LIST_GDAL_OPTIONS, **(remote_gdal_options(path) if remote else {})}
+
+    def read() -> tuple:
+        with rasterio.Env(**options), rasterio.open(path) as ds:
+            return ds.width, ds.height, tuple(ds.transform)[:6], ds.crs.to_wkt() if ds.crs else "", ds.dtypes[0], ds.nodata
+
+    try:
+        return retrying(path, "opening a STAC asset", read) if remote else read()
+    except (rasterio.errors.RasterioIOError, GeosegError) as exc:
+        reason = redact(str(exc))
+        raise InputError(f"{redact(href)}: a STAC asset GDAL cannot open ({reason}); check the catalog's hrefs") from None
 
 
 def asset_crs(href: str) -> str:
@@ -134,7 +150,8 @@ def stack_vrt(
     bands : list of (str, list of str)
         Band name and its assets' hrefs: one per item, mosaicked when several (one CRS and pixel size).
     folder, file_stem : str
-        Where the VRT is written (an unchanged VRT keeps its mtime: the ledger's fingerprint).
+        Where the VRT is written (an unchanged VRT keeps its mtime); a VRT
+        of signed hrefs goes to the private cache folder instead, named by ``file_stem`` and ``folder``.
     scaling : list of (float or None, float or None), optional
         Each band's STAC ``raster:bands`` scale and offset (``physical = value x scale + offset``),
         written as the VRT band's ``Scale``/``Offset`` so models that take reflectance find the convention.
@@ -142,13 +159,19 @@ def stack_vrt(
     Returns
     -------
     str
-        The VRT's path.
+        The VRT's path (in the private cache folder when the hrefs carry tokens).
     """
     hrefs = [h for _, hs in bands for h in hs]
     grids = _grids(hrefs)
     text = _vrt_text(bands, grids, _layout(label, grids), scaling or [(None, None)] * len(bands))
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{file_stem}.vrt")
+    if has_secret(text):  # signed hrefs: GDAL needs their tokens, and the outputs must never hold one
+        check_inside(os.path.dirname(folder), path, f"the VRT of {label}", "remove the link in .geoseg-stac")
+        if os.path.lexists(path):  # an earlier run's VRT there (tokens of the past): gone
+            os.remove(path)
+        place = hashlib.sha256(os.path.abspath(folder).encode(errors="surrogateescape")).hexdigest()[:12]
+        return write_private(f"{file_stem}-{place}.vrt", text)
+    os.makedirs(folder, exist_ok=True)
     check_inside(os.path.dirname(folder), path, f"the VRT of {label}", "remove the link in .geoseg-stac")
     try:
         with open(path, encoding="utf-8") as f:

@@ -17,6 +17,7 @@ from typing import Any
 from geoseg.errors import DiskFullError, GeosegError
 from geoseg.io.files import file_fingerprint
 from geoseg.io.outdir import hold_lock_file, removed_if_failed, write_json_atomic
+from geoseg.io.remote import redact
 from geoseg.models.card import card_to_dict
 from geoseg.records import hectares_text
 from geoseg.workflows.ledger import params_hash
@@ -32,6 +33,7 @@ __all__ = [
     "found_text",
     "run_lock",
     "run_unit",
+    "scene_fingerprint",
     "segment_options",
     "unit_params",
     "workflow_radiometry",
@@ -53,6 +55,14 @@ def fingerprint(path: str | None, stamp: str = "") -> str | None:
     if path is None:
         return None
     return file_fingerprint(path) + (f"|{stamp}" if stamp else "")
+
+
+def scene_fingerprint(scene: Any) -> str:
+    """What a scene's units depend on: its files (:func:`fingerprint`) and stamp; a STAC scene's VRT by its
+    text with the tokens redacted, not its mtime (signed hrefs are signed again, and the VRT rewritten, each run).
+    """
+    own = file_fingerprint(scene.path, content=bool(scene.items))
+    return own + (f"|{scene.stamp}" if scene.stamp else "")
 
 
 def run_lock(folder: str):
@@ -130,15 +140,16 @@ def run_unit(
             result, outputs = work()
     except GeosegError as exc:
         counts["failed"] += 1
+        message = redact(str(exc))  # a signed URL's token in GDAL's words never reaches the ledger or the log
         if isinstance(exc, DiskFullError):  # nothing else can be written either: stop the run
             try:
-                ledger.failed(unit_id, str(exc), time.perf_counter() - t)
+                ledger.failed(unit_id, message, time.perf_counter() - t)
             except GeosegError:
                 pass
             raise
-        ledger.failed(unit_id, str(exc), time.perf_counter() - t)
-        failures.append(f"{unit_id}: {exc}")
-        say(f"{unit_id}: failed: {exc}")
+        ledger.failed(unit_id, message, time.perf_counter() - t)
+        failures.append(f"{unit_id}: {message}")
+        say(f"{unit_id}: failed: {message}")
         return None
     except Exception as exc:  # a bug or an environment failure: recorded (when the ledger can be written), then raised
         counts["failed"] += 1
