@@ -130,7 +130,8 @@ def segment(
     model = resolve_model(model, predict_kwargs.get("card"), trust=predict_kwargs.get("trust_model", False))
     conf, iou = predict_kwargs.pop("conf", None), predict_kwargs.pop("iou", None)
     if model.card.detector is not None:
-        return _detect(src, model, out_dir, vectorize, overwrite, progress, extra, (conf, iou), date, predict_kwargs)
+        stac = (date, derived_from)
+        return _detect(src, model, out_dir, vectorize, overwrite, progress, extra, (conf, iou), stac, predict_kwargs)
     if conf is not None or iou is not None:
         raise InputError(f"{model.path or model.card.name}: conf= and iou= are a detector's; this is a segmentation model")
     result = predict(src, model, **predict_kwargs)
@@ -170,7 +171,7 @@ def _detect(
     progress: Any,
     extra: dict[str, Any] | None,
     thresholds: tuple[float | None, float | None],
-    date: str | None,
+    stac: tuple[str | None, Sequence[str]],
     options: dict[str, Any],
 ) -> Segmented:
     """A detector's run: boxes (engine.detect) written as layers with run.json (vector.detections), then item.json."""
@@ -185,4 +186,5 @@ def _detect(
     conf, iou = thresholds
     found = detect(src, model, conf=conf, iou=iou, progress=progress, **options)
     run, vectors = write_detections(found, out_dir, overwrite=overwrite, extra=extra, **layer_options)
-    return Segmented(os.path.abspath(out_dir), run, vectors, _item(out_dir, run, vectors, found.job, date))
+    date, derived_from = stac  # the item's date and the STAC items the input came from
+    return Segmented(os.path.abspath(out_dir), run, vectors, _item(out_dir, run, vectors, found.job, date, derived_from))
