@@ -181,6 +181,12 @@ def test_rerun_is_a_no_op_and_a_parameter_change_redoes_only_its_unit(small: Pat
     assert [(r["done"], r["skipped"]) for r in runs] == [(5, 0), (0, 5), (2, 3)]
     proc = subprocess.run([sys.executable, "-m", "geoseg", "runs", str(f), "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0 and "change/forest/2024-06-15_2025-06-20" in proc.stdout and "run 3" in proc.stdout
+    # the arithmetic is a parameter too: precision fast redoes water's units only, and their run.json says so
+    f.write_text(WATCH.replace("min_area_m2: 8", "min_area_m2: 40, precision: fast"))
+    s4 = run_workflow(f, str(out))
+    assert s4["units"] == {"done": 2, "skipped": 3, "failed": 0}
+    runs_json = [json.loads(p.read_text()) for p in sorted(out.rglob("water/run.json"))]
+    assert len(runs_json) == 2 and all(r["parameters"]["precision"] == "fast" for r in runs_json)
 
 
 def test_a_killed_run_resumes_to_the_same_outputs(small: Path, tmp_path: Path) -> None:

@@ -102,6 +102,8 @@ class ModelRun(_Strict):
     conf: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     iou: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     threshold: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    # arithmetic: fast = bf16 on CPUs with AVX-512 BF16/AMX (ONNX through OpenVINO), fp16 on GPUs; hashed when given
+    precision: Literal["fp32", "fast", "bf16", "fp16"] | None = None
 
 
 class Imagery(_Strict):

@@ -186,8 +186,8 @@ def workflow_radiometry(wf: Workflow) -> str | None:
 def segment_options(wf: Workflow, run: Any, bands: tuple[Any, Any]) -> dict[str, Any]:
     """What a segment unit is run with; the ledger hashes exactly this (files by fingerprint)."""
     band_idx, band_map = bands
-    # conf, iou and threshold only when given: a unit without them hashes as before they existed
-    cuts = {k: getattr(run, k) for k in ("conf", "iou", "threshold") if getattr(run, k) is not None}
+    # conf, iou, threshold and precision only when given: a unit without them hashes as before they existed
+    cuts = {k: getattr(run, k) for k in ("conf", "iou", "threshold", "precision") if getattr(run, k) is not None}
     return {
         "predict": {
             "bands": band_idx,
