@@ -90,6 +90,51 @@ def test_fast_is_recorded_with_the_arithmetic_it_used(make_raster, tmp_path: Pat
     assert run["model"]["backend"].endswith(f"({want})")
 
 
+def _alternate_signal_stack_is_mapped() -> bool:
+    """Whether this thread's alternate signal stack is disabled or lies in memory that is mapped now."""
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    st = StackT()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(st)) == 0
+    if st.ss_flags & 2 or not st.ss_sp:  # SS_DISABLE
+        return True
+    lo, hi = st.ss_sp, st.ss_sp + st.ss_size
+    spans = [[int(v, 16) for v in line.split()[0].split("-")] for line in Path("/proc/self/maps").read_text().splitlines()]
+    return any(a <= lo and hi <= b for a, b in spans) or all(any(a <= p < b for a, b in spans) for p in range(lo, hi, 4096))
+
+
+@needs_openvino
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the alternate signal stack through Linux's /proc")
+def test_openvino_models_dropped_in_any_order_leave_a_valid_signal_stack() -> None:
+    """OpenVINO's CPU plugin swaps the compiling thread's alternate signal stack per ``Core`` and swaps it back when
+    that ``Core`` goes: models dropped in another order than loaded left it pointing at freed memory, and the next
+    signal Python handled on the thread killed the test run with a segmentation fault. geoseg keeps one ``Core``."""
+    import gc
+    import os
+    import signal
+
+    from geoseg.models.loading import openvino_model
+    from geoseg.models.spec import resolve_model
+
+    first = openvino_model(resolve_model("buildings"), Runtime(device="cpu"))
+    second = openvino_model(resolve_model("ships"), Runtime(device="cpu"))
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    assert _alternate_signal_stack_is_mapped()
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: got.append(signum))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled on the alternate stack
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert got == [signal.SIGUSR1]
+
+
 def test_fast_torch_model_uses_autocast_on_a_bf16_cpu(torchscript_model: Path, make_raster, tmp_path: Path) -> None:
     src = str(make_raster(160, 160, bands=3))
     run = _run(src, str(torchscript_model), tmp_path / "t", precision="fast", tile=64, halo=8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 from geoseg.errors import DeviceError, ModelError
 from geoseg.models.download import sha256_file
@@ -26,6 +27,7 @@ __all__ = [
     "load_torch_module",
     "onnx_backend",
     "onnx_session",
+    "openvino_core",
     "openvino_model",
     "resolve_device",
     "tune_malloc",
@@ -344,6 +346,30 @@ def onnx_backend(runtime: Runtime) -> str:
     return "openvino" if have_ov and asked != "onnxruntime" else "onnxruntime"
 
 
+_OV_CORE: list = []
+_OV_CORE_LOCK = threading.Lock()
+
+
+def openvino_core() -> object:
+    """The process's one OpenVINO ``Core``, made on first use and never released.
+
+    OpenVINO's CPU plugin gives the thread that first compiles on a ``Core`` an alternate
+    signal stack of its own, and puts the thread's previous one back when that ``Core`` is
+    destroyed. Cores destroyed in another order than made (models dropped from a cache, a
+    workflow's several models) leave the thread's alternate stack pointing at freed memory;
+    the next signal handled on that thread (Python runs its handlers, Ctrl-C and SIGTERM
+    included, on the alternate stack) then overwrites whatever was mapped there since, or
+    kills the process with a segmentation fault. One ``Core`` per process installs one stack,
+    once, and it stays valid.
+    """
+    with _OV_CORE_LOCK:
+        if not _OV_CORE:
+            import openvino as ov
+
+            _OV_CORE.append(ov.Core())
+        return _OV_CORE[0]
+
+
 def openvino_model(spec: ModelSpec, runtime: Runtime) -> tuple:
     """An ONNX model compiled by OpenVINO for this CPU (its dynamic dimensions kept dynamic).
 
@@ -357,13 +383,11 @@ def openvino_model(spec: ModelSpec, runtime: Runtime) -> tuple:
     ModelError
         OpenVINO cannot read or compile the file, or bf16 was asked for on a CPU without it.
     """
-    import openvino as ov
-
     _verify_unchanged(spec)
     bf16 = runtime.precision in ("fast", "bf16") and cpu_has_bf16()
     if runtime.precision == "bf16" and not bf16:
         raise ModelError("precision='bf16': this CPU has no AVX-512 BF16 or AMX; use precision='fast' or 'fp32'")
-    core = ov.Core()
+    core = openvino_core()
     try:
         model = core.read_model(spec.path)  # dynamic dims stay dynamic, fixed ones fixed
         config = {
