@@ -346,7 +346,7 @@ def onnx_backend(runtime: Runtime) -> str:
     return "openvino" if have_ov and asked != "onnxruntime" else "onnxruntime"
 
 
-_OV_CORE: list = []
+_OV_CORES: dict[int, object] = {}  # pid -> Core
 _OV_CORE_LOCK = threading.Lock()
 
 
@@ -360,14 +360,14 @@ def openvino_core() -> object:
     the next signal handled on that thread (Python runs its handlers, Ctrl-C and SIGTERM
     included, on the alternate stack) then overwrites whatever was mapped there since, or
     kills the process with a segmentation fault. One ``Core`` per process installs one stack,
-    once, and it stays valid.
+    once, and it stays valid (the parent's is kept, not destroyed, in a forked child).
     """
     with _OV_CORE_LOCK:
-        if not _OV_CORE:
+        if os.getpid() not in _OV_CORES:  # a forked child makes its own
             import openvino as ov
 
-            _OV_CORE.append(ov.Core())
-        return _OV_CORE[0]
+            _OV_CORES[os.getpid()] = ov.Core()
+        return _OV_CORES[os.getpid()]
 
 
 def openvino_model(spec: ModelSpec, runtime: Runtime) -> tuple:
