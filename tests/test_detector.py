@@ -417,6 +417,26 @@ def test_card_keys_detector_and_threshold() -> None:
             card_from_dict({"name": "d", **bad}, "d.yaml")
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_fixed_batch_is_found_by_the_probe_and_kept(tmp_path, monkeypatch, backend) -> None:
+    """A zoo's batch-1 export: the probe reads the fixed batch off the model's input (any ONNX model, on either
+    runtime), and the plan keeps it, where a GPU's default would give 8; a free batch stays free."""
+    import importlib.util
+
+    from geoseg.engine.plan import plan_job
+    from geoseg.models.runtime import probe
+    from geoseg.models.spec import Runtime
+
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        pytest.skip("OpenVINO is not installed (pip install 'geoseg[fast]')")
+    monkeypatch.setenv("GEOSEG_ONNX_BACKEND", backend)
+    det = resolve_model(str(detector_onnx(tmp_path / "det.onnx", "yolov5", {**DET_META, "det_type": "YOLO_v5_or_v7_default"})))
+    seg = resolve_model(str(segmentor_onnx(tmp_path / "seg.onnx", 1, {})))
+    assert probe(det, Runtime(device="cpu"), 3, T).fixed_batch == 1
+    assert probe(seg, Runtime(device="cpu"), 3, 64).fixed_batch is None
+    assert plan_job(str(scene(tmp_path / "s.tif")), det).runtime.batch_size == 1
+
+
 def test_aoi_keeps_the_boxes_centred_inside(tmp_path, synchronous) -> None:
     import geopandas as gpd
 

@@ -37,7 +37,7 @@ from geoseg.engine.tasks import TileInputs, model_inputs, tile_batches
 from geoseg.errors import InputError
 from geoseg.grid import TilePlan, Window
 from geoseg.models.card_parts import Detector
-from geoseg.models.detector import Boxes, fixed_batch, nms, rank_order, settle, tile_boxes
+from geoseg.models.detector import Boxes, nms, rank_order, settle, tile_boxes
 from geoseg.models.runtime import get_predictor, resample_batch
 from geoseg.models.spec import ModelSpec, Runtime, resolve_model
 
@@ -155,8 +155,6 @@ def detect(
     t0 = time.perf_counter()
     model = resolve_model(model, options.get("card"), trust=options.get("trust_model", False))
     detector = _detector(model, conf, iou)
-    if options.get("batch_size") is None and model.kind == "onnx":
-        options["batch_size"] = fixed_batch(model.path)  # a zoo's batch-1 export stays at 1, on a GPU too
     job = plan_job(source, model, **options)
     tasks = _graph(job, detector, resources)
     job.timings["predict_call_s"] = time.perf_counter() - t0

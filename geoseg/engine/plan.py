@@ -99,7 +99,9 @@ def plan_job(
         tta=spec.card.tta if tta is None else tta,
     )
     info, probe_s = _probe(spec, runtime, src, tile, halo)
-    if batch_size is None and info.device.startswith("cuda"):
+    if batch_size is None and info.fixed_batch is not None:
+        runtime = replace(runtime, batch_size=info.fixed_batch)  # a zoo's batch-1 export stays at 1, on a GPU too
+    elif batch_size is None and info.device.startswith("cuda"):
         runtime = replace(runtime, batch_size=8)  # GPUs want batches; on a CPU batch 1 was fastest here
     card_ = spec.card.with_classes(info.n_outputs)
     runtime = replace(runtime, threshold=_threshold(spec, info.n_outputs, threshold, runtime.tta))

@@ -37,7 +37,7 @@ import shapely
 from geoseg.errors import ModelError
 from geoseg.models.card_parts import Detector
 
-__all__ = ["Boxes", "class_count", "fixed_batch", "nms", "rank_order", "settle", "tile_boxes"]
+__all__ = ["Boxes", "class_count", "nms", "rank_order", "settle", "tile_boxes"]
 
 #: mask coefficients of an Ultralytics segmentation head (its ``nm``)
 SEG_COEFFICIENTS = 32
@@ -114,19 +114,6 @@ def class_count(shape: tuple[int, ...], detector: Detector, known: int | None = 
         want = f"{known} classes (the card's)" if known is not None else "at least one class"
         raise ModelError(f"a {layout} detector's output of shape {tuple(shape)} does not hold {want}; check det_type")
     return n
-
-
-def fixed_batch(path: str | None) -> int | None:
-    """The batch size an ONNX model's input is fixed to (Deepness and GeoDeep detectors take batches of 1);
-    None when it is free, or unknown (no ``onnx`` package, not ONNX).
-    """
-    try:
-        import onnx
-
-        dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    except Exception:  # not ONNX, unreadable, or no onnx package: the model's own checks speak later
-        return None
-    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def _rows(y: np.ndarray, layout: str, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -63,6 +63,7 @@ class ModelInfo:
     backend: str
     versions: dict[str, str]
     precision: str = "fp32"  # the arithmetic the forwards use (precision="fast" resolves to bf16, fp16 or fp32)
+    fixed_batch: int | None = None  # the batch size the model's input is fixed to (zoo exports: 1), None when free
 
 
 def _set_torch_threads(n: int) -> None:
@@ -107,6 +108,7 @@ class Predictor:
         self._in_channels = first_conv_channels(self.model)
         self.backend = f"torch {torch.__version__}"
         self.fixed_size = None
+        self.fixed_batch: int | None = None
         self._autocast = _torch_autocast(self.runtime.precision, self.device.type)
         self.precision_used = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._autocast]
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -146,8 +148,9 @@ class Predictor:
         self.backend = f"openvino {ov.__version__.split('-')[0]} ({self.precision_used})"
 
     def _set_input_shape(self, dims: list) -> None:
-        """Fixed tile size and band count from the model's input dimensions (None where dynamic)."""
+        """Fixed tile size, band count and batch size from the model's input dimensions (None where dynamic)."""
         h, w = dims[2:4] if len(dims) == 4 else (None, None)
+        self.fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
         self.fixed_size = h if isinstance(h, int) and h == w else None
         self._in_channels = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else None
 
@@ -423,4 +426,7 @@ def probe(spec: ModelSpec, runtime: Runtime, bands: int, size: int) -> ModelInfo
         import torch
 
         versions["torch"] = str(torch.__version__)  # a plain str: unpickling TorchVersion would import torch in the client
-    return ModelInfo(n_outputs, pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions, pred.precision_used)
+    return ModelInfo(
+        n_outputs, pred.fixed_size, str(pred.device), pred.device_name, pred.backend, versions, pred.precision_used,
+        pred.fixed_batch,
+    )  # fmt: skip
