@@ -54,6 +54,7 @@ __all__ = [
     "REMOTE_GDAL_OPTIONS",
     "RedactFilter",
     "cache_root",
+    "env_number",
     "failure_kind",
     "gdal_path",
     "has_secret",
@@ -238,7 +239,8 @@ def remote_env(path: str):
     return rasterio.Env(**remote_gdal_options(path))
 
 
-def _number(name: str, default: float) -> float:
+def env_number(name: str, default: float) -> float:
+    """The number in environment variable ``name``; ``default`` when it is unset, empty or not a number."""
     raw = os.environ.get(name, "").strip()
     try:
         return float(raw) if raw else default
@@ -248,7 +250,7 @@ def _number(name: str, default: float) -> float:
 
 def retry_attempts() -> int:
     """Attempts of a remote request (``GEOSEG_REMOTE_ATTEMPTS``, default :data:`ATTEMPTS`)."""
-    return max(1, int(_number("GEOSEG_REMOTE_ATTEMPTS", ATTEMPTS)))
+    return max(1, int(env_number("GEOSEG_REMOTE_ATTEMPTS", ATTEMPTS)))
 
 
 def with_backoff(
@@ -279,7 +281,7 @@ def with_backoff(
         A context every attempt after the first runs inside (e.g. GDAL's cache of the failure bypassed).
     """
     attempts = retry_attempts() if attempts is None else max(1, attempts)
-    delay = _number("GEOSEG_REMOTE_RETRY_DELAY", RETRY_DELAY) if delay is None else delay
+    delay = env_number("GEOSEG_REMOTE_RETRY_DELAY", RETRY_DELAY) if delay is None else delay
     for attempt in range(attempts):
         try:
             with before_retry() if attempt and before_retry else contextlib.nullcontext():
@@ -433,7 +435,7 @@ def _gdal_clear_cache() -> Callable[[bytes], None] | None:
 
 def _http_url(path: str) -> str | None:
     """The http(s) URL behind a ``/vsicurl/`` path or URL; None for other file systems."""
-    if is_url(path) and path.lower().startswith(("http://", "https://")):
+    if is_http_url(path):
         return path
     if path.startswith("/vsicurl/") and path[9:].lower().startswith(("http://", "https://")):
         return path[9:]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from geoseg.errors import ModelError
-from geoseg.io.remote import PERMANENT_HTTP, redact, retry_attempts, with_backoff
+from geoseg.io.remote import PERMANENT_HTTP, env_number, redact, retry_attempts, with_backoff
 
 __all__ = ["Fetched", "fetch", "insecure_text", "sha256_file"]
 
@@ -54,14 +54,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _setting(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        return default
 
 
 def insecure_text(url: str) -> str:
@@ -167,7 +159,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 
 def _stream(url: str, tmp: str, timeout: float, pinned: bool) -> Fetched:
     """One GET of ``url`` into ``tmp``: the body hashed as it is written, its length checked against the limit."""
-    limit = _setting("GEOSEG_MAX_MODEL_BYTES", MAX_BYTES)
+    limit = env_number("GEOSEG_MAX_MODEL_BYTES", MAX_BYTES)
     request = urllib.request.Request(url, headers={"User-Agent": "geoseg"})
     opener = urllib.request.build_opener(_Redirects(pinned))
     h, size = hashlib.sha256(), 0
