@@ -53,6 +53,7 @@ __all__ = [
     "raster_gsd_m",
     "read_overview",
     "read_window",
+    "window_pixels",
 ]
 
 #: GDAL configuration every read runs under (the source may add or override keys).
@@ -123,7 +124,7 @@ class RasterSource:
     @property
     def remote(self) -> bool:
         """Whether reads reach the network (a URL, a network ``/vsi`` path, or a VRT of such files)."""
-        return bool(self.remote_files) or is_remote(self.location)
+        return bool(self.remote_files)  # remote_sources() lists the file itself when it is remote
 
     def __dask_tokenize__(self) -> tuple:
         secret = ("gdal_path", "remote_files")
@@ -417,17 +418,27 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
         data, masks = retrying(source.location, f"reading rows {r0}:{r1}, cols {c0}:{c1}", read, source.remote_files)
     else:
         data, masks = _read_local(source, read, retries, f"rows {r0}:{r1}, cols {c0}:{c1}")
-    valid = masks.any(axis=0)
+    data, valid = window_pixels(data, masks.any(axis=0), window, span, rows, cols)
+    return data, valid, time.perf_counter() - t0
+
+
+def window_pixels(
+    data: np.ndarray, valid: np.ndarray, window: Window, span: Window, rows: np.ndarray, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``window``'s pixels and validity from what was read of its ``span`` (see :func:`geoseg.grid.reflect_window`).
+
+    NaN/Inf pixels of a float raster are invalid too, and invalid pixels are set to 0 in ``data``
+    (in place): they still feed the model as context for their valid neighbours, so they get a
+    neutral 0 rather than NaN (which would spread through the receptive field) or a sentinel
+    like -9999. Shared by file reads (:func:`read_window`) and array reads.
+    """
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
-    # Invalid pixels still feed the model as context for their valid neighbours: give them a
-    # neutral 0 rather than NaN (which would spread through the receptive field) or a
-    # sentinel like -9999.
     data[:, ~valid] = 0
     if span != window:
         data = data[:, rows[:, None], cols[None, :]]
         valid = valid[rows[:, None], cols[None, :]]
-    return data, valid, time.perf_counter() - t0
+    return data, valid
 
 
 def _read_pixels(source: RasterSource, rio_win) -> tuple[np.ndarray, np.ndarray]:

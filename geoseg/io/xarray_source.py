@@ -431,14 +431,10 @@ def read_pixels(source: ArraySource, pixels: tuple[Window, list], window: Window
     ``valid`` False where every band is its nodata or any band is NaN/Inf, invalid pixels 0.
     """
     t0 = time.perf_counter()
-    _, blocks = pixels
-    span, rows, cols = reflect_window(window, source.geobox.height, source.geobox.width)
+    from geoseg.io.raster import window_pixels
+
+    span, blocks = pixels
+    _, rows, cols = reflect_window(window, source.geobox.height, source.geobox.width)
     data = np.block(blocks).astype(source.dtype, copy=False)  # a new array: the blocks Dask shares are never written
-    valid = _band_valid(data, source.band_nodata).any(axis=0)
-    if data.dtype.kind == "f":
-        valid &= np.isfinite(data).all(axis=0)
-    data[:, ~valid] = 0
-    if span != window:
-        data = data[:, rows[:, None], cols[None, :]]
-        valid = valid[rows[:, None], cols[None, :]]
+    data, valid = window_pixels(data, _band_valid(data, source.band_nodata).any(axis=0), window, span, rows, cols)
     return data, valid, time.perf_counter() - t0
