@@ -256,6 +256,16 @@ def test_bowtie_aoi_is_made_valid(make_raster, torchscript_model, tmp_path) -> N
     inside = geometry_mask([fixed], out_shape=mask.shape, transform=transform, invert=True)
     np.testing.assert_array_equal(mask != 255, inside)
     assert (mask != 255).sum() * px_area == pytest.approx(fixed.area, rel=0.06)
+    # the same AOI as a STAC search's lon/lat geometry: repaired too (a raw union of the bow-tie raised GEOS's error)
+    from pyproj import Transformer
+    from shapely.geometry import shape
+
+    from geoseg.io.aoi import aoi_lonlat
+
+    lonlat = shape(aoi_lonlat(aoi))
+    to_lonlat = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True).transform
+    want = shapely.ops.transform(to_lonlat, fixed)
+    assert lonlat.is_valid and lonlat.symmetric_difference(want).area < 1e-3 * want.area
 
 
 # ---- faults -------------------------------------------------------------------------------------

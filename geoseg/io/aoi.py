@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from geoseg.errors import InputError
 from geoseg.grid import GeoBox, Window
@@ -95,8 +96,38 @@ def aoi_lonlat(path: str | os.PathLike) -> dict:
     """
     import shapely
 
-    gdf = _read_polygons(os.fspath(path)).to_crs("EPSG:4326")
-    return shapely.geometry.mapping(shapely.union_all(gdf.geometry.values))
+    path = os.fspath(path)
+    geoms = _reprojected(_read_polygons(path), "EPSG:4326", "longitude/latitude (EPSG:4326)", path)
+    return shapely.geometry.mapping(shapely.union_all(geoms))
+
+
+def _reprojected(gdf: Any, crs: Any, where: str, path: str) -> Any:
+    """The AOI's polygons repaired and reprojected to ``crs`` (``where``: how messages name it), as an array.
+
+    Edges are densified before reprojecting so long straight edges follow the curvature they
+    have in ``crs`` (a lon/lat box edge is not straight in UTM); rings are repaired before that
+    (densifying a self-intersecting ring, a bow-tie, before ``make_valid`` loses one of its
+    lobes) and again after (reprojection can fold rings).
+    """
+    import geopandas as gpd
+    import numpy as np
+    import shapely
+
+    src = shapely.make_valid(gdf.geometry.values)
+    minx, miny, maxx, maxy = gdf.total_bounds
+    step = max(maxx - minx, maxy - miny) / 256
+    if step > 0:
+        src = shapely.segmentize(src, step)
+    try:
+        moved = gpd.GeoSeries(src, crs=gdf.crs).to_crs(crs).values
+    except Exception as exc:  # pyproj errors for CRSs it cannot relate
+        reason = " ".join(str(exc).split())[:200]
+        raise InputError(f"{path}: the AOI cannot be reprojected to {where} ({reason})") from None
+    if not np.isfinite(shapely.get_coordinates(moved)).all():
+        raise InputError(
+            f"{path}: the AOI reaches places {where} cannot show (coordinates become infinite); clip the AOI to the raster's area"
+        )
+    return shapely.make_valid(moved)
 
 
 def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
@@ -120,33 +151,13 @@ def read_aoi(path: str | os.PathLike, geobox: GeoBox) -> AOI:
     InputError
         Unreadable file, no polygons, no CRS on either side, or no overlap with the raster.
     """
-    import geopandas as gpd
-    import numpy as np
-    import shapely
-
     path = os.fspath(path)
     gdf = _read_polygons(path)
     if geobox.crs is None:
         raise InputError(f"{path}: the raster has no CRS, so a geographic AOI cannot be placed on it")
-    # Densify before reprojecting so long straight edges follow the curvature they have
-    # in the raster's CRS (a lon/lat box edge is not straight in UTM).
-    # Repair first: densifying a self-intersecting ring (a bow-tie) before make_valid loses one of its lobes.
-    src = shapely.make_valid(gdf.geometry.values)
-    minx, miny, maxx, maxy = gdf.total_bounds
-    step = max(maxx - minx, maxy - miny) / 256
-    if step > 0:
-        src = shapely.segmentize(src, step)
-    try:
-        moved = gpd.GeoSeries(src, crs=gdf.crs).to_crs(geobox.crs).values
-    except Exception as exc:  # pyproj errors for CRSs it cannot relate
-        reason = " ".join(str(exc).split())[:200]
-        raise InputError(f"{path}: the AOI cannot be reprojected to the raster's CRS {geobox.crs} ({reason})") from None
-    if not np.isfinite(shapely.get_coordinates(moved)).all():
-        raise InputError(
-            f"{path}: the AOI reaches places the raster's CRS {geobox.crs} cannot show (coordinates become infinite); "
-            "clip the AOI to the raster's area"
-        )
-    geoms = shapely.make_valid(moved)  # reprojection can fold rings
+    import shapely
+
+    geoms = _reprojected(gdf, geobox.crs, f"the raster's CRS {geobox.crs}", path)
     union = shapely.union_all(geoms)
     if union.is_empty:
         raise InputError(f"{path}: the AOI polygons are empty after reprojection")
