@@ -213,7 +213,7 @@ def test_stac_items_with_one_id_are_two_scenes_and_dot_dot_stays_inside(tmp_path
 def test_stac_asset_rewrite_or_new_checksum_changes_the_scene_fingerprint(tmp_path: Path) -> None:
     from geoseg.workflows.sources import scenes
     from geoseg.workflows.spec import Imagery
-    from geoseg.workflows.units import fingerprint as unit_fingerprint
+    from geoseg.workflows.units import scene_fingerprint
 
     stac = tmp_path / "stac"
     stac.mkdir()
@@ -223,7 +223,7 @@ def test_stac_asset_rewrite_or_new_checksum_changes_the_scene_fingerprint(tmp_pa
 
     def fingerprint() -> str:
         (s,) = scenes(Imagery(stac=str(cat)), str(tmp_path / "out"))
-        return unit_fingerprint(s.path, s.stamp)
+        return scene_fingerprint(s)  # the key the ledger keeps
 
     first = fingerprint()
     assert fingerprint() == first

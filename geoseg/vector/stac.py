@@ -63,7 +63,6 @@ KINDS: dict[str, tuple[str, list[str]]] = {
     "styles": ("application/xml", ["visual"]),
     "project": ("application/x-qgis-project", ["visual"]),
 }
-VECTOR_FORMATS = ("geojson", "gpkg", "fgb", "parquet")
 FRAMEWORKS = {"onnx": ("ONNX", "onnx"), "torchscript": ("PyTorch", "torch.jit.script"),
               "exported": ("PyTorch", "torch.export.save"), "statedict": ("PyTorch", "torch.save"),
               "module": ("PyTorch", None)}  # fmt: skip

@@ -22,7 +22,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -82,9 +82,16 @@ class _Plan:
     change_dirs: list[str]
     single: bool  # one image: its units write straight into the output folder
     by_date: bool  # change pairs are named by date
+    fingerprints: dict[str, str] = field(default_factory=dict, compare=False)  # scene name -> its fingerprint
 
     def image_dir(self, scene: Any) -> str:
         return self.folder if self.single else os.path.join(self.folder, scene.name)
+
+    def scene_key(self, scene: Any) -> str:
+        """:func:`scene_fingerprint`, taken once per scene and run (a remote scene's costs an HTTP request)."""
+        if scene.name not in self.fingerprints:
+            self.fingerprints[scene.name] = scene_fingerprint(scene)
+        return self.fingerprints[scene.name]
 
 
 def run_workflow(
@@ -303,7 +310,7 @@ def _scene(
         mdir = os.path.join(img_dir, mdir_name)
         options = segment_options(wf, run, bands)
         params = {
-            "scene": scene_fingerprint(scene),
+            "scene": plan.scene_key(scene),
             "model": spec.sha256,
             "card": card_hash(spec),
             **unit_params(options),
@@ -339,8 +346,8 @@ def _change_pairs(
         given = (masks.get((a.name, spec.sha256)), masks.get((b.name, spec.sha256)))
         kwargs = change_options(plan.wf, ch, a, b, given)
         params = {
-            "before": scene_fingerprint(a),
-            "after": scene_fingerprint(b),
+            "before": plan.scene_key(a),
+            "after": plan.scene_key(b),
             "model": spec.sha256,
             "card": card_hash(spec),
             **unit_params(kwargs),

@@ -145,11 +145,15 @@ class Imagery(_Strict):
 
         return v.isoformat() if isinstance(v, (dt.date, dt.datetime)) else v
 
+    def search_keys(self) -> list[str]:
+        """The STAC API search keys given (``collections``, ``datetime``, ``query``, ``filter``, ``max_items``)."""
+        return [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(self, k) is not None]
+
     @model_validator(mode="after")
     def _one(self) -> Imagery:
         if sum(bool(v) for v in (self.files, self.glob, self.stac)) != 1:
             raise ValueError("give exactly one of files, glob or stac")
-        search = [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(self, k) is not None]
+        search = self.search_keys()
         if search and not (self.stac and is_http_url(self.stac)):
             raise ValueError(f"{search[0]} searches a STAC API: give stac: https://... (the API's address)")
         return self
@@ -449,7 +453,7 @@ def _imagery(wf: Workflow, paths: _Paths) -> Imagery:
         update={
             "files": files or None,
             "glob": paths.resolve(im.glob, ("imagery", "glob"), pattern=True),
-            "stac": im.stac if im.stac and is_http_url(im.stac) else paths.resolve(im.stac, ("imagery", "stac")),
+            "stac": paths.resolve(im.stac, ("imagery", "stac")),
         }
     )
 

@@ -391,7 +391,7 @@ def api_or_catalog(im: Imagery, folder: str, aoi: str | None) -> list[Scene]:
     """The imagery's STAC scenes: searched when ``stac`` is an API, else read from the catalog (a file or URL)."""
     from pystac_client.conformance import ConformanceClasses
 
-    search_keys = [k for k in ("collections", "datetime", "query", "filter", "max_items") if getattr(im, k) is not None]
+    search_keys = im.search_keys()
     if im.stac and is_http_url(im.stac):
         client = open_client(im.stac)
         if client.conforms_to(ConformanceClasses.ITEM_SEARCH):

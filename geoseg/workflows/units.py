@@ -50,19 +50,20 @@ class Tally:
     failures: list[str] = field(default_factory=list)
 
 
-def fingerprint(path: str | None, stamp: str = "") -> str | None:
-    """Size and mtime of ``path`` and of every file it is read from (a VRT's sources), plus ``stamp``."""
+def fingerprint(path: str | None, stamp: str = "", content: bool = False) -> str | None:
+    """Size and mtime of ``path`` and of every file it is read from (a VRT's sources), plus ``stamp``;
+    with ``content``, a VRT by its text (see :func:`geoseg.io.files.file_fingerprint`).
+    """
     if path is None:
         return None
-    return file_fingerprint(path) + (f"|{stamp}" if stamp else "")
+    return file_fingerprint(path, content=content) + (f"|{stamp}" if stamp else "")
 
 
 def scene_fingerprint(scene: Any) -> str:
     """What a scene's units depend on: its files (:func:`fingerprint`) and stamp; a STAC scene's VRT by its
     text with the tokens redacted, not its mtime (signed hrefs are signed again, and the VRT rewritten, each run).
     """
-    own = file_fingerprint(scene.path, content=bool(scene.items))
-    return own + (f"|{scene.stamp}" if scene.stamp else "")
+    return fingerprint(scene.path, scene.stamp, content=bool(scene.items))
 
 
 def run_lock(folder: str):
