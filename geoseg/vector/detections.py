@@ -24,13 +24,12 @@ import shapely
 from geoseg.classes import object_kind
 from geoseg.engine.detect import Detections
 from geoseg.engine.report import RunReport
-from geoseg.errors import InputError
 from geoseg.io.mask import MaskSource
 from geoseg.io.outdir import make_staging, output_lock, sweep_staging, write_json_atomic
 from geoseg.vector.attributes import features_table, write_part
 from geoseg.vector.geometry import metric_crs
 from geoseg.vector.layers import REPORT_NAME, check_out, layer_names, layer_totals, planned_outputs, write_outputs
-from geoseg.vector.options import DEFAULT_FORMATS, check_formats, geojson_precision
+from geoseg.vector.options import DEFAULT_FORMATS, check_formats, geojson_precision, output_crs
 from geoseg.vector.params import VectorParams, pixel_size_m
 from geoseg.vector.polygonize import Pieces
 from geoseg.vector.report import VectorReport, vector_record
@@ -93,7 +92,7 @@ def write_detections(
     job = found.job
     image = getattr(job.source, "path", None)  # an xarray input has none: no imagery to draw, its label names it
     src = MaskSource(path=image or job.source.label, geobox=job.source.geobox, classes=())
-    out_crs = _out_crs(src, crs)
+    out_crs = output_crs(src.path, src.geobox.crs, crs, "its boxes")
     params = _params(found, src, crs, formats)
     precision = geojson_precision(src, formats, precision, params.pixel_size_m)
     layers = _layers(found)
@@ -124,22 +123,6 @@ def write_detections(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return RunReport(record, out_dir), VectorReport(vrecord, out_dir, areas)
-
-
-def _out_crs(src: MaskSource, crs: str | None) -> str | None:
-    """The layers' CRS: ``crs`` (checked), else the raster's; a raster without one takes none."""
-    if crs is None:
-        return src.geobox.crs
-    if src.geobox.crs is None:
-        raise InputError(f"{src.path}: has no CRS, so its boxes cannot be reprojected to {crs}; leave out crs=")
-    from pyproj import CRS
-    from pyproj.exceptions import CRSError
-
-    try:
-        CRS.from_user_input(crs)
-    except CRSError as exc:
-        raise InputError(f"crs={crs!r} is not a CRS pyproj knows ({exc}); use e.g. EPSG:32632") from exc
-    return crs
 
 
 def _kinds(found: Detections) -> tuple[tuple[int, str], ...]:

@@ -15,7 +15,15 @@ from geoseg.errors import InputError
 from geoseg.io.mask import MaskSource, open_mask
 from geoseg.vector.writers import FORMATS, KIND_COLUMNS, VALUE_COLUMNS
 
-__all__ = ["DEFAULT_FORMATS", "check_field", "check_formats", "geojson_precision", "open_for_vectorize", "size_rules"]
+__all__ = [
+    "DEFAULT_FORMATS",
+    "check_field",
+    "check_formats",
+    "geojson_precision",
+    "open_for_vectorize",
+    "output_crs",
+    "size_rules",
+]
 
 DEFAULT_FORMATS = ("geojson", "gpkg")
 
@@ -72,21 +80,32 @@ def open_for_vectorize(
         beside = os.path.join(os.path.dirname(os.path.abspath(mask)), "probabilities.tif")
         probabilities = beside if os.path.exists(beside) else None
     src = open_mask(mask, probabilities)
-    gb = src.geobox
-    if gb.crs is None and crs:
-        raise InputError(f"{mask}: has no CRS, so it cannot be reprojected to {crs}; leave out crs=")
-    out_crs = crs or gb.crs
-    if gb.crs is None and formats == DEFAULT_FORMATS:
+    out_crs = output_crs(mask, src.geobox.crs, crs)
+    if src.geobox.crs is None and formats == DEFAULT_FORMATS:
         formats = (*formats, "coco")  # a plain image: objects also as COCO instances (pixel coordinates)
-    if crs:
-        from pyproj import CRS
-        from pyproj.exceptions import CRSError
-
-        try:
-            CRS.from_user_input(crs)
-        except CRSError as exc:
-            raise InputError(f"crs={crs!r} is not a CRS pyproj knows ({exc}); use e.g. EPSG:32632") from exc
     return src, out_crs, formats
+
+
+def output_crs(path: str, raster_crs: str | None, crs: str | None, what: str = "it") -> str | None:
+    """The output CRS: ``crs`` (checked with pyproj), else the raster's; a raster without one takes none.
+
+    Raises
+    ------
+    InputError
+        ``crs`` given for a raster without a CRS (``what`` cannot be reprojected), or unknown to pyproj.
+    """
+    if not crs:
+        return raster_crs
+    if raster_crs is None:
+        raise InputError(f"{path}: has no CRS, so {what} cannot be reprojected to {crs}; leave out crs=")
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(crs)
+    except CRSError as exc:
+        raise InputError(f"crs={crs!r} is not a CRS pyproj knows ({exc}); use e.g. EPSG:32632") from exc
+    return crs
 
 
 def geojson_precision(src: MaskSource, formats: Sequence[str], precision: int | None, pixel_m: float) -> int:

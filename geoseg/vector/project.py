@@ -339,13 +339,18 @@ def mask_classes(src: MaskSource) -> list[MaskClass]:
     return [c if c.color else MaskClass(c.id, c.name, tuple(palette[c.id % len(palette)])) for c in src.classes]
 
 
-def _gpkg_layers(path: str) -> list[tuple[str, str | None, str | None]]:
-    """(layer, CRS, default QML style or None) of every polygon layer in a GeoPackage, by name."""
+def _gpkg_layers(path: str) -> list[tuple[str, str | None, str | None, tuple[float, ...] | None]]:
+    """(layer, CRS, default QML style or None, extent or None) of every polygon layer in a GeoPackage, by name.
+
+    The extent is the layer's ``gpkg_contents`` box (an empty layer has none).
+    """
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = con.execute(
-            "SELECT g.table_name, s.organization, s.organization_coordsys_id, s.definition FROM gpkg_geometry_columns g "
-            "LEFT JOIN gpkg_spatial_ref_sys s ON g.srs_id = s.srs_id ORDER BY g.table_name"
+            "SELECT g.table_name, s.organization, s.organization_coordsys_id, s.definition, "
+            "c.min_x, c.min_y, c.max_x, c.max_y FROM gpkg_geometry_columns g "
+            "LEFT JOIN gpkg_spatial_ref_sys s ON g.srs_id = s.srs_id "
+            "LEFT JOIN gpkg_contents c ON c.table_name = g.table_name ORDER BY g.table_name"
         ).fetchall()
         try:
             styles = dict(
@@ -358,29 +363,13 @@ def _gpkg_layers(path: str) -> list[tuple[str, str | None, str | None]]:
     finally:
         con.close()
     out = []
-    for name, org, code, definition in rows:
+    for name, org, code, definition, *box in rows:
         crs = (
             f"{org}:{code}" if org and code and int(code) > 0 else (definition if definition not in (None, "undefined") else None)
         )
-        out.append((name, crs, styles.get(name)))
+        extent = tuple(box) if box[0] is not None and box[3] is not None else None
+        out.append((name, crs, styles.get(name), extent))
     return out
-
-
-def _gpkg_bounds(path: str) -> tuple[float, float, float, float] | None:
-    """The union of a GeoPackage's layer extents (``gpkg_contents``; empty layers have none), or None."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = con.execute(
-            "SELECT c.min_x, c.min_y, c.max_x, c.max_y FROM gpkg_contents c JOIN gpkg_geometry_columns g "
-            "ON c.table_name = g.table_name WHERE c.min_x IS NOT NULL AND c.max_y IS NOT NULL"
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise InputError(f"{path}: cannot read its layers ({exc}); give a GeoPackage geoseg vectorize wrote") from exc
-    finally:
-        con.close()
-    if not rows:
-        return None
-    return min(r[0] for r in rows), min(r[1] for r in rows), max(r[2] for r in rows), max(r[3] for r in rows)
 
 
 def _run_group(name: str, mask: str | None, vectors: Sequence[str], imagery: str | None, folder: str, first: bool):
@@ -391,22 +380,23 @@ def _run_group(name: str, mask: str | None, vectors: Sequence[str], imagery: str
 
     src = open_mask(mask) if mask is not None else None
     layers, qml = [], {}
-    crs = bounds_crs = src.geobox.crs if src is not None else None
+    crs = src.geobox.crs if src is not None else None
     bounds = src.geobox.bounds if src is not None else None
     for gpkg in vectors:
         rel = project_source(gpkg, folder)
-        for layer, layer_crs, style in _gpkg_layers(gpkg):
+        for layer, layer_crs, style, extent in _gpkg_layers(gpkg):
             layers.append((rel, layer, legend_label(layer)))
             crs = layer_crs or crs
             if style is not None:
                 qml[layer] = style
-        if src is None:  # the layers' extent, in their CRS
-            bounds, bounds_crs = _union(bounds, _gpkg_bounds(gpkg)), crs
+            if src is None:  # the layers' extent, in their CRS
+                bounds = _union(bounds, extent)
+    bounds_crs = src.geobox.crs if src is not None else crs
     image = true_colour(imagery) if imagery else None
     if image is not None:
         image = dataclasses.replace(image, path=project_source(imagery, folder))
     mask_rel, classes = (project_source(mask, folder), mask_classes(src)) if src is not None else (None, [])
-    group = ProjectGroup(name, mask_rel, classes, layers, qml, image, crs, bounds_crs if src is not None else None, first)
+    group = ProjectGroup(name, mask_rel, classes, layers, qml, image, crs, src.geobox.crs if src is not None else None, first)
     return group, bounds_crs, bounds
 
 
