@@ -66,12 +66,11 @@ def pull(ctx: click.Context, model: str, sha256: str | None, name: str | None, f
 @models.command()
 def zoo() -> None:
     """List the catalogue of public models `geoseg models pull NAME` knows (GEOSEG_ZOO names another catalogue)."""
-    from geoseg.models.card_sources import DET_TYPES
-    from geoseg.models.zoo import TASKS, cached_model, load_catalogue
+    from geoseg.models.zoo import load_catalogue
 
     for name, e in load_catalogue().items():
-        state = "pulled" if _pulled(cached_model, name) else "not pulled"
-        if e.task not in TASKS or (e.det_type is not None and e.det_type not in DET_TYPES):
+        state = "pulled" if _pulled(name) else "not pulled"
+        if e.refusal():
             state = f"{e.task}{f' ({e.det_type})' if e.det_type else ''}: listed only"  # pull refuses it, saying why
         elif e.task != "segmentation":
             state = f"{e.task}, {state}"
@@ -80,8 +79,9 @@ def zoo() -> None:
         click.echo(f"    classes: {', '.join(e.classes) or '?'}{size}; licence: {e.licence or '?'}; source: {e.source or '?'}")
 
 
-def _pulled(cached_model, name: str) -> bool:
+def _pulled(name: str) -> bool:
     from geoseg.errors import ModelError
+    from geoseg.models.zoo import cached_model
 
     try:
         return cached_model(name) is not None

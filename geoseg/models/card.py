@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError, ValidationInfo, field_validator, model_validator
 
-from geoseg.classes import NODATA, ClassInfo, default_palette
+from geoseg.classes import NODATA, ClassInfo
 from geoseg.errors import ModelError
 from geoseg.models.card_parts import (
     ArchitectureDocument,
@@ -158,10 +158,8 @@ class ModelCard:
         n = 2 if n_outputs == 1 and self.detector is None else n_outputs  # a detector's classes are all objects
         if n > NODATA:  # ids 0..254; 255 is the mask's nodata
             raise ModelError(f"{self.name}: {n} output classes do not fit a uint8 mask (at most 255)")
-        colors = default_palette(n + (self.detector is not None))  # a detector has no background: colours from 1
-        kind = "object" if self.detector is not None else None
-        shift = int(self.detector is not None)
-        return replace(self, classes=tuple(ClassInfo(i, f"class_{i}", colors[i + shift], kind) for i in range(n)))
+        detector = self.detector is not None
+        return replace(self, classes=tuple(ClassDocument(id=i, name=f"class_{i}").info(detector) for i in range(n)))
 
 
 class CardDocument(Document):
@@ -314,7 +312,7 @@ class CardDocument(Document):
         gsd_range = self.gsd_range_m
         return ModelCard(
             name=str(self.name or default_name),
-            classes=tuple(c.info() for c in self.classes) if self.classes else None,
+            classes=tuple(c.info(self.detector is not None) for c in self.classes) if self.classes else None,
             tile=self.tile,
             halo=self.halo,
             size_multiple=self.size_multiple or 32,

@@ -157,9 +157,15 @@ class ClassDocument(Document):
             raise ValueError(f"class {info.data.get('name', '?')!r} kind must be 'object' or 'area', got {kind!r}")
         return kind
 
-    def info(self) -> ClassInfo:
-        """The class, coloured from the default palette when the card gives no colour."""
-        return ClassInfo(self.id, self.name, self.color or default_palette(self.id + 1)[self.id], self.kind)
+    def info(self, detector: bool = False) -> ClassInfo:
+        """The class, coloured from the default palette when the card gives no colour.
+
+        A detector's classes are all objects (the default kind) and, having no background,
+        take their default colours from the palette's second on.
+        """
+        k = self.id + int(detector)
+        kind = self.kind or ("object" if detector else None)
+        return ClassInfo(self.id, self.name, self.color or default_palette(k + 1)[k], kind)
 
 
 class ScalingDocument(Document):

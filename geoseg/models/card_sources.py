@@ -22,7 +22,6 @@ from typing import Any
 
 from geoseg._yaml import flat as _flat
 from geoseg._yaml import load_yaml, read_text_file
-from geoseg.classes import NODATA, default_palette
 from geoseg.errors import ModelError
 from geoseg.models.card import ModelCard, card_from_dict
 
@@ -115,10 +114,6 @@ def _deepness(meta: Mapping[str, str], origin: str) -> dict[str, Any] | None:
             card["classes"] = [{"id": int(k), "name": str(v)} for k, v in pairs]
         elif isinstance(names, list):
             card["classes"] = [{"id": i, "name": str(v)} for i, v in enumerate(names)]
-        ids = [c["id"] for c in card.get("classes", ())]
-        if detector and ids and 0 <= min(ids) and max(ids) < NODATA:  # every class an object: colours from the second on
-            palette = default_palette(max(ids) + 2)
-            card["classes"] = [{**c, "kind": "object", "color": list(palette[c["id"] + 1])} for c in card["classes"]]
     if "resolution" in meta:
         card["gsd_m"] = float(_meta_value(meta, "resolution")) / 100.0  # centimetres per pixel
     tile = int(_meta_value(meta, "tiles_size")) if "tiles_size" in meta else None

@@ -61,6 +61,17 @@ class ZooEntry:
     licence: str = ""
     source: str = ""
 
+    def refusal(self) -> str | None:
+        """Why geoseg cannot run this model (a task or detector layout it does not have), or None."""
+        if self.task not in TASKS:
+            return f"{self.name} is a {self.task} model; geoseg runs {' and '.join(TASKS)} models (see its source)"
+        if self.det_type is not None and self.det_type not in DET_TYPES:
+            return (
+                f"{self.name} is a {self.det_type} detector; geoseg decodes the YOLO layouts ({', '.join(DET_TYPES)}), "
+                "not this one (see its source)"
+            )
+        return None
+
 
 @dataclass(frozen=True)
 class Pulled:
@@ -263,13 +274,9 @@ def pull(what: str, sha256: str | None = None, *, name: str | None = None, force
     if name is not None and not _NAME.match(name):
         raise ModelError(f"--name {name!r}: a model name is letters, digits, '.', '_' and '-' (up to 64)")
     entry = _target(what, name, load_catalogue())
-    if entry.task not in TASKS:
-        raise ModelError(f"{entry.name} is a {entry.task} model; geoseg runs {' and '.join(TASKS)} models (see its source)")
-    if entry.det_type is not None and entry.det_type not in DET_TYPES:
-        raise ModelError(
-            f"{entry.name} is a {entry.det_type} detector; geoseg decodes the YOLO layouts ({', '.join(DET_TYPES)}), "
-            "not this one (see its source)"
-        )
+    refused = entry.refusal()
+    if refused:
+        raise ModelError(refused)
     expected = _expected_sha(entry, sha256)
     if expected is None and not entry.url.lower().startswith("https://"):
         raise ModelError(insecure_text(entry.url))
