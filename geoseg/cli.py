@@ -24,13 +24,16 @@ from geoseg.io.remote import RedactFilter, redact
 DASK_LOG_ENV = "GEOSEG_DASK_LOG"
 
 
+_REDACT = RedactFilter()
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactFilter())  # a signed URL's token never reaches a log line
+    handler.addFilter(_REDACT)  # a signed URL's token never reaches a log line
     if logging.lastResort is not None:  # other libraries' warnings (GDAL's retries quote the URL) print through it
-        logging.lastResort.addFilter(RedactFilter())
+        logging.lastResort.addFilter(_REDACT)  # one filter, however often the CLI runs in a process
     handler.addFilter(FlagsFilter())  # log lines name flags, as the one-line error does
     names = ["geoseg"] + (["distributed"] if verbose >= 2 else [])  # Dask's own INFO chatter only with -vv
     for name in names:

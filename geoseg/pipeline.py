@@ -130,20 +130,20 @@ def segment(
     model = resolve_model(model, predict_kwargs.get("card"), trust=predict_kwargs.get("trust_model", False))
     conf, iou = predict_kwargs.pop("conf", None), predict_kwargs.pop("iou", None)
     if model.card.detector is not None:
-        stac = (date, derived_from)
-        return _detect(src, model, out_dir, vectorize, overwrite, progress, extra, (conf, iou), stac, predict_kwargs)
-    if conf is not None or iou is not None:
+        run, vectors, job = _detect(src, model, out_dir, vectorize, overwrite, progress, extra, conf, iou, predict_kwargs)
+    elif conf is not None or iou is not None:
         raise InputError(f"{model.path or model.card.name}: conf= and iou= are a detector's; this is a segmentation model")
-    result = predict(src, model, **predict_kwargs)
-    job = job_from(result)
-    run = write(result, out_dir, overwrite=overwrite, probabilities_dtype=probabilities_dtype, progress=progress, extra=extra)
-    vectors = None
-    if vectorize is not None:
-        from geoseg.vector import vectorize as run_vectorize
+    else:
+        result = predict(src, model, **predict_kwargs)
+        job = job_from(result)
+        run = write(result, out_dir, overwrite=overwrite, probabilities_dtype=probabilities_dtype, progress=progress, extra=extra)
+        vectors = None
+        if vectorize is not None:
+            from geoseg.vector import vectorize as run_vectorize
 
-        mask = os.path.join(out_dir, run["outputs"]["mask"])  # as the caller gave the folder
-        vectors = run_vectorize(mask, out_dir, overwrite=overwrite, progress=progress, **vectorize)
-    item = _item(out_dir, run, vectors, job, date, derived_from)
+            mask = os.path.join(out_dir, run["outputs"]["mask"])  # as the caller gave the folder
+            vectors = run_vectorize(mask, out_dir, overwrite=overwrite, progress=progress, **vectorize)
+    item = _item(out_dir, run, vectors, job, date, derived_from)  # the input's date and the STAC items it came from
     return Segmented(os.path.abspath(out_dir), run, vectors, item)
 
 
@@ -170,11 +170,14 @@ def _detect(
     overwrite: bool,
     progress: Any,
     extra: dict[str, Any] | None,
-    thresholds: tuple[float | None, float | None],
-    stac: tuple[str | None, Sequence[str]],
+    conf: float | None,
+    iou: float | None,
     options: dict[str, Any],
-) -> Segmented:
-    """A detector's run: boxes (engine.detect) written as layers with run.json (vector.detections), then item.json."""
+) -> tuple[RunReport, VectorReport | None, Any]:
+    """A detector's run: boxes (engine.detect) written as layers with run.json (vector.detections).
+
+    Returns the run record, the layers' record and the job.
+    """
     from geoseg.engine.detect import detect
     from geoseg.vector.detections import write_detections
 
@@ -183,8 +186,6 @@ def _detect(
         raise InputError(f"{name}: a detector gives boxes, not per-class probabilities; drop probabilities=")
     options.pop("blend", None)  # boxes are merged by suppression, never blended
     layer_options = {k: v for k, v in (vectorize or {}).items() if k in ("formats", "crs", "precision", "project")}
-    conf, iou = thresholds
     found = detect(src, model, conf=conf, iou=iou, progress=progress, **options)
     run, vectors = write_detections(found, out_dir, overwrite=overwrite, extra=extra, **layer_options)
-    date, derived_from = stac  # the item's date and the STAC items the input came from
-    return Segmented(os.path.abspath(out_dir), run, vectors, _item(out_dir, run, vectors, found.job, date, derived_from))
+    return run, vectors, found.job

@@ -160,8 +160,8 @@ def predict(
             "trust_model": trust_model,
             "tta": int(tta) if tta else None,
             "threshold": threshold,
-            **({"conf": conf} if conf is not None else {}),
-            **({"iou": iou} if iou is not None else {}),
+            "conf": conf,
+            "iou": iou,
         }
 
     with removed_if_failed(out_dir):  # a failed run leaves no empty folder behind
