@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import re
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -232,3 +233,10 @@ def range_server(root: str | Path, tls: LocalTLS | None = None, tokens: Iterable
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts as a separate process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

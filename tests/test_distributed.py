@@ -12,18 +12,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import read
+from tests.servers import free_port
 from tests.test_cli import run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_cluster(tmp_path, scheme: str = "tcp", tls: list[str] | None = None, workers: int = 2):
     """`dask scheduler` and `dask worker` processes on 127.0.0.1; yields the address, stops them after."""
-    port = _free_port()
+    port = free_port()
     address = f"{scheme}://127.0.0.1:{port}"
     tls = tls or []
     procs = [

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 
 import geoseg
 from geoseg.errors import ModelError
 from geoseg.evaluate import evaluate
 from geoseg.models.loading import ONNX_BACKEND_ENV, cpu_has_bf16, onnx_backend
 from geoseg.models.spec import Runtime
+from tests.conftest import read
 
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed (pip install 'geoseg[fast]')"
@@ -27,8 +27,7 @@ needs_openvino = pytest.mark.skipif(
 
 
 def _mask(path: Path) -> np.ndarray:
-    with rasterio.open(path / "mask.tif") as ds:
-        return ds.read(1)
+    return read(path / "mask.tif")
 
 
 def _run(src: str, model: str, out: Path, **kw) -> dict:

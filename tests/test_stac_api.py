@@ -26,7 +26,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from tests.servers import range_server
+from tests.servers import free_port, range_server
 
 CRS = "EPSG:32631"
 X0, Y0, RES, SIZE = 500000.0, 5000000.0, 10.0, 192
@@ -96,12 +96,6 @@ def _item(item: str, date: str, cloud: int, dx: int, url: str, crs: str = CRS) -
     }  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def stac_api(folder: Path, items: list[dict]) -> Iterator[str]:
     """``rustac serve`` on 127.0.0.1 with ``items`` in collection ``s2``; its URL while the block runs (bounded wait)."""
@@ -112,7 +106,7 @@ def stac_api(folder: Path, items: list[dict]) -> Iterator[str]:
     }  # fmt: skip
     (folder / "collection.json").write_text(json.dumps(collection))
     (folder / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}))
-    port = _free_port()
+    port = free_port()
     log = (folder / "rustac.log").open("w")
     proc = subprocess.Popen(
         [exe, "serve", "-a", f"127.0.0.1:{port}", str(folder / "collection.json"), str(folder / "items.json")],
