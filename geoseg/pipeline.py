@@ -122,8 +122,8 @@ def segment(
     Segmented
         What was written (for a detector: its polygon layers and run.json, no mask).
     """
-    from geoseg.engine import predict, write
-    from geoseg.engine.job import job_from
+    from geoseg.engine import write
+    from geoseg.engine.graph import prediction
     from geoseg.models.spec import resolve_model
 
     out_dir = os.fspath(out_dir)  # paths in the records stay as the caller gave them
@@ -134,8 +134,8 @@ def segment(
     elif conf is not None or iou is not None:
         raise InputError(f"{model.path or model.card.name}: conf= and iou= are a detector's; this is a segmentation model")
     else:
-        result = predict(src, model, **predict_kwargs)
-        job = job_from(result)
+        result = prediction(src, model, **predict_kwargs)  # written as it is: no xarray imported on the way
+        job = result.job
         run = write(result, out_dir, overwrite=overwrite, probabilities_dtype=probabilities_dtype, progress=progress, extra=extra)
         vectors = None
         if vectorize is not None:

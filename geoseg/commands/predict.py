@@ -65,7 +65,10 @@ from geoseg.commands.vectorize import echo_vectors
     help="Stitching: centre crop, or normalised cosine blend.",
 )
 @click.option(
-    "--chunk", type=click.IntRange(min=1), default=None, help="Pixels per Dask task side, rounded to whole tiles [2048]."
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pixels per Dask task side, rounded to whole tiles [1536 on CPU, 2048 on CUDA].",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per forward pass [1 on CPU, 8 on CUDA].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CUDA missing is an error).")

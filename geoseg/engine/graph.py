@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,11 @@ from geoseg.engine import tasks
 from geoseg.engine.job import JOB_ATTR, Job, JobRef
 from geoseg.engine.plan import plan_job
 from geoseg.errors import InputError
+from geoseg.grid import GeoBox
 from geoseg.io.xarray_source import ArraySource
 from geoseg.models.card import ModelCard
 
-__all__ = ["chunk_reads", "predict"]
+__all__ = ["Prediction", "chunk_reads", "predict", "prediction"]
 
 
 def predict(
@@ -77,8 +79,9 @@ def predict(
     tile, halo : int, optional
         Model input size and context per edge in pixels (default: card, else 512 and 32).
     chunk : int, optional
-        Pixels per Dask task side, rounded to whole tile cores (default 2048: with 512 px
-        tiles, 5 x 5 tiles per task, tens of MiB per task; smaller chunks re-read more halo).
+        Pixels per Dask task side, rounded to whole tile cores (default 1536 on a CPU, 3 x 3
+        tiles of 512 px per task; 2048 on a GPU, 5 x 5 tiles to fill its batches; smaller
+        chunks re-read more halo).
     blend : {"crop", "cosine"}
         ``crop`` keeps each tile's centre (exactly whole-image inference when the model's
         receptive field fits in the halo); ``cosine`` averages overlapping predictions with
@@ -133,10 +136,11 @@ def predict(
     >>> mask = geoseg.predict("scene.tif", model="unet.pt", aoi="aoi.gpkg")  # doctest: +SKIP
     >>> geoseg.write(mask, "out/")  # doctest: +SKIP
     """
-    t0 = time.perf_counter()
-    job = plan_job(
+    return prediction(
         source,
         model,
+        probabilities=probabilities,
+        resources=resources,
         bands=bands,
         band_map=band_map,
         aoi=aoi,
@@ -154,21 +158,99 @@ def predict(
         trust_model=trust_model,
         tta=tta,
         threshold=threshold,
-    )
+    ).to_xarray()
+
+
+def prediction(
+    source: Any, model: Any, *, probabilities: bool = False, resources: dict[str, float] | None = None, **options: Any
+) -> Prediction:
+    """:func:`predict`'s graph as a :class:`Prediction`, before it becomes xarray (what :func:`geoseg.segment` writes).
+
+    Parameters
+    ----------
+    source, model
+        As for :func:`predict`.
+    probabilities : bool
+        Also build the per-class probabilities.
+    resources : dict, optional
+        Dask resource annotation for predict tasks.
+    **options
+        :func:`predict`'s other options (``tile``, ``aoi``, ``device``, ...).
+
+    Returns
+    -------
+    Prediction
+    """
+    t0 = time.perf_counter()
+    job = plan_job(source, model, **options)
     if job.spec.card.detector is not None:
         raise InputError(
             f"{job.spec.path or job.spec.card.name}: a detector gives boxes, not a mask; use geoseg.segment (or geoseg "
             "predict), which writes its boxes as polygon layers, or geoseg.engine.detect.detect"
         )
-    final = _graph(job, probabilities, resources)
+    final, token = _graph(job, probabilities, resources)
     job.stats = [final[i, j]["stats"] for i, j in job.plan.iter_chunks()]
     job.timings["predict_call_s"] = time.perf_counter() - t0  # opening, probing, planning, graph building
-    mask = _mask(job, final)
-    if not probabilities:
-        return mask
-    import xarray as xr
+    return Prediction(job, final, probabilities, f"geoseg-mask-{token}")
 
-    return xr.Dataset({"mask": mask, "probabilities": _probabilities(job, final)})
+
+@dataclass(eq=False)
+class Prediction:
+    """A planned segmentation: the final task of every chunk, on the job's output grid.
+
+    :func:`predict` wraps it in xarray (a lazy DataArray, or a Dataset with probabilities);
+    :func:`geoseg.engine.write.write` also takes it as it is, which spares a command-line run
+    the imports of ``dask.array`` — it imports xarray, pandas and pyarrow when they are
+    installed: 0.7 s and about 110 MiB before the first tile (see DESIGN.md, "Speed and memory").
+
+    Parameters
+    ----------
+    job : Job
+        The planned job (its ``stats`` hold each chunk's statistics task).
+    final : dict
+        ``(i, j)`` -> the chunk's final task, a dict with ``mask``, ``probs`` and ``stats``.
+    probabilities : bool
+        Whether the tasks also give per-class probabilities.
+    name : str
+        Names the mask (like a Dask array's name): the same job, the same name.
+    """
+
+    job: Job
+    final: dict[tuple[int, int], Any]
+    probabilities: bool
+    name: str
+
+    @property
+    def geobox(self) -> GeoBox:
+        """The output grid: the input's, cropped to the job's region (an AOI's window)."""
+        return self.job.source.geobox.crop(self.job.plan.region)
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Row and column sizes of the chunks, as Dask's ``chunks``."""
+        return self.job.plan.chunks
+
+    @property
+    def class_names(self) -> list[str]:
+        """The names of the probability bands."""
+        return [c.name for c in self.job.card.classes]
+
+    def blocks(self, what: str) -> np.ndarray:
+        """``[i, j]`` -> the Delayed ``what`` (``mask`` or ``probs``) of chunk ``(i, j)``."""
+        ny, nx = self.job.plan.shape
+        out = np.empty((ny, nx), dtype=object)
+        for (i, j), task in self.final.items():
+            out[i, j] = task[what]
+        return out
+
+    def to_xarray(self):
+        """The lazy mask as a DataArray carrying its :class:`JobRef`, or with probabilities a Dataset."""
+        mask = _mask(self.job, self.final)
+        if not self.probabilities:
+            return mask
+        import xarray as xr
+
+        return xr.Dataset({"mask": mask, "probabilities": _probabilities(self.job, self.final)})
 
 
 def chunk_reads(job: Job, token: str) -> tuple[Any, dict[tuple[int, int], Any]]:
@@ -208,8 +290,10 @@ def chunk_reads(job: Job, token: str) -> tuple[Any, dict[tuple[int, int], Any]]:
     return d_spec, reads
 
 
-def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) -> dict[tuple[int, int], Any]:
-    """The final task of every chunk (row-major ``(i, j)``), a dict with ``mask``, ``probs`` and ``stats``."""
+def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) -> tuple[dict[tuple[int, int], Any], str]:
+    """The final task of every chunk (row-major ``(i, j)``), a dict with ``mask``, ``probs`` and ``stats``, and the
+    graph's token.
+    """
     import dask
 
     src, spec, runtime, plan, blend, aoi = job.source, job.spec, job.runtime, job.plan, job.blend, job.aoi
@@ -231,7 +315,7 @@ def _graph(job: Job, probabilities: bool, resources: dict[str, float] | None) ->
                 job.channel,
                 dask_key_name=f"geoseg-predict-{token}-{i}-{j}",
             )
-    return _blended(pred, plan, probabilities, token, runtime.threshold) if blend == "cosine" else pred
+    return (_blended(pred, plan, probabilities, token, runtime.threshold) if blend == "cosine" else pred), token
 
 
 def _blended(pred: dict, plan, probabilities: bool, token: str, threshold: float | None) -> dict[tuple[int, int], Any]:

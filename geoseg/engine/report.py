@@ -260,11 +260,19 @@ def _warnings(counts: np.ndarray, names: dict[int, str], job: Job | None) -> lis
     return warnings + (job.warnings if job is not None else [])
 
 
+def _distribution_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:  # pragma: no cover  (a core dependency)
+        return "not installed"
+
+
 def versions() -> dict[str, str]:
     """The versions of geoseg, Python and the libraries a run depends on."""
     import dask
     import rasterio
-    import xarray
 
     v = {
         "geoseg": __version__,
@@ -273,7 +281,7 @@ def versions() -> dict[str, str]:
         "rasterio": rasterio.__version__,
         "gdal": rasterio.__gdal_version__,
         "dask": dask.__version__,
-        "xarray": xarray.__version__,
+        "xarray": _distribution_version("xarray"),  # not imported for this: dask.array would be, with pandas
     }
     try:
         import distributed

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.classes import NODATA
+from geoseg.engine.graph import Prediction
 from geoseg.engine.job import Job, job_from
 from geoseg.engine.parts import Staging, finished_part, write_mask_part, write_prob_part
 from geoseg.engine.progress import Callback, Counter, Progress, compute_tasks, counter
@@ -146,7 +147,7 @@ def write(
         if overwrite and os.path.exists(os.path.join(target.out_dir, RUN_NAME)):
             # run.json describes the outputs beside it: never leave an old one next to new files
             os.remove(os.path.join(target.out_dir, RUN_NAME))
-        stage.make(("mask", *(("probabilities",) if target.probs is not None else ())))
+        stage.make(("mask", *(("probabilities",) if target.prob_blocks is not None else ())))
         tc = time.perf_counter()
         mask_res, prob_parts = _compute_parts(target, stage, _resumed(target, stage), progress)
         compute_s = time.perf_counter() - tc
@@ -170,32 +171,38 @@ class _Target:
     """What :func:`write` writes, and where: checked before anything is touched."""
 
     out_dir: str
-    mask: Any
-    probs: Any
     job: Job | None
     table: list
     prob_dtype: str
     mask_name: str
-    plain: bool  # a plain image (no CRS) small enough for a PNG copy of its mask
+    geobox: GeoBox
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    name: str  # the Dask name of the mask's data
+    mask_blocks: Any  # [i, j] -> the Delayed mask block of chunk (i, j)
+    prob_blocks: Any  # [i, j] -> the Delayed (class, y, x) probabilities of chunk (i, j); None without
+    class_names: list[str]  # of the probability bands
 
-    @cached_property
-    def geobox(self) -> GeoBox:
-        crs = self.mask.rio.crs
-        return GeoBox(
-            int(self.mask.sizes["x"]), int(self.mask.sizes["y"]), self.mask.rio.transform(), crs.to_string() if crs else None
-        )
+    @property
+    def plain(self) -> bool:
+        """A plain image (no CRS) small enough for a PNG copy of its mask."""
+        return self.geobox.crs is None and self.geobox.width * self.geobox.height <= PNG_MAX_PIXELS
+
+    @property
+    def from_job(self) -> bool:
+        """The mask is the job's own chunks (their statistics tasks and tile reports apply)."""
+        return self.job is not None and self.chunks == self.job.plan.chunks
 
     @cached_property
     def token(self) -> str:
         """Names the staging folder: a run of the same job finds a killed run's parts."""
         import dask
 
-        return dask.base.tokenize(self.mask.data.name, self.prob_dtype, self.mask_name)[:16]
+        return dask.base.tokenize(self.name, self.prob_dtype, self.mask_name)[:16]
 
     @cached_property
     def cells(self) -> list[tuple[int, int, Window]]:
         """Every chunk of the mask, row-major, with its window."""
-        return [(i, j, win) for i, row in enumerate(chunk_windows(self.mask.data.chunks)) for j, win in enumerate(row)]
+        return [(i, j, win) for i, row in enumerate(chunk_windows(self.chunks)) for j, win in enumerate(row)]
 
     @property
     def png_name(self) -> str:
@@ -209,6 +216,15 @@ class _Target:
 def _target(result: Any, out_dir: str | os.PathLike, prob_dtype: str, classes: list | None, mask_name: str) -> _Target:
     if prob_dtype not in ("uint8", "float32"):
         raise InputError(f"probabilities dtype must be uint8 or float32, got {prob_dtype!r}")
+    out_dir = os.path.abspath(os.fspath(out_dir))  # workers may run in another folder
+    if isinstance(result, Prediction):  # geoseg.segment's: no xarray (nor dask.array) on the way
+        job = result.job
+        table = list(job.card.classes)
+        probs = result.blocks("probs") if result.probabilities else None
+        return _Target(
+            out_dir, job, table, prob_dtype, mask_name, _output_grid(result.geobox), result.chunks, result.name,
+            result.blocks("mask"), probs, result.class_names,
+        )  # fmt: skip
     is_ds = hasattr(result, "data_vars")
     mask = result["mask"] if is_ds else result
     job = job_from(result)  # the provenance predict left on the mask (source, model, parameters)
@@ -216,9 +232,23 @@ def _target(result: Any, out_dir: str | os.PathLike, prob_dtype: str, classes: l
         raise InputError(no_job_message(mask))
     probs = result["probabilities"] if is_ds and "probabilities" in result else None
     table = list(job.card.classes) if job and job.card.classes else list(classes or [])
-    plain = mask.rio.crs is None and mask.sizes["x"] * mask.sizes["y"] <= PNG_MAX_PIXELS
-    out_dir = os.path.abspath(os.fspath(out_dir))  # workers may run in another folder
-    return _Target(out_dir, mask, probs, job, table, prob_dtype, mask_name, plain)
+    crs = mask.rio.crs
+    geobox = GeoBox(int(mask.sizes["x"]), int(mask.sizes["y"]), mask.rio.transform(), crs.to_string() if crs else None)
+    return _Target(
+        out_dir, job, table, prob_dtype, mask_name, geobox, mask.data.chunks, mask.data.name,
+        mask.data.to_delayed(optimize_graph=False),  # keep keys shared with the stats tasks
+        probs.data.to_delayed(optimize_graph=False)[0] if probs is not None else None,
+        [str(c) for c in probs["class"].values] if probs is not None else [],
+    )  # fmt: skip
+
+
+def _output_grid(geobox: GeoBox) -> GeoBox:
+    """``geobox`` with its CRS spelled as rasterio spells it (as :func:`write` reads it back from an xarray result)."""
+    if geobox.crs is None:
+        return geobox
+    from rasterio.crs import CRS
+
+    return GeoBox(geobox.width, geobox.height, geobox.transform, CRS.from_user_input(geobox.crs).to_string())
 
 
 @contextmanager
@@ -256,17 +286,16 @@ def _resumed(target: _Target, stage: Staging) -> dict[tuple[int, int], dict]:
 
     if not stage.adopted:
         return {}
-    probs = target.probs
-    n_probs = int(probs.sizes["class"]) if probs is not None else 0
+    probs = target.prob_blocks is not None
     found = [
         (i, j, win)
         for i, j, win in target.cells
-        if os.path.exists(stage.part("mask", i, j)) and (probs is None or os.path.exists(stage.part("probabilities", i, j)))
+        if os.path.exists(stage.part("mask", i, j)) and (not probs or os.path.exists(stage.part("probabilities", i, j)))
     ]
     checks = [
         dask.delayed(finished_part, pure=False)(
-            stage.part("mask", i, j), win, stage.part("probabilities", i, j) if probs is not None else None,
-            n_probs, target.prob_dtype,
+            stage.part("mask", i, j), win, stage.part("probabilities", i, j) if probs else None,
+            len(target.class_names), target.prob_dtype,
         )
         for i, j, win in found
     ]  # fmt: skip
@@ -278,9 +307,8 @@ def _compute_parts(target: _Target, stage: Staging, reused: dict, progress: Any)
     """Write every chunk part not reused (on the workers); each chunk's mask result and the probability parts."""
     import dask
 
-    mask, probs, job, cells = target.mask, target.probs, target.job, target.cells
-    blocks = mask.data.to_delayed(optimize_graph=False)  # keep keys shared with the stats tasks
-    stats = job.stats if job is not None and mask.data.chunks == job.plan.chunks else None
+    blocks, pblocks, job, cells = target.mask_blocks, target.prob_blocks, target.job, target.cells
+    stats = job.stats if target.from_job else None
     todo = [(n, i, j, win) for n, (i, j, win) in enumerate(cells) if (i, j) not in reused]
     tasks = [
         dask.delayed(write_mask_part, pure=True)(
@@ -288,11 +316,10 @@ def _compute_parts(target: _Target, stage: Staging, reused: dict, progress: Any)
         )
         for n, i, j, win in todo
     ]
-    if probs is not None:
-        pblocks = probs.data.to_delayed(optimize_graph=False)
+    if pblocks is not None:
         tasks += [
             dask.delayed(write_prob_part, pure=True)(
-                pblocks[0, i, j], stage.part("probabilities", i, j), target.geobox, win, target.prob_dtype
+                pblocks[i, j], stage.part("probabilities", i, j), target.geobox, win, target.prob_dtype
             )
             for _, i, j, win in todo
         ]
@@ -300,7 +327,7 @@ def _compute_parts(target: _Target, stage: Staging, reused: dict, progress: Any)
     results = compute_tasks(tasks, count, **how)
     new_mask, new_prob = iter(results[: len(todo)]), iter(results[len(todo) :])
     mask_res = [reused[i, j] if (i, j) in reused else next(new_mask) for i, j, _ in cells]
-    if probs is None:
+    if pblocks is None:
         return mask_res, []
     prob_parts = [
         Part(stage.part("probabilities", i, j), win) if (i, j) in reused else next(new_prob)["part"] for i, j, win in cells
@@ -311,7 +338,7 @@ def _compute_parts(target: _Target, stage: Staging, reused: dict, progress: Any)
 def _counting(target: _Target, todo: list, n_tasks: int, progress: Any) -> tuple[Counter | None, dict[str, Any]]:
     """What ``progress`` counts: the model's tiles of the chunks to do (the chunk tasks report them), else chunks."""
     job, px = target.job, sum(win.height * win.width for _, _, win in todo)
-    if job is not None and job.channel and target.mask.data.chunks == job.plan.chunks:
+    if job is not None and job.channel and target.from_job:
         tiles = sum(len(job.plan.tiles(i, j)) for i, j, _ in todo)
         return counter(progress, tiles, "tiles", f"predict {os.path.basename(job.source.label)}", px), {"channel": job.channel}
     weights = [1] * len(todo) + [0] * (n_tasks - len(todo))  # mask parts; probability parts go with them
@@ -342,8 +369,8 @@ def _assemble(target: _Target, stage: Staging, mask_res: list[dict], prob_parts:
         if target.plain:  # a plain image's mask also as an indexed PNG of the same size (class ids, class colours)
             write_mask_png(final_mask, stage.file(target.png_name), {c.id: tuple(c.color) for c in target.table})
             outputs["mask_png"] = target.png_name
-        if target.probs is not None:
-            names = [str(c) for c in target.probs["class"].values]
+        if target.prob_blocks is not None:
+            names = target.class_names
             assemble_cog(
                 prob_parts,
                 stage.file(PROB_NAME),
@@ -391,7 +418,7 @@ def _publish(target: _Target, stage: Staging, overwrite: bool) -> None:
     publish_mask_sidecars(stage.file(target.mask_name), out_dir)  # beside the mask; stale ones removed
     if target.plain:
         os.replace(stage.file(target.png_name), os.path.join(out_dir, target.png_name))
-    if target.probs is not None:
+    if target.prob_blocks is not None:
         os.replace(stage.file(PROB_NAME), os.path.join(out_dir, PROB_NAME))
     elif overwrite and os.path.exists(os.path.join(out_dir, PROB_NAME)):
         os.remove(os.path.join(out_dir, PROB_NAME))  # a stale file from an earlier run would mislead

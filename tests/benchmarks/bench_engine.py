@@ -10,9 +10,9 @@ What it measures, on a generated ``SIZE x SIZE`` RGB uint8 raster (deflate, 512x
 EPSG:32633) and a fixed 3-level U-Net (see ``unet.py``), for each backend (TorchScript,
 ONNX through onnxruntime):
 
-* **geoseg end-to-end**: ``geoseg.predict`` + ``geoseg.write`` (read -> predict -> stitch ->
-  COG) on the default local Dask cluster; wall time from before the cluster starts to
-  after ``write()`` returns, and the same without the cluster start-up.
+* **geoseg end-to-end**: ``geoseg.segment``, what ``geoseg predict`` runs (read -> predict -> stitch ->
+  COG, run.json, style, STAC item) on the default scheduler; wall time from before the scheduler
+  starts to after ``segment()`` returns, and the same without the scheduler's start-up.
 * **model-alone ceiling**: exactly the input shapes geoseg's tile plan forwards (halos
   included, edge tiles shrunk), forwarded from memory (one random float32 array per
   distinct shape) at batch size 1 with the same thread count, in one process.
@@ -378,33 +378,37 @@ def _forward_fn(backend: str, model: str, threads: int):
 
 
 def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
-    """geoseg.predict + geoseg.write on the default local cluster (or in-process threads)."""
+    """geoseg.segment (what ``geoseg predict`` runs) on the default scheduler (or the one ``--run`` names)."""
     import rasterio
 
     t_import = time.perf_counter()
     import geoseg
-    import geoseg.engine  # geoseg itself (dask, distributed, xarray load lazily, on the clock)
+    import geoseg.engine  # geoseg itself (dask, distributed load lazily, on the clock)
+    from geoseg.engine.preflight import count_chunks
+    from geoseg.grid import Window
 
     import_s = time.perf_counter() - t_import
     out = Path(args.work)
     t0 = time.perf_counter()
     kind = {"e2e": "auto", "e2e_local": "local", "e2e_threads": "threads"}[args.run]
     with rasterio.open(args.raster) as ds:
-        chunks = sum(1 for _ in _plan(ds.height, ds.width, args.tile, args.halo, args.chunk).iter_chunks())
+        chunks = count_chunks(Window(0, 0, ds.height, ds.width), args.chunk or None)  # as `geoseg predict` sizes `auto`
     with geoseg.scheduler(kind, workers=args.workers, device="cpu", chunks=chunks) as sched:
         t1 = time.perf_counter()
-        mask = geoseg.predict(
+        done = geoseg.segment(  # what `geoseg predict` runs: the mask, run.json, its style and STAC item
             args.raster,
-            model=args.model,
+            args.model,
+            out,
+            overwrite=True,
             tile=args.tile,
             halo=args.halo,
-            chunk=args.chunk,
+            chunk=args.chunk or None,  # None: geoseg's own default
             batch_size=1,
             device="cpu",
             num_threads=args.threads or sched.num_threads,
             precision="fast" if args.backend.endswith("-fast") else "fp32",
         )
-        report = geoseg.write(mask, out, overwrite=True)
+        report = done.run
         t2 = time.perf_counter()
     t3 = time.perf_counter()
     with rasterio.open(out / "mask.tif") as ds:
@@ -421,6 +425,7 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
         "tiles_skipped": report.get("tiles", {}).get("skipped_empty"),
         "output_shape": list(shape),
         "geoseg_timings": report.get("timings", {}),
+        "chunk_px": report.get("parameters", {}).get("chunk"),
         "backend_version": report.get("model", {}).get("backend"),
         "scheduler": {"kind": sched.kind, "processes": sched.processes, "auto": sched.auto},
         "mask": str(out / "mask.tif"),
@@ -434,7 +439,9 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
 
     with rasterio.open(args.raster) as ds:
         height, width, bands = ds.height, ds.width, ds.count
-    plan = _plan(height, width, args.tile, args.halo, args.chunk)
+    from geoseg.engine.plan import DEFAULT_CHUNK
+
+    plan = _plan(height, width, args.tile, args.halo, args.chunk or DEFAULT_CHUNK)  # the tiles do not depend on it
     shapes = [t.input.shape for i, j in plan.iter_chunks() for t in plan.tiles(i, j)]
     rng = np.random.default_rng(0)
     arrays = {s: (rng.random((1, bands, *s), dtype=np.float32) * 255.0) for s in sorted(set(shapes))}
@@ -635,7 +642,7 @@ def _spawn(args: argparse.Namespace, run: str, backend: str, raster: Path, model
         "--halo",
         str(args.halo),
         "--chunk",
-        str(args.chunk),
+        str(args.chunk or 0),
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -817,7 +824,7 @@ def _targets(by: dict, backends: list[str], big: bool) -> list[dict]:
 def format_table(t: dict) -> str:
     """One Markdown table (with a heading and the targets) for one raster."""
     shapes = next((r["tile_shapes"] for r in t["rows"] if r["run"] == "ceiling"), None)
-    chunk = next((r["chunk_px"] for r in t["rows"] if r["run"] == "ceiling"), None)
+    chunk = next((r["chunk_px"] for r in t["rows"] if r.get("chunk_px") and r["run"] in E2E_RUNS), None)
     n_tiles = next((r["tiles"] for r in t["rows"] if r["run"] in ("ceiling", *E2E_RUNS)), None)
     lines = [
         f"### {t['size']} x {t['size']} x {t['bands']} {t['dtype']} ({t['megapixels']:.1f} MP): "
@@ -826,7 +833,7 @@ def format_table(t: dict) -> str:
     ]
     if shapes:
         lines += [
-            f"Tiles 512 px, halo 32 px, chunk {chunk} px; {n_tiles} tiles forwarded "
+            f"Tiles 512 px, halo 32 px, geoseg's chunk {chunk or '?'} px; {n_tiles} tiles forwarded "
             f"({', '.join(f'{k}: {v}' for k, v in shapes.items())}).",
             "",
         ]
@@ -929,7 +936,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="/tmp/geoseg-bench", help="rasters, models, outputs and bench_results.json")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--halo", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=2048, help="geoseg chunk (geoseg's own default is 2048)")
+    p.add_argument("--chunk", type=int, default=None, help="geoseg chunk [geoseg's own: 1536 on a CPU, 2048 on a GPU]")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: geoseg's choice, all cores)")
     p.add_argument("--workers", type=int, default=None, help="local cluster workers (default: geoseg's choice)")
     p.add_argument("--wait-idle", type=float, default=60.0, help="seconds to wait for an idle CPU before each run (default 60)")
