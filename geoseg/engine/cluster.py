@@ -49,6 +49,17 @@ WORKERS_PER_CORE = 4
 #: ``auto``: jobs of at most this many chunks (of 2048 px a side by default: about 8 MP) run in-process, on
 #: threads; starting a process cluster takes seconds, more than such a job's work
 AUTO_MAX_CHUNKS = 2
+#: Dask settings of the in-process cluster. Its scheduler and worker run on this process's event loop beside the
+#: model's thread: the worker's profiler (a stack sample of every thread each 10 ms), the 20 ms event-loop tick and
+#: the 100-500 ms monitors took GIL time from it, and work stealing has no second worker to steal for. Measured at
+#: 4096² (OpenVINO, 3 interleaved runs): 9.5-10.2 s with Dask's defaults, 9.2-9.3 s with these (DESIGN.md).
+INPROC_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.scheduler.work-stealing": False,
+}
 #: environment variable naming the file that Dask's own log lines (worker errors with their tracebacks,
 #: nanny warnings) go to instead of stderr; inherited by the local cluster's worker processes
 DASK_LOG_ENV = "GEOSEG_DASK_LOG"
@@ -424,19 +435,22 @@ def _inproc_cluster(cores: int, dashboard: str | None, http: dict) -> tuple[Any,
     """One worker thread pool in this process, on Dask's in-memory transport (``inproc://``).
 
     Dask still starts an HTTP server for the scheduler and the worker: on 127.0.0.1, with no
-    routes unless the dashboard was asked for.
+    routes unless the dashboard was asked for. Its housekeeping shares the process (and the GIL)
+    with the model's thread, so it is quietened (:data:`INPROC_CONFIG`).
     """
+    import dask
     from distributed import LocalCluster
 
-    cluster = LocalCluster(
-        n_workers=1,
-        threads_per_worker=max(2, cores),
-        processes=False,
-        dashboard_address=dashboard,
-        worker_dashboard_address="127.0.0.1:0",
-        scheduler_kwargs=http,
-        silence_logs=logging.WARNING,
-    )
+    with dask.config.set(INPROC_CONFIG):
+        cluster = LocalCluster(
+            n_workers=1,
+            threads_per_worker=max(2, cores),
+            processes=False,
+            dashboard_address=dashboard,
+            worker_dashboard_address="127.0.0.1:0",
+            scheduler_kwargs=http,
+            silence_logs=logging.WARNING,
+        )
     return cluster, Scheduling("local", None, 1, cores, None, processes=False)
 
 
