@@ -35,6 +35,7 @@ from geoseg.io.cog import Part, assemble_cog
 from geoseg.io.mask import CLASSES_TAG, OBJECTS_TAG, PNG_MAX_PIXELS, write_mask_png
 from geoseg.io.outdir import check_is_folder, disk_full_error, disk_full_reason, existing_outputs, output_lock, write_json_atomic
 from geoseg.io.styles import mask_colormap, publish_mask_sidecars, write_mask_sidecars
+from geoseg.models.loading import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def write(
         mask_res, prob_parts = _compute_parts(target, stage, _resumed(target, stage), progress)
         compute_s = time.perf_counter() - tc
         counts, lost = _check_results(target, mask_res)
+        trim_heap()  # the tiles' freed memory, kept for reuse, is not needed by the assembly
         ta = time.perf_counter()
         outputs = _assemble(target, stage, mask_res, prob_parts)
         seconds = {"compute_s": compute_s, "assemble_s": time.perf_counter() - ta}

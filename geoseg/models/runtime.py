@@ -114,7 +114,7 @@ class Predictor:
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def _load_onnx(self) -> None:
-        tune_malloc()  # tiles and logits are numpy arrays of megabytes: keep them off mmap (see tune_malloc)
+        tune_malloc(keep_mib=16)  # tiles and logits are numpy arrays of megabytes: keep them off mmap (see tune_malloc)
         if onnx_backend(self.runtime) == "openvino":
             self._load_openvino()
             return
