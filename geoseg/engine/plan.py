@@ -260,8 +260,10 @@ def gsd_plan(src: RasterSource, card: ModelCard, allow: bool = True) -> tuple[fl
     note : str or None
         What was done, or the warning, for the log and run.json.
     """
-    gsd = raster_gsd_m(src)
-    if gsd is None or not (card.gsd_m or card.gsd_range_m):
+    if not (card.gsd_m or card.gsd_range_m):
+        return 1.0, None
+    gsd = raster_gsd_m(src)  # (imports pyproj: only for cards that name a pixel size)
+    if gsd is None:
         return 1.0, None
     lo, hi = card.gsd_range_m or (card.gsd_m / GSD_TOLERANCE, card.gsd_m * GSD_TOLERANCE)
     slack = 1.02  # measured sizes are off nominal by projection scale (UTM 0.5 m is 0.49986 m)
