@@ -248,3 +248,20 @@ def test_the_free_heap_kept_for_tiles_goes_back_before_the_cog_is_assembled() ->
     kept = rss_mib()
     trim_heap()
     assert kept - rss_mib() > 32, "the freed heap stayed with the process"
+
+
+def test_a_run_in_process_on_threads_never_imports_distributed(make_raster, torchscript_model, tmp_path) -> None:
+    """``auto`` runs a small job on Dask's threads: neither the scheduler lookup (a name makes dask import distributed
+    to look for a client) nor progress or run.json's versions import distributed (0.2 s, 30 MiB)."""
+    src, out = str(make_raster(40, 40, seed=3)), str(tmp_path / "o")
+    code = (
+        "import json, sys\n"
+        "from geoseg.cli import main\n"
+        f"rc = main(['predict', {src!r}, '-m', {str(torchscript_model)!r}, '-o', {out!r}, *{TILE!r}], standalone_mode=False)\n"
+        f"run = json.load(open({out!r} + '/run.json'))\n"
+        "print(rc, run['scheduler']['kind'], 'distributed' in sys.modules, run['versions']['distributed'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    import distributed
+
+    assert proc.stdout.strip().splitlines()[-1] == f"None threads False {distributed.__version__}", proc.stdout + proc.stderr

@@ -283,10 +283,5 @@ def versions() -> dict[str, str]:
         "dask": dask.__version__,
         "xarray": _distribution_version("xarray"),  # not imported for this: dask.array would be, with pandas
     }
-    try:
-        import distributed
-
-        v["distributed"] = distributed.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    v["distributed"] = _distribution_version("distributed")  # a threaded run never imports it
     return v
