@@ -245,12 +245,12 @@ class Prediction:
 
     def to_xarray(self):
         """The lazy mask as a DataArray carrying its :class:`JobRef`, or with probabilities a Dataset."""
-        mask = _mask(self.job, self.final)
+        mask = _mask(self)
         if not self.probabilities:
             return mask
         import xarray as xr
 
-        return xr.Dataset({"mask": mask, "probabilities": _probabilities(self.job, self.final)})
+        return xr.Dataset({"mask": mask, "probabilities": _probabilities(self)})
 
 
 def chunk_reads(job: Job, token: str) -> tuple[Any, dict[tuple[int, int], Any]]:
@@ -336,18 +336,18 @@ def _blended(pred: dict, plan, probabilities: bool, token: str, threshold: float
     return final
 
 
-def _mask(job: Job, final: dict):
+def _mask(pred: Prediction):
     """The mask as a lazy DataArray on the output grid, carrying its :class:`JobRef`."""
     import dask.array as da
 
-    plan = job.plan
-    (ny, nx), (row_chunks, col_chunks) = plan.shape, plan.chunks
+    job, tasks_ = pred.job, pred.blocks("mask")
+    row_chunks, col_chunks = pred.chunks
     blocks = [
-        [da.from_delayed(final[i, j]["mask"], shape=(row_chunks[i], col_chunks[j]), dtype=np.uint8) for j in range(nx)]
-        for i in range(ny)
+        [da.from_delayed(t, shape=(row_chunks[i], col_chunks[j]), dtype=np.uint8) for j, t in enumerate(row)]
+        for i, row in enumerate(tasks_)
     ]
     mask = da.block(blocks)
-    mask_da = _to_xarray(mask, job.source.geobox.crop(plan.region), ("y", "x"), name="mask")
+    mask_da = _to_xarray(mask, pred.geobox, ("y", "x"), name="mask")
     mask_da.attrs.update(
         {
             "model": job.spec.id,
@@ -361,23 +361,19 @@ def _mask(job: Job, final: dict):
     return mask_da
 
 
-def _probabilities(job: Job, final: dict):
+def _probabilities(pred: Prediction):
     """Per-class probabilities as a lazy ``(class, y, x)`` DataArray, NaN where nodata."""
     import dask.array as da
 
-    plan = job.plan
-    n_classes = len(job.card.classes)
-    (ny, nx), (row_chunks, col_chunks) = plan.shape, plan.chunks
+    names, tasks_ = pred.class_names, pred.blocks("probs")
+    row_chunks, col_chunks = pred.chunks
     blocks = [
-        [
-            da.from_delayed(final[i, j]["probs"], shape=(n_classes, row_chunks[i], col_chunks[j]), dtype=np.float32)
-            for j in range(nx)
-        ]
-        for i in range(ny)
+        [da.from_delayed(t, shape=(len(names), row_chunks[i], col_chunks[j]), dtype=np.float32) for j, t in enumerate(row)]
+        for i, row in enumerate(tasks_)
     ]
     probs = da.block([blocks])
-    probs_da = _to_xarray(probs, job.source.geobox.crop(plan.region), ("class", "y", "x"), name="probabilities")
-    return probs_da.assign_coords({"class": [c.name for c in job.card.classes]}).rio.write_nodata(np.nan)
+    probs_da = _to_xarray(probs, pred.geobox, ("class", "y", "x"), name="probabilities")
+    return probs_da.assign_coords({"class": names}).rio.write_nodata(np.nan)
 
 
 def _to_xarray(arr, geobox, dims, name):
