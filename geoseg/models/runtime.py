@@ -42,7 +42,7 @@ from geoseg.models.loading import (
 )
 from geoseg.models.spec import ModelSpec, Runtime
 
-__all__ = ["ModelInfo", "Predictor", "binary_classes", "get_predictor", "load_counts", "probe", "resample_batch"]
+__all__ = ["ModelInfo", "Predictor", "binary_classes", "class_ids", "get_predictor", "load_counts", "probe", "resample_batch"]
 
 _CACHE: dict[tuple[str, ...], Predictor] = {}
 #: test-time augmentation views (rot90 count, horizontal flip first): 2 = a flip, 4 = and a half turn, 8 = all
@@ -177,6 +177,8 @@ class Predictor:
             if want == "classes":
                 if y.shape[1] == 1:  # one binary channel: a logit, or a probability with activation "none"
                     y = (y[:, 0] > self._binary_threshold()).to(torch.uint8)
+                elif y.shape[1] == 2:  # one comparison: torch's argmax over dim 1 took 50 ms for a 512² CPU tile
+                    y = (y[:, 1] > y[:, 0]).to(torch.uint8)
                 else:
                     y = y.argmax(1).to(torch.uint8)
             elif want == "probs":
@@ -230,7 +232,7 @@ class Predictor:
                 return binary_classes(self._finish(y, "probs"), threshold)
             if y.shape[1] == 1:
                 return (y[:, 0] > self._binary_threshold()).astype(np.uint8)
-            return y.argmax(1).astype(np.uint8)
+            return class_ids(y, 1)
         if want == "probs":
             act = self._activation(y.shape[1])
             if act == "sigmoid":
@@ -331,8 +333,36 @@ def binary_classes(probs: np.ndarray, threshold: float | None, axis: int = 1) ->
     ``threshold`` (a binary model's two classes) class 1 where its probability is at least ``threshold``.
     """
     if threshold is None:
-        return probs.argmax(axis).astype(np.uint8)
+        return class_ids(probs, axis)
     return (np.take(probs, 1, axis=axis) >= threshold).astype(np.uint8)
+
+
+def class_ids(scores: np.ndarray, axis: int = 1) -> np.ndarray:
+    """The index of the largest of finite ``scores`` along ``axis``, as uint8: ``argmax``'s answer
+    (the first class on ties), faster.
+
+    NumPy's argmax over a leading axis walks the array with a stride per class: 3.3 ms for a
+    two-class 512² tile here, against 0.05 ms for one comparison (a 4096² run forwards 100
+    tiles). Up to 8 classes a running maximum is still faster; beyond, argmax is used.
+    """
+    n = scores.shape[axis]
+
+    def score(c: int) -> np.ndarray:
+        index: list[Any] = [slice(None)] * scores.ndim
+        index[axis] = c
+        return scores[tuple(index)]
+
+    if n == 2:
+        return (score(1) > score(0)).view(np.uint8)
+    if n == 1 or n > 8:
+        return scores.argmax(axis).astype(np.uint8)
+    best = score(0).copy()
+    ids = np.zeros(best.shape, dtype=np.uint8)
+    for c in range(1, n):
+        s = score(c)
+        np.copyto(ids, c, where=s > best)
+        np.maximum(best, s, out=best)
+    return ids
 
 
 def resample_batch(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:

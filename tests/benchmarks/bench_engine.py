@@ -15,7 +15,8 @@ ONNX through onnxruntime):
   starts to after ``segment()`` returns, and the same without the scheduler's start-up.
 * **model-alone ceiling**: exactly the input shapes geoseg's tile plan forwards (halos
   included, edge tiles shrunk), forwarded from memory (one random float32 array per
-  distinct shape) at batch size 1 with the same thread count, in one process.
+  distinct shape) at batch size 1 with the same thread count, in one process, with glibc's malloc
+  tuned as geoseg tunes it for that runtime (``geoseg.models.loading.tune_malloc``).
 * **hand-written loop**: the simplest rasterio loop: boundless 512x512 read around each
   448x448 core -> float32 -> forward -> argmax -> write the centre crop into a tiled
   deflate GeoTIFF. One process.
@@ -446,6 +447,11 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     arrays = {s: (rng.random((1, bands, *s), dtype=np.float32) * 255.0) for s in sorted(set(shapes))}
     threads = args.threads or os.cpu_count() or 1
+    from geoseg.models.loading import tune_malloc
+
+    # the process's malloc set as geoseg sets it for this runtime: without it torch maps and unmaps each
+    # activation afresh, and its "ceiling" was 10 % slower than geoseg's own run of the same forwards
+    tune_malloc(64 if args.backend.startswith("torchscript") else 16)
     forward, versions = _forward_fn(args.backend, args.model, threads)
     tw = time.perf_counter()
     for x in arrays.values():  # warm-up: one untimed pass per distinct shape
