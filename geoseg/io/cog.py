@@ -219,6 +219,7 @@ def _vrt_xml(
     mask: bool,
     metadata: dict[str, str] | None = None,
     scale: float | None = None,
+    blocksize: int = 512,
 ) -> str:
     from rasterio.dtypes import _gdal_typename
 
@@ -235,7 +236,9 @@ def _vrt_xml(
         lines.append("  </Metadata>")
 
     for b in range(1, count + 1):
-        lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">')
+        # blocks of the COG's size: GDAL's overview pass reads the VRT a block at a time, and at its default
+        # 128 px each read walks every part (8192² mask: 1.2 s to assemble against 0.8 s)
+        lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}" blockXSize="{blocksize}" blockYSize="{blocksize}">')
         if nodata is not None:
             lines.append(f"    <NoDataValue>{nodata!r}</NoDataValue>")
         if scale is not None:  # value x scale + offset = the quantity (GDAL band metadata)
@@ -249,7 +252,7 @@ def _vrt_xml(
     if mask:
         lines += [
             "  <MaskBand>",
-            '    <VRTRasterBand dataType="Byte">',
+            f'    <VRTRasterBand dataType="Byte" blockXSize="{blocksize}" blockYSize="{blocksize}">',
             *_sources(parts, "mask,1"),
             "    </VRTRasterBand>",
             "  </MaskBand>",
@@ -321,7 +324,7 @@ def assemble_cog(
     native = {"text": ""}  # what libtiff printed (it says "No space left on device" where GDAL's error does not)
     try:
         with open(vrt, "w") as f:
-            f.write(_vrt_xml(parts, geobox, dtype, count, nodata, colormap, descriptions, mask, metadata, scale))
+            f.write(_vrt_xml(parts, geobox, dtype, count, nodata, colormap, descriptions, mask, metadata, scale, blocksize))
 
         options = {
             "COMPRESS": "DEFLATE",
