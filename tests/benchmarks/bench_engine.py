@@ -35,7 +35,9 @@ ONNX through onnxruntime):
   uses SciPy when installed, else a NumPy fallback that copies the mask 25 times (slower,
   and a much higher peak): the table says which one ran.
 * **peak memory** of each run's whole process tree (RSS of the process and all its
-  children, summed, sampled every 0.1 s).
+  children, summed, sampled every 0.1 s), and the **CPU seconds** the tree used in the timed part
+  (on a machine whose cores the forward pass already fills, what a run spends beyond the ceiling's
+  CPU seconds is what lengthens its wall time).
 
 Each run is a fresh subprocess of this script (``--run e2e|ceiling|hand|geodeep``) so that peaks
 never accumulate across runs. Before each run the script waits (``--wait-idle``, up to 60 s)
@@ -162,6 +164,21 @@ class PeakMemory:
     def cpu_s(self) -> float:
         """CPU seconds (user + system) used by every process of the tree, from its start."""
         return sum(self.cpu_by_pid.values())
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by this process and its live descendants (Dask workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 # --------------------------------------------------------------------------------------
@@ -390,7 +407,7 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
 
     import_s = time.perf_counter() - t_import
     out = Path(args.work)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), tree_cpu_s()
     kind = {"e2e": "auto", "e2e_local": "local", "e2e_threads": "threads"}[args.run]
     with rasterio.open(args.raster) as ds:
         chunks = count_chunks(Window(0, 0, ds.height, ds.width), args.chunk or None)  # as `geoseg predict` sizes `auto`
@@ -410,12 +427,13 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
             precision="fast" if args.backend.endswith("-fast") else "fp32",
         )
         report = done.run
-        t2 = time.perf_counter()
+        t2, cpu2 = time.perf_counter(), tree_cpu_s()
     t3 = time.perf_counter()
     with rasterio.open(out / "mask.tif") as ds:
         shape = (ds.height, ds.width)
     return {
         "seconds": t2 - t0,
+        "cpu_s": cpu2 - cpu0,
         "seconds_excl_start": t2 - t1,
         "cluster_start_s": t1 - t0,
         "cluster_close_s": t3 - t2,
@@ -457,15 +475,16 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     for x in arrays.values():  # warm-up: one untimed pass per distinct shape
         forward(x)
     warmup_s = time.perf_counter() - tw
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), tree_cpu_s()
     for s in shapes:
         forward(arrays[s])
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, tree_cpu_s() - cpu0
     counts: dict[str, int] = {}
     for s in shapes:
         counts[f"{s[0]}x{s[1]}"] = counts.get(f"{s[0]}x{s[1]}", 0) + 1
     return {
         "seconds": seconds,
+        "cpu_s": cpu_s,
         "warmup_s": warmup_s,
         "threads": threads,
         "tiles": len(shapes),
@@ -581,11 +600,11 @@ def run_geodeep(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     dst_path = out / "geodeep_mask.tif"
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), tree_cpu_s()
     mask = geodeep.run(args.raster, args.model, output_type="raw", max_threads=threads)
     t1 = time.perf_counter()
     save_mask_to_raster(args.raster, mask, str(dst_path))
-    t2 = time.perf_counter()
+    t2, cpu2 = time.perf_counter(), tree_cpu_s()
     with rasterio.open(dst_path) as ds:
         written = {
             "shape": [ds.height, ds.width],
@@ -595,6 +614,7 @@ def run_geodeep(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "seconds": t2 - t0,
+        "cpu_s": cpu2 - cpu0,
         "run_s": t1 - t0,
         "write_s": t2 - t1,
         "import_s": import_s,
@@ -844,9 +864,9 @@ def format_table(t: dict) -> str:
             "",
         ]
     lines += [
-        "| run | backend | wall s (median, range) | MP/s | MP/s excl. cluster start | peak MiB | ÷ its backend's ceiling "
-        "| x GeoDeep | mask agreement | CPU taken by others |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | backend | wall s (median, range) | CPU s | MP/s | MP/s excl. cluster start | peak MiB "
+        "| ÷ its backend's ceiling | x GeoDeep | mask agreement | CPU taken by others |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     gd_mps = next((r["mp_per_s"] for r in t["rows"] if r["run"] == "geodeep"), None)
     for r in t["rows"]:
@@ -859,7 +879,7 @@ def format_table(t: dict) -> str:
         if len(r.get("seconds_all", [])) > 1:
             wall += f" ({min(r['seconds_all']):.1f}-{max(r['seconds_all']):.1f})"
         lines.append(
-            f"| {RUN_LABELS[r['run']]} | {r['backend']} | {wall} | {_fmt(r['mp_per_s'])} | "
+            f"| {RUN_LABELS[r['run']]} | {r['backend']} | {wall} | {_fmt(r.get('cpu_s'), 1)} | {_fmt(r['mp_per_s'])} | "
             f"{_fmt(r.get('mp_per_s_excl_start'))} | {r['peak_mib']:.0f} | {ratio} | {x_gd} | {agree} | {_pct(r)} |"
         )
     lines.append("")
