@@ -267,7 +267,7 @@ def test_a_run_in_process_on_threads_never_imports_distributed(make_raster, torc
     assert proc.stdout.strip().splitlines()[-1] == f"None threads False {distributed.__version__}", proc.stdout + proc.stderr
 
 
-def test_onnxruntime_on_the_cpu_keeps_no_memory_plan_per_tile_shape() -> None:
+def test_onnxruntime_on_the_cpu_keeps_no_memory_plan_per_tile_shape_and_does_not_spin() -> None:
     """A tile plan forwards four input shapes (full tiles, edge strips, a corner); onnxruntime's memory pattern keeps
     a plan for each (a 4096² run peaked at 438-446 MiB with it, 360-385 without, at the same speed)."""
     from geoseg.models.loading import onnx_session
@@ -275,6 +275,8 @@ def test_onnxruntime_on_the_cpu_keeps_no_memory_plan_per_tile_shape() -> None:
 
     session = onnx_session(resolve_model("water"), Runtime(device="cpu", num_threads=1))
     assert session.get_session_options().enable_mem_pattern is False
+    # nor do its threads spin between operators on the cores the reads and writes need
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 12])
