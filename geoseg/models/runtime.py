@@ -344,6 +344,18 @@ def class_ids(scores: np.ndarray, axis: int = 1) -> np.ndarray:
     NumPy's argmax over a leading axis walks the array with a stride per class: 3.3 ms for a
     two-class 512² tile here, against 0.05 ms for one comparison (a 4096² run forwards 100
     tiles). Up to 8 classes a running maximum is still faster; beyond, argmax is used.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        Finite logits or probabilities, one entry per class along ``axis`` (at most 255 classes).
+    axis : int
+        The class axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 class ids, ``scores``'s shape without ``axis``.
     """
     n = scores.shape[axis]
 
