@@ -341,3 +341,83 @@ def test_the_cog_is_assembled_from_parts_read_in_its_own_blocks(tmp_path) -> Non
     with rasterio.open(out) as ds:
         assert ds.block_shapes == [(256, 256)] and ds.overviews(1)[0] == 2
         np.testing.assert_array_equal(ds.read(1), mask)
+
+
+@pytest.mark.parametrize("values", [(0, 1), (0, 1, 255), (2, 5, 7), (0, 3, 9, 200), tuple(range(256))])
+def test_value_counts_are_bincount(values: tuple[int, ...]) -> None:
+    """A mask's class counts (run.json's pixels) by one comparison per value, bincount past eight values."""
+    from geoseg.engine.parts import value_counts
+
+    rng = np.random.default_rng(len(values))
+    block = rng.choice(np.array(values, dtype=np.uint8), size=(61, 47))
+    np.testing.assert_array_equal(value_counts(block), np.bincount(block.ravel(), minlength=256))
+    np.testing.assert_array_equal(value_counts(block[:0]), np.zeros(256))
+
+
+def test_chunk_parts_are_zstd_where_gdal_has_it_else_deflate(tmp_path, monkeypatch) -> None:
+    """Parts live until the COG is assembled: ZSTD 1 encodes them in half DEFLATE 1's time; a GDAL without
+    ZSTD (it is optional) gets DEFLATE, and the pixels are the same either way."""
+    from rasterio.errors import RasterioIOError
+    from rasterio.io import MemoryFile
+
+    from geoseg.grid import GeoBox, Window
+    from geoseg.io import cog
+
+    box = GeoBox(70, 50, crs="EPSG:32633")
+    mask = np.random.default_rng(1).integers(0, 3, size=(50, 70)).astype(np.uint8)
+    cog.part_compression.cache_clear()
+    path = cog.write_part(str(tmp_path / "z.tif"), mask, box, Window(0, 0, 50, 70), nodata=255).path
+    with rasterio.open(path) as ds:
+        assert ds.compression.name == "zstd"
+        np.testing.assert_array_equal(ds.read(1), mask)
+
+    opened = MemoryFile.open
+
+    def no_zstd(self, *a, **kw):  # what a GDAL built without ZSTD does
+        if str(kw.get("compress", "")).lower() == "zstd":
+            raise RasterioIOError("Cannot create TIFF file due to missing codec for ZSTD.")
+        return opened(self, *a, **kw)
+
+    monkeypatch.setattr(MemoryFile, "open", no_zstd)
+    cog.part_compression.cache_clear()
+    try:
+        path = cog.write_part(str(tmp_path / "d.tif"), mask, box, Window(0, 0, 50, 70), nodata=255).path
+    finally:
+        cog.part_compression.cache_clear()
+    with rasterio.open(path) as ds:
+        assert ds.compression.name == "deflate"
+        np.testing.assert_array_equal(ds.read(1), mask)
+
+
+@pytest.mark.parametrize("nodata", [None, 0])
+def test_a_raster_gdal_calls_all_valid_is_read_without_its_masks(nodata, tmp_path, monkeypatch) -> None:
+    """GDAL declares every pixel valid (no nodata, mask or alpha): no mask is read, every pixel is valid; a
+    window mirrored past one edge or two (or none) equals the mirrored reference, and a nodata raster still
+    reads its masks."""
+    from rasterio.io import DatasetReader
+
+    from geoseg.grid import reflect_index
+    from geoseg.io.raster import open_source, read_window
+
+    box = None if nodata is None else (0, 10, 0, 10)
+    path = write_raster(tmp_path / "r.tif", 90, 70, bands=3, dtype="uint8", nodata=nodata, nodata_box=box)
+    src = open_source(str(path))
+    with rasterio.open(path) as ds:
+        full = ds.read()
+    reads = {"masks": 0}
+    real = DatasetReader.read_masks
+
+    def counted(self, *a, **kw):
+        reads["masks"] += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(DatasetReader, "read_masks", counted)
+    for win in (Window(20, 15, 40, 30), Window(-8, 30, 40, 30), Window(60, -5, 40, 30), Window(-8, -5, 110, 90)):
+        data, valid, _ = read_window(src, win)
+        rows = reflect_index(np.arange(win.row_off, win.row_stop), 90)
+        cols = reflect_index(np.arange(win.col_off, win.col_stop), 70)
+        want = full[:, rows[:, None], cols]
+        want_valid = np.ones(win.shape, bool) if nodata is None else (want != nodata).any(axis=0)
+        np.testing.assert_array_equal(valid, want_valid)
+        np.testing.assert_array_equal(data, np.where(want_valid, want, 0))
+    assert reads["masks"] == (0 if nodata is None else 4)

@@ -20,7 +20,7 @@ from geoseg.grid import GeoBox, Window
 from geoseg.io.cog import Part, read_part, write_part
 from geoseg.io.outdir import adopt_staging, make_staging, sweep_staging
 
-__all__ = ["STATS_TAG", "Staging", "finished_part", "write_mask_part", "write_prob_part"]
+__all__ = ["STATS_TAG", "Staging", "finished_part", "value_counts", "write_mask_part", "write_prob_part"]
 
 #: Tag in each staged mask part holding its chunk's statistics (tiles, NaN counts), for resumes.
 STATS_TAG = "GEOSEG_CHUNK_STATS"
@@ -78,12 +78,31 @@ class Staging:
         return os.path.join(self.folder, name)
 
 
+def value_counts(block: np.ndarray, most: int = 8) -> np.ndarray:
+    """How many pixels of a uint8 block hold each value: ``np.bincount(block.ravel(), minlength=256)``, faster.
+
+    A mask holds a few classes and nodata: each value is counted with one comparison, in the order 0,
+    nodata, 1, 2, ... until every pixel is counted (0.5 ms for a 1344² chunk of two classes, where
+    ``bincount``, one scattered increment per pixel, takes 3.5-4.5 ms); a block that holds a value
+    above ``most - 1`` other than nodata is counted by ``bincount``.
+    """
+    flat = block.reshape(-1)
+    counts = np.zeros(256, dtype=np.int64)
+    left = flat.size
+    for k in (0, NODATA, *range(1, most)):
+        if left == 0:
+            break
+        counts[k] = np.count_nonzero(flat == k)
+        left -= int(counts[k])
+    return counts if left == 0 else np.bincount(flat, minlength=256)
+
+
 def write_mask_part(block: np.ndarray, path: str, geobox: GeoBox, window: Window, stats: dict | None) -> dict:
     """Write a chunk of the mask (a worker task); its class counts and statistics for run.json."""
     t0 = time.perf_counter()
     tags = {STATS_TAG: json.dumps({k: stats[k] for k in _STATS_KEYS if k in stats})} if stats else None
     part = write_part(path, block, geobox, window, nodata=NODATA, tags=tags)
-    counts = np.bincount(block.ravel(), minlength=256)
+    counts = value_counts(block)
     return {"part": part, "counts": counts, "stats": stats, "write_s": time.perf_counter() - t0}
 
 
@@ -110,7 +129,7 @@ def finished_part(path: str, window: Window, prob_path: str | None, n_probs: int
     except ValueError:
         stats = None
     stats = stats if isinstance(stats, dict) else None
-    counts = np.bincount(block[0].ravel(), minlength=256)
+    counts = value_counts(block[0])
     return {"part": Part(path, window), "counts": counts, "stats": stats, "write_s": 0.0, "resumed": True}
 
 

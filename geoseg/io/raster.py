@@ -418,7 +418,8 @@ def read_window(source: RasterSource, window: Window, retries: int = 2) -> tuple
         data, masks = retrying(source.location, f"reading rows {r0}:{r1}, cols {c0}:{c1}", read, source.remote_files)
     else:
         data, masks = _read_local(source, read, retries, f"rows {r0}:{r1}, cols {c0}:{c1}")
-    data, valid = window_pixels(data, masks.any(axis=0), window, span, rows, cols)
+    valid = np.ones(data.shape[1:], dtype=bool) if masks is None else masks.any(axis=0)
+    data, valid = window_pixels(data, valid, window, span, rows, cols)
     return data, valid, time.perf_counter() - t0
 
 
@@ -434,25 +435,43 @@ def window_pixels(
     """
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
-    data[:, ~valid] = 0
-    if span != window:  # two gathers along one axis each: 4x faster than one 2-D fancy index
-        data = data.take(rows, axis=1).take(cols, axis=2)
-        valid = valid.take(rows, axis=0).take(cols, axis=1)
+    if not valid.all():  # most rasters have no invalid pixel: no boolean scatter over every band
+        data[:, ~valid] = 0
+    # one gather along each axis that is mirrored (4x faster than one 2-D fancy index); an axis
+    # that is not (a chunk at one edge only) is left as read, without a copy
+    for axis, index in ((1, rows), (2, cols)):
+        if len(index) != data.shape[axis] or index[0] != 0 or np.any(np.diff(index) != 1):
+            data = data.take(index, axis=axis)
+            valid = valid.take(index, axis=axis - 1)
     return data, valid
 
 
-def _read_pixels(source: RasterSource, rio_win) -> tuple[np.ndarray, np.ndarray]:
-    """One windowed read of the selected bands and of their masks (the WarpedVRT's coverage applied)."""
+def _read_pixels(source: RasterSource, rio_win) -> tuple[np.ndarray, np.ndarray | None]:
+    """One windowed read of the selected bands and of their masks (the WarpedVRT's coverage applied; None when
+    GDAL declares every pixel valid).
+    """
     with source.env(), source.dataset() as ds:
         data = ds.read(list(source.bands), window=rio_win)
-        masks = ds.read_masks(list(source.mask_bands or source.bands), window=rio_win)
+        mask_bands = list(source.mask_bands or source.bands)
+        if source.warp is None and _all_valid(ds, mask_bands):
+            return data, None
+        masks = ds.read_masks(mask_bands, window=rio_win)
         covered = RasterSource.coverage(ds, rio_win) if source.warp is not None else None
         if covered is not None:
             masks = masks * covered[None]
     return data, masks
 
 
-def _read_local(source: RasterSource, read, retries: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _all_valid(ds, bands: list[int]) -> bool:
+    """Whether GDAL declares every pixel of ``bands`` valid (no nodata value, mask or alpha band): their masks
+    need no read (GDAL would fill one byte of 255 per pixel and band, and ``any`` would scan them).
+    """
+    from rasterio.enums import MaskFlags
+
+    return all(ds.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
+
+
+def _read_local(source: RasterSource, read, retries: int, where: str) -> tuple[np.ndarray, np.ndarray | None]:
     """``read()`` of a local raster, tried ``retries`` more times after a failure with a short back-off."""
     import rasterio
 
