@@ -421,3 +421,21 @@ def test_a_raster_gdal_calls_all_valid_is_read_without_its_masks(nodata, tmp_pat
         np.testing.assert_array_equal(valid, want_valid)
         np.testing.assert_array_equal(data, np.where(want_valid, want, 0))
     assert reads["masks"] == (0 if nodata is None else 4)
+
+
+def test_a_stac_item_names_an_epsg_grid_without_pyproj() -> None:
+    """The item written at the end of every run: a grid recorded as ``EPSG:n`` is that code, without pyproj's
+    import and its authority search (about 60 ms after the last tile); other CRSs are still looked up."""
+    code = (
+        "import sys; from geoseg.vector.stac import _proj\n"
+        "g = {'crs': 'EPSG:32633', 'height': 3, 'width': 4, 'transform': [2.0, 0, 5.0, 0, -2.0, 9.0, 0, 0, 1]}\n"
+        "assert _proj(g) == {'proj:code': 'EPSG:32633', 'proj:shape': [3, 4], 'proj:transform': [2.0, 0, 5.0, 0, -2.0, 9.0]}\n"
+        "assert 'pyproj' not in sys.modules, 'pyproj imported'\n"
+        'wkt = \'PROJCS["x",GEOGCS["y",DATUM["z",SPHEROID["s",6378000,300]],PRIMEM["G",0],'
+        'UNIT["degree",0.0174532925199433]],'
+        'PROJECTION["Transverse_Mercator"],PARAMETER["central_meridian",11.5],UNIT["metre",1]]\'\n'
+        "got = _proj({**g, 'crs': wkt})\n"
+        "assert got['proj:code'] is None and 'Transverse Mercator' in got['proj:wkt2'], got\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
