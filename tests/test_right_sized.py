@@ -354,41 +354,6 @@ def test_value_counts_are_bincount(values: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(value_counts(block[:0]), np.zeros(256))
 
 
-def test_chunk_parts_are_zstd_where_gdal_has_it_else_deflate(tmp_path, monkeypatch) -> None:
-    """Parts live until the COG is assembled: ZSTD 1 encodes them in half DEFLATE 1's time; a GDAL without
-    ZSTD (it is optional) gets DEFLATE, and the pixels are the same either way."""
-    from rasterio.errors import RasterioIOError
-    from rasterio.io import MemoryFile
-
-    from geoseg.grid import GeoBox, Window
-    from geoseg.io import cog
-
-    box = GeoBox(70, 50, crs="EPSG:32633")
-    mask = np.random.default_rng(1).integers(0, 3, size=(50, 70)).astype(np.uint8)
-    cog.part_compression.cache_clear()
-    path = cog.write_part(str(tmp_path / "z.tif"), mask, box, Window(0, 0, 50, 70), nodata=255).path
-    with rasterio.open(path) as ds:
-        assert ds.compression.name == "zstd"
-        np.testing.assert_array_equal(ds.read(1), mask)
-
-    opened = MemoryFile.open
-
-    def no_zstd(self, *a, **kw):  # what a GDAL built without ZSTD does
-        if str(kw.get("compress", "")).lower() == "zstd":
-            raise RasterioIOError("Cannot create TIFF file due to missing codec for ZSTD.")
-        return opened(self, *a, **kw)
-
-    monkeypatch.setattr(MemoryFile, "open", no_zstd)
-    cog.part_compression.cache_clear()
-    try:
-        path = cog.write_part(str(tmp_path / "d.tif"), mask, box, Window(0, 0, 50, 70), nodata=255).path
-    finally:
-        cog.part_compression.cache_clear()
-    with rasterio.open(path) as ds:
-        assert ds.compression.name == "deflate"
-        np.testing.assert_array_equal(ds.read(1), mask)
-
-
 @pytest.mark.parametrize("nodata", [None, 0])
 def test_a_raster_gdal_calls_all_valid_is_read_without_its_masks(nodata, tmp_path, monkeypatch) -> None:
     """GDAL declares every pixel valid (no nodata, mask or alpha): no mask is read, every pixel is valid; a
