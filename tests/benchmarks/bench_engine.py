@@ -40,7 +40,10 @@ ONNX through onnxruntime):
   CPU seconds is what lengthens its wall time).
 
 Each run is a fresh subprocess of this script (``--run e2e|ceiling|hand|geodeep``) so that peaks
-never accumulate across runs. Before each run the script waits (``--wait-idle``, up to 60 s)
+never accumulate across runs. With ``--repeat N`` the runs go round-robin, N rounds of every
+measurement, and each ratio (to the ceiling, to GeoDeep) is the median of the rounds' own ratios:
+on a shared host whose speed drifts by 10 % within minutes, a ratio of runs made minutes apart
+measured the drift. Before each run the script waits (``--wait-idle``, up to 60 s)
 for an idle CPU, and the table's last column says how much CPU other processes (or the
 hypervisor) took during the run: timings beside a high figure there are pessimistic.
 
@@ -746,28 +749,33 @@ def _bench_raster(
         else:
             gd_model = Path(args.out_dir) / f"unet{bands}_geodeep.onnx"
             models["paths"]["geodeep"] = make_geodeep_model(models["paths"]["onnx"], gd_model, raster, args.tile, args.halo)
-    for backend in backends:
-        for run in runs:
-            if run == "geodeep" and backend != onnx_backends[0]:
-                continue  # GeoDeep runs ONNX models only (on onnxruntime): once
+    jobs = [(b, r) for b in backends for r in runs if not (r == "geodeep" and b != onnx_backends[0])]  # GeoDeep: once
+    tries: dict[tuple[str, str], list[dict]] = {job: [] for job in jobs}
+    for _ in range(args.repeat):  # round-robin, so that every ratio compares runs of the same minutes
+        for backend, run in jobs:
             work = Path(args.out_dir) / f"out-{label}-{run}-{backend}"
             model = models["paths"]["geodeep" if run == "geodeep" else BACKEND_FILE[backend]]
-            tries = [_spawn(args, run, backend, raster, model, work) for _ in range(args.repeat)]
-            res = sorted(tries, key=lambda r: r["seconds"])[len(tries) // 2]  # the median run
-            res["seconds_all"] = [round(r["seconds"], 2) for r in tries]
-            res["peak_mib_all"] = [round(r["peak_mib"]) for r in tries]
-            res["mp_per_s"] = mp / res["seconds"]
-            if "seconds_excl_start" in res:
-                res["mp_per_s_excl_start"] = mp / res["seconds_excl_start"]
-            rows.append(res)
+            tries[(backend, run)].append(_spawn(args, run, backend, raster, model, work))
+    for job in jobs:
+        res = dict(sorted(tries[job], key=lambda r: r["seconds"])[len(tries[job]) // 2])  # the median run
+        res["seconds_all"] = [r["seconds"] for r in tries[job]]  # in round order
+        res["excl_start_all"] = [r.get("seconds_excl_start") for r in tries[job]]
+        res["peak_mib_all"] = [round(r["peak_mib"]) for r in tries[job]]
+        res["mp_per_s"] = mp / res["seconds"]
+        if "seconds_excl_start" in res:
+            res["mp_per_s_excl_start"] = mp / res["seconds_excl_start"]
+        rows.append(res)
     by = {(r["run"], r["backend"]): r for r in rows}
     _agreement(rows)
+    gd = next((r for r in rows if r["run"] == "geodeep"), None)
     for r in rows:
         ceil = by.get(("ceiling", r["backend"]))
         if ceil and r["run"] != "ceiling":
-            r["vs_ceiling"] = r["mp_per_s"] / ceil["mp_per_s"]
+            r["vs_ceiling"] = _paired(ceil["seconds_all"], r["seconds_all"])
             if "mp_per_s_excl_start" in r:
-                r["vs_ceiling_excl_start"] = r["mp_per_s_excl_start"] / ceil["mp_per_s"]
+                r["vs_ceiling_excl_start"] = _paired(ceil["seconds_all"], r["excl_start_all"])
+        if gd is not None:
+            r["x_geodeep"] = _paired(gd["seconds_all"], r["seconds_all"])
         if r["run"] == "ceiling":
             r["gflop_per_s"] = models["gflop_per_tile"] * r["input_px"] / (512 * 512) / r["seconds"]
     e2e_tiles = {r["tiles"] for r in rows if r["run"] in E2E_RUNS}
@@ -786,6 +794,17 @@ def _bench_raster(
         "targets": targets,
         "notes": notes,
     }
+
+
+def _paired(reference_s: list[float], run_s: list[float]) -> float:
+    """Median over the rounds of ``reference seconds / run seconds`` (the run's speed over the reference's).
+
+    The runs are interleaved round by round (see :func:`_bench_raster`), so each round's pair ran in the same minutes:
+    a machine whose speed drifts by 10 % over a quarter of an hour (a shared host) moves both of a pair.
+    """
+    ratios = sorted(a / b for a, b in zip(reference_s, run_s, strict=True))
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
 def _agreement(rows: list[dict]) -> None:
@@ -840,7 +859,7 @@ def _targets(by: dict, backends: list[str], big: bool) -> list[dict]:
                 out.append(_goal(f"{tag}: mask agreement >= {floor:.1%} with fp32", e2e["agreement"], e2e["agreement"] >= floor))
             if gd:  # measured here, same raster, same network, same thread count
                 want = FAST_SPEEDUP if fast else GEODEEP_SPEEDUP
-                x = e2e["mp_per_s"] / gd["mp_per_s"]
+                x = e2e["x_geodeep"]
                 out.append(_goal(f"{tag}: >= {want} x GeoDeep's {gd['mp_per_s']:.2f} MP/s", x, x >= want))
                 mib = e2e["peak_mib"]
                 out.append(_goal(f"{tag}: peak MiB <= GeoDeep's {gd['peak_mib']:.0f} MiB", mib, mib <= gd["peak_mib"]))
@@ -868,10 +887,9 @@ def format_table(t: dict) -> str:
         "| ÷ its backend's ceiling | x GeoDeep | mask agreement | CPU taken by others |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    gd_mps = next((r["mp_per_s"] for r in t["rows"] if r["run"] == "geodeep"), None)
     for r in t["rows"]:
         ratio = _fmt(r.get("vs_ceiling"))
-        x_gd = _fmt(r["mp_per_s"] / gd_mps) if gd_mps else ""
+        x_gd = _fmt(r.get("x_geodeep"))
         agree = f"{r['agreement']:.2%}" if "agreement" in r else ""
         if "vs_ceiling_excl_start" in r:
             ratio += f" ({_fmt(r['vs_ceiling_excl_start'])} excl. start)"
@@ -966,7 +984,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: geoseg's choice, all cores)")
     p.add_argument("--workers", type=int, default=None, help="local cluster workers (default: geoseg's choice)")
     p.add_argument("--wait-idle", type=float, default=60.0, help="seconds to wait for an idle CPU before each run (default 60)")
-    p.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the table shows the median and the range")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every measurement, interleaved; the table shows the median and the range, ratios are paired per round",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     g = p.add_argument_group("one measured run (used internally)")
     g.add_argument("--run", choices=RUNS)

@@ -32,3 +32,12 @@ def test_bench_engine_small(tmp_path):
     assert 15 < results["gflop_per_tile"] < 22
     saved = json.loads((out / "bench_results.json").read_text())
     assert len(saved["tables"]) == 2 and "GeoDeep" in saved["markdown"]
+
+
+def test_ratios_pair_the_runs_of_one_round():
+    # a machine 20 % slower in round 2: the per-round ratios are both 1.25, a ratio of medians would not be
+    ceiling, e2e = [4.0, 4.8, 4.1], [5.0, 6.0, 5.125]
+    assert bench_engine._paired(ceiling, e2e) == pytest.approx(0.8)
+    assert bench_engine._paired([2.0, 3.0], [1.0, 1.0]) == pytest.approx(2.5)  # an even count: the middle two's mean
+    with pytest.raises(ValueError):
+        bench_engine._paired([1.0], [1.0, 2.0])  # rounds that do not pair up
