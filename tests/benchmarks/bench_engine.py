@@ -802,9 +802,9 @@ def _paired(reference_s: list[float], run_s: list[float]) -> float:
     The runs are interleaved round by round (see :func:`_bench_raster`), so each round's pair ran in the same minutes:
     a machine whose speed drifts by 10 % over a quarter of an hour (a shared host) moves both of a pair.
     """
-    ratios = sorted(a / b for a, b in zip(reference_s, run_s, strict=True))
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(reference_s, run_s, strict=True))
 
 
 def _agreement(rows: list[dict]) -> None:
